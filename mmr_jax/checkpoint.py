@@ -1,0 +1,166 @@
+"""Orbax checkpointing of the train state together with the input pipeline's position.
+
+One `CheckpointManager` per workdir (`WORKDIR/checkpoints/<step>/{state,data}`): async saves, the
+latest `keep` checkpoints plus the `keep_best` best by a validation metric, auto-resume from the
+latest step. The data iterator's state is saved in the same step directory, so a resumed run neither
+repeats nor skips examples. The state is restored onto whatever shardings the caller's abstract state
+carries, so a checkpoint written on 8 devices restores onto 4 (elastic resume).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+try:  # grain registers its orbax handler on import.
+  import grain.checkpoint as grain_ckpt
+except ImportError:  # pragma: no cover - grain is a hard dependency; kept for clarity of the error.
+  grain_ckpt = None
+
+
+class CheckpointShapeError(ValueError):
+  """Raised when a checkpoint's arrays do not match the shapes the config asks for."""
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def shape_mismatches(expected, found) -> list[str]:
+  """Returns 'name: checkpoint shape vs config shape' for each leaf that differs or is missing."""
+  exp = {_path_str(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  got = {_path_str(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_leaves_with_path(found)}
+  out = []
+  for name in sorted(set(exp) | set(got)):
+    if name not in got:
+      out.append(f"{name}: missing in checkpoint (config wants {exp[name]})")
+    elif name not in exp:
+      out.append(f"{name}: in checkpoint {got[name]} but not in the config's model")
+    elif exp[name] != got[name]:
+      out.append(f"{name}: checkpoint {got[name]} vs config {exp[name]}")
+  return out
+
+
+class Checkpointer:
+  """Saves and restores {state, data-iterator} pairs in `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, keep_best: int = 0, best_metric: str = "val/loss",
+               best_mode: str = "min", async_save: bool = True, save_every: int = 1):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    self.best_metric = best_metric
+    policies = [ocm.LatestN(n=keep)]
+    if keep_best:
+      policies.append(ocm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=(best_mode == "min"),
+                                n=keep_best, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every,
+        preservation_policy=ocm.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iter=None, metrics: dict | None = None, force: bool = False) -> bool:
+    """Starts a (possibly async) save; returns whether a checkpoint is being written for `step`."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data"] = grain_ckpt.CheckpointSave(data_iter)
+    if metrics is not None:
+      metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+      if self.best_metric not in metrics:
+        metrics = None  # BestN only ranks checkpoints that carry the metric.
+    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+  def check_shapes(self, step: int, abstract_state) -> None:
+    """Raises CheckpointShapeError naming every parameter whose saved shape differs from the config's."""
+    meta = self.manager.item_metadata(step)
+    saved = meta["state"] if meta is not None and "state" in meta else None
+    if saved is None:
+      return
+    saved_tree = getattr(saved, "tree", saved)
+    expected = jax.tree.map(lambda x: x, abstract_state)
+    expected = jax.tree_util.tree_map(lambda x: x, _as_dict(expected))
+    bad = shape_mismatches(expected, saved_tree)
+    if bad:
+      raise CheckpointShapeError(
+          f"checkpoint {self.directory / str(step)} does not match the config:\n  " + "\n  ".join(bad[:50]))
+
+  def restore(self, step: int, abstract_state, data_iter=None):
+    """Returns (state, data_iter) restored from `step` onto `abstract_state`'s shardings."""
+    self.check_shapes(step, abstract_state)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain_ckpt.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], restored.get("data", data_iter) if data_iter is not None else None
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _as_dict(tree):
+  """Returns the state as nested dicts, the form Orbax metadata uses for dataclass pytrees."""
+  if hasattr(tree, "__dataclass_fields__"):
+    return {k: _as_dict(getattr(tree, k)) for k in tree.__dataclass_fields__}
+  if isinstance(tree, dict):
+    return {k: _as_dict(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+    return type(tree)(_as_dict(v) for v in tree)
+  return tree
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """Returns (params as host numpy arrays, step) from another run's latest (or given) checkpoint.
+
+  Used to initialise stage 2 from a stage-1 workdir: only the parameters are read, whatever the
+  optimizer or mesh of that run was.
+  """
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.exists():
+    raise FileNotFoundError(f"no checkpoints under {directory} (init.workdir={workdir!r})")
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no finished checkpoint in {directory}")
+  meta = mngr.item_metadata(step)["state"]
+  meta_tree = getattr(meta, "tree", meta)
+  params_meta = meta_tree["params"]
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), params_meta)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item={"params": target},
+          restore_args={"params": jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=cpu), target)},
+          partial_restore=True)))
+  mngr.close()
+  params = jax.tree.map(np.asarray, restored["state"]["params"])
+  logging.info("restored params of step %d from %s", step, directory)
+  return params, step
+
+
+def write_json(path, obj) -> None:
+  """Writes JSON atomically (tmp + rename) so a crash never leaves a half-written file."""
+  path = epath.Path(path)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+  tmp.rename(path)

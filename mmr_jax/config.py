@@ -1,0 +1,170 @@
+"""Base configuration shared by every experiment family in `configs/`.
+
+A config file in `configs/` calls `base_config()` and changes what its experiment needs, so every
+key a user can override with `--config.key=value` exists here, with its default and meaning. Unknown
+keys are rejected by ml_collections (the ConfigDict is locked by `config_flags`).
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+  """Returns `defaults` updated from a "k=v,k2=v2" string, values typed like their defaults.
+
+  Unknown keys raise with the key's name; a value that does not parse as the default's type raises too.
+  """
+  out = ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item.strip():
+      continue
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not key=value (in {arg!r})")
+    key, value = (s.strip() for s in item.split("=", 1))
+    if key not in defaults:
+      raise KeyError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} is not a bool")
+      out[key] = value.lower() in ("true", "1")
+    elif isinstance(default, int):
+      out[key] = int(value)
+    elif isinstance(default, float):
+      out[key] = float(value)
+    elif isinstance(default, (tuple, list)):
+      out[key] = tuple(ast.literal_eval(value)) if value.startswith(("(", "[")) else tuple(
+          v for v in value.split("+") if v)
+    else:
+      out[key] = value
+  return out
+
+
+def vit_config(preset: str) -> ConfigDict:
+  """Returns the ViT sizes for a preset name: "mu", "Ti/16", "S/16", "B/16", "L/16", ... (also /32, /8)."""
+  if "/" in preset:
+    name, patch = preset.split("/")
+    patch = int(patch)
+  else:
+    name, patch = preset, 8
+  widths = {  # width, depth, heads, mlp_dim (ViT paper / big_vision presets)
+      "mu": (64, 2, 2, 128),
+      "Ti": (192, 12, 3, 768),
+      "S": (384, 12, 6, 1536),
+      "M": (512, 12, 8, 2048),
+      "B": (768, 12, 12, 3072),
+      "L": (1024, 24, 16, 4096),
+  }
+  if name not in widths:
+    raise KeyError(f"unknown ViT preset {preset!r}; known: {sorted(widths)}")
+  width, depth, heads, mlp = widths[name]
+  return ConfigDict(dict(
+      patch_size=patch, width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
+      pool="map" if name not in ("mu",) else "gap", posemb="learn", dropout=0.0))
+
+
+def text_config(width=64, depth=2, heads=2, mlp_dim=128) -> ConfigDict:
+  return ConfigDict(dict(
+      vocab_size=-1,  # -1: read from the data's tokenizer at run time.
+      width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim, pool="mean", dropout=0.0))
+
+
+def base_config() -> ConfigDict:
+  """Returns the full default config: a tiny CPU-sized stage-2 fusion run."""
+  c = ConfigDict()
+  c.seed = 0
+  c.stage = 2  # 1: image<->title domain alignment; 2: query<->product alignment.
+
+  c.data = ConfigDict(dict(
+      dir="data/synthetic",  # DATA_DIR written by make_synthetic / import_catalog.
+      batch_size=64,  # global batch (all hosts).
+      image_size=32,
+      query_len=16,
+      product_len=48,
+      title_len=16,
+      num_workers=0,  # grain worker processes per host (0: in-process).
+      shuffle_seed=0,
+      positives_k=8,
+      augment=ConfigDict(dict(random_crop=True, crop_scale_min=0.6, flip=True)),
+  ))
+
+  c.model = ConfigDict(dict(
+      name="two_tower",
+      variant="fusion",  # text_only | image_only | concat | fusion | fusion_qw
+      embed_dim=64,
+      share_text_towers=False,
+      dtype="float32",  # compute dtype; params stay float32. "bfloat16" on TPU/GPU.
+      remat=False,
+      scan_layers=False,
+      vit=vit_config("mu"),
+      text=text_config(),
+      fusion=ConfigDict(dict(depth=1, num_heads=2, mlp_dim=128, gate_init_bias=2.0)),
+      loss_kind="softmax",  # which logit params to initialise; kept equal to loss.kind.
+  ))
+
+  c.loss = ConfigDict(dict(
+      kind="softmax",  # softmax (CLIP InfoNCE) | sigmoid (SigLIP)
+      aux_query_image=0.0,  # stage 2: weight of query<->image-only term
+      aux_query_text=0.0,  # stage 2: weight of query<->text-only term
+      grade_weighted=False,  # weight positives by their ESCI gain
+      chunk_size=0,  # >0: compute logits in row blocks of this size (bounded memory)
+  ))
+
+  c.optim = ConfigDict(dict(
+      lr=1e-3,
+      warmup_steps=20,
+      min_lr_ratio=0.0,
+      weight_decay=1e-4,
+      b1=0.9,
+      b2=0.999,
+      grad_clip=1.0,
+      grad_accum=1,  # micro-batches per step (each micro-batch has its own in-batch negatives)
+      # Per-tower learning-rate multipliers, by top-level parameter name; 0.0 freezes the tower.
+      lr_mult=ConfigDict(dict(image_tower=1.0, query_tower=1.0, product_text_tower=1.0, text_tower=1.0,
+                              fusion=1.0, heads=1.0, loss=1.0)),
+  ))
+
+  c.init = ConfigDict(dict(
+      workdir="",  # stage 2: stage-1 workdir to initialise from (latest checkpoint)
+      load=("image_tower",),  # top-level parameter subtrees taken from init.workdir
+      vit_npz="",  # big_vision-layout ViT .npz on a local path, loaded into image_tower
+  ))
+
+  c.train = ConfigDict(dict(
+      steps=200,
+      log_every=10,
+      eval_every=100,  # validation (in-batch retrieval accuracy + loss); 0 disables
+      eval_batches=4,
+      ckpt_every=100,
+      keep=2,  # latest checkpoints kept
+      keep_best=1,  # best checkpoints by best_metric kept besides
+      best_metric="val/loss",
+      best_mode="min",
+      nan_policy="stop",  # stop | skip
+      async_checkpoint=True,
+      progress=True,
+  ))
+
+  c.mesh = ConfigDict(dict(
+      shape=ConfigDict(dict(dcn=1, data=-1, fsdp=1, tensor=1)),  # -1 fills the remaining devices
+  ))
+  # Logical axis name -> mesh axes. The same rules serve DP, FSDP and TP: an axis of size 1 is a no-op.
+  c.mesh.rules = (
+      ("batch", ("dcn", "data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("joined_kv", "tensor"),
+      ("vocab", "tensor"),
+      ("length", None),
+      ("patch", None),
+  )
+  return c

@@ -1,0 +1,215 @@
+"""SentencePiece tokenizer: training, numpy encoding, and a TF twin for export.
+
+One model serves both towers. The numpy side (`Tokenizer.encode`) runs in the
+training input pipeline, which is kept free of TensorFlow; the TF side
+(`tf_encode`) runs inside the exported SavedModel. Both return the same ids:
+no bos/eos, truncated to `max_len`, right-padded with pad id 0 (so the model's
+token mask is simply `ids != 0`). `tests/test_tokenizer.py` holds them to that.
+
+The model is a unigram LM with byte fallback: a catalogue in a script the model
+never saw (or an emoji in a title) still maps to byte pieces instead of a single
+<unk> that would erase the difference between two queries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID = 0
+UNK_ID = 1
+BOS_ID = 2
+EOS_ID = 3
+
+# SentencePiece drops (not truncates) training sentences longer than this many
+# bytes; the encoders only ever read the first `max_len` tokens of a text, so
+# feeding the head of each long description loses nothing that matters.
+_MAX_SENTENCE_BYTES = 8192
+
+
+def _clip_utf8(text: str, max_bytes: int) -> str:
+  """Returns `text` cut to at most `max_bytes` UTF-8 bytes on a char boundary."""
+  raw = text.encode("utf-8")
+  if len(raw) <= max_bytes:
+    return text
+  return raw[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
+  """Yields non-empty, single-line, length-capped training sentences."""
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise TypeError(
+          f"train_tokenizer: texts[{i}] is {type(text).__name__}, expected str")
+    # Newlines would be read as sentence separators by some sentencepiece code
+    # paths; the normaliser maps them to spaces at encode time anyway.
+    text = " ".join(text.split())
+    if text:
+      yield _clip_utf8(text, _MAX_SENTENCE_BYTES)
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_prefix: str,
+    vocab_size: int = 8000,
+    seed: int = 0,
+    *,
+    input_sentence_size: int = 2_000_000,
+    num_threads: int = 1,
+) -> str:
+  """Returns the path of `<out_prefix>.model`, a unigram SentencePiece model.
+
+  Args:
+    texts: any iterable of strings (streamed: a generator over a huge catalogue
+      is fine; at most `input_sentence_size` of them are sampled, reservoir
+      style, with the seeded generator).
+    out_prefix: writes `<out_prefix>.model` and `<out_prefix>.vocab`.
+    vocab_size: target size. `hard_vocab_limit=False`, so a tiny catalogue gets
+      a smaller vocabulary instead of an error.
+    seed: seeds SentencePiece's global random generator (sentence sampling).
+    input_sentence_size: cap on training sentences kept in memory.
+    num_threads: 1 keeps training bit-reproducible; more is faster on big
+      catalogues.
+  """
+  if vocab_size < 300:
+    # 4 specials + 256 byte pieces are always present with byte_fallback.
+    raise ValueError(f"vocab_size={vocab_size} must be >= 300 (byte fallback "
+                     "alone takes 260 ids)")
+  out_dir = os.path.dirname(os.path.abspath(out_prefix))
+  os.makedirs(out_dir, exist_ok=True)
+  sentences = _training_sentences(texts)
+  first = list(itertools.islice(sentences, 1))
+  if not first:
+    raise ValueError("train_tokenizer: no non-empty text to train on")
+  spm.set_random_generator_seed(int(seed))
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=itertools.chain(first, sentences),
+      model_prefix=out_prefix,
+      model_type="unigram",
+      vocab_size=int(vocab_size),
+      hard_vocab_limit=False,
+      character_coverage=0.9995,
+      byte_fallback=True,
+      # Sizes like "128gb" or "10.5" should not become single rare pieces.
+      split_digits=True,
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+      input_sentence_size=int(input_sentence_size),
+      shuffle_input_sentence=True,
+      max_sentence_length=_MAX_SENTENCE_BYTES,
+      num_threads=int(num_threads),
+      minloglevel=2,
+  )
+  return f"{out_prefix}.model"
+
+
+def _ids_to_array(ids: Sequence[Sequence[int]], max_len: int) -> np.ndarray:
+  """Returns int32 [B, max_len]: `ids` truncated and right-padded with PAD_ID."""
+  out = np.full((len(ids), max_len), PAD_ID, dtype=np.int32)
+  for row, seq in enumerate(ids):
+    n = min(len(seq), max_len)
+    out[row, :n] = seq[:n]
+  return out
+
+
+class Tokenizer:
+  """Numpy-side SentencePiece encoder (picklable, for grain worker processes)."""
+
+  def __init__(self, model_path: str | os.PathLike[str] | None = None, *,
+               model_proto: bytes | None = None):
+    if (model_path is None) == (model_proto is None):
+      raise ValueError("Tokenizer: pass exactly one of model_path, model_proto")
+    if model_path is not None:
+      if not os.path.exists(model_path):
+        raise FileNotFoundError(f"Tokenizer: no model file at {model_path}")
+      with open(model_path, "rb") as f:
+        model_proto = f.read()
+    self._init_from_proto(model_proto)
+
+  def _init_from_proto(self, model_proto: bytes) -> None:
+    self._proto = bytes(model_proto)
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(self._proto)
+    except Exception as e:  # sentencepiece raises bare RuntimeError/OSError
+      raise ValueError(f"Tokenizer: not a SentencePiece model ({e})") from e
+    if self._sp.pad_id() != PAD_ID:
+      raise ValueError(f"Tokenizer: model pad_id is {self._sp.pad_id()}, the "
+                       f"pipeline's token masks need pad_id={PAD_ID}")
+
+  # SentencePieceProcessor is a SWIG object: pickle the proto and rebuild.
+  def __getstate__(self) -> dict[str, Any]:
+    return {"proto": self._proto}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self._init_from_proto(state["proto"])
+
+  @property
+  def vocab_size(self) -> int:
+    """Returns the number of ids (embedding table rows needed)."""
+    return self._sp.get_piece_size()
+
+  @property
+  def model_proto(self) -> bytes:
+    """Returns the serialized ModelProto (what `tf_encode` and export need)."""
+    return self._proto
+
+  def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+    """Returns int32 [B, max_len] ids, truncated, padded with 0, no bos/eos."""
+    if isinstance(texts, (str, bytes)):
+      raise TypeError("Tokenizer.encode expects a sequence of strings, got a "
+                      "single string")
+    if max_len <= 0:
+      raise ValueError(f"max_len={max_len} must be positive")
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
+    if not texts:
+      return np.zeros((0, max_len), np.int32)
+    ids = self._sp.encode(texts, out_type=int)
+    return _ids_to_array(ids, max_len)
+
+  def decode(self, ids: np.ndarray) -> list[str]:
+    """Returns the texts for int ids [B, L] (pads dropped), for debugging."""
+    return [self._sp.decode([int(i) for i in row if i != PAD_ID])
+            for row in np.asarray(ids)]
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+
+def tf_encode(model_proto: Any, max_len: int):
+  """Returns a tf.Module `f` with `f(strings [B] tf.string) -> int32 [B, max_len]`.
+
+  Same ids as `Tokenizer.encode`. `f.__call__` is a `tf.function` with a
+  polymorphic batch dimension (`[None]` string input; an empty batch gives
+  `[0, max_len]`), and `f` tracks the tokenizer resource, so it can be attached
+  to a module and saved with `tf.saved_model.save`. `model_proto` may be bytes
+  or a scalar tf.string tensor (e.g. `tf.io.read_file` of an asset path).
+  """
+  # Imported here so the training input pipeline never loads TensorFlow.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_text as tf_text  # pylint: disable=g-import-not-at-top
+
+  if max_len <= 0:
+    raise ValueError(f"max_len={max_len} must be positive")
+
+  class TFEncoder(tf.Module):
+    """SentencePiece ids padded/truncated to a fixed length, in TF ops."""
+
+    def __init__(self):
+      super().__init__(name="sentencepiece_encoder")
+      self.max_len = int(max_len)
+      self.tokenizer = tf_text.SentencepieceTokenizer(
+          model=model_proto, out_type=tf.int32, add_bos=False, add_eos=False)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def __call__(self, texts):
+      ragged = self.tokenizer.tokenize(texts)  # [B, (n)]
+      # to_tensor with an explicit shape both truncates and pads.
+      return ragged.to_tensor(default_value=PAD_ID,
+                              shape=[None, self.max_len])  # [B, max_len]
+
+  return TFEncoder()

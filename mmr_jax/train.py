@@ -1,0 +1,470 @@
+r"""The one trainer: both alignment stages, any model in the registry, any mesh.
+
+  python -m mmr_jax.train --config configs/demo.py:stage=1 --workdir workdirs/s1
+  python -m mmr_jax.train --config configs/demo.py:stage=2,variant=fusion \
+      --workdir workdirs/s2 --config.init.workdir=workdirs/s1
+
+Stages are configs, not scripts: `config.stage` selects the objective (objectives.OBJECTIVES) and
+`config.model.name` the model (models.MODELS). The workdir gets config.json, metrics.jsonl,
+TensorBoard summaries and Orbax checkpoints; a second run on the same workdir resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+
+from mmr_jax import checkpoint as ckpt_lib
+from mmr_jax import objectives
+from mmr_jax import optimizer as optim_lib
+from mmr_jax import sharding as shd
+from mmr_jax.models import MODELS
+
+log = logging.getLogger("mmr_jax.train")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  nonfinite: jax.Array  # count of steps whose loss or gradients were NaN/Inf (their update was dropped)
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Initialises jax.distributed from flags, MMR_* env vars, or the platform's auto-detection.
+
+  Flags win over env (MMR_COORDINATOR_ADDRESS, MMR_NUM_PROCESSES, MMR_PROCESS_ID). With neither,
+  a TPU pod (TPU_WORKER_HOSTNAMES) or SLURM job (SLURM_NTASKS > 1) is auto-detected by jax itself.
+  """
+  addr = coordinator_address or os.environ.get("MMR_COORDINATOR_ADDRESS")
+  nproc = num_processes or (int(os.environ["MMR_NUM_PROCESSES"]) if "MMR_NUM_PROCESSES" in os.environ else None)
+  pid = process_id if process_id is not None else (
+      int(os.environ["MMR_PROCESS_ID"]) if "MMR_PROCESS_ID" in os.environ else None)
+  if addr:
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = int(os.environ.get("MMR_INIT_TIMEOUT_S", "300"))
+    jax.distributed.initialize(addr, num_processes=nproc, process_id=pid, initialization_timeout=timeout)
+  elif "TPU_WORKER_HOSTNAMES" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+
+
+def resolve_config(config):
+  """Fills run-time values (vocab size from the data's tokenizer); returns a locked copy."""
+  from mmr_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if config.model.text.vocab_size <= 0:
+      tok = tok_lib.Tokenizer(os.path.join(config.data.dir, "tokenizer.model"))
+      config.model.text.vocab_size = tok.vocab_size
+    config.model.loss_kind = config.loss.kind
+  config.lock()
+  return config
+
+
+def create_model(config):
+  name = config.model.name
+  if name not in MODELS:
+    raise KeyError(f"unknown model.name {name!r}; known: {sorted(MODELS)}")
+  return MODELS[name](config.model)
+
+
+def _host_batch_size(global_batch: int) -> int:
+  if global_batch % jax.process_count():
+    raise ValueError(f"data.batch_size={global_batch} does not divide by {jax.process_count()} hosts")
+  return global_batch // jax.process_count()
+
+
+class Trainer:
+  """Builds the sharded state and the compiled step for one config; runs the loop."""
+
+  def __init__(self, config, workdir: str, mesh=None):
+    self.config = config
+    self.workdir = epath.Path(workdir)
+    self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh.shape)
+    self.rules = shd.logical_rules(config.mesh.rules)
+    self.model = create_model(config)
+    self.objective = objectives.get(config.stage)
+    if config.data.batch_size % shd.data_parallel_size(self.mesh):
+      raise ValueError(f"data.batch_size={config.data.batch_size} does not divide by the "
+                       f"{shd.data_parallel_size(self.mesh)} data-parallel devices of mesh {dict(self.mesh.shape)}")
+    accum = config.optim.grad_accum
+    if config.data.batch_size % accum:
+      raise ValueError(f"data.batch_size={config.data.batch_size} does not divide by optim.grad_accum={accum}")
+
+    example = self.objective.example_batch(config, config.data.batch_size)
+    rng = jax.random.PRNGKey(config.seed)
+    with self._context():
+      boxed = jax.eval_shape(lambda r: self.model.init(r, **example, train=False)["params"], rng)
+    self.param_shardings = shd.logical_to_shardings(boxed, self.mesh, self.rules)
+    abstract_params = nn.meta.unbox(boxed)
+    self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.train.steps, abstract_params)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+        transform_non_params=lambda _: shd.replicated(self.mesh))
+    rep = shd.replicated(self.mesh)
+    self.state_shardings = TrainState(step=rep, params=self.param_shardings, opt_state=opt_shardings, nonfinite=rep)
+    self.batch_shardings = {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in example.items()}
+
+    def init_fn(r):
+      params = nn.meta.unbox(self.model.init(r, **example, train=False)["params"])
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                        nonfinite=jnp.zeros((), jnp.int32))
+
+    with self._context():
+      self._init = jax.jit(init_fn, out_shardings=self.state_shardings)
+      self.abstract_state = jax.eval_shape(init_fn, rng)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_shardings)
+    self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings),
+                         out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    self._eval = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_shardings),
+                         out_shardings=rep)
+    self._example = example
+
+  def _context(self):
+    return _Context(self.mesh, self.rules)
+
+  # ------------------------------------------------------------------------------------------ steps
+
+  def _loss(self, params, batch, rng, train):
+    return self.objective.loss(self.model, params, batch, self.config, train=train, rng=rng)
+
+  def _train_step(self, state: TrainState, batch):
+    cfg = self.config
+    rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state.step)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    accum = cfg.optim.grad_accum
+    if accum == 1:
+      (loss, metrics), grads = grad_fn(state.params, batch, rng, True)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        (l, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), True)
+        acc_g, acc_l, acc_m = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, jax.tree.map(jnp.add, acc_m, m)), None
+
+      zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+      first = jax.tree.map(lambda x: x[0], micro)
+      _, m_shape = jax.eval_shape(lambda: self._loss(state.params, first, rng, True))
+      zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+      (grads, loss, metrics), _ = jax.lax.scan(body, (zeros_g, 0.0, zeros_m), (jnp.arange(accum), micro))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+      metrics = jax.tree.map(lambda m: m / accum, metrics)
+
+    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # A non-finite step leaves params and optimizer state untouched; the host decides to stop or go on.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                           opt_state=keep(new_opt, state.opt_state),
+                           nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=self.schedule(state.step),
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+  def _eval_step(self, params, batch):
+    _, metrics = self._loss(params, batch, jax.random.PRNGKey(0), False)
+    return metrics
+
+  # ------------------------------------------------------------------------------------------ state
+
+  def init_state(self) -> TrainState:
+    with self._context():
+      state = self._init(jax.random.PRNGKey(self.config.seed))
+    return self._load_init_weights(state)
+
+  def _load_init_weights(self, state: TrainState) -> TrainState:
+    """Overwrites parameter subtrees from a stage-1 workdir and/or a big_vision ViT .npz."""
+    cfg = self.config.init
+    params = jax.device_get(state.params)
+    changed = False
+    if cfg.workdir:
+      from mmr_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+      src, step = ckpt_lib.restore_params(cfg.workdir)
+      for name in cfg.load:
+        if name not in src:
+          raise KeyError(f"init.load names {name!r} but {cfg.workdir} has only {sorted(src)}")
+        params = pretrained.merge_subtree(params, src[name], name)
+      log.info("initialised %s from %s (step %d)", list(cfg.load), cfg.workdir, step)
+      changed = True
+    if cfg.vit_npz:
+      from mmr_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+      params = pretrained.load_vit_npz_into(params, cfg.vit_npz, prefix="image_tower")
+      log.info("initialised image_tower from %s", cfg.vit_npz)
+      changed = True
+    if not changed:
+      return state
+    params = jax.device_put(params, self.param_shardings)
+    with self._context():
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state)
+
+  def memory_analysis(self) -> dict:
+    """Returns the compiled step's memory figures (bytes), logged before the loop."""
+    batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=self.batch_shardings[k])
+             for k, v in self._example.items()}
+    with self._context():
+      compiled = self._step.lower(self.abstract_state, batch).compile()
+    mem = compiled.memory_analysis()
+    out = {}
+    for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes", "alias_size_in_bytes"):
+      if mem is not None and hasattr(mem, k):
+        out[k] = int(getattr(mem, k))
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+      cost = cost[0] if cost else {}
+    if cost and "flops" in cost:
+      out["xla_flops_per_step"] = float(cost["flops"])
+    return out
+
+  def step(self, state, host_batch):
+    batch = shd.host_batch_to_global(host_batch, self.mesh)
+    with self._context():
+      return self._step(state, batch)
+
+  def evaluate(self, params, batches) -> dict:
+    """Returns the mean of the objective's metrics over `batches` (host numpy dicts), prefixed val/."""
+    sums, n = {}, 0
+    for host_batch in batches:
+      batch = shd.host_batch_to_global(host_batch, self.mesh)
+      with self._context():
+        m = jax.device_get(self._eval(params, batch))
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      n += 1
+    return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+class _Context:
+  """Enters the mesh and the logical-axis rules together (both are needed while tracing)."""
+
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+    self._rules_cm = None
+
+  def __enter__(self):
+    self._mesh_cm = jax.sharding.use_mesh(self.mesh) if hasattr(jax.sharding, "use_mesh") else self.mesh
+    self._mesh_cm.__enter__()
+    self._rules_cm = nn.logical_axis_rules(self.rules)
+    self._rules_cm.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._rules_cm.__exit__(*exc)
+    self._mesh_cm.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------------- loop
+
+
+class _MetricWriter:
+  """metrics.jsonl (one JSON object per line) + TensorBoard, written by process 0 only."""
+
+  def __init__(self, workdir: epath.Path):
+    self.enabled = jax.process_index() == 0
+    self.path = workdir / "metrics.jsonl"
+    self._tb = None
+    if self.enabled:
+      try:
+        from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+        self._tb = tensorboard.SummaryWriter(str(workdir / "tb"))
+      except Exception as e:  # TensorBoard is a convenience; metrics.jsonl is the record.
+        log.warning("TensorBoard summaries disabled: %s", e)
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.scalar(k, float(v), step)
+      self._tb.flush()
+
+  def truncate_after(self, step: int):
+    """Drops rows past `step` (left by a run that died after its last checkpoint) so resumed logs stay one history."""
+    if not self.enabled or not self.path.exists():
+      return
+    rows = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    tmp = self.path.parent / "metrics.jsonl.tmp"
+    tmp.write_text("".join(r + "\n" for r in rows))
+    tmp.rename(self.path)
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+class _Preemption:
+  """Turns SIGTERM (TPU preemption, SLURM time limit) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del frame
+      log.warning("received signal %d: will checkpoint and exit after this step", signum)
+      self.requested = True
+    try:
+      self._old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test harness thread)
+      self._old = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics."""
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = resolve_config(config)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    ckpt_lib.write_json(workdir / "config.json", config.to_dict())
+  tcfg = config.train
+  trainer = Trainer(config, str(workdir), mesh=mesh)
+  log.info("mesh %s; %d params", dict(trainer.mesh.shape),
+           sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params)))
+  mem = trainer.memory_analysis()
+  log.info("compiled step memory: %s", mem)
+  if jax.process_index() == 0:
+    ckpt_lib.write_json(workdir / "compiled_memory.json", mem)
+
+  train_iter = pipeline.make_train_iterator(config.data.dir, config.stage, config.data, seed=config.seed,
+                                            split="train")
+  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=tcfg.keep, keep_best=tcfg.keep_best,
+                               best_metric=tcfg.best_metric, best_mode=tcfg.best_mode,
+                               async_save=tcfg.async_checkpoint)
+  writer = _MetricWriter(workdir)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, train_iter = ckpt.restore(latest, trainer.abstract_state, train_iter)
+    writer.truncate_after(latest)
+    log.info("resumed from step %d", latest)
+  else:
+    state = trainer.init_state()
+  start = int(jax.device_get(state.step))
+
+  def val_batches():
+    it = pipeline.make_train_iterator(config.data.dir, config.stage, config.data, seed=config.seed + 1,
+                                      split="validation", augment=False)
+    for _ in range(tcfg.eval_batches):
+      yield next(it)
+
+  last = {}
+  pbar = None
+  if tcfg.progress and jax.process_index() == 0 and start < tcfg.steps:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    pbar = tqdm(total=tcfg.steps, initial=start, desc=f"stage {config.stage} {config.model.variant}",
+                unit="step", dynamic_ncols=True, file=sys.stderr)
+  t0, steps_timed = time.time(), 0
+  pending = None
+  with _Preemption() as preempt:
+    step = start
+    while step < tcfg.steps:
+      host_batch = next(train_iter)
+      state, metrics = trainer.step(state, host_batch)
+      step += 1
+      steps_timed += 1
+      if pbar is not None:
+        pbar.update(1)
+      if step % tcfg.log_every == 0 or step == tcfg.steps:
+        m = jax.device_get(metrics)
+        nonfinite = int(jax.device_get(state.nonfinite))
+        if nonfinite and tcfg.nan_policy == "stop":
+          good = ckpt.latest_step()
+          ckpt.close()
+          raise NonFiniteLossError(
+              f"loss or gradients became NaN/Inf ({nonfinite} step(s) up to step {step}); those updates were "
+              f"dropped. Last good checkpoint: step {good} in {workdir / 'checkpoints'}. Lower optim.lr, check "
+              f"the data, or set train.nan_policy=skip.")
+        dt = time.time() - t0
+        m = {k: float(v) for k, v in m.items()}
+        m.update(steps_per_s=steps_timed / max(dt, 1e-9),
+                 examples_per_s=steps_timed * config.data.batch_size / max(dt, 1e-9), nonfinite_steps=nonfinite)
+        t0, steps_timed = time.time(), 0
+        writer.write(step, m)
+        last = m
+        if pbar is not None:
+          pbar.set_postfix(loss=f"{m['loss']:.4f}")
+      val = None
+      if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+        val = trainer.evaluate(state.params, val_batches())
+        writer.write(step, val)
+        last.update(val)
+      preempted = preempt.requested or ckpt.reached_preemption(step)
+      if step % tcfg.ckpt_every == 0 or step == tcfg.steps or preempted:
+        ckpt.save(step, state, train_iter, metrics=val, force=True)
+      if preempted:
+        log.warning("preempted at step %d: checkpoint written, exiting", step)
+        break
+  if pbar is not None:
+    pbar.close()
+  ckpt.close()
+  writer.close()
+  return last
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv=None):
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py:stage=1", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and summaries go (local or gs://).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  FLAGS = flags.FLAGS
+
+  def _main(_):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+      print(json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+
+  app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+  main()
