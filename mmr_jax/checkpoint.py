@@ -65,7 +65,9 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         create=True,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain_ckpt.CheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -138,7 +140,8 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.exists():
     raise FileNotFoundError(f"no checkpoints under {directory} (init.workdir={workdir!r})")
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  mngr = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(read_only=True))
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no finished checkpoint in {directory}")

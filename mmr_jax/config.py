@@ -11,6 +11,8 @@ import ast
 
 import ml_collections
 
+from mmr_jax.models import two_tower
+
 ConfigDict = ml_collections.ConfigDict
 
 
@@ -47,35 +49,6 @@ def parse_arg(arg: str | None, **defaults) -> ConfigDict:
   return out
 
 
-def vit_config(preset: str) -> ConfigDict:
-  """Returns the ViT sizes for a preset name: "mu", "Ti/16", "S/16", "B/16", "L/16", ... (also /32, /8)."""
-  if "/" in preset:
-    name, patch = preset.split("/")
-    patch = int(patch)
-  else:
-    name, patch = preset, 8
-  widths = {  # width, depth, heads, mlp_dim (ViT paper / big_vision presets)
-      "mu": (64, 2, 2, 128),
-      "Ti": (192, 12, 3, 768),
-      "S": (384, 12, 6, 1536),
-      "M": (512, 12, 8, 2048),
-      "B": (768, 12, 12, 3072),
-      "L": (1024, 24, 16, 4096),
-  }
-  if name not in widths:
-    raise KeyError(f"unknown ViT preset {preset!r}; known: {sorted(widths)}")
-  width, depth, heads, mlp = widths[name]
-  return ConfigDict(dict(
-      patch_size=patch, width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
-      pool="map" if name not in ("mu",) else "gap", posemb="learn", dropout=0.0))
-
-
-def text_config(width=64, depth=2, heads=2, mlp_dim=128) -> ConfigDict:
-  return ConfigDict(dict(
-      vocab_size=-1,  # -1: read from the data's tokenizer at run time.
-      width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim, pool="mean", dropout=0.0))
-
-
 def base_config() -> ConfigDict:
   """Returns the full default config: a tiny CPU-sized stage-2 fusion run."""
   c = ConfigDict()
@@ -90,24 +63,14 @@ def base_config() -> ConfigDict:
       product_len=48,
       title_len=16,
       num_workers=0,  # grain worker processes per host (0: in-process).
-      shuffle_seed=0,
       positives_k=8,
       augment=ConfigDict(dict(random_crop=True, crop_scale_min=0.6, flip=True)),
   ))
 
-  c.model = ConfigDict(dict(
-      name="two_tower",
-      variant="fusion",  # text_only | image_only | concat | fusion | fusion_qw
-      embed_dim=64,
-      share_text_towers=False,
-      dtype="float32",  # compute dtype; params stay float32. "bfloat16" on TPU/GPU.
-      remat=False,
-      scan_layers=False,
-      vit=vit_config("mu"),
-      text=text_config(),
-      fusion=ConfigDict(dict(depth=1, num_heads=2, mlp_dim=128, gate_init_bias=2.0)),
-      loss_kind="softmax",  # which logit params to initialise; kept equal to loss.kind.
-  ))
+  # Model sizes come from the model package's presets; see mmr_jax/models/two_tower.get_config.
+  c.model = two_tower.get_config("fusion", "mu", patch_size=8, vocab_size=-1, max_len=64, embed_dim=64)
+  c.model.name = "two_tower"  # key of mmr_jax.models.MODELS
+  # contrastive (the logit-param init) is set from loss.kind when the run starts.
 
   c.loss = ConfigDict(dict(
       kind="softmax",  # softmax (CLIP InfoNCE) | sigmoid (SigLIP)

@@ -290,7 +290,12 @@ class ScannIndex:
     if idx.ndim == 1:
       idx, scores = idx[None], scores[None]
     scores = np.where(idx >= 0, scores, -np.inf).astype(np.float32)
-    idx, scores = _sort_by_score_then_index(idx, scores)
+    # ScaNN returns rows sorted by score; only rows with equal neighbours (or out of order,
+    # to be safe) need the (score, index) re-sort, which keeps the batched path cheap.
+    d = np.diff(scores, axis=1)
+    fix = ((d >= 0) & np.isfinite(scores[:, 1:])).any(axis=1)
+    if fix.any():
+      idx[fix], scores[fix] = _sort_by_score_then_index(idx[fix], scores[fix])
     return _pad_results(idx, scores, k)
 
   def search(self, queries, k: int, *, leaves_to_search: int | None = None,

@@ -53,23 +53,29 @@ class NonFiniteLossError(RuntimeError):
 
 
 def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
+                                 process_id: int | None = None) -> bool:
   """Initialises jax.distributed from flags, MMR_* env vars, or the platform's auto-detection.
 
   Flags win over env (MMR_COORDINATOR_ADDRESS, MMR_NUM_PROCESSES, MMR_PROCESS_ID). With neither,
-  a TPU pod (TPU_WORKER_HOSTNAMES) or SLURM job (SLURM_NTASKS > 1) is auto-detected by jax itself.
+  MMR_DISTRIBUTED=auto (set by launch/tpu_pod.py and launch/gke.py), a GKE TPU pod (TPU_WORKER_HOSTNAMES)
+  or a SLURM job (SLURM_NTASKS > 1) lets jax find its peers itself. Must run before any other JAX call.
+  Returns whether a multi-process job was initialised.
   """
   addr = coordinator_address or os.environ.get("MMR_COORDINATOR_ADDRESS")
   nproc = num_processes or (int(os.environ["MMR_NUM_PROCESSES"]) if "MMR_NUM_PROCESSES" in os.environ else None)
   pid = process_id if process_id is not None else (
       int(os.environ["MMR_PROCESS_ID"]) if "MMR_PROCESS_ID" in os.environ else None)
+  # Only affects the CPU client (cross-process collectives on CPU need gloo); harmless on TPU/GPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if addr:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeout = int(os.environ.get("MMR_INIT_TIMEOUT_S", "300"))
     jax.distributed.initialize(addr, num_processes=nproc, process_id=pid, initialization_timeout=timeout)
-  elif "TPU_WORKER_HOSTNAMES" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  if (os.environ.get("MMR_DISTRIBUTED") == "auto" or "TPU_WORKER_HOSTNAMES" in os.environ
+      or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
     jax.distributed.initialize()
+    return True
+  return False
 
 
 def resolve_config(config):
@@ -80,7 +86,7 @@ def resolve_config(config):
     if config.model.text.vocab_size <= 0:
       tok = tok_lib.Tokenizer(os.path.join(config.data.dir, "tokenizer.model"))
       config.model.text.vocab_size = tok.vocab_size
-    config.model.loss_kind = config.loss.kind
+    config.model.contrastive = config.loss.kind
   config.lock()
   return config
 
@@ -116,22 +122,24 @@ class Trainer:
       raise ValueError(f"data.batch_size={config.data.batch_size} does not divide by optim.grad_accum={accum}")
 
     example = self.objective.example_batch(config, config.data.batch_size)
+    init_batch = objectives.init_batch(config)
     rng = jax.random.PRNGKey(config.seed)
     with self._context():
-      boxed = jax.eval_shape(lambda r: self.model.init(r, **example, train=False)["params"], rng)
+      boxed = jax.eval_shape(lambda r: self.model.init(r, init_batch, train=False)["params"], rng)
     self.param_shardings = shd.logical_to_shardings(boxed, self.mesh, self.rules)
     abstract_params = nn.meta.unbox(boxed)
     self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.train.steps, abstract_params)
-    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-        transform_non_params=lambda _: shd.replicated(self.mesh))
+    # Optimizer-state shardings follow the parameters': let XLA propagate them through tx.init
+    # (robust to multi_transform's masked states, which have no param-shaped structure to map).
+    sharded_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_params, self.param_shardings)
+    opt_shardings = jax.jit(self.tx.init).lower(sharded_params).compile().output_shardings
     rep = shd.replicated(self.mesh)
     self.state_shardings = TrainState(step=rep, params=self.param_shardings, opt_state=opt_shardings, nonfinite=rep)
     self.batch_shardings = {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in example.items()}
 
     def init_fn(r):
-      params = nn.meta.unbox(self.model.init(r, **example, train=False)["params"])
+      params = nn.meta.unbox(self.model.init(r, init_batch, train=False)["params"])
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                         nonfinite=jnp.zeros((), jnp.int32))
 
@@ -145,6 +153,7 @@ class Trainer:
     self._eval = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_shardings),
                          out_shardings=rep)
     self._example = example
+    self._compiled = None
 
   def _context(self):
     return _Context(self.mesh, self.rules)
@@ -230,10 +239,7 @@ class Trainer:
 
   def memory_analysis(self) -> dict:
     """Returns the compiled step's memory figures (bytes), logged before the loop."""
-    batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=self.batch_shardings[k])
-             for k, v in self._example.items()}
-    with self._context():
-      compiled = self._step.lower(self.abstract_state, batch).compile()
+    compiled = self.compiled_step()
     mem = compiled.memory_analysis()
     out = {}
     for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
@@ -247,10 +253,18 @@ class Trainer:
       out["xla_flops_per_step"] = float(cost["flops"])
     return out
 
+  def compiled_step(self):
+    """Returns the step compiled once for the example batch's shapes (memory analysis and the loop share it)."""
+    if self._compiled is None:
+      batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=self.batch_shardings[k])
+               for k, v in self._example.items()}
+      with self._context():
+        self._compiled = self._step.lower(self.abstract_state, batch).compile()
+    return self._compiled
+
   def step(self, state, host_batch):
     batch = shd.host_batch_to_global(host_batch, self.mesh)
-    with self._context():
-      return self._step(state, batch)
+    return self.compiled_step()(state, batch)
 
   def evaluate(self, params, batches) -> dict:
     """Returns the mean of the objective's metrics over `batches` (host numpy dicts), prefixed val/."""
@@ -273,7 +287,7 @@ class _Context:
     self._rules_cm = None
 
   def __enter__(self):
-    self._mesh_cm = jax.sharding.use_mesh(self.mesh) if hasattr(jax.sharding, "use_mesh") else self.mesh
+    self._mesh_cm = jax.set_mesh(self.mesh)
     self._mesh_cm.__enter__()
     self._rules_cm = nn.logical_axis_rules(self.rules)
     self._rules_cm.__enter__()
@@ -387,6 +401,14 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
     for _ in range(tcfg.eval_batches):
       yield next(it)
 
+  eval_every = tcfg.eval_every
+  if eval_every:
+    try:
+      pipeline.make_train_iterator(config.data.dir, config.stage, config.data, seed=0, split="validation")
+    except ValueError as e:  # e.g. a catalogue without validation queries
+      log.warning("validation disabled: %s", e)
+      eval_every = 0
+
   last = {}
   pbar = None
   if tcfg.progress and jax.process_index() == 0 and start < tcfg.steps:
@@ -424,7 +446,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
         if pbar is not None:
           pbar.set_postfix(loss=f"{m['loss']:.4f}")
       val = None
-      if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+      if eval_every and (step % eval_every == 0 or step == tcfg.steps):
         val = trainer.evaluate(state.params, val_batches())
         writer.write(step, val)
         last.update(val)
@@ -444,6 +466,28 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
 # --------------------------------------------------------------------------------------------- CLI
 
 
+def setup_logging(level=logging.INFO):
+  """Our INFO logs on stderr; library chatter (Orbax, TFDS, absl) only from WARNING up."""
+  logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+  for name in ("absl", "orbax", "tensorflow", "jax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  try:
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  except ImportError:
+    pass
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+  """Persists compiled executables across runs (ablation rows and resumed runs share compiles)."""
+  path = path or os.environ.get("MMR_COMPILATION_CACHE", os.path.expanduser("~/.cache/mmr_jax/xla"))
+  if not path or path == "none":
+    return
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv=None):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -457,7 +501,8 @@ def main(argv=None):
   FLAGS = flags.FLAGS
 
   def _main(_):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
+    enable_compilation_cache()
     maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:

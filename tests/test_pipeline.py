@@ -1,41 +1,377 @@
 """Tests for mmr_jax.data.pipeline (grain) over a tiny imported DATA_DIR."""
 
+import io
 import json
-import os
 import pathlib
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from mmr_jax.data import pipeline
+from mmr_jax.data import tfds_builder
+from mmr_jax.data import tokenizer as tokenizer_lib
 
-NUM_PRODUCTS = 24
-IMAGE_SIZE = 32
+NUM_PRODUCTS = 40
+NUM_QUERIES = 24
+NO_IMAGE = 5  # product without an image
+IMAGE_SIZE = 16
+WORDS = ["rouge", "écharpe", "laine", "日本", "кружка", "bottle", "lamp", "sofa"]
 
 
 def _write_folder(src: pathlib.Path) -> None:
-  """Writes a tiny catalogue folder: odd-sized photos, one product without image."""
+  """Writes a tiny catalogue folder: odd-sized photos in mixed modes."""
   (src / "images").mkdir(parents=True)
   rng = np.random.default_rng(0)
-  words = ["rouge", "écharpe", "laine", "日本", "кружка", "bottle", "lamp", "sofa"]
   with open(src / "products.jsonl", "w", encoding="utf-8") as f:
     for i in range(NUM_PRODUCTS):
-      obj = {"id": f"p{i}", "title": f"{words[i % 8]} item {i}",
-             "description": " ".join(words[(i + k) % 8] for k in range(i % 5)),
-             "attributes": {"colour": words[i % 3]}}
-      if i != 5:  # p5 has no image
+      obj = {"id": f"p{i}", "title": f"{WORDS[i % 8]} item {i}",
+             "description": " ".join(WORDS[(i + k) % 8] for k in range(i % 5)),
+             "attributes": {"colour": WORDS[i % 3]}}
+      if i != NO_IMAGE:
         w, h = int(rng.integers(20, 90)), int(rng.integers(20, 90))
         arr = np.full((h, w, 3), (i * 10) % 256, np.uint8)
-        arr[: h // 2, : w // 3] = 255  # asymmetric, so flips are visible
-        Image.fromarray(arr).save(src / "images" / f"p{i}.png")
+        arr[:, : w // 3] = 255  # asymmetric, so a flip is visible
+        img = Image.fromarray(arr)
+        img = img.convert("L") if i % 7 == 1 else img
+        img.save(src / "images" / f"p{i}.png")
         obj["image"] = f"images/p{i}.png"
       f.write(json.dumps(obj, ensure_ascii=False) + "\n")
   with open(src / "queries.jsonl", "w", encoding="utf-8") as f, \
       open(src / "qrels.tsv", "w", encoding="utf-8") as g:
-    for q in range(12):
-      split = "train" if q < 8 else ("validation" if q < 10 else "test")
-      f.write(json.dumps({"id": f"q{q}", "text": f"{words[q % 8]} query {q}",
+    for q in range(NUM_QUERIES):
+      split = "train" if q < 16 else ("validation" if q < 19 else "test")
+      f.write(json.dumps({"id": f"q{q}", "text": f"{WORDS[q % 8]} query {q}",
                           "split": split}, ensure_ascii=False) + "\n")
-      for p in (q, q + 12, (q * 7) % NUM_PRODUCTS):
-        g.write(f"q{q}\tp{p}\t{'E' if p != (q * 7) % NUM_PRODUCTS else 'S'}\n")
+      g.write(f"q{q}\tp{q}\tE\n")
+      g.write(f"q{q}\tp{q + 16}\tE\n")
+      g.write(f"q{q}\tp{(q + 3) % NUM_PRODUCTS}\tS\n")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  from mmr_jax.data import import_catalog  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("catalog")
+  _write_folder(root / "src")
+  import_catalog.import_catalog(root / "src", root / "data",
+                                novel_product_fraction=0.5, image_max_side=64,
+                                progress=False, verbose=False)
+  return str(root / "data")
+
+
+def _config(**overrides):
+  cfg = ml_collections.ConfigDict(dict(
+      dir="", batch_size=4, image_size=IMAGE_SIZE, query_len=8, product_len=16,
+      title_len=8, num_workers=0, shuffle_seed=None, positives_k=3,
+      augment=dict(random_crop=False, crop_scale_min=0.5, flip=False)))
+  cfg.update(overrides)
+  return cfg
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape, k
+      assert x[k].tobytes() == y[k].tobytes(), k
+
+
+def _pairs(data_dir, split="train"):
+  src = tfds_builder.load_source(data_dir, "pairs", split)
+  return [src[i] for i in range(len(src))]
+
+
+def _pair_key(batch, row):
+  return int(batch["query_index"][row]), int(batch["product_index"][row])
+
+
+def test_stage1_batches(data_dir):
+  cfg = _config(batch_size=8)
+  it = pipeline.make_train_iterator(data_dir, 1, cfg, seed=0, process_index=0,
+                                    process_count=1)
+  batches = _take(it, 10)
+  spec = pipeline.batch_spec(1, cfg, 8)
+  for b in batches:
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == spec
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  heldout = {i for i in range(len(products)) if products[i]["heldout"]}
+  assert heldout  # the fixture holds some products out
+  seen = np.concatenate([b["product_index"] for b in batches])
+  assert not heldout & set(seen.tolist())
+  # 80 examples over 10 epochs' worth of candidates: every kept product shows.
+  assert set(seen.tolist()) == set(range(NUM_PRODUCTS)) - heldout
+  tok = pipeline.load_tokenizer(data_dir)
+  b = batches[0]
+  for row, idx in enumerate(b["product_index"]):
+    p = products[int(idx)]
+    np.testing.assert_array_equal(
+        b["title_tokens"][row], tok.encode([p["title"].decode()], 8)[0])
+    np.testing.assert_array_equal(
+        b["product_tokens"][row], tok.encode([p["text"].decode()], 16)[0])
+  for b in batches:
+    missing = b["product_index"] == NO_IMAGE
+    assert np.all(b["has_image"] == ~missing)
+    assert np.all(b["image"][missing] == 0)
+    assert np.all(b["image"][~missing].reshape(int((~missing).sum()), -1)
+                  .max(axis=1) > 0)
+
+
+def test_stage1_can_skip_products_without_image(data_dir):
+  it = pipeline.make_train_iterator(data_dir, 1, _config(stage1_skip_no_image=True),
+                                    seed=0, process_index=0, process_count=1)
+  batches = _take(it, 12)
+  assert all(b["has_image"].all() for b in batches)
+  assert NO_IMAGE not in np.concatenate([b["product_index"] for b in batches])
+
+
+def test_stage2_batches_match_pairs(data_dir):
+  cfg = _config()
+  it = pipeline.make_train_iterator(data_dir, 2, cfg, seed=1, process_index=0,
+                                    process_count=1)
+  b = next(it)
+  assert ({k: (v.shape, v.dtype) for k, v in b.items()}
+          == pipeline.batch_spec(2, cfg, 4))
+  pairs = {(int(p["query_index"]), int(p["product_index"])): p
+           for p in _pairs(data_dir)}
+  tok = pipeline.load_tokenizer(data_dir)
+  for row in range(4):
+    pair = pairs[_pair_key(b, row)]
+    np.testing.assert_array_equal(
+        b["query_tokens"][row], tok.encode([pair["query_text"].decode()], 8)[0])
+    assert b["grade"][row] == pytest.approx(pair["grade"])
+    positives = list(pair["positives"])[:3]
+    assert list(b["positives"][row][:len(positives)]) == positives
+    assert np.all(b["positives"][row][len(positives):] == pipeline.PAD_INDEX)
+    assert int(b["product_index"][row]) in positives
+
+
+def test_order_depends_on_seed_and_shuffle_seed(data_dir):
+  def order(**kw):
+    seed = kw.pop("seed", 0)
+    it = pipeline.make_train_iterator(data_dir, 2, _config(**kw), seed=seed,
+                                      process_index=0, process_count=1)
+    return [_pair_key(b, r) for b in _take(it, 3) for r in range(4)]
+  assert order(seed=0) == order(seed=0)
+  assert order(seed=0) != order(seed=1)
+  assert order(seed=0, shuffle_seed=7) == order(seed=1, shuffle_seed=7)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_state_is_exact(data_dir, num_workers):
+  cfg = _config(num_workers=num_workers,
+                augment=dict(random_crop=True, crop_scale_min=0.3, flip=True))
+  make = lambda: pipeline.make_train_iterator(
+      data_dir, 2, cfg, seed=3, process_index=0, process_count=1)
+  it = make()
+  _take(it, 5)  # crosses an epoch boundary (12 pairs / 4 per batch)
+  state = it.get_state()
+  json.dumps(state)  # what grain's Orbax handler writes
+  expected = _take(it, 4)
+  it.close()
+  resumed = make()
+  resumed.set_state(state)
+  got = _take(resumed, 4)
+  resumed.close()
+  _assert_batches_equal(expected, got)
+  if num_workers:
+    return  # the in-process case below already checks set_state matters
+  # Restoring really moved the iterator: a fresh one starts elsewhere.
+  fresh = make()
+  first = _take(fresh, 4)
+  fresh.close()
+  assert any(x["image"].tobytes() != y["image"].tobytes()
+             or x["query_index"].tobytes() != y["query_index"].tobytes()
+             for x, y in zip(first, expected))
+
+
+def test_hosts_are_disjoint_and_cover_each_epoch(data_dir):
+  keys = {(int(p["query_index"]), int(p["product_index"]))
+          for p in _pairs(data_dir)}
+  n = len(keys)
+  epochs = {}
+  for host in range(2):
+    # Global batch 2 -> 1 row per host: batches are exactly examples.
+    it = pipeline.make_train_iterator(data_dir, 2, _config(batch_size=2),
+                                      seed=0, process_index=host,
+                                      process_count=2)
+    per_epoch = len(range(host, n, 2))
+    stream = [_pair_key(b, 0) for b in _take(it, 2 * per_epoch)]
+    epochs[host] = (stream[:per_epoch], stream[per_epoch:])
+  for e in range(2):
+    a, b = epochs[0][e], epochs[1][e]
+    assert len(set(a)) == len(a) and len(set(b)) == len(b)
+    assert not set(a) & set(b)
+    assert set(a) | set(b) == keys
+  # Each epoch is reshuffled.
+  assert epochs[0][0] + epochs[1][0] != epochs[0][1] + epochs[1][1]
+
+
+def test_augmentation_is_deterministic_and_changes_images(data_dir):
+  def images(seed, **augment):
+    cfg = _config(augment={**dict(random_crop=False, crop_scale_min=0.3,
+                                  flip=False), **augment})
+    cfg.shuffle_seed = 0  # same order; augmentation noise follows `seed`
+    it = pipeline.make_train_iterator(data_dir, 1, cfg, seed=seed,
+                                      process_index=0, process_count=1)
+    return np.concatenate([b["image"] for b in _take(it, 4)])
+  plain = images(0)
+  flipped = images(0, flip=True)
+  assert np.array_equal(flipped, images(0, flip=True))
+  assert not np.array_equal(flipped, images(1, flip=True))
+  is_flip = [np.array_equal(f, p[:, ::-1]) and not np.array_equal(f, p)
+             for f, p in zip(flipped, plain)]
+  assert 0 < sum(is_flip) < len(is_flip)
+  cropped = images(0, random_crop=True)
+  assert cropped.shape == plain.shape and not np.array_equal(cropped, plain)
+
+
+def _eval_rows(data_dir, table, split, batch_size, hosts, key, workers=0):
+  out = []
+  for host in range(hosts):
+    it = pipeline.make_eval_iterator(data_dir, table, split,
+                                     _config(num_workers=workers), batch_size,
+                                     process_index=host, process_count=hosts)
+    out.append([{k: np.array(v) for k, v in b.items()} for b in it])
+    it.close()
+  assert len({len(batches) for batches in out}) == 1  # same count per host
+  rows = []
+  for batches in out:
+    for b in batches:
+      assert b["mask"].shape == (batch_size // hosts,)
+      assert np.all(b[key][~b["mask"]] == pipeline.PAD_INDEX)
+      rows.extend(b[key][b["mask"]].tolist())
+  return out, rows
+
+
+@pytest.mark.parametrize("hosts,batch_size,workers",
+                         [(1, 8, 0), (2, 6, 0), (3, 3, 0), (1, 6, 2)])
+def test_eval_products_cover_all_rows_in_order(data_dir, hosts, batch_size,
+                                               workers):
+  out, rows = _eval_rows(data_dir, "products", "all", batch_size, hosts,
+                         "product_index", workers)
+  assert rows == list(range(NUM_PRODUCTS))
+  b = out[0][0]
+  assert ({k: (v.shape, v.dtype) for k, v in b.items()}
+          == pipeline.batch_spec("eval_products", _config(),
+                                 batch_size // hosts))
+  last = out[-1][-1]
+  assert np.all(last["image"][~last["mask"]] == 0)
+  assert not last["has_image"][~last["mask"]].any()
+  assert np.all(last["product_tokens"][~last["mask"]] == 0)
+
+
+def test_eval_images_are_squashed_whole(data_dir):
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  (b,) = [b for b in pipeline.make_eval_iterator(
+      data_dir, "products", "all", _config(), 64, 0, 1)]
+  for i in (0, 1, 8):
+    expected, ok = pipeline.decode_image(products[i]["image"], IMAGE_SIZE)
+    assert ok and b["has_image"][i]
+    np.testing.assert_array_equal(b["image"][i], expected)
+  assert not b["has_image"][NO_IMAGE]
+
+
+def test_eval_queries(data_dir):
+  queries = tfds_builder.load_source(data_dir, "queries", "train")
+  out, rows = _eval_rows(data_dir, "queries", "train", 4, 2, "query_index")
+  assert rows == list(range(len(queries)))
+  tok = pipeline.load_tokenizer(data_dir)
+  b = out[1][0]
+  assert set(b) == {"query_tokens", "query_index", "mask"}
+  i = int(b["query_index"][0])
+  np.testing.assert_array_equal(
+      b["query_tokens"][0], tok.encode([queries[i]["text"].decode()], 8)[0])
+
+
+def test_empty_split_gives_no_batches(data_dir):
+  # With 5 test queries and fraction 0.5 some are novel; validation pairs may
+  # be empty, but queries/test_novel_query always exists as a split.
+  it = pipeline.make_eval_iterator(data_dir, "queries", "test_novel_query",
+                                   _config(), 4, 0, 1)
+  n = len(tfds_builder.load_source(data_dir, "queries", "test_novel_query"))
+  assert sum(int(b["mask"].sum()) for b in it) == n
+
+
+def _encode(img, fmt, **kw):
+  buf = io.BytesIO()
+  img.save(buf, fmt, **kw)
+  return buf.getvalue()
+
+
+def test_decode_image_modes_and_bad_bytes():
+  rgb = Image.fromarray(np.full((300, 120, 3), 200, np.uint8))
+  cases = {
+      "jpeg": _encode(rgb, "JPEG"),
+      "gray": _encode(rgb.convert("L"), "PNG"),
+      "rgba": _encode(rgb.convert("RGBA"), "PNG"),
+      "cmyk": _encode(rgb.convert("CMYK"), "JPEG"),
+      "palette": _encode(rgb.convert("P"), "PNG"),
+  }
+  for name, data in cases.items():
+    img, ok = pipeline.decode_image(data, 24)
+    assert ok, name
+    assert img.shape == (24, 24, 3) and img.dtype == np.uint8, name
+    assert abs(int(img.mean()) - 200) < 8, name
+  for bad in (b"", b"not an image", cases["jpeg"][:40]):
+    img, ok = pipeline.decode_image(bad, 24)
+    assert not ok and img.shape == (24, 24, 3) and not img.any()
+
+
+def test_bad_config_is_named(data_dir):
+  with pytest.raises(ValueError, match="batch_size"):
+    pipeline.make_train_iterator(data_dir, 2, _config(batch_size=5), seed=0,
+                                 process_index=0, process_count=2)
+  with pytest.raises(ValueError, match="stage"):
+    pipeline.make_train_iterator(data_dir, 3, _config(), seed=0,
+                                 process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="query_len"):
+    pipeline.make_train_iterator(data_dir, 2, _config(query_len=0), seed=0,
+                                 process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="table"):
+    pipeline.make_eval_iterator(data_dir, "pairs", "train", _config(), 4, 0, 1)
+  with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+    pipeline.make_train_iterator(data_dir + "/nope", 2, _config(), seed=0,
+                                 process_index=0, process_count=1)
+
+
+def test_orbax_checkpoint_roundtrip(data_dir, tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  make = lambda: pipeline.make_train_iterator(
+      data_dir, 1, _config(), seed=0, process_index=0, process_count=1)
+  it = make()
+  _take(it, 3)
+  with ocp.CheckpointManager(
+      tmp_path / "ckpt",
+      item_handlers={"data": pipeline.CheckpointHandler()}) as mngr:
+    mngr.save(7, args=ocp.args.Composite(data=pipeline.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  expected = _take(it, 2)
+  with ocp.CheckpointManager(
+      tmp_path / "ckpt",
+      item_handlers={"data": pipeline.CheckpointHandler()}) as mngr:
+    restored = mngr.restore(7, args=ocp.args.Composite(
+        data=pipeline.CheckpointRestore(make()))).data
+  _assert_batches_equal(expected, _take(restored, 2))
+
+
+def test_validation_split_without_augmentation(data_dir):
+  cfg = _config(augment=dict(random_crop=True, crop_scale_min=0.3, flip=True))
+  it = pipeline.make_train_iterator(data_dir, 2, cfg, seed=0, process_index=0,
+                                    process_count=1, split="validation",
+                                    augment=False)
+  val = {(int(p["query_index"]), int(p["product_index"]))
+         for p in _pairs(data_dir, "validation")}
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  for b in _take(it, 3):
+    for row in range(4):
+      assert _pair_key(b, row) in val
+      p = int(b["product_index"][row])
+      if b["has_image"][row]:
+        expected, _ = pipeline.decode_image(products[p]["image"], IMAGE_SIZE)
+        np.testing.assert_array_equal(b["image"][row], expected)

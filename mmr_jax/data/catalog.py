@@ -24,6 +24,7 @@ products) raise `CatalogError` naming the file.
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import io
@@ -192,7 +193,7 @@ def _iter_lines(path: pathlib.Path, skips: SkipLog | None) -> Iterator[tuple[int
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
         if skips is not None:
-          skips.add(NON_UTF8, f"{path.name}:{lineno}: byte {e.start} is not UTF-8")
+          skips.add(NON_UTF8, f"{path.name}:{lineno}: byte {e.start + 1} is not UTF-8")
         continue
       if lineno == 1:
         line = line.lstrip("\ufeff")  # Editors on Windows prepend a BOM.
@@ -447,6 +448,28 @@ class CatalogPlan:
       raise CatalogError(f"{self.src_dir / PRODUCTS_FILE} changed while importing "
                          f"({index} of {len(wanted)} products found on re-read)")
 
+  def product_chunks(self, rows_per_chunk: int) -> list["ProductChunk"]:
+    """Returns the products split into chunks of consecutive indexes that workers read alone."""
+    lines = self.product_lines
+    firsts = list(range(0, len(lines), rows_per_chunk))
+    wanted = {int(lines[i]): i for i in firsts}
+    offsets = {}
+    pos = 0
+    with open(self.src_dir / PRODUCTS_FILE, "rb") as f:
+      for lineno, raw in enumerate(f, start=1):
+        if lineno in wanted:
+          offsets[lineno] = pos
+        pos += len(raw)
+    chunks = []
+    for first in firsts:
+      segment = lines[first:first + rows_per_chunk]
+      # Runs of consecutive line numbers: one run per chunk unless lines were skipped.
+      breaks = np.flatnonzero(np.diff(segment) != 1) + 1
+      runs = tuple((int(r[0]), int(r[-1])) for r in np.split(segment, breaks))
+      chunks.append(ProductChunk(first_index=first, start_byte=offsets[int(segment[0])],
+                                 first_lineno=int(segment[0]), line_runs=runs))
+    return chunks
+
   def iter_pairs(self, split: str) -> Iterator[dict]:
     """Yields pair rows for a pairs split: (query, product) with grade in pair_grades, not held out."""
     for qi, q in enumerate(self.queries[split]):
@@ -458,6 +481,47 @@ class CatalogPlan:
 
   def num_pairs(self, split: str) -> int:
     return sum(1 for _ in self.iter_pairs(split))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductChunk:
+  """Consecutive products a worker can read on its own (Beam): where they start in products.jsonl."""
+  first_index: int
+  start_byte: int  # Offset of line first_lineno.
+  first_lineno: int
+  line_runs: tuple[tuple[int, int], ...]  # Inclusive runs of line numbers holding kept products.
+
+  @property
+  def num_rows(self) -> int:
+    return sum(hi - lo + 1 for lo, hi in self.line_runs)
+
+
+def iter_chunk_products(src_dir: str | os.PathLike, chunk: ProductChunk) -> Iterator[tuple[int, Product]]:
+  """Yields (product index, Product) for one chunk, reading only its part of products.jsonl."""
+  runs = iter(chunk.line_runs)
+  lo, hi = next(runs)
+  index = chunk.first_index
+  path = pathlib.Path(src_dir) / PRODUCTS_FILE
+  with open(path, "rb") as f:
+    f.seek(chunk.start_byte)
+    for lineno, raw in enumerate(f, start=chunk.first_lineno):
+      if lineno > hi:
+        nxt = next(runs, None)
+        if nxt is None:
+          return
+        lo, hi = nxt
+      if lineno < lo:
+        continue
+      try:
+        line = raw.decode("utf-8")
+        if lineno == 1:
+          line = line.lstrip("\ufeff")
+        yield index, parse_product(json.loads(line), lineno)
+      except (UnicodeDecodeError, json.JSONDecodeError, _Skip) as e:
+        raise CatalogError(f"{path}:{lineno} changed while importing ({e})") from None
+      index += 1
+  if index != chunk.first_index + chunk.num_rows:
+    raise CatalogError(f"{path} changed while importing (ends before line {hi})")
 
 
 def check_folder(src_dir: str | os.PathLike) -> pathlib.Path:
@@ -508,7 +572,7 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
 
   # Products: only the id -> index map and line numbers stay in memory.
   product_index: dict[str, int] = {}
-  product_lines = []
+  product_lines = array.array("q")  # 8 bytes a product, not a Python int object each.
   for lineno, obj in bar(_iter_jsonl(src / PRODUCTS_FILE, skips), f"scan {PRODUCTS_FILE}"):
     try:
       product = parse_product(obj, lineno)
@@ -529,7 +593,7 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
                        f"(skipped: {skips.counts() or 'file is empty'})")
 
   # Queries.
-  query_slot: dict[str, tuple[str, int]] = {}
+  query_slot: dict[str, tuple[str, int, int]] = {}  # id -> (split, row in split, ordinal)
   rows: dict[str, list[QueryRow]] = {s: [] for s in SOURCE_QUERY_SPLITS}
   for lineno, obj in bar(_iter_jsonl(src / QUERIES_FILE, skips), f"scan {QUERIES_FILE}"):
     try:
@@ -540,7 +604,7 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
     if query.id in query_slot:
       skips.add(DUPLICATE_QUERY_ID, f"{QUERIES_FILE}:{lineno}: id={query.id}")
       continue
-    query_slot[query.id] = (query.split, len(rows[query.split]))
+    query_slot[query.id] = (query.split, len(rows[query.split]), len(query_slot))
     rows[query.split].append(QueryRow(id=query.id, text=query.text, tags=query.tags, labels=[]))
   if not query_slot:
     raise CatalogError(f"{src / QUERIES_FILE}: no usable query lines "
@@ -548,7 +612,8 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
 
   # Qrels.
   num_qrels = 0
-  seen_pairs: set[tuple[str, int]] = set()
+  num_products = len(product_lines)
+  seen_pairs: set[int] = set()  # query ordinal * num_products + product index
   first = True
   for lineno, line in bar(_iter_lines(src / QRELS_FILE, skips), f"scan {QRELS_FILE}"):
     fields = [f.strip() for f in line.split("\t")]
@@ -570,17 +635,16 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
       skips.add(UNKNOWN_PRODUCT, f"{QRELS_FILE}:{lineno}: product id={pid}")
       continue
     p = product_index[pid]
-    if (qid, p) in seen_pairs:
+    split, row, ordinal = query_slot[qid]
+    if ordinal * num_products + p in seen_pairs:
       skips.add(DUPLICATE_QREL, f"{QRELS_FILE}:{lineno}: ({qid}, {pid}) already labelled")
       continue
-    seen_pairs.add((qid, p))
-    split, row = query_slot[qid]
+    seen_pairs.add(ordinal * num_products + p)
     rows[split][row].labels.append((p, grade))
     num_qrels += 1
   del seen_pairs
 
   # Novel products: a seeded draw among products that are an exact match for some test query.
-  num_products = len(product_lines)
   heldout = np.zeros([num_products], bool)
   candidates = sorted({p for q in rows["test"] for p, g in q.labels if g == "E"})
   num_heldout = int(round(novel_product_fraction * len(candidates)))
@@ -592,6 +656,6 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
   rows["test_novel_query"] = [q for q in rows["test"] if normalize_query(q.text) not in train_texts]
   rows["test_novel_product"] = [q for q in rows["test"] if any(g == "E" and heldout[p] for p, g in q.labels)]
 
-  return CatalogPlan(src_dir=src, product_lines=np.asarray(product_lines, np.int64), heldout=heldout,
+  return CatalogPlan(src_dir=src, product_lines=np.frombuffer(product_lines, np.int64).copy(), heldout=heldout,
                      queries=rows, pair_grades=pair_grades, num_qrels=num_qrels, skips=skips,
                      novel_product_fraction=float(novel_product_fraction), seed=int(seed))

@@ -26,6 +26,20 @@ Batches follow DESIGN.md "Batches". Decisions the contract leaves open:
   resized crop and a horizontal flip, seeded by (seed, stream position).
 - `seed` drives everything; `config.shuffle_seed`, when not None, overrides
   the sampling order only (same augmentation noise, different order).
+
+Optional `config.data` keys beyond the shared config: `stage1_skip_no_image`
+(False), `read_threads` (8, grain threads per process), `prefetch_buffer_size`
+(256 examples). A state restores only into an iterator built with the same
+data, batch size, host count and `num_workers`. With `num_workers > 0` batch
+arrays are grain `SharedMemoryArray`s (np.ndarray subclasses, no copy between
+processes); drop them once they are on device.
+
+Checkpointing with Orbax (what checkpoint.py does):
+  mngr = ocp.CheckpointManager(dir, item_handlers={
+      "state": ..., "data": pipeline.CheckpointHandler()})
+  mngr.save(step, args=ocp.args.Composite(..., data=pipeline.CheckpointSave(it)))
+  mngr.restore(step, args=ocp.args.Composite(
+      ..., data=pipeline.CheckpointRestore(make_train_iterator(...))))
 """
 
 from __future__ import annotations
@@ -35,7 +49,7 @@ import io
 import logging
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -55,9 +69,9 @@ PAD_INDEX = -1  # product/query index (and positives) of padding rows
 
 _log = logging.getLogger(__name__)
 
-# Open files are shared by the threads of one process; grain pickles the
-# sources into each worker process, which reopens them there.
-_Source = Any  # random access: len(src), src[i] -> dict
+# Random access: len(src), src[i] -> dict. grain pickles sources into each
+# worker process, which reopens the array_record files there.
+_Source = Any
 
 
 def open_source(data_dir: str, table: str, split: str) -> _Source:
@@ -150,7 +164,7 @@ def decode_image(data: bytes, size: int, *, augment: Augment | None = None,
   """Returns (uint8 [size, size, 3], ok); (zeros, False) if empty or corrupt.
 
   Without augmentation the whole image is resized to a square (what eval and
-  export see). Any mode (L, P, RGBA, CMYK, 16-bit) becomes RGB.
+  export see). Any mode (L, P, RGBA, CMYK) becomes RGB.
   """
   blank = np.zeros((size, size, 3), np.uint8)
   if not data:
@@ -370,19 +384,48 @@ def _per_host(batch_size: int, process_count: int, what: str) -> int:
   return batch_size // process_count
 
 
-def _finish(ds: grain.MapDataset, per_host_batch: int, config: Any,
-            drop_remainder: bool) -> grain.DatasetIterator:
-  """Returns a checkpointable iterator: threads, batching, worker processes."""
-  read = grain.ReadOptions(
-      num_threads=int(_cfg_get(config, "read_threads", 8) or 0),
-      prefetch_buffer_size=int(_cfg_get(config, "prefetch_buffer_size", 256)))
-  it_ds = ds.to_iter_dataset(read).batch(
-      per_host_batch, drop_remainder=drop_remainder, batch_fn=_stack)
+def _finish(ds: grain.MapDataset, per_host_batch: int, config: Any, *,
+            train: bool) -> grain.DatasetIterator:
+  """Returns a checkpointable iterator: threads, batching, worker processes.
+
+  Training batches after `to_iter_dataset`, so threads work per example and
+  skipped (None) examples drop out before batching; with worker processes each
+  worker batches its own slice, so batches depend on `num_workers` (fixed per
+  run). Eval batches the MapDataset itself: batch b holds rows
+  [b*B, (b+1)*B) whatever the worker count, which keeps row order.
+  """
+  threads = int(_cfg_get(config, "read_threads", 8) or 0)
+  if train:
+    read = grain.ReadOptions(
+        num_threads=threads,
+        prefetch_buffer_size=int(_cfg_get(config, "prefetch_buffer_size", 256)))
+    it_ds = ds.to_iter_dataset(read).batch(
+        per_host_batch, drop_remainder=True, batch_fn=_stack)
+  else:
+    # Buffer counts whole batches here: a few per thread is plenty.
+    read = grain.ReadOptions(num_threads=threads,
+                             prefetch_buffer_size=max(2, 2 * threads))
+    it_ds = ds.batch(per_host_batch, batch_fn=_stack).to_iter_dataset(read)
   num_workers = int(_cfg_get(config, "num_workers", 0) or 0)
   if num_workers > 0:
+    # grain's worker processes read absl flags; outside an absl.app entry
+    # point (tests, notebooks, tools) nothing parsed them yet.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it_ds)
+
+
+def _mix_seed(seed: int) -> int:
+  """Returns a uint32 hash of `seed`.
+
+  grain reseeds the shuffle of epoch e with seed + e, so without mixing run
+  seed=1 would replay the epoch order of seed=0 shifted by one epoch.
+  """
+  return int(np.random.SeedSequence([int(seed) % 2**32, 0x5EED])
+             .generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------
@@ -392,17 +435,23 @@ def _finish(ds: grain.MapDataset, per_host_batch: int, config: Any,
 def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
                         process_index: int | None = None,
                         process_count: int | None = None,
+                        split: str = "train", augment: bool | None = None,
                         ) -> grain.DatasetIterator:
   """Returns an infinite iterator of this host's training batches (numpy dicts).
 
   Args:
     data_dir: DATA_DIR (tokenizer.model + mmr_catalog/).
     stage: 1 (title/image alignment over products) or 2 (query/product pairs
-      from `pairs/train`).
+      from `pairs/<split>`).
     config: `config.data` (batch_size is global; each host yields
       batch_size // process_count rows).
     seed: base seed (order and augmentation).
     process_index, process_count: default to jax.process_index/count().
+    split: pairs split for stage 2 ("train" or "validation", e.g. for a
+      validation loss). Stage 1 reads the products table, which has one split,
+      whatever this says.
+    augment: False turns config.augment off (validation batches); None keeps
+      the config.
 
   The iterator supports `get_state()` / `set_state()`; `num_workers` must be
   the same when restoring. Stage 1 rows: title_tokens, product_tokens, image,
@@ -415,24 +464,29 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   per_host_batch = _per_host(int(_cfg_require(config, "batch_size")), hosts,
                              "config.data.batch_size")
   lens = _lens(config)
-  augment = Augment.from_config(_cfg_get(config, "augment"))
+  aug = Augment.from_config(_cfg_get(config, "augment"))
+  if augment is False:
+    aug = Augment()
   tok = load_tokenizer(data_dir)
   products = open_source(data_dir, "products", "all")
   if stage == 1:
     num_rows = len(products)
     example = _Stage1Example(
-        products, tok, lens, augment,
+        products, tok, lens, aug,
         skip_no_image=bool(_cfg_get(config, "stage1_skip_no_image", False)))
+    table = "products/all"
   else:
-    pairs = open_source(data_dir, "pairs", "train")
+    pairs = open_source(data_dir, "pairs", split)
     num_rows = len(pairs)
-    example = _Stage2Example(pairs, products, tok, lens, augment)
+    example = _Stage2Example(pairs, products, tok, lens, aug)
+    table = f"pairs/{split}"
   if num_rows == 0:
-    raise ValueError(f"{data_dir}: stage {stage} has no rows to train on")
+    raise ValueError(f"{data_dir}: {table} has no rows (stage {stage} needs "
+                     "some)")
 
   seed = int(seed) % 2**32
   order_seed = _cfg_get(config, "shuffle_seed")
-  order_seed = seed if order_seed is None else int(order_seed) % 2**32
+  order_seed = _mix_seed(seed if order_seed is None else order_seed)
   # Shuffle before slicing: each epoch is one global permutation (reseeded per
   # epoch by grain), host h reading positions h, h+P, ... of it. The example
   # map sits before the slice too, so its RNG is keyed by the global stream
@@ -440,7 +494,7 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   ds = grain.MapDataset.range(num_rows).shuffle(seed=order_seed)
   ds = ds.random_map(example, seed=seed)
   ds = ds[host::hosts].repeat(None)
-  return _finish(ds, per_host_batch, config, drop_remainder=True)
+  return _finish(ds, per_host_batch, config, train=True)
 
 
 def eval_host_slice(num_rows: int, batch_size: int, process_index: int,
@@ -487,7 +541,7 @@ def make_eval_iterator(data_dir: str, table: str, split: str, config: Any,
   per_host_batch = batch_size // hosts
   ds = grain.MapDataset.range(num_batches * per_host_batch)
   ds = ds.map(fn_cls(source, tok, lens, start, stop))
-  return _finish(ds, per_host_batch, config, drop_remainder=False)
+  return _finish(ds, per_host_batch, config, train=False)
 
 
 def batch_spec(stage: int | str, config: Any, per_host_batch: int

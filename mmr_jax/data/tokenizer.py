@@ -79,15 +79,40 @@ def train_tokenizer(
     # 4 specials + 256 byte pieces are always present with byte_fallback.
     raise ValueError(f"vocab_size={vocab_size} must be >= 300 (byte fallback "
                      "alone takes 260 ids)")
+  if input_sentence_size <= 100:
+    raise ValueError(f"input_sentence_size={input_sentence_size} must be > 100"
+                     " (sentencepiece's limit)")
   out_dir = os.path.dirname(os.path.abspath(out_prefix))
   os.makedirs(out_dir, exist_ok=True)
   sentences = _training_sentences(texts)
   first = list(itertools.islice(sentences, 1))
   if not first:
     raise ValueError("train_tokenizer: no non-empty text to train on")
+  errors: list[BaseException] = []
+
+  def feed() -> Iterator[str]:
+    # sentencepiece turns an exception raised by the iterator into a bare
+    # RuntimeError; keep the original to re-raise it with its message.
+    try:
+      yield from itertools.chain(first, sentences)
+    except Exception as e:
+      errors.append(e)
+      raise
+
   spm.set_random_generator_seed(int(seed))
+  try:
+    _train(feed(), out_prefix, vocab_size, input_sentence_size, num_threads)
+  except RuntimeError:
+    if errors:
+      raise errors[0] from None
+    raise
+  return f"{out_prefix}.model"
+
+
+def _train(sentences: Iterator[str], out_prefix: str, vocab_size: int,
+           input_sentence_size: int, num_threads: int) -> None:
   spm.SentencePieceTrainer.train(
-      sentence_iterator=itertools.chain(first, sentences),
+      sentence_iterator=sentences,
       model_prefix=out_prefix,
       model_type="unigram",
       vocab_size=int(vocab_size),
@@ -104,7 +129,6 @@ def train_tokenizer(
       num_threads=int(num_threads),
       minloglevel=2,
   )
-  return f"{out_prefix}.model"
 
 
 def _ids_to_array(ids: Sequence[Sequence[int]], max_len: int) -> np.ndarray:
@@ -168,7 +192,12 @@ class Tokenizer:
     texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
     if not texts:
       return np.zeros((0, max_len), np.int32)
-    ids = self._sp.encode(texts, out_type=int)
+    if len(texts) < 32:
+      # The list overload starts a thread pool per call (~50 us); the
+      # pipeline encodes one text at a time.
+      ids = [self._sp.encode(t, out_type=int) for t in texts]
+    else:
+      ids = self._sp.encode(texts, out_type=int)
     return _ids_to_array(ids, max_len)
 
   def decode(self, ids: np.ndarray) -> list[str]:
@@ -213,3 +242,7 @@ def tf_encode(model_proto: Any, max_len: int):
                               shape=[None, self.max_len])  # [B, max_len]
 
   return TFEncoder()
+
+
+# DESIGN.md's layout names it encode_tf.
+encode_tf = tf_encode

@@ -1,0 +1,224 @@
+r"""Training on a GKE TPU slice: a JobSet manifest (kubectl) or an XPK command line.
+
+  python -m launch.gke --name mmr-s1 --accelerator v4-32 --image us-docker.pkg.dev/P/R/mmr:latest \
+      --config configs/demo.py:stage=1 --workdir gs://BUCKET/mmr/s1 [--config.key=value ...] \
+      [--out mmr-s1.yaml] [--submit] [--dry-run]
+  python -m launch.gke --xpk --cluster my-cluster ...same flags...     # XPK instead of a manifest
+
+Without --submit the manifest goes to --out (or stdout); --submit also runs `kubectl apply -f`;
+--dry-run prints the manifest and the kubectl command and runs nothing.
+
+One pod per TPU VM host: a v4-32 is 4 hosts x 4 chips, so the slice's Job has parallelism =
+completions = 4, each pod asking for `google.com/tpu: 4` on nodes labelled
+`cloud.google.com/gke-tpu-accelerator: tpu-v4-podslice` and `cloud.google.com/gke-tpu-topology: 2x2x4`.
+GKE's TPU webhook gives each pod TPU_WORKER_ID and TPU_WORKER_HOSTNAMES, from which
+`jax.distributed.initialize()` finds its peers; the JobSet annotation
+`alpha.jobset.sigs.k8s.io/exclusive-topology` keeps one slice's pods on one node pool. For
+--num_slices N the replicated job gets N replicas and GKE adds the MEGASCALE_* variables
+(coordinator, slice id, slice count) that join the slices over DCN.
+
+The image must contain this repo (working directory --container_dir, default /app) with mmr_jax
+and jax[tpu] installed; pods need write access to the gs:// workdir (Workload Identity:
+--service_account). backoffLimit 0 and maxRestarts --max_restarts: any failed pod restarts the whole
+JobSet, which resumes from the workdir's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from launch import common
+
+HEREDOC = "MMR_MANIFEST_EOF"
+
+
+def jobset_manifest(*, name: str, slice_: common.TpuSlice, image: str, command: Sequence[str], num_slices: int = 1,
+                    env: dict[str, str] | None = None, container_dir: str = "/app", max_restarts: int = 0,
+                    service_account: str | None = None, spot: bool = False, namespace: str | None = None) -> dict:
+  """Returns the JobSet (jobset.x-k8s.io/v1alpha2) running `command` on every host of `num_slices` slices."""
+  if slice_.gke_accelerator is None:
+    raise common.LaunchError(f"--accelerator {slice_.accelerator_type}: {slice_.generation} is not offered on GKE")
+  if num_slices > 1 and slice_.hosts == 1:
+    raise common.LaunchError(f"--num_slices {num_slices}: multi-slice needs multi-host slices; "
+                             f"{slice_.accelerator_type} is a single host")
+  node_selector = {"cloud.google.com/gke-tpu-accelerator": slice_.gke_accelerator,
+                   "cloud.google.com/gke-tpu-topology": slice_.topology}
+  if spot:
+    node_selector["cloud.google.com/gke-spot"] = "true"
+  container: dict[str, Any] = {
+      "name": "mmr",
+      "image": image,
+      "workingDir": container_dir,
+      "command": list(command),
+      # 8471: TPU runtime between hosts of a slice; 8080: megascale (DCN) between slices.
+      "ports": [{"containerPort": 8471}, {"containerPort": 8080}],
+      "resources": {"limits": {"google.com/tpu": slice_.chips_per_host}},
+  }
+  if env:
+    container["env"] = [{"name": k, "value": str(v)} for k, v in env.items()]
+  pod_spec: dict[str, Any] = {
+      # Host networking: the TPU runtime's inter-host traffic bypasses the pod overlay network.
+      "hostNetwork": True,
+      "dnsPolicy": "ClusterFirstWithHostNet",
+      "restartPolicy": "Never",
+      "nodeSelector": node_selector,
+      "containers": [container],
+  }
+  if service_account:
+    pod_spec["serviceAccountName"] = service_account
+  metadata: dict[str, Any] = {
+      "name": name,
+      "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"},
+  }
+  if namespace:
+    metadata["namespace"] = namespace
+  return {
+      "apiVersion": "jobset.x-k8s.io/v1alpha2",
+      "kind": "JobSet",
+      "metadata": metadata,
+      "spec": {
+          "failurePolicy": {"maxRestarts": max_restarts},
+          "replicatedJobs": [{
+              "name": "slice",
+              "replicas": num_slices,
+              "template": {"spec": {
+                  "parallelism": slice_.hosts,
+                  "completions": slice_.hosts,
+                  "backoffLimit": 0,
+                  "template": {"spec": pod_spec},
+              }},
+          }],
+      },
+  }
+
+
+def manifest_yaml(manifest: dict) -> str:
+  """Returns the manifest as YAML (key order kept, so it reads like the Kubernetes docs)."""
+  return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def xpk_command(*, name: str, cluster: str, slice_: common.TpuSlice, image: str, command: Sequence[str],
+                num_slices: int, env: dict[str, str], zone: str | None, project: str | None,
+                container_dir: str) -> list[str]:
+  """Returns the `xpk workload create` argv for the same job (XPK builds the JobSet itself)."""
+  cmd = ["xpk", "workload", "create", f"--cluster={cluster}", f"--workload={name}",
+         f"--tpu-type={slice_.accelerator_type}", f"--num-slices={num_slices}", f"--docker-image={image}",
+         f"--command=cd {shlex.quote(container_dir)} && {shlex.join(command)}"]
+  for k, v in env.items():
+    cmd.append(f"--env={k}={v}")
+  if zone:
+    cmd.append(f"--zone={zone}")
+  if project:
+    cmd.append(f"--project={project}")
+  return cmd
+
+
+# --------------------------------------------------------------------------- sweep backend interface
+
+
+def add_backend_args(parser: argparse.ArgumentParser):
+  """Adds the flags a GKE job needs (used by this CLI and by launch.sweep --backend gke)."""
+  parser.add_argument("--accelerator", required=True, help="TPU type, e.g. v4-32, v5p-64, v5litepod-16, v6e-16")
+  parser.add_argument("--topology", default=None, help="override the default topology, e.g. 2x2x4")
+  parser.add_argument("--image", required=True, help="container image holding this repo with jax[tpu]")
+  parser.add_argument("--num_slices", type=int, default=1)
+  parser.add_argument("--env", action="append", metavar="NAME=VALUE", help="container environment (repeatable)")
+  parser.add_argument("--container_dir", default="/app", help="repo directory inside the image")
+  parser.add_argument("--python", default="python", help="interpreter inside the image")
+  parser.add_argument("--max_restarts", type=int, default=0, help="JobSet restarts after a failure")
+  parser.add_argument("--service_account", default=None, help="Kubernetes service account (Workload Identity)")
+  parser.add_argument("--namespace", default=None)
+  parser.add_argument("--spot", action="store_true", help="schedule on spot TPU node pools")
+  parser.add_argument("--allow_local_workdir", action="store_true",
+                      help="accept a non-bucket --workdir (a volume every pod mounts)")
+  parser.add_argument("--xpk", action="store_true", help="emit an `xpk workload create` command instead")
+  parser.add_argument("--cluster", default=None, help="GKE cluster (for --xpk)")
+  parser.add_argument("--zone", default=None, help="cluster zone (for --xpk)")
+  parser.add_argument("--project", default=None, help="project (for --xpk)")
+
+
+def _train_argv(args, config: str, workdir: str, overrides) -> list[str]:
+  common.require_bucket(workdir, args.allow_local_workdir)
+  return common.train_command(common.repo_relative_config(config), workdir, overrides, python=args.python,
+                              module=args.train_module)
+
+
+def job_manifest(args, *, name: str, config: str, workdir: str, overrides) -> dict:
+  """Returns the JobSet of one job from parsed backend args."""
+  return jobset_manifest(name=common.k8s_name(name),
+                         slice_=common.tpu_slice(args.accelerator, args.topology), image=args.image,
+                         command=_train_argv(args, config, workdir, overrides), num_slices=args.num_slices,
+                         env={"MMR_DISTRIBUTED": "auto", **common.parse_env(args.env)},
+                         container_dir=args.container_dir,
+                         max_restarts=args.max_restarts, service_account=args.service_account, spot=args.spot,
+                         namespace=args.namespace)
+
+
+def job_commands(args, *, name: str, config: str, workdir: str, overrides) -> list[common.Command]:
+  """Returns the command submitting one job: `kubectl apply` of a heredoc manifest, or `xpk workload create`."""
+  name = common.k8s_name(name)
+  if args.xpk:
+    if not args.cluster:
+      raise common.LaunchError("--xpk needs --cluster")
+    return [xpk_command(name=name, cluster=args.cluster, slice_=common.tpu_slice(args.accelerator, args.topology),
+                        image=args.image, command=_train_argv(args, config, workdir, overrides),
+                        num_slices=args.num_slices, env=common.parse_env(args.env), zone=args.zone,
+                        project=args.project, container_dir=args.container_dir)]
+  text = manifest_yaml(job_manifest(args, name=name, config=config, workdir=workdir, overrides=overrides))
+  return [f"kubectl apply -f - <<'{HEREDOC}'\n{text}{HEREDOC}"]
+
+
+def submit_job(args, *, name: str, config: str, workdir: str, overrides) -> int:
+  """Returns the exit code of submitting one job."""
+  return common.run_commands(job_commands(args, name=name, config=config, workdir=workdir, overrides=overrides),
+                             dry_run=False)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = common.make_parser(__doc__, prog="python -m launch.gke")
+  common.add_train_args(parser, workdir_help="run directory on a bucket, e.g. gs://BUCKET/mmr/run1")
+  add_backend_args(parser)
+  parser.add_argument("--name", required=True, help="JobSet / workload name (lowercase letters, digits, '-')")
+  parser.add_argument("--out", default=None, help="write the manifest here (default: stdout)")
+  parser.add_argument("--submit", action="store_true", help="kubectl apply (or run xpk) after writing")
+  args = common.parse_with_overrides(parser, argv)
+  if common.k8s_name(args.name) != args.name:
+    parser.error(f"--name {args.name!r} is not a Kubernetes name (lowercase letters, digits and '-', starting with a "
+                 f"letter, at most 40 characters so pod names fit); e.g. {common.k8s_name(args.name)!r}")
+  if args.xpk:
+    cmds = job_commands(args, name=args.name, config=args.config, workdir=args.workdir, overrides=args.overrides)
+    if args.dry_run or not args.submit:
+      return common.run_commands(cmds, dry_run=True)
+    return common.run_commands(cmds, dry_run=False)
+  text = manifest_yaml(job_manifest(args, name=args.name, config=args.config, workdir=args.workdir,
+                                    overrides=args.overrides))
+  apply = ["kubectl", "apply", "-f", args.out or "-"]
+  if args.dry_run:
+    sys.stdout.write(text)
+    if args.submit:
+      print("---\n# would run: " + (shlex.join(apply) if args.out else f"kubectl apply -f - <<'{HEREDOC}' ..."))
+    return 0
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text)
+    print(f"wrote {args.out}", file=sys.stderr)
+  elif not args.submit:
+    sys.stdout.write(text)
+  if not args.submit:
+    return 0
+  if args.out:
+    return common.run_commands([apply], dry_run=False)
+  return common.run_commands([f"kubectl apply -f - <<'{HEREDOC}'\n{text}{HEREDOC}"], dry_run=False)
+
+
+if __name__ == "__main__":
+  sys.exit(common.main_guard(main))

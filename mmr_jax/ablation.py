@@ -1,0 +1,220 @@
+r"""The paper's ablation as one resumable job: stage 1 once, then every stage-2 row, evaluated alike.
+
+  python -m mmr_jax.ablation --workdir DIR [--data DATA_DIR] [--config configs/demo.py] [--steps N]
+
+Rows (same steps, batch and examples for every row; see README):
+  text_only   product tower = text only
+  concat      pooled text (+) image -> projection; image tower from the user's init, trained in stage 2 only
+  concat_ft   concat after stage-1 domain alignment of the image tower
+  fusion_ft   stage 1 + the cross-modal fusion network (the paper's full model)
+  fusion_e2e  fusion trained end to end without stage 1 (the paper says two stages win)
+  fusion_qw   stage 1 + query-conditioned modality weighting (still one inner product)
+
+Writes DIR/ablation.json (a list of rows), DIR/ablation.md and DIR/ablation.png; each row's own
+workdir (DIR/<row>/) holds its checkpoints and metrics.json. Finished rows are skipped on re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+from etils import epath
+
+from mmr_jax import evaluate as eval_lib
+
+log = logging.getLogger("mmr_jax.ablation")
+
+ROWS = ("text_only", "concat", "concat_ft", "fusion_ft", "fusion_e2e", "fusion_qw")
+PAPER = {"text_only": (72.3, 41.2), "concat": (73.1, 41.8), "concat_ft": (75.6, 43.5), "fusion_ft": (77.4, 45.1)}
+
+
+def load_config_module(path: str):
+  spec = importlib.util.spec_from_file_location("mmr_ablation_config", path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"config file {path!r} not found")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets dotted keys ("optim.lr") on a ConfigDict; unknown keys raise with their name."""
+  for key, value in overrides.items():
+    if key == "name":
+      continue
+    node = config
+    parts = key.split(".")
+    for p in parts[:-1]:
+      if p not in node:
+        raise KeyError(f"override {key!r}: no config key {p!r}")
+      node = node[p]
+    if parts[-1] not in node:
+      raise KeyError(f"override {key!r}: no config key {parts[-1]!r}")
+    node[parts[-1]] = type(node[parts[-1]])(value) if isinstance(node[parts[-1]], (int, float, str)) and not isinstance(
+        node[parts[-1]], bool) else value
+  return config
+
+
+def row_summary(name: str, results: dict, split: str = "test") -> dict:
+  """Returns the ablation.json row for one evaluated workdir."""
+  r = results["splits"][split]
+  keep = lambda m: {k: v for k, v in m.items() if not k.startswith("num_")} | {"num_queries": m.get("num_queries")}
+  return {
+      "row": name,
+      "overall": keep(r["overall"]),
+      "exact": keep(r["exact"]),
+      "by_tag": {t: keep(m) for t, m in r["by_tag"].items()},
+      "by_sparsity": {t: keep(m) for t, m in r["by_sparsity"].items()},
+      "scann_recall_vs_exact": r["scann_recall_vs_exact"],
+      "splits": {s: {"overall": keep(v["overall"]), "scann_recall_vs_exact": v["scann_recall_vs_exact"]}
+                 for s, v in results["splits"].items()},
+  }
+
+
+def markdown_table(rows: list[dict]) -> str:
+  pct = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
+  tags = sorted({t for r in rows for t in r["by_tag"]})
+  head = ["row", "R@100", "NDCG@10"] + [f"{t} R@100 / NDCG@10" for t in tags] + \
+         ["sparse-text R@100", "novel-product R@100", "ScaNN recall vs exact", "paper R@100 / NDCG@10"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    o = r["overall"]
+    cells = [r["row"], pct(o.get("recall@100")), pct(o.get("ndcg@10"))]
+    for t in tags:
+      m = r["by_tag"].get(t, {})
+      cells.append(f"{pct(m.get('recall@100'))} / {pct(m.get('ndcg@10'))}")
+    cells.append(pct(r["by_sparsity"].get("sparse_products", {}).get("recall@100")))
+    cells.append(pct(r["splits"].get("test_novel_product", {}).get("overall", {}).get("recall@100")))
+    cells.append(pct(r["scann_recall_vs_exact"]))
+    paper = PAPER.get(r["row"])
+    cells.append(f"{paper[0]} / {paper[1]}" if paper else "-")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def margins(rows: list[dict]) -> dict:
+  """Returns the fusion_ft minus text_only gains (points of recall@100 / ndcg@10), overall and per tag."""
+  by = {r["row"]: r for r in rows}
+  if "fusion_ft" not in by or "text_only" not in by:
+    return {}
+  out = {}
+  for group in ["overall"] + [f"tag:{t}" for t in by["fusion_ft"]["by_tag"]]:
+    get = (lambda r: r["overall"]) if group == "overall" else (lambda r, t=group[4:]: r["by_tag"].get(t, {}))
+    a, b = get(by["fusion_ft"]), get(by["text_only"])
+    out[group] = {m: 100 * (a.get(m, np.nan) - b.get(m, np.nan)) for m in ("recall@100", "ndcg@10")}
+  return out
+
+
+def plot_rows(rows: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  groups = ["overall"] + sorted({t for r in rows for t in r["by_tag"]})
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  width = 0.8 / max(len(rows), 1)
+  for ax, metric in zip(axes, ("recall@100", "ndcg@10")):
+    for i, r in enumerate(rows):
+      vals = [100 * (r["overall"] if g == "overall" else r["by_tag"].get(g, {})).get(metric, np.nan) for g in groups]
+      ax.bar(np.arange(len(groups)) + i * width, vals, width, label=r["row"])
+    ax.set_xticks(np.arange(len(groups)) + width * (len(rows) - 1) / 2)
+    ax.set_xticklabels(groups, rotation=20)
+    ax.set_title(metric)
+    ax.set_ylabel("%")
+    ax.grid(axis="y", alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0, stage1_steps: int = 0,
+        batch: int = 0, config_arg: str = "", overrides: dict | None = None) -> list[dict]:
+  """Trains and evaluates every row (skipping finished ones); returns the ablation.json rows."""
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
+  mod = load_config_module(config_path)
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  extra = "," + config_arg if config_arg else ""
+  base_arg = f"data={data_dir},steps={steps},batch={batch}{extra}"
+  sweep = [s for s in mod.get_sweep(config_arg) if s["name"] in rows]
+  unknown = set(rows) - {s["name"] for s in mod.get_sweep(config_arg)}
+  if unknown:
+    raise KeyError(f"rows {sorted(unknown)} are not in {config_path}'s get_sweep()")
+  stage1_dir = root / "stage1"
+  timings = {}
+  if any("{stage1}" in str(v) for s in sweep for v in s.values()):
+    if not (stage1_dir / "DONE").exists():
+      log.info("== stage 1: image <-> title domain alignment")
+      t0 = time.time()
+      cfg = mod.get_config(f"stage=1,data={data_dir},steps={stage1_steps},batch={batch}{extra}")
+      apply_overrides(cfg, overrides or {})
+      train.train_and_evaluate(cfg, str(stage1_dir))
+      (stage1_dir / "DONE").write_text("ok\n")
+      timings["stage1_s"] = time.time() - t0
+  out_rows = []
+  for point in sweep:
+    name = point["name"]
+    row_dir = root / name
+    metrics_path = row_dir / "metrics.json"
+    if not metrics_path.exists():
+      log.info("== row %s", name)
+      t0 = time.time()
+      cfg = mod.get_config(f"stage=2,{base_arg}")
+      ov = {k: (str(stage1_dir) if v == "{stage1}" else v) for k, v in point.items()}
+      apply_overrides(cfg, ov)
+      apply_overrides(cfg, overrides or {})
+      train.train_and_evaluate(cfg, str(row_dir))
+      eval_lib.evaluate_workdir(str(row_dir), data_dir)
+      timings[name] = time.time() - t0
+    results = json.loads(metrics_path.read_text())
+    out_rows.append(row_summary(name, results))
+  (root / "ablation.json").write_text(json.dumps(out_rows, indent=2, default=float))
+  md = ["# Ablation", "", f"Data: `{data_dir}`; config: `{config_path}`; test split, ScaNN ranking; metrics in %.", "",
+        markdown_table(out_rows)]
+  gains = margins(out_rows)
+  if gains:
+    md += ["", "fusion_ft minus text_only (points): " + "; ".join(
+        f"{g}: R@100 {v['recall@100']:+.1f}, NDCG@10 {v['ndcg@10']:+.1f}" for g, v in gains.items())]
+  (root / "ablation.md").write_text("\n".join(md) + "\n")
+  (root / "ablation_margins.json").write_text(json.dumps({"fusion_ft_minus_text_only": gains, "timings_s": timings},
+                                                         indent=2, default=float))
+  plot_rows(out_rows, str(root / "ablation.png"))
+  return out_rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--data", default="data/synthetic", help="DATA_DIR (synthetic default or an imported catalogue)")
+  p.add_argument("--config", default="configs/demo.py", help="config file with get_config(arg) and get_sweep(arg)")
+  p.add_argument("--config_arg", default="", help="extra get_config arguments, e.g. 'loss=sigmoid'")
+  p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of rows")
+  p.add_argument("--steps", type=int, default=0, help="stage-2 steps per row (0: the config's)")
+  p.add_argument("--stage1_steps", type=int, default=0, help="stage-1 steps (0: the config's)")
+  p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override for every run, e.g. --set optim.lr=1e-3 (repeatable)")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  overrides = {}
+  for item in args.set:
+    if "=" not in item:
+      p.error(f"--set {item!r} is not KEY=VALUE")
+    k, v = item.split("=", 1)
+    overrides[k] = v
+  rows = run(args.workdir, args.data, args.config, tuple(r for r in args.rows.split(",") if r), args.steps,
+             args.stage1_steps, args.batch, args.config_arg, overrides)
+  print(markdown_table(rows))
+  print((epath.Path(args.workdir) / "ablation.md").read_text().splitlines()[-1])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,275 @@
+r"""Retrieval evaluation: embed the catalogue, search it with ScaNN (and exactly), score the rankings.
+
+  python -m mmr_jax.evaluate --workdir DIR [--data DATA_DIR] [--split test]
+
+Writes into the workdir: metrics.json, metrics.md (tables), recall_at_k.png, and the ScaNN index
+(index/, ScaNN's own serialisation, reusable by export). The core, `evaluate_embeddings`, works on any
+embedding matrices, so it serves any model, not only this project's.
+
+Reported: Recall@10/50/100 (E-labelled products relevant), NDCG@10 with ESCI gains, MRR — from the
+ScaNN ranking (what serving returns) and from exact search (the reference), ScaNN's recall@100 against
+exact search, and breakdowns by query tag and by the text sparsity of the query's relevant products.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from etils import epath
+
+from mmr_jax import index as index_lib
+from mmr_jax import metrics as metrics_lib
+
+log = logging.getLogger("mmr_jax.evaluate")
+
+EVAL_SPLITS = ("test", "test_novel_query", "test_novel_product")
+K_MAX = 100
+
+
+def embed_table(embed_fn: Callable[[dict], np.ndarray], batches: Iterable[dict], total: int | None = None,
+                desc: str = "embed") -> tuple[np.ndarray, np.ndarray]:
+  """Returns (embeddings [N, D] float32, row indexes [N]) of the unpadded rows of `batches`.
+
+  Batches carry a `mask` [B] (False on padding rows) and an index key (`product_index` / `query_index`);
+  rows are returned sorted by that index, so the result lines up with the table.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  embs, idxs = [], []
+  with tqdm(total=total, desc=desc, unit="row", file=sys.stderr, disable=total is not None and total < 1,
+            mininterval=1.0) as bar:
+    for batch in batches:
+      key = "product_index" if "product_index" in batch else "query_index"
+      e = np.asarray(embed_fn(batch), np.float32)
+      m = np.asarray(batch["mask"], bool)
+      embs.append(e[m])
+      idxs.append(np.asarray(batch[key])[m])
+      bar.update(int(m.sum()))
+  if not embs:
+    raise ValueError(f"{desc}: no rows to embed")
+  emb, idx = np.concatenate(embs), np.concatenate(idxs)
+  order = np.argsort(idx, kind="stable")
+  return emb[order], idx[order]
+
+
+def query_groups(tags: Sequence[Sequence[str]], labels: Sequence[Mapping[int, float]],
+                 product_sparse: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Returns ({tag: mask}, {sparsity bin: mask}) over queries.
+
+  A query falls in the `sparse_products` bin when most of its E products have sparse text, `dense_products`
+  otherwise (queries without E products are in neither).
+  """
+  q = len(tags)
+  tag_groups: dict[str, np.ndarray] = {}
+  for i, ts in enumerate(tags):
+    for t in ts:
+      tag_groups.setdefault(str(t), np.zeros(q, bool))[i] = True
+  sparse = np.zeros(q, bool)
+  dense = np.zeros(q, bool)
+  for i, lab in enumerate(labels):
+    e = [p for p, g in lab.items() if g >= metrics_lib.GAIN_E]
+    if not e:
+      continue
+    if np.mean(product_sparse[e]) > 0.5:
+      sparse[i] = True
+    else:
+      dense[i] = True
+  return dict(sorted(tag_groups.items())), {"sparse_products": sparse, "dense_products": dense}
+
+
+def sparse_threshold(num_words: np.ndarray, quantile: float = 0.25) -> float:
+  """Returns the word count at or below which a product's text counts as sparse (a catalogue quantile).
+
+  A quantile, not a fixed count, so the bins mean the same on any catalogue, whatever its language and style.
+  """
+  return float(np.quantile(num_words, quantile))
+
+
+def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], product_num_words: np.ndarray,
+                        *, k: int = K_MAX, scann_params: Mapping | None = None, index=None,
+                        sparse_quantile: float = 0.25) -> dict:
+  """Returns metrics for every split in `queries` ({split: {"emb", "labels", "tags"}}).
+
+  `index`: a prebuilt ScannIndex over product_emb (else one is built). Per split: "overall" (ScaNN
+  ranking), "exact" (exact ranking), "by_tag", "by_sparsity" (ScaNN ranking) and
+  "scann_recall_vs_exact" (recall@k of ScaNN's top k against exact top k).
+  """
+  n = product_emb.shape[0]
+  k = min(k, n)
+  if index is None:
+    index = index_lib.ScannIndex.build(product_emb, scann_params)
+  thr = sparse_threshold(product_num_words, sparse_quantile)
+  product_sparse = product_num_words <= thr
+  out = {"num_products": int(n), "k": int(k), "sparse_words_threshold": thr, "index": index.config(), "splits": {}}
+  ks = tuple(x for x in (10, 50, 100) if x <= k) or (k,)
+  for split, q in queries.items():
+    if len(q["labels"]) == 0:
+      log.warning("split %s has no queries; skipped", split)
+      continue
+    emb = q["emb"]
+    t0 = time.time()
+    approx_idx, _ = index.search(emb, k)
+    t_scann = time.time() - t0
+    t0 = time.time()
+    exact_idx, _ = index_lib.exact_search(emb, product_emb, k)
+    t_exact = time.time() - t0
+    per_q = metrics_lib.per_query_metrics(approx_idx, q["labels"], ks=ks, ndcg_ks=(min(10, k),))
+    per_q_exact = metrics_lib.per_query_metrics(exact_idx, q["labels"], ks=ks, ndcg_ks=(min(10, k),))
+    tags, bins = query_groups(q["tags"], q["labels"], product_sparse)
+    out["splits"][split] = {
+        "overall": metrics_lib.aggregate(per_q),
+        "exact": metrics_lib.aggregate(per_q_exact),
+        "by_tag": metrics_lib.breakdown(per_q, tags),
+        "by_tag_exact": metrics_lib.breakdown(per_q_exact, tags),
+        "by_sparsity": metrics_lib.breakdown(per_q, bins),
+        "scann_recall_vs_exact": index_lib.recall_vs_exact(approx_idx, exact_idx, k),
+        "search_s": {"scann": t_scann, "exact": t_exact},
+        "recall_curve": _recall_curve(approx_idx, exact_idx, q["labels"], k),
+    }
+  return out
+
+
+def _recall_curve(approx_idx, exact_idx, labels, k) -> dict:
+  ks = sorted({1, 2, 5, 10, 20, 50, 100, k} & set(range(1, k + 1)))
+  pa = metrics_lib.per_query_metrics(approx_idx, labels, ks=ks, ndcg_ks=(1,))
+  pe = metrics_lib.per_query_metrics(exact_idx, labels, ks=ks, ndcg_ks=(1,))
+  return {"k": ks, "scann": [metrics_lib.aggregate(pa)[f"recall@{x}"] for x in ks],
+          "exact": [metrics_lib.aggregate(pe)[f"recall@{x}"] for x in ks]}
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def markdown_report(results: dict, title: str = "Retrieval metrics") -> str:
+  """Returns Markdown tables: one row per split (ScaNN and exact), then per tag and sparsity bin."""
+  cols = ["recall@10", "recall@50", "recall@100", "ndcg@10", "mrr"]
+  fmt = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
+  lines = [f"# {title}", "", f"{results['num_products']} products; metrics in %; ScaNN recall vs exact at k={results['k']}.",
+           "", "| split | search | " + " | ".join(cols) + " | queries | ScaNN recall vs exact |",
+           "|---|---|" + "---|" * (len(cols) + 2)]
+  for split, r in results["splits"].items():
+    for name in ("overall", "exact"):
+      m = r[name]
+      lines.append(f"| {split} | {'ScaNN' if name == 'overall' else 'exact'} | " +
+                   " | ".join(fmt(m.get(c)) for c in cols) +
+                   f" | {m['num_queries']} | {fmt(r['scann_recall_vs_exact']) if name == 'overall' else ''} |")
+  for split, r in results["splits"].items():
+    lines += ["", f"## {split}: by query tag and product-text sparsity (ScaNN)", "",
+              "| group | " + " | ".join(cols) + " | queries |", "|---|" + "---|" * (len(cols) + 1)]
+    for gname, groups in (("tag", r["by_tag"]), ("sparsity", r["by_sparsity"])):
+      for g, m in groups.items():
+        lines.append(f"| {gname}: {g} | " + " | ".join(fmt(m.get(c)) for c in cols) + f" | {m['num_queries']} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_recall(results: dict, path: str) -> None:
+  """Writes a Recall@K plot (ScaNN solid, exact dashed) per split."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for split, r in results["splits"].items():
+    c = r["recall_curve"]
+    line, = ax.plot(c["k"], c["scann"], marker="o", label=f"{split} (ScaNN)")
+    ax.plot(c["k"], c["exact"], linestyle="--", color=line.get_color(), label=f"{split} (exact)")
+  ax.set_xscale("log")
+  ax.set_xlabel("K")
+  ax.set_ylabel("Recall@K (E products)")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------- whole workdir
+
+
+def load_queries(data_dir: str, split: str) -> dict:
+  """Returns {"labels": [{product_index: gain}], "tags": [[str]], "num": Q} for a queries split."""
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  src = tfds_builder.load_source(data_dir, "queries", split)
+  idx, grades, tags = [], [], []
+  for i in range(len(src)):
+    row = src[i]
+    idx.append(np.asarray(row["relevant_index"]))
+    grades.append(np.asarray(row["relevant_grade"]))
+    tags.append([t.decode() if isinstance(t, bytes) else str(t) for t in row["tags"]])
+  return {"labels": metrics_lib.labels_from_arrays(idx, grades), "tags": tags, "num": len(src)}
+
+
+def product_num_words(data_dir: str) -> np.ndarray:
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  src = tfds_builder.load_source(data_dir, "products", "all")
+  return np.asarray([int(src[i]["num_words"]) for i in range(len(src))], np.int64)
+
+
+def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence[str] = EVAL_SPLITS,
+                     batch_size: int = 256, scann_params: Mapping | None = None, save_index: bool = True,
+                     out_name: str = "metrics") -> dict:
+  """Evaluates a trained workdir end to end; writes metrics.json/.md, recall_at_k.png and index/; returns results."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
+  from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  tm = inference.load_trained(workdir, data_dir)
+  data_dir = tm.config.data.dir
+  dp = shd.data_parallel_size(tm.mesh)
+  batch_size = max(dp, batch_size // dp * dp)
+  num_words = product_num_words(data_dir)
+  t0 = time.time()
+  prod_emb, prod_idx = embed_table(
+      tm.embed_products,
+      pipeline.make_eval_iterator(data_dir, "products", "all", tm.config.data, batch_size),
+      total=len(num_words), desc="embed products")
+  if not np.array_equal(prod_idx, np.arange(len(num_words))):
+    raise RuntimeError(f"embedded {len(prod_idx)} products but the catalogue has {len(num_words)}")
+  queries = {}
+  for split in splits:
+    q = load_queries(data_dir, split)
+    if q["num"] == 0:
+      continue
+    q_emb, _ = embed_table(tm.embed_queries,
+                           pipeline.make_eval_iterator(data_dir, "queries", split, tm.config.data, batch_size),
+                           total=q["num"], desc=f"embed {split}")
+    queries[split] = dict(q, emb=q_emb)
+  embed_s = time.time() - t0
+  index = index_lib.ScannIndex.build(prod_emb, scann_params)
+  results = evaluate_embeddings(prod_emb, queries, num_words, index=index)
+  results.update(step=tm.step, embed_s=embed_s, workdir=str(workdir), data_dir=str(data_dir))
+  if jax.process_index() == 0:
+    out = epath.Path(workdir)
+    (out / f"{out_name}.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / f"{out_name}.md").write_text(markdown_report(results, f"Retrieval metrics: {out.name}"))
+    plot_recall(results, str(out / "recall_at_k.png"))
+    if save_index:
+      index.save(str(out / "index"))
+      np.save(str(out / "product_embeddings.npy"), prod_emb)
+  return results
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Writes metrics.json/.md and a plot.",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="trained workdir (config.json + checkpoints/)")
+  p.add_argument("--data", default=None, help="DATA_DIR (default: the one the workdir was trained on)")
+  p.add_argument("--split", action="append", default=None,
+                 help=f"queries split(s) to evaluate (repeatable; default: {', '.join(EVAL_SPLITS)})")
+  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--scann", default=None, help='JSON dict of ScaNN parameter overrides, e.g. \'{"num_leaves": 100}\'')
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  res = evaluate_workdir(args.workdir, args.data, tuple(args.split or EVAL_SPLITS), args.batch_size,
+                         json.loads(args.scann) if args.scann else None)
+  print(markdown_report(res))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,299 @@
+"""Loading pretrained weights into the towers' parameter trees.
+
+(a) big_vision `.npz` checkpoints (flat arrays keyed "Transformer/encoderblock_0/MlpBlock_0/
+    Dense_0/kernel", ...): plain ViT checkpoints (AugReg, DeiT-3, i1k), the image and text
+    towers of LiT/SigLIP two-tower checkpoints (`key_prefix="img"` / `"txt"`), pre-Linen and
+    old-posemb variants, scanned or unrolled layers. Position embeddings are resampled when
+    the patch grid differs (fine-tuning at another resolution).
+(b) `merge_subtree`: put a params subtree from any pytree (e.g. stage 1's `image_tower`
+    restored by the trainer with Orbax) into a model's params, checking names and shapes.
+
+Both raise one ValueError naming every missing or mismatched parameter with both shapes.
+Our module names match big_vision's, so the name mapping is the identity except:
+  embedding/kernel  [p, p, 3, W] Conv  <->  [p*p*3, W] Dense over flattened patches (vit.py)
+  X/encoderblock_{i}/...  (unrolled)   <->  X/encoderblock/... stacked on axis 0 (scan_layers)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import flax
+from flax import traverse_util
+from flax.core import meta
+import numpy as np
+import scipy.ndimage
+
+Params = Any
+
+_BLOCK = re.compile(r"^(?P<pre>(?:.*/)?)encoderblock_(?P<i>\d+)/(?P<rest>.*)$")
+_SCANNED = re.compile(r"^(?P<pre>(?:.*/)?)encoderblock/(?P<rest>.*)$")
+
+
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def _value(leaf):
+  if isinstance(leaf, meta.Partitioned):
+    return leaf.value  # Not unbox(): that adds a sharding constraint under a global mesh.
+  return leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
+
+
+def _rebox(leaf, value):
+  return leaf.replace_boxed(value) if isinstance(leaf, meta.AxisMetadata) else value
+
+
+def _shape(x) -> tuple[int, ...]:
+  return tuple(np.shape(_value(x)))
+
+
+def read_npz(path: str | os.PathLike, key_prefix: str = "") -> dict[str, np.ndarray]:
+  """Returns the flat {"a/b/c": array} params of a big_vision .npz, below `key_prefix`."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Pretrained checkpoint {path} does not exist")
+  with np.load(path, allow_pickle=False) as z:
+    flat = {k: z[k] for k in z.files}
+  if key_prefix:
+    pre = key_prefix.rstrip("/") + "/"
+    sub = {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)}
+    if not sub:
+      tops = sorted({k.split("/")[0] for k in flat})
+      raise ValueError(f"{path}: no parameters under key_prefix {key_prefix!r}; "
+                       f"top-level keys are {tops}")
+    flat = sub
+  return flat
+
+
+def _fix_old_layouts(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Returns a big_vision checkpoint in the current layout (what big_vision's loaders do)."""
+  # Pre-Linen checkpoints numbered submodules globally (MlpBlock_3, LayerNorm_2, ...).
+  if any(re.search(r"encoderblock_\d+/MlpBlock_3/", k) for k in flat):
+    from flax.training import checkpoints  # pylint: disable=g-import-not-at-top
+    flat = _flat(checkpoints.convert_pre_linen(_nested(flat)))
+  flat = dict(flat)
+  for old in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
+    if old in flat:  # Original ViT / pre-2022 big_vision kept posemb inside the encoder.
+      flat["pos_embedding"] = flat.pop(old)
+  pe = flat.get("pos_embedding")
+  if pe is not None and pe.ndim == 3 and "embedding/kernel" in flat:
+    n = pe.shape[1]
+    if math.isqrt(n - 1) ** 2 == n - 1 and math.isqrt(n) ** 2 != n:
+      # Old ViT added posemb after concatenating [cls]: fold its entry into the cls token.
+      flat["pos_embedding"] = pe[:, 1:]
+      if "cls" in flat:
+        flat["cls"] = flat["cls"] + pe[:, :1]
+  if "probe" in flat:  # ViT-G era MAP head was inlined.
+    for k in [k for k in flat if k == "probe" or k.split("/")[0] in (
+        "MlpBlock_0", "MultiHeadDotProductAttention_0", "LayerNorm_0")]:
+      flat["MAPHead_0/" + k] = flat.pop(k)
+  extra = flat.pop("Encoder_0/pos_embedding", None)  # Text towers that added posemb twice.
+  if extra is not None and "pos_embedding" in flat:
+    flat["pos_embedding"] = flat["pos_embedding"] + extra
+  return flat
+
+
+def _unstack_layers(flat: dict[str, Any]) -> dict[str, Any]:
+  """Returns params with every scanned `X/encoderblock/...` split into `X/encoderblock_{i}`."""
+  out = {}
+  for k, v in flat.items():
+    m = _SCANNED.match(k)
+    if m is None:
+      out[k] = v
+      continue
+    for i in range(np.shape(v)[0]):
+      out[f"{m['pre']}encoderblock_{i}/{m['rest']}"] = np.asarray(v)[i]
+  return out
+
+
+def _stack_layers(flat: dict[str, Any], scanned_prefixes: set[str]) -> dict[str, Any]:
+  """Returns params with `X/encoderblock_{i}/...` stacked into `X/encoderblock/...`."""
+  out, groups = {}, {}
+  for k, v in flat.items():
+    m = _BLOCK.match(k)
+    if m is None or m["pre"] not in scanned_prefixes:
+      out[k] = v
+    else:
+      groups.setdefault(f"{m['pre']}encoderblock/{m['rest']}", {})[int(m["i"])] = v
+  for k, layers in groups.items():
+    if sorted(layers) != list(range(len(layers))):
+      raise ValueError(f"Checkpoint has non-contiguous layers {sorted(layers)} for {k}")
+    out[k] = np.stack([np.asarray(layers[i]) for i in range(len(layers))])
+  return out
+
+
+def stack_layers(params: Params) -> Params:
+  """Returns unboxed params with every `encoderblock_{i}` stacked (the scan_layers layout)."""
+  flat = {k: _value(v) for k, v in _flat(params).items()}
+  prefixes = {m["pre"] for k in flat if (m := _BLOCK.match(k))}
+  return _nested(_stack_layers(flat, prefixes))
+
+
+def unstack_layers(params: Params) -> Params:
+  """Returns unboxed params with every scanned `encoderblock` split into `encoderblock_{i}`."""
+  return _nested(_unstack_layers({k: _value(v) for k, v in _flat(params).items()}))
+
+
+def _resamplable(old: Sequence[int], new: Sequence[int]) -> bool:
+  return (len(old) == len(new) == 3 and old[2] == new[2]
+          and math.isqrt(old[1]) ** 2 == old[1] and math.isqrt(new[1]) ** 2 == new[1])
+
+
+def resample_posemb(old: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
+  """Returns a [1, N, W] position embedding bilinearly resized to `new_shape` [1, N', W]."""
+  n_old, n_new = old.shape[1], new_shape[1]
+  g_old, g_new = math.isqrt(n_old), math.isqrt(n_new)
+  if not _resamplable(old.shape, new_shape):
+    raise ValueError(f"pos_embedding: cannot resample {old.shape} to {tuple(new_shape)} "
+                     "(needs square patch grids and equal width)")
+  logging.info("Resampling pos_embedding grid %dx%d -> %dx%d", g_old, g_old, g_new, g_new)
+  grid = old.reshape(g_old, g_old, -1)
+  grid = scipy.ndimage.zoom(grid, (g_new / g_old, g_new / g_old, 1), order=1)
+  return grid.reshape(1, n_new, -1)
+
+
+def _load_flat(target: Params, source: dict[str, np.ndarray], *, what: str,
+               keep_init: Sequence[str], convert) -> Params:
+  """Returns `target` with every leaf replaced by `source[name]` (converted), else errors."""
+  tflat = _flat(target)
+  scanned = {m["pre"] for k in tflat if (m := _SCANNED.match(k))}
+  source = _stack_layers(_unstack_layers(source), scanned)
+  problems, out, used = [], {}, set()
+  for name, leaf in tflat.items():
+    if name not in source:
+      if any(name == p or name.startswith(p.rstrip("/") + "/") for p in keep_init):
+        out[name] = leaf
+        continue
+      problems.append(f"  {name}: missing in checkpoint (model shape {_shape(leaf)})")
+      continue
+    used.add(name)
+    tshape = _shape(leaf)
+    value = convert(name, np.asarray(source[name]), tshape)
+    if tuple(value.shape) != tshape:
+      problems.append(f"  {name}: checkpoint shape {tuple(np.shape(source[name]))} "
+                      f"!= model shape {tshape}")
+      continue
+    dtype = getattr(_value(leaf), "dtype", value.dtype)
+    out[name] = _rebox(leaf, value.astype(dtype))
+  if problems:
+    raise ValueError(f"Cannot load {what}:\n" + "\n".join(problems))
+  unused = sorted(set(source) - used)
+  if unused:
+    logging.info("%s: checkpoint parameters not used by the model: %s", what, unused)
+  return _nested(out)
+
+
+def load_vit_npz(path: str | os.PathLike, target: Params, *, key_prefix: str = "",
+                 keep_init: Sequence[str] = ()) -> Params:
+  """Returns ViT params shaped like `target` (our `image_tower` subtree) from a big_vision npz.
+
+  Args:
+    path: local .npz (AugReg/big_vision ViT, or a LiT/SigLIP two-tower with key_prefix="img").
+    target: the image tower's params (boxed or not, unrolled or scan_layers); only shapes and
+      dtypes are read, except for leaves kept at init.
+    key_prefix: subtree of the npz holding the ViT ("img" for SigLIP / LiT checkpoints).
+    keep_init: parameter names (or prefixes, e.g. "MAPHead_0") allowed to stay at their
+      `target` value when the checkpoint lacks them, e.g. a MAP head on a class-token ViT.
+  """
+  source = _fix_old_layouts(read_npz(path, key_prefix))
+
+  def convert(name, value, tshape):
+    if name == "embedding/kernel" and value.ndim == 4:  # Conv [p, p, C, W] -> [p*p*C, W].
+      value = value.reshape(-1, value.shape[-1])
+    if name == "pos_embedding" and value.shape != tshape and _resamplable(value.shape, tshape):
+      value = resample_posemb(value, tshape)
+    return value  # Anything still mis-shaped is reported with all other mismatches.
+
+  return _load_flat(target, source, what=f"ViT weights from {path}", keep_init=keep_init,
+                    convert=convert)
+
+
+def load_text_npz(path: str | os.PathLike, target: Params, *, key_prefix: str = "txt",
+                  keep_init: Sequence[str] = ()) -> Params:
+  """Returns text-tower params shaped like `target` from a big_vision text_transformer npz.
+
+  A longer checkpoint `pos_embedding` is truncated to the model's max_len. The vocabulary must
+  be the checkpoint's (use its SentencePiece model as DATA_DIR/tokenizer.model).
+  """
+  source = _fix_old_layouts(read_npz(path, key_prefix))
+
+  def convert(name, value, tshape):
+    if name == "pos_embedding" and value.ndim == 3 and value.shape[1] > tshape[1]:
+      value = value[:, :tshape[1]]
+    return value
+
+  return _load_flat(target, source, what=f"text weights from {path}", keep_init=keep_init,
+                    convert=convert)
+
+
+def to_big_vision(params: Params) -> dict[str, np.ndarray]:
+  """Returns the flat big_vision-layout arrays of our ViT or text-tower params (the inverse)."""
+  flat = {k: np.asarray(_value(v)) for k, v in _flat(params).items()}
+  flat = _unstack_layers(flat)
+  k = flat.get("embedding/kernel")
+  if k is not None and k.ndim == 2:
+    p = math.isqrt(k.shape[0] // 3)
+    if 3 * p * p != k.shape[0]:
+      raise ValueError(f"embedding/kernel {k.shape} is not [p*p*3, W]")
+    flat["embedding/kernel"] = k.reshape(p, p, 3, k.shape[1])
+  return flat
+
+
+def save_npz(path: str | os.PathLike, params: Params, *, key_prefix: str = "") -> None:
+  """Writes our ViT / text params as a big_vision-layout .npz (e.g. for big_vision tools)."""
+  flat = to_big_vision(params)
+  if key_prefix:
+    flat = {f"{key_prefix.rstrip('/')}/{k}": v for k, v in flat.items()}
+  with open(path, "wb") as f:
+    np.savez(f, **flat)
+
+
+def merge_subtree(params: Params, subtree: Params, prefix: str) -> Params:
+  """Returns `params` with the subtree at `prefix` ("image_tower", "heads/image") replaced.
+
+  `subtree` must have exactly the same parameter names and shapes as the part it replaces
+  (values are cast to the target dtypes; logical-partitioning boxes of `params` are kept).
+  Raises ValueError naming every missing, unexpected or mis-shaped parameter.
+  """
+  path = [p for p in prefix.split("/") if p]
+  if not path:
+    raise ValueError("merge_subtree: empty prefix")
+  root = flax.core.unfreeze(params)
+  node = root
+  for i, key in enumerate(path):
+    if not isinstance(node, dict) or key not in node:
+      have = sorted(node) if isinstance(node, dict) else type(node).__name__
+      raise ValueError(f"merge_subtree: {'/'.join(path[:i + 1])!r} not in params; "
+                       f"available at that level: {have}")
+    if i < len(path) - 1:
+      node = node[key]
+  tflat = _flat(node[path[-1]]) if isinstance(node[path[-1]], dict) else {"": node[path[-1]]}
+  sflat = _flat(subtree) if isinstance(subtree, Mapping) else {"": subtree}
+  problems = []
+  for name in sorted(set(tflat) - set(sflat)):
+    problems.append(f"  {prefix}/{name}: missing in subtree (model shape {_shape(tflat[name])})")
+  for name in sorted(set(sflat) - set(tflat)):
+    problems.append(f"  {prefix}/{name}: not in model (subtree shape {_shape(sflat[name])})")
+  for name in sorted(set(sflat) & set(tflat)):
+    if _shape(sflat[name]) != _shape(tflat[name]):
+      problems.append(f"  {prefix}/{name}: subtree shape {_shape(sflat[name])} "
+                      f"!= model shape {_shape(tflat[name])}")
+  if problems:
+    raise ValueError(f"merge_subtree({prefix!r}):\n" + "\n".join(problems))
+  merged = {}
+  for name, leaf in tflat.items():
+    value = _value(sflat[name])
+    dtype = getattr(_value(leaf), "dtype", None)
+    if dtype is not None:
+      value = value.astype(dtype)
+    merged[name] = _rebox(leaf, value)
+  node[path[-1]] = merged[""] if "" in merged else _nested(merged)
+  return root

@@ -1,0 +1,117 @@
+"""Text Transformer encoder (query tower and product text tower).
+
+Layout follows big_vision's `proj/image_text/text_transformer.py` (`Embed_0/embedding`,
+`pos_embedding`, `Encoder_0/encoderblock_{i}`, `Encoder_0/encoder_norm`) so LiT/SigLIP text
+towers load through `models/pretrained.py`. Unlike big_vision it masks padding (id 0) in
+attention and pooling, because catalogue texts vary from 3 to hundreds of tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmr_jax.models import vit
+
+Dtype = Any
+PAD_ID = 0
+POOL_TYPES = ("mean", "first")
+
+
+def get_config(variant: str = "mu", *, vocab_size: int = 32_000, max_len: int = 64,
+               **overrides) -> ml_collections.ConfigDict:
+  """Returns the text-tower ConfigDict (`config.model.text`) for a size preset ("mu", "S", "B").
+
+  `vocab_size` must match the tokenizer in DATA_DIR (the trainer sets it from tokenizer.model).
+  """
+  size = variant.split("/")[0]
+  d = vit.decode_variant(size)
+  cfg = ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size, width=d["width"], depth=d["depth"], num_heads=d["num_heads"],
+      mlp_ratio=d["mlp_ratio"], max_len=max_len,
+      pool="mean",           # "mean" over non-pad tokens | "first" token
+      dropout=0.0, remat=False, remat_policy="nothing_saveable", scan_layers=False))
+  cfg.update(overrides)
+  return cfg
+
+
+class TextEncoder(nn.Module):
+  """Returns (pooled [B, W], tokens [B, L, W], mask [B, L]) for int token ids [B, L]."""
+  vocab_size: int = 32_000
+  width: int = 512
+  depth: int = 12
+  num_heads: int = 8
+  mlp_ratio: float = 4.0
+  max_len: int = 64
+  pool: str = "mean"
+  dropout: float = 0.0
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, *, train=False):
+    """Returns (pooled [B, W], encoded tokens [B, L, W], mask [B, L] bool: id != 0)."""
+    if self.pool not in POOL_TYPES:
+      raise ValueError(f"text.pool={self.pool!r}; expected one of {POOL_TYPES}")
+    if tokens.ndim != 2:
+      raise ValueError(f"TextEncoder expects token ids [B, L], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise TypeError(f"TextEncoder expects integer token ids, got {tokens.dtype}")
+    _, length = tokens.shape
+    if length > self.max_len:
+      raise ValueError(f"Token sequence length {length} exceeds text.max_len={self.max_len}; "
+                       "raise max_len or truncate in the input pipeline")
+    mask = tokens != PAD_ID  # [B, L]
+    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 embedding_init=vit.logical(nn.initializers.normal(stddev=0.02),
+                                            ("vocab", "embed")),
+                 name="Embed_0")(tokens)
+    pe = self.param("pos_embedding",
+                    vit.logical(nn.initializers.normal(stddev=1 / np.sqrt(self.width)),
+                                (None, None, "embed")),
+                    (1, self.max_len, self.width), self.param_dtype)
+    x = x + pe[:, :length].astype(x.dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.Dropout(rate=self.dropout)(x, not train)
+    # Keys only: pad positions still produce (unused) outputs, masked again when pooling.
+    attn_mask = mask[:, None, None, :]  # [B, 1, 1, L]
+    x = vit.Encoder(depth=self.depth, num_heads=self.num_heads,
+                    mlp_dim=int(round(self.width * self.mlp_ratio)), dropout=self.dropout,
+                    remat=self.remat, remat_policy=self.remat_policy,
+                    scan_layers=self.scan_layers, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="Encoder_0")(x, attn_mask, not train)
+    if self.pool == "mean":
+      pooled = masked_mean(x, mask)
+    else:
+      pooled = x[:, 0]
+    return pooled, x, mask
+
+
+def masked_mean(x, mask):
+  """Returns the float32 mean of x [B, L, D] over positions where mask [B, L] is True ([B, D]).
+
+  All-padding rows (empty text) give zeros rather than NaN.
+  """
+  x = x.astype(jnp.float32)  # Sums over long sequences lose too much in bfloat16.
+  m = mask.astype(jnp.float32)[..., None]
+  return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def from_config(cfg: ml_collections.ConfigDict, *, dtype: Dtype = jnp.float32,
+                param_dtype: Dtype = jnp.float32, name: str | None = None) -> TextEncoder:
+  """Returns a TextEncoder built from a `get_config()`-style ConfigDict."""
+  fields = ({f.name for f in dataclasses.fields(TextEncoder)}
+            - {"parent", "name", "dtype", "param_dtype"})
+  kw = dict(cfg)
+  unknown = sorted(set(kw) - fields)
+  if unknown:
+    raise ValueError(f"Unknown config.model.text fields {unknown}; known: {sorted(fields)}")
+  return TextEncoder(**kw, dtype=dtype, param_dtype=param_dtype, name=name)

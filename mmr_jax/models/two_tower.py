@@ -1,0 +1,264 @@
+"""Two-tower retrieval model: text query tower vs multimodal product tower.
+
+`TwoTower(config.model)` with `config.model.variant` in
+  text_only   product = product text tower
+  image_only  product = image tower (products without an image: learned "missing image" vector)
+  concat      product = projection of [pooled text, pooled image] (naive multimodal baseline)
+  fusion      product = gate * fused(text<->image cross-attention) + (1 - gate) * text
+  fusion_qw   product = [fused, text, image] segments; the query weighs them (see embed_query)
+
+Top-level submodules (names are the contract that stage 2 loading, freezing and per-tower
+learning rates rely on): `query_tower`, `product_text_tower` (or one shared `text_tower` when
+`share_text_towers`), `image_tower`, `fusion`, `heads/*` (projections to `embed_dim`, the
+"missing image" vector, the fusion_qw segment weights) and `loss` (logit_scale, logit_bias).
+Submodules are created lazily: init with `dummy_batch(config)` to get every parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmr_jax.models import fusion as fusion_lib
+from mmr_jax.models import text as text_lib
+from mmr_jax.models import vit as vit_lib
+
+VARIANTS = ("text_only", "image_only", "concat", "fusion", "fusion_qw")
+CONTRASTIVE = ("softmax", "sigmoid")
+NUM_SEGMENTS = 3  # fusion_qw segments, in order: fused, text, image.
+
+
+def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 16,
+               vocab_size: int = 32_000, max_len: int = 64, embed_dim: int = 128,
+               **overrides) -> ml_collections.ConfigDict:
+  """Returns `config.model` for a variant and a tower size preset ("mu", "Ti", "S", "B", ...).
+
+  Image and text towers share the size preset; override `vit`/`text`/`fusion` sub-configs
+  (e.g. `cfg.vit = vit.get_config("B/16")`) for anything else.
+  """
+  txt = text_lib.get_config(size, vocab_size=vocab_size, max_len=max_len)
+  cfg = ml_collections.ConfigDict(dict(
+      variant=variant,
+      embed_dim=embed_dim,
+      share_text_towers=False,  # one `text_tower` for queries and products
+      vit=vit_lib.get_config(f"{size}/{patch_size}"),
+      text=txt,
+      fusion=fusion_lib.get_config(width=txt.width, num_heads=txt.num_heads),
+      dtype="float32",          # compute dtype ("bfloat16" on TPU/GPU)
+      param_dtype="float32",
+      contrastive="softmax",    # sets the init of loss/logit_scale: "softmax" | "sigmoid"
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def embedding_dim(config: ml_collections.ConfigDict) -> int:
+  """Returns the size of the `emb` vectors (query and product) the model outputs."""
+  return config.embed_dim * (NUM_SEGMENTS if config.variant == "fusion_qw" else 1)
+
+
+def dummy_batch(config: ml_collections.ConfigDict, *, batch_size: int = 2,
+                image_size: int = 224, text_len: int | None = None) -> dict[str, np.ndarray]:
+  """Returns a numpy batch with every input key, for `model.init` of all parameters.
+
+  `image_size` must be the training image size: learned position embeddings are sized by it.
+  """
+  length = text_len or config.text.max_len
+  tokens = np.ones((batch_size, length), np.int32)
+  return dict(
+      query_tokens=tokens, product_tokens=tokens, title_tokens=tokens,
+      image=np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+      has_image=np.ones((batch_size,), bool))
+
+
+class ContrastiveParams(nn.Module):
+  """Holds the learnable contrastive temperature and bias (so the optimizer sees them)."""
+  logit_scale_init: float
+  logit_bias_init: float
+
+  @nn.compact
+  def __call__(self):
+    """Returns {"logit_scale": (), "logit_bias": ()} float32 scalars."""
+    scale = self.param("logit_scale",
+                       vit_lib.logical(nn.initializers.constant(self.logit_scale_init), ()),
+                       (), jnp.float32)
+    bias = self.param("logit_bias",
+                      vit_lib.logical(nn.initializers.constant(self.logit_bias_init), ()),
+                      (), jnp.float32)
+    return {"logit_scale": scale, "logit_bias": bias}
+
+
+class Heads(nn.Module):
+  """Projection heads to `embed_dim` (float32), the missing-image vector, segment weights."""
+  embed_dim: int
+  image_width: int
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    def proj(in_axis):
+      # No bias: the outputs are L2-normalised and compared by angle.
+      return nn.Dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype,
+                      kernel_init=vit_lib.logical(nn.initializers.lecun_normal(),
+                                                  (in_axis, None)))
+    self.query = proj("embed")
+    self.product_text = proj("embed")
+    self.image = proj("embed")
+    self.concat = proj(None)  # Input is [text width + image width].
+    self.fused = proj(None)   # Input is [2 * fusion width].
+    self.query_fused = proj("embed")
+    self.query_text = proj("embed")
+    self.query_image = proj("embed")
+    # Zero init: every query starts with equal segment weights, i.e. the plain inner product
+    # of the concatenated segments.
+    self.segment_weights = nn.Dense(
+        NUM_SEGMENTS, param_dtype=self.param_dtype,
+        kernel_init=vit_lib.logical(nn.initializers.zeros, ("embed", None)),
+        bias_init=vit_lib.logical(nn.initializers.zeros, (None,)))
+    # Stands in for the pooled image of products without one (concat, image_only, fusion_qw).
+    self.missing_image = self.param(
+        "missing_image", vit_lib.logical(nn.initializers.normal(stddev=0.02), ("embed",)),
+        (self.image_width,), self.param_dtype)
+
+
+class TwoTower(nn.Module):
+  """Two-tower retrieval model configured by `config.model` (see `get_config`)."""
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    cfg = self.config
+    if cfg.variant not in VARIANTS:
+      raise ValueError(f"config.model.variant={cfg.variant!r}; expected one of {VARIANTS}")
+    if cfg.contrastive not in CONTRASTIVE:
+      raise ValueError(f"config.model.contrastive={cfg.contrastive!r}; expected {CONTRASTIVE}")
+    if cfg.embed_dim <= 0:
+      raise ValueError(f"config.model.embed_dim must be > 0, got {cfg.embed_dim}")
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    if cfg.share_text_towers:
+      self.text_tower = text_lib.from_config(cfg.text, **kw)
+    else:
+      self.query_tower = text_lib.from_config(cfg.text, **kw)
+      self.product_text_tower = text_lib.from_config(cfg.text, **kw)
+    self.image_tower = vit_lib.from_config(cfg.vit, **kw)
+    self.fusion = fusion_lib.from_config(cfg.fusion, gate=cfg.variant == "fusion", **kw)
+    self.heads = Heads(cfg.embed_dim, cfg.vit.width, param_dtype=kw["param_dtype"])
+    # CLIP's 1/0.07 for softmax; SigLIP's t' = log 10, b = -10 for sigmoid (the bias makes
+    # the many negatives start near p = 0, the imbalance SigLIP's paper discusses).
+    scale_init = math.log(1 / 0.07) if cfg.contrastive == "softmax" else math.log(10.0)
+    self.loss = ContrastiveParams(scale_init, -10.0)
+
+  def _query_encoder(self):
+    return self.text_tower if self.config.share_text_towers else self.query_tower
+
+  def _product_encoder(self):
+    return self.text_tower if self.config.share_text_towers else self.product_text_tower
+
+  def _image(self, image, has_image, train):
+    """Returns (pooled image [B, Wi] f32, missing-image rows replaced; patch tokens [B, N, Wi])."""
+    if image is None or has_image is None:
+      raise ValueError(f"variant {self.config.variant!r} needs `image` and `has_image`")
+    pooled, tokens = self.image_tower(image, train=train)
+    has_image = jnp.asarray(has_image).astype(bool)
+    if has_image.shape != pooled.shape[:1]:
+      raise ValueError(f"has_image shape {has_image.shape} != batch {pooled.shape[:1]}")
+    pooled = jnp.where(has_image[:, None], pooled.astype(jnp.float32),
+                       self.heads.missing_image.astype(jnp.float32)[None, :])
+    return pooled, tokens
+
+  def logit_params(self) -> dict[str, jax.Array]:
+    """Returns {"logit_scale", "logit_bias"} scalars (log-scale; the losses exponentiate)."""
+    return self.loss()
+
+  def embed_query(self, query_tokens, train=False) -> dict[str, jax.Array]:
+    """Returns {"emb": [B, D'] unit norm, "segment_weights": [B, 3] (fusion_qw only)}.
+
+    fusion_qw: three unit segments q_k (fused, text, image) and softmax weights w(q); the
+    query emb is concat_k(w_k q_k) / ||w||_2, so for a product emb p = concat_k(p_k) / sqrt(3)
+        <q, p> = sum_k w_k(q) <q_k, p_k> / (sqrt(3) ||w(q)||_2),
+    the weighted per-segment score as ONE inner product (an ANN index serves it). The query
+    emb has unit norm, so <q, p> lies in [-1, 1] like every other variant; the per-query factor
+    1 / (sqrt(3) ||w||) (between 1/sqrt(3) and 1) does not change a query's ranking but does
+    rescale its logits, which the learned temperature absorbs.
+    """
+    pooled, _, _ = self._query_encoder()(query_tokens, train=train)
+    pooled = pooled.astype(jnp.float32)
+    h = self.heads
+    if self.config.variant != "fusion_qw":
+      return {"emb": vit_lib.l2_normalize(h.query(pooled))}
+    segments = [vit_lib.l2_normalize(p(pooled))
+                for p in (h.query_fused, h.query_text, h.query_image)]
+    w = jax.nn.softmax(h.segment_weights(pooled), axis=-1)  # [B, 3]
+    emb = jnp.concatenate([w[:, k:k + 1] * s for k, s in enumerate(segments)], axis=-1)
+    emb = emb / jnp.linalg.norm(w, axis=-1, keepdims=True)
+    return {"emb": emb, "segment_weights": w}
+
+  def embed_product(self, product_tokens, image, has_image, train=False) -> dict[str, jax.Array]:
+    """Returns {"emb": [B, D'], "text_emb": [B, D], "image_emb": [B, D], "gate": [B]}.
+
+    "text_emb" is absent for image_only and "image_emb" for text_only (their towers are not
+    run); "gate" (the weight of the fused representation) only for fusion; "fused_emb" for
+    fusion and fusion_qw. `image`/`has_image` may be None for text_only.
+    """
+    variant = self.config.variant
+    h = self.heads
+    out = {}
+    if variant != "image_only":
+      t_pooled, t_tokens, t_mask = self._product_encoder()(product_tokens, train=train)
+      t_pooled = t_pooled.astype(jnp.float32)
+      out["text_emb"] = vit_lib.l2_normalize(h.product_text(t_pooled))
+    if variant != "text_only":
+      i_pooled, i_tokens = self._image(image, has_image, train)
+      out["image_emb"] = vit_lib.l2_normalize(h.image(i_pooled))
+
+    if variant == "text_only":
+      out["emb"] = out["text_emb"]
+    elif variant == "image_only":
+      out["emb"] = out["image_emb"]
+    elif variant == "concat":
+      out["emb"] = vit_lib.l2_normalize(h.concat(jnp.concatenate([t_pooled, i_pooled], -1)))
+    else:
+      f = self.fusion(t_tokens, t_mask, i_tokens, jnp.asarray(has_image).astype(bool),
+                      train=train)
+      fused = vit_lib.l2_normalize(h.fused(jnp.concatenate([f["text"], f["image"]], -1)))
+      out["fused_emb"] = fused
+      if variant == "fusion":
+        g = f["gate"][:, None]
+        out["emb"] = vit_lib.l2_normalize(g * fused + (1.0 - g) * out["text_emb"])
+        out["gate"] = f["gate"]
+      else:
+        out["emb"] = jnp.concatenate(
+            [fused, out["text_emb"], out["image_emb"]], -1) / math.sqrt(NUM_SEGMENTS)
+    out["emb"] = nn.with_logical_constraint(out["emb"], ("batch", None))
+    return out
+
+  def embed_title_image(self, title_tokens, image, has_image, train=False):
+    """Returns {"title_emb": [B, D], "image_emb": [B, D]} for stage-1 title<->image alignment.
+
+    Titles go through the product text tower and head, so stage 2 inherits the alignment.
+    """
+    t_pooled, _, _ = self._product_encoder()(title_tokens, train=train)
+    i_pooled, _ = self._image(image, has_image, train)
+    return {"title_emb": vit_lib.l2_normalize(self.heads.product_text(t_pooled)),
+            "image_emb": vit_lib.l2_normalize(self.heads.image(i_pooled))}
+
+  def __call__(self, batch: Mapping[str, Any], train=False) -> dict[str, Any]:
+    """Returns {"query": ..., "product": ..., "title_image": ..., "logit_scale", "logit_bias"}.
+
+    Each part is computed when its inputs are in `batch`; `dummy_batch(config)` has them all.
+    """
+    out: dict[str, Any] = {}
+    if "query_tokens" in batch:
+      out["query"] = self.embed_query(batch["query_tokens"], train=train)
+    if "product_tokens" in batch:
+      out["product"] = self.embed_product(batch["product_tokens"], batch.get("image"),
+                                          batch.get("has_image"), train=train)
+    if "title_tokens" in batch and "image" in batch:
+      out["title_image"] = self.embed_title_image(batch["title_tokens"], batch["image"],
+                                                  batch.get("has_image"), train=train)
+    out.update(self.logit_params())
+    return out

@@ -1,0 +1,133 @@
+"""Training objectives: what each alignment stage optimises, given a model's embedding methods.
+
+The trainer knows nothing of towers or losses: it asks `OBJECTIVES[stage]` for example batches
+(shapes for compilation) and for `loss(model, params, batch, config, train, rng) -> (loss, metrics)`.
+
+- stage 1 (domain alignment): image <-> title contrastive over products, so the image tower
+  learns what the catalogue's colours, patterns and styles look like from titles that name them.
+- stage 2 (query <-> product): query <-> fused product, plus optional query <-> image-only and
+  query <-> text-only auxiliary terms (the paper's alignment of the query with both modalities).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmr_jax import losses
+
+
+def _contrastive(config, a, b, logit, pos_mask, weights):
+  """Returns (loss, metrics) of the configured contrastive loss (dense or row-chunked)."""
+  kind, chunk = config.loss.kind, int(config.loss.chunk_size)
+  if kind == "softmax":
+    if chunk:
+      return losses.softmax_contrastive_chunked(a, b, logit["logit_scale"], pos_mask, weights, chunk_size=chunk)
+    return losses.softmax_contrastive(a, b, logit["logit_scale"], pos_mask, weights)
+  if kind == "sigmoid":
+    if chunk:
+      return losses.sigmoid_contrastive_chunked(a, b, logit["logit_scale"], logit["logit_bias"], pos_mask, weights,
+                                                chunk_size=chunk)
+    return losses.sigmoid_contrastive(a, b, logit["logit_scale"], logit["logit_bias"], pos_mask, weights)
+  raise ValueError(f"loss.kind={kind!r}; expected softmax or sigmoid")
+
+
+def _tokens(b, n):
+  return np.ones((b, n), np.int32)
+
+
+def _common_example(config, b):
+  d = config.data
+  return dict(
+      image=np.zeros((b, d.image_size, d.image_size, 3), np.uint8),
+      has_image=np.ones((b,), bool),
+      title_tokens=_tokens(b, d.title_len),
+      product_tokens=_tokens(b, d.product_len),
+      product_index=np.arange(b, dtype=np.int32),
+  )
+
+
+def init_batch(config, b: int = 2) -> dict:
+  """Returns a batch with every model input (so `model.init` creates every parameter)."""
+  return dict(_common_example(config, b), query_tokens=_tokens(b, config.data.query_len))
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  example_batch: Callable  # (config, global_batch) -> numpy batch with the pipeline's keys and shapes
+  loss: Callable  # (model, params, batch, config, train, rng) -> (loss, metrics)
+
+
+def _stage1_example(config, b):
+  return _common_example(config, b)
+
+
+def _stage1_loss(model, params, batch, config, train, rng):
+  out = model.apply({"params": params}, batch["title_tokens"], batch["image"], batch["has_image"], train=train,
+                    method="embed_title_image", rngs={"dropout": rng})
+  logit = model.apply({"params": params}, method="logit_params")
+  # Products without an image have nothing to align: they carry zero weight.
+  weights = batch["has_image"].astype(jnp.float32)
+  pos = losses.make_pos_mask(batch["product_index"])
+  loss, m = _contrastive(config, out["image_emb"], out["title_emb"], logit, pos, weights)
+  return loss, {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
+
+
+def _stage2_example(config, b):
+  d = config.data
+  return dict(_common_example(config, b), query_tokens=_tokens(b, d.query_len),
+              query_index=np.arange(b, dtype=np.int32), grade=np.ones((b,), np.float32),
+              positives=np.full((b, d.positives_k), -1, np.int32))
+
+
+def _stage2_loss(model, params, batch, config, train, rng):
+  variables = {"params": params}
+  rngs = {"dropout": rng}
+  q = model.apply(variables, batch["query_tokens"], train=train, method="embed_query", rngs=rngs)
+  p = model.apply(variables, batch["product_tokens"], batch["image"], batch["has_image"], train=train,
+                  method="embed_product", rngs=rngs)
+  logit = model.apply(variables, method="logit_params")
+  pos = losses.make_pos_mask(batch["product_index"], batch["positives"])
+  weights = batch["grade"] if config.loss.grade_weighted else None
+  loss, m = _contrastive(config, q["emb"], p["emb"], logit, pos, weights)
+  metrics = {f"q2p/{k}": v for k, v in m.items() if k != "loss"}
+  metrics["q2p/loss"] = loss
+  # Auxiliary terms align the query with each modality on its own. fusion_qw's query is a weighted
+  # concat of segments, so its aux terms use the plain per-segment unit vectors of the query instead.
+  for name, key, weight in (("q2i", "image_emb", config.loss.aux_query_image),
+                            ("q2t", "text_emb", config.loss.aux_query_text)):
+    if weight > 0 and key in p:
+      qa = q["emb"] if q["emb"].shape[-1] == p[key].shape[-1] else _segment(q, key)
+      aux, am = _contrastive(config, qa, p[key], logit, pos, weights)
+      loss = loss + weight * aux
+      metrics[f"{name}/loss"] = aux
+      metrics[f"{name}/acc_a2b"] = am["acc_a2b"]
+  if "gate" in p:
+    has = batch["has_image"].astype(jnp.float32)
+    metrics["gate/mean_with_image"] = jnp.sum(p["gate"] * has) / jnp.maximum(jnp.sum(has), 1.0)
+  return loss, metrics
+
+
+def _segment(q, key):
+  """Returns the unit query segment matching a product modality (fusion_qw: [fused, text, image])."""
+  emb = q["emb"]
+  d = emb.shape[-1] // 3
+  k = {"text_emb": 1, "image_emb": 2}[key]
+  seg = emb[:, k * d:(k + 1) * d]
+  return seg / jnp.maximum(jnp.linalg.norm(seg, axis=-1, keepdims=True), 1e-12)
+
+
+OBJECTIVES = {
+    1: Objective(_stage1_example, _stage1_loss),
+    2: Objective(_stage2_example, _stage2_loss),
+}
+
+
+def get(stage: int) -> Objective:
+  if stage not in OBJECTIVES:
+    raise KeyError(f"config.stage={stage!r}; known stages: {sorted(OBJECTIVES)}")
+  return OBJECTIVES[stage]

@@ -1,0 +1,84 @@
+"""Shared pytest fixtures."""
+
+import json
+import pathlib
+from typing import Any, Iterable
+
+import numpy as np
+import pytest
+
+
+def write_catalog(src: pathlib.Path, products: Iterable[Any], queries: Iterable[Any],
+                  qrels: Iterable[Any], images: dict[str, tuple[int, int]] | None = None,
+                  qrels_header: bool = True) -> pathlib.Path:
+  """Returns src after writing a catalogue folder.
+
+  products / queries: dicts (written as JSON lines) or raw `bytes`/`str` lines written verbatim
+  (for malformed input). qrels: (query_id, product_id, grade) tuples or raw lines.
+  images: relative path -> (width, height); written as noise with Pillow in the format the
+  suffix names (.png / .jpg).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  src.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for rel, (w, h) in (images or {}).items():
+    path = src / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+  def write_lines(name: str, rows: Iterable[Any], render) -> None:
+    with open(src / name, "wb") as f:
+      for row in rows:
+        if isinstance(row, bytes):
+          f.write(row.rstrip(b"\n") + b"\n")
+        elif isinstance(row, str):
+          f.write(row.rstrip("\n").encode("utf-8") + b"\n")
+        else:
+          f.write(render(row).encode("utf-8") + b"\n")
+
+  write_lines("products.jsonl", products, lambda r: json.dumps(r, ensure_ascii=False))
+  write_lines("queries.jsonl", queries, lambda r: json.dumps(r, ensure_ascii=False))
+  qrels = list(qrels)
+  if qrels_header:
+    qrels = ["query_id\tproduct_id\tgrade"] + qrels
+  write_lines("qrels.tsv", qrels, lambda r: "\t".join(r))
+  return src
+
+
+@pytest.fixture(scope="session")
+def catalog_writer():
+  """Returns write_catalog (see its docstring)."""
+  return write_catalog
+
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+  """Returns a DATA_DIR with the `tiny` synthetic catalogue (300 products, 32 px), made once per session."""
+  from mmr_jax.data import make_synthetic, synthetic  # pylint: disable=g-import-not-at-top
+  out = tmp_path_factory.mktemp("tiny_data") / "data"
+  make_synthetic.make_synthetic(out, synthetic.preset("tiny"), progress=False, verbose=False)
+  return str(out)
+
+
+def tiny_config(data_dir: str, stage: int = 2, variant: str = "fusion", **train):
+  """Returns the demo config shrunk for tests (seconds per run), with `train` overrides."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parents[1]
+  spec = importlib.util.spec_from_file_location("demo_config", root / "configs" / "demo.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config(f"stage={stage},variant={variant},runlocal=True,data={data_dir}")
+  for k, v in train.items():
+    cfg.train[k] = v
+  return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tiny_data, tmp_path_factory) -> str:
+  """Returns a workdir of a few stage-2 fusion steps on `tiny_data` (for evaluation / export tests)."""
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
+  wd = tmp_path_factory.mktemp("tiny_workdir") / "fusion"
+  train.train_and_evaluate(tiny_config(tiny_data, progress=False), str(wd))
+  return str(wd)

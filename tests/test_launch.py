@@ -1,0 +1,560 @@
+"""Tests for launch/: commands each launcher would run, and end-to-end runs with fake trainers / clusters.
+
+Cluster tools (gcloud, scontrol, srun) are replaced by small scripts on PATH that execute what they
+are given locally, so the generated shell (quoting, env, coordinator) is really run, not just read.
+"""
+
+import csv
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `launch` is not an installed package
+from launch import common, gke, local, multiprocess, slurm, sweep, tpu_pod
+
+REPO = str(common.REPO_ROOT)
+PY = sys.executable
+
+FAKE_CONFIG = """
+from launch.sweep import cross, product, zip_
+
+def get_config(arg=None):
+  raise RuntimeError("the launcher must not build the config")
+
+def get_sweep(arg=None):
+  pts = cross(product({"model.variant": ["a", "b"]}), zip_({"optim.lr": [0.1, 0.01]}))
+  pts.append({"name": "bad", "model.variant": "fail"})
+  return pts
+"""
+
+# Records its argv + MMR_* env in WORKDIR/calls.jsonl; fails with code 3 for variant "fail".
+FAKE_TRAIN = r"""
+import json, os, sys
+args = dict(a.split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+wd = args["--workdir"]
+os.makedirs(wd, exist_ok=True)
+rec = {"argv": sys.argv[1:], "env": {k: v for k, v in os.environ.items() if k.startswith(("MMR_", "FAKE_"))}}
+with open(os.path.join(wd, "calls.jsonl"), "a") as f:
+  f.write(json.dumps(rec) + "\n")
+print("fake train", sys.argv[1:])
+if args.get("--config.model.variant") == "fail":
+  print("boom: variant fail", file=sys.stderr)
+  sys.exit(3)
+with open(os.path.join(wd, "trained.json"), "w") as f:
+  json.dump({"lr": float(args.get("--config.optim.lr", "1"))}, f)
+"""
+
+# Writes metrics.json from what the fake trainer left (so a sweep only has metrics if eval ran).
+FAKE_EVAL = r"""
+import json, os, sys
+wd = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--workdir=")][0]
+lr = json.load(open(os.path.join(wd, "trained.json")))["lr"]
+json.dump({"overall": {"recall@10": 0.5 + lr, "recall@100": 0.8 + lr, "ndcg@10": 0.3 + lr},
+           "by_tag": {"short": {"recall@10": lr}}}, open(os.path.join(wd, "metrics.json"), "w"))
+"""
+
+
+def _write(path, text, executable=False):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(textwrap.dedent(text).lstrip())
+  if executable:
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+  return path
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch):
+  """Fake trainer/evaluator modules on PYTHONPATH and a fake config with get_sweep."""
+  mods = tmp_path / "mods"
+  _write(mods / "fake_train.py", FAKE_TRAIN)
+  _write(mods / "fake_eval.py", FAKE_EVAL)
+  cfg = _write(tmp_path / "cfgs" / "fake.py", FAKE_CONFIG)
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(mods), REPO]))
+  return {"mods": mods, "config": str(cfg)}
+
+
+def _calls(workdir):
+  with open(os.path.join(workdir, "calls.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
+# ------------------------------------------------------------------------------------ common pieces
+
+
+def test_tpu_slice_shapes():
+  s = common.tpu_slice("v4-32")
+  assert (s.chips, s.hosts, s.chips_per_host, s.topology) == (16, 4, 4, "2x2x4")
+  assert (s.gke_accelerator, s.gke_machine_type) == ("tpu-v4-podslice", "ct4p-hightpu-4t")
+  assert common.tpu_slice("v4-8").hosts == 1 and common.tpu_slice("v4-8").topology == "2x2x1"
+  assert common.tpu_slice("v4-128").topology == "4x4x4"
+  e = common.tpu_slice("v5e-16")
+  assert (e.accelerator_type, e.hosts, e.chips_per_host, e.topology) == ("v5litepod-16", 4, 4, "4x4")
+  assert common.tpu_slice("v5litepod-8").hosts == 1 and common.tpu_slice("v5litepod-8").chips_per_host == 8
+  assert common.tpu_slice("v6e-64").topology == "8x8"
+  assert common.tpu_slice("v4-32", "4x2x2").topology == "4x2x2"
+  for bad in ("v4-31", "x9-8", "v4", "v4-24"):
+    with pytest.raises(common.LaunchError):
+      common.tpu_slice(bad)
+  with pytest.raises(common.LaunchError, match="has 8 chips"):
+    common.tpu_slice("v4-32", "2x2x2")
+
+
+def test_overrides_round_trip():
+  flags = common.override_flags({"config.optim.lr": 0.001, "train.progress": False, "data.dir": "a b",
+                                 "init.load": ("image_tower", "heads"), "x": None})
+  assert flags == ["--config.optim.lr=0.001", "--config.train.progress=False", "--config.data.dir=a b",
+                   "--config.init.load=('image_tower', 'heads')", "--config.x=None"]
+  assert common.parse_override_args(["--config.a.b=1", "--config.c=x=y"]) == {"a.b": "1", "c": "x=y"}
+  with pytest.raises(common.LaunchError, match="needs the form"):
+    common.parse_override_args(["--config.a"])
+  with pytest.raises(common.LaunchError, match="unrecognized"):
+    common.parse_override_args(["--bogus"])
+  with pytest.raises(common.LaunchError, match="dotted config path"):
+    common.override_flags({"a b": 1})
+
+
+def test_repo_relative_config(tmp_path):
+  assert common.repo_relative_config(f"{REPO}/configs/x.py:stage=1") == "configs/x.py:stage=1"
+  assert common.repo_relative_config("configs/not_here.py") == "configs/not_here.py"
+  outside = _write(tmp_path / "c.py", "x = 1\n")
+  with pytest.raises(common.LaunchError, match="outside the repository"):
+    common.repo_relative_config(f"{outside}:a")
+  assert common.repo_relative_config(f"{outside}:a", shared_fs=True) == f"{outside}:a"
+
+
+def test_k8s_name():
+  assert common.k8s_name("mmr-s1") == "mmr-s1"
+  a, b = common.k8s_name("Fusion_FT"), common.k8s_name("fusion-ft")
+  assert a != b and a.startswith("fusion-ft-")
+  long = common.k8s_name("x" * 100)
+  assert len(long) <= 40
+
+
+# -------------------------------------------------------------------------------------- sweep data
+
+
+def test_product_zip_cross():
+  p = sweep.product({"model.variant": ["a", "b"]}, seed=[0, 1, 2])
+  assert len(p) == 6 and p[0] == {"model.variant": "a", "seed": 0} and p[-1] == {"model.variant": "b", "seed": 2}
+  z = sweep.zip_({"optim.lr": [1, 2]}, steps=[10, 20])
+  assert z == [{"optim.lr": 1, "steps": 10}, {"optim.lr": 2, "steps": 20}]
+  assert len(sweep.cross(p, z)) == 12
+  with pytest.raises(common.LaunchError, match="differ in length"):
+    sweep.zip_(a=[1, 2], b=[1])
+  with pytest.raises(common.LaunchError, match="list of values"):
+    sweep.product(a="abc")
+
+
+def test_points_names_and_placeholders():
+  pts = sweep.points_from([{"a.lr": 0.1, "b.lr": 1}, {"a.lr": 0.2, "b.lr": 1}, {"name": "base"}])
+  assert [p.name for p in pts] == ["a.lr=0.1,b.lr=1", "a.lr=0.2,b.lr=1", "base"]
+  assert [p.name for p in sweep.points_from([{"optim.lr": 0.1}, {"optim.lr": 0.2}])] == ["lr=0.1", "lr=0.2"]
+  with pytest.raises(common.LaunchError, match="same name"):
+    sweep.points_from([{"name": "x", "a": 1}, {"name": "x", "a": 2}])
+  with pytest.raises(common.LaunchError, match="invalid name"):
+    sweep.points_from([{"name": "a/b"}])
+  with pytest.raises(common.LaunchError, match="non-empty list"):
+    sweep.points_from({"a": 1})
+  pts = sweep.points_from([{"name": "s1", "stage": 1}, {"name": "s2", "init.workdir": "{s1}", "data.dir": "{data}"}])
+  res = sweep.resolve(pts, "/r", {"data": "/d"})
+  assert res[1].overrides == {"init.workdir": os.path.join("/r", "s1"), "data.dir": "/d"}
+  with pytest.raises(common.LaunchError, match="--var stage1=VALUE"):
+    sweep.resolve(sweep.points_from([{"init.workdir": "{stage1}"}]), "/r", {})
+  # A subset (--only) may still name runs outside it.
+  (ft,) = sweep.resolve(pts[1:], "/r", {"data": "/d"}, run_names=["s1", "s2"])
+  assert ft.overrides["init.workdir"] == os.path.join("/r", "s1")
+
+
+# ------------------------------------------------------------------------------------- local + sweep
+
+
+def test_local_launcher(fakes, tmp_path, capsys):
+  wd = str(tmp_path / "run")
+  argv = ["--config", fakes["config"] + ":x", "--workdir", wd, "--train_module", "fake_train",
+          "--config.optim.lr=0.5", "--config.data.dir=a b"]
+  assert local.main(argv + ["--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "-m fake_train" in out and "'--config.data.dir=a b'" in out and not os.path.exists(wd)
+  assert local.main(argv) == 0
+  (call,) = _calls(wd)
+  assert call["argv"] == [f"--config={fakes['config']}:x", f"--workdir={wd}", "--config.optim.lr=0.5",
+                          "--config.data.dir=a b"]
+  assert local.main(argv[:6] + ["--config.model.variant=fail"]) == 3
+
+
+def test_sweep_local_resumable(fakes, tmp_path, capsys):
+  root = str(tmp_path / "sweep")
+  argv = ["--config", fakes["config"] + ":x", "--workdir", root, "--train_module", "fake_train",
+          "--eval_module", "fake_eval", "--config.train.steps=3"]
+  assert sweep.main(argv) == 1  # one point fails, the others still run
+  out = capsys.readouterr().out
+  assert "bad: FAILED (train, exit code 3)" in out and os.path.join(root, "bad", "train.log") in out
+  assert "boom: variant fail" in out  # the log's tail is shown
+  assert "4 ok, 0 skipped, 1 failed" in out
+  names = ["variant=a,lr=0.1", "variant=a,lr=0.01", "variant=b,lr=0.1", "variant=b,lr=0.01"]
+  for n in names:
+    assert os.path.exists(os.path.join(root, n, "DONE")) and os.path.exists(os.path.join(root, n, "metrics.json"))
+    (call,) = _calls(os.path.join(root, n))
+    assert "--config.train.steps=3" in call["argv"] and f"--workdir={os.path.join(root, n)}" in call["argv"]
+  assert not os.path.exists(os.path.join(root, "bad", "DONE"))
+
+  # Tables and plot from collect(), in sweep order, with override columns.
+  with open(os.path.join(root, "results.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["run"] for r in rows] == names
+  assert rows[0]["optim.lr"] == "0.1" and float(rows[0]["overall/recall@10"]) == pytest.approx(0.6)
+  assert float(rows[1]["by_tag/short/recall@10"]) == pytest.approx(0.01)
+  md = open(os.path.join(root, "results.md")).read()
+  assert "| run | model.variant | optim.lr | overall/recall@10 |" in md and "**0.6000**" in md
+  with open(os.path.join(root, "results.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+  # Rerun: finished points are skipped, only the failed one runs again.
+  assert sweep.main(argv) == 1
+  out = capsys.readouterr().out
+  assert "0 ok, 4 skipped, 1 failed" in out
+  assert all(len(_calls(os.path.join(root, n))) == 1 for n in names)
+  assert len(_calls(os.path.join(root, "bad"))) == 2
+
+  # --only + --dry-run prints the commands and runs nothing.
+  assert sweep.main(argv + ["--only", "^bad$", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "-m fake_train" in out and "-m fake_eval" in out and len(_calls(os.path.join(root, "bad"))) == 2
+
+
+def test_sweep_rejects_clashing_override(fakes, tmp_path):
+  with pytest.raises(common.LaunchError, match="also set by the sweep"):
+    sweep.main(["--config", fakes["config"], "--workdir", str(tmp_path), "--config.optim.lr=1"])
+
+
+def test_collect_cli(tmp_path, capsys):
+  for name, v in (("r1", 0.2), ("r2", 0.4)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "metrics.json").write_text(json.dumps({"loss": 1 - v, "acc": v}))
+  assert sweep.main(["--collect", str(tmp_path)]) == 0
+  md = (tmp_path / "results.md").read_text()
+  assert "| r2 | **0.6000** | **0.4000** |" in md  # lower loss and higher acc are both best for r2
+  assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert sweep.main(["--collect", str(empty)]) == 1
+
+
+@pytest.fixture
+def fake_repo(tmp_path, monkeypatch):
+  """A repository root holding configs/fake.py, so cluster backends accept the config."""
+  repo = tmp_path / "repo"
+  _write(repo / "configs" / "fake.py", FAKE_CONFIG)
+  monkeypatch.setattr(common, "REPO_ROOT", repo)
+  monkeypatch.chdir(repo)
+  return repo
+
+
+def test_sweep_cluster_backends_emit_one_job_per_point(fake_repo, capsys):
+  base = ["--config", "configs/fake.py:x", "--config.train.steps=5"]
+  assert sweep.main(base + ["--workdir", "gs://bkt/sw", "--backend", "tpu", "--tpu", "mmr", "--zone", "z"]) == 0
+  out = capsys.readouterr().out
+  ssh = [l for l in out.splitlines() if l.startswith("gcloud compute tpus tpu-vm ssh mmr")]
+  assert len(ssh) == 5 and all("--worker=all" in l for l in ssh)
+  assert "--workdir=gs://bkt/sw/bad" in ssh[-1] and "--config=configs/fake.py:x" in ssh[-1]
+
+  assert sweep.main(base + ["--workdir", "gs://bkt/sw", "--backend", "gke", "--accelerator", "v4-32",
+                            "--image", "img:1"]) == 0
+  out = capsys.readouterr().out
+  docs = [d for d in out.split("MMR_MANIFEST_EOF") if "kind: JobSet" in d]
+  assert len(docs) == 5
+  manifest = yaml.safe_load(docs[0].split("\n", 1)[1])
+  assert manifest["metadata"]["name"].startswith("variant-a-lr-0-1")
+
+  assert sweep.main(base + ["--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "2"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("sbatch <<'MMR_SBATCH_EOF'") == 5 and "#SBATCH --job-name=bad" in out
+
+  with pytest.raises(SystemExit):  # tpu backend without its required flags
+    sweep.main(base + ["--workdir", "gs://bkt/sw", "--backend", "tpu"])
+  with pytest.raises(common.LaunchError, match="local path"):
+    sweep.main(base + ["--workdir", "/not/a/bucket", "--backend", "tpu", "--tpu", "mmr", "--zone", "z"])
+
+
+# ------------------------------------------------------------------------------------------ TPU pods
+
+
+def test_tpu_pod_dry_run_v4_32(capsys):
+  assert tpu_pod.main(["create", "--tpu", "mmr", "--zone", "us-central2-b", "--accelerator", "v4-32",
+                       "--dry-run"]) == 0
+  assert capsys.readouterr().out.strip() == ("gcloud compute tpus tpu-vm create mmr --zone=us-central2-b "
+                                             "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base")
+  assert tpu_pod.main(["setup", "--tpu", "mmr", "--zone", "z", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "tpu-vm scp /tmp/mmr_jax-src.tar.gz mmr:mmr_jax-src.tar.gz --zone=z --worker=all" in out
+  assert "uv venv --allow-existing --python 3.11 .venv" in out and "jax[tpu]==" in out
+  assert tpu_pod.main(["run", "--tpu", "mmr", "--zone", "z", "--project", "p", "--config", "configs/demo.py:stage=1",
+                       "--workdir", "gs://bkt/mmr/s1", "--config.train.steps=10", "--env", "FOO=1",
+                       "--dry-run"]) == 0
+  out = capsys.readouterr().out.strip()
+  assert out == ("gcloud compute tpus tpu-vm ssh mmr --zone=z --project=p --worker=all '--command=cd ~/mmr_jax && "
+                 "exec env MMR_DISTRIBUTED=auto FOO=1 .venv/bin/python -m mmr_jax.train --config=configs/demo.py:stage=1 "
+                 "--workdir=gs://bkt/mmr/s1 --config.train.steps=10'")
+  # A worker's local disk is not shared: refuse it.
+  assert common.main_guard(tpu_pod.main, ["run", "--tpu", "mmr", "--zone", "z", "--config", "c.py",
+                                          "--workdir", "/tmp/x", "--dry-run"]) == 2
+  assert "gs://" in capsys.readouterr().err
+
+
+def test_tpu_pod_multislice_dry_run(capsys):
+  assert tpu_pod.main(["create", "--tpu", "mmr", "--zone", "z", "--accelerator", "v4-32", "--num_slices", "2",
+                       "--spot", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "queued-resources create mmr" in out and "--node-count=2" in out and "--node-prefix=mmr" in out
+  assert "--runtime-version=tpu-ubuntu2204-base" in out and "--spot" in out
+  assert tpu_pod.main(["run", "--tpu", "mmr", "--zone", "z", "--num_slices", "2", "--config", "configs/demo.py",
+                       "--workdir", "gs://b/r", "--dry-run"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [l.split()[5] for l in lines] == ["mmr-0", "mmr-1"] and all("--worker=all" in l for l in lines)
+  assert tpu_pod.main(["delete", "--tpu", "mmr", "--zone", "z", "--num_slices", "2", "--dry-run"]) == 0
+  assert "queued-resources delete mmr --zone=z --force --quiet" in capsys.readouterr().out
+  with pytest.raises(common.LaunchError, match="single host"):
+    tpu_pod.main(["create", "--tpu", "m", "--zone", "z", "--accelerator", "v4-8", "--num_slices", "2", "--dry-run"])
+
+
+def _fake_gcloud(bin_dir, home, log):
+  """A gcloud that logs its argv and runs `ssh --command=...` locally with HOME=home."""
+  return _write(bin_dir / "gcloud", f"""
+      #!{PY}
+      import json, os, subprocess, sys
+      argv = sys.argv[1:]
+      with open({str(log)!r}, "a") as f:
+        f.write(json.dumps(argv) + "\\n")
+      if argv[:3] == ["compute", "tpus", "tpu-vm"] and argv[3] == "ssh":
+        cmd = [a for a in argv if a.startswith("--command=")][0][len("--command="):]
+        env = dict(os.environ, HOME={str(home)!r})
+        sys.exit(subprocess.call(["bash", "-c", cmd], env=env, cwd={str(home)!r}))
+      """, executable=True)
+
+
+def test_tpu_pod_run_executes_remote_command(fakes, tmp_path, monkeypatch):
+  home, bin_dir, log = tmp_path / "home", tmp_path / "bin", tmp_path / "gcloud.jsonl"
+  (home / "mmr_jax" / ".venv" / "bin").mkdir(parents=True)
+  os.symlink(PY, home / "mmr_jax" / ".venv" / "bin" / "python")
+  _fake_gcloud(bin_dir, home, log)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  wd = str(tmp_path / "shared" / "run")
+  tricky = "it's \"quoted\" $HOME"
+  rc = tpu_pod.main(["run", "--tpu", "mmr", "--zone", "z", "--num_slices", "2", "--config", "configs/demo.py:stage=1",
+                     "--workdir", wd, "--allow_local_workdir", "--train_module", "fake_train",
+                     "--env", f"FAKE_X={tricky}", f"--config.data.dir={tricky}"])
+  assert rc == 0
+  calls = _calls(wd)
+  assert len(calls) == 2  # one ssh --worker=all per slice, run in parallel
+  for c in calls:
+    assert c["env"]["FAKE_X"] == tricky  # survived two levels of shell quoting
+    assert f"--config.data.dir={tricky}" in c["argv"] and "--config=configs/demo.py:stage=1" in c["argv"]
+  gcloud = [json.loads(l) for l in log.read_text().splitlines()]
+  assert sorted(a[4] for a in gcloud) == ["mmr-0", "mmr-1"]
+
+
+# -------------------------------------------------------------------------------------------- GKE
+
+
+def test_gke_manifest_v4_32(capsys):
+  argv = ["--name", "mmr-s1", "--accelerator", "v4-32", "--image", "us-docker.pkg.dev/p/r/mmr:1",
+          "--config", "configs/demo.py:stage=1", "--workdir", "gs://bkt/mmr/s1", "--config.train.steps=7",
+          "--env", "TF_CPP_MIN_LOG_LEVEL=2", "--dry-run"]
+  assert gke.main(argv) == 0
+  m = yaml.safe_load(capsys.readouterr().out)
+  assert m["kind"] == "JobSet" and m["metadata"]["name"] == "mmr-s1"
+  rj = m["spec"]["replicatedJobs"][0]
+  assert rj["replicas"] == 1
+  job = rj["template"]["spec"]
+  assert job["parallelism"] == job["completions"] == 4 and job["backoffLimit"] == 0
+  pod = job["template"]["spec"]
+  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v4-podslice",
+                                 "cloud.google.com/gke-tpu-topology": "2x2x4"}
+  c = pod["containers"][0]
+  assert c["resources"]["limits"]["google.com/tpu"] == 4
+  assert c["command"] == ["python", "-m", "mmr_jax.train", "--config=configs/demo.py:stage=1",
+                          "--workdir=gs://bkt/mmr/s1", "--config.train.steps=7"]
+  assert {"name": "TF_CPP_MIN_LOG_LEVEL", "value": "2"} in c["env"]
+
+  assert gke.main(argv[:-1] + ["--num_slices", "2", "--dry-run"]) == 0
+  m2 = yaml.safe_load(capsys.readouterr().out)
+  assert m2["spec"]["replicatedJobs"][0]["replicas"] == 2
+
+  assert gke.main(argv + ["--xpk", "--cluster", "c1"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("xpk workload create --cluster=c1 --workload=mmr-s1 --tpu-type=v4-32 --num-slices=1")
+  assert "--env=TF_CPP_MIN_LOG_LEVEL=2" in out
+
+  with pytest.raises(SystemExit):
+    gke.main(["--name", "Bad_Name"] + argv[2:])
+  with pytest.raises(common.LaunchError, match="local path"):
+    gke.main([a if a != "gs://bkt/mmr/s1" else "/local/dir" for a in argv])
+  with pytest.raises(common.LaunchError, match="not offered on GKE"):
+    gke.main([a if a != "v4-32" else "v3-32" for a in argv])
+
+
+def test_gke_writes_manifest_file(tmp_path, capsys):
+  out = tmp_path / "job.yaml"
+  assert gke.main(["--name", "m", "--accelerator", "v5litepod-16", "--image", "i", "--config", "configs/demo.py",
+                   "--workdir", "gs://b/r", "--out", str(out)]) == 0
+  m = yaml.safe_load(out.read_text())
+  assert m["spec"]["replicatedJobs"][0]["template"]["spec"]["parallelism"] == 4
+  assert m["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["nodeSelector"][
+      "cloud.google.com/gke-tpu-topology"] == "4x4"
+
+
+# ------------------------------------------------------------------------------------------ SLURM
+
+
+def test_slurm_script_2_nodes_8_gpus(capsys):
+  argv = ["--nodes", "2", "--gpus_per_node", "8", "--partition", "h100", "--time", "04:00:00",
+          "--config", "configs/demo.py:stage=2", "--workdir", "/shared/mmr/s2", "--config.train.steps=9", "--dry-run"]
+  assert slurm.main(argv) == 0
+  script = capsys.readouterr().out
+  for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+               "#SBATCH --partition=h100", "#SBATCH --time=04:00:00",
+               'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+               'export MMR_COORDINATOR_ADDRESS="${head_node}:$((20000 + SLURM_JOB_ID % 20000))"',
+               'export MMR_NUM_PROCESSES="$SLURM_NTASKS"'):
+    assert line in script.splitlines(), line
+  srun = [l for l in script.splitlines() if l.startswith("srun ")][0]
+  assert "export MMR_PROCESS_ID=$SLURM_PROCID" in srun and "--kill-on-bad-exit=1" in srun
+  assert "--config=configs/demo.py:stage=2 --workdir=/shared/mmr/s2 --config.train.steps=9" in srun
+  assert slurm.main(argv + ["--procs_per_node", "8", "--port", "4444"]) == 0
+  script = capsys.readouterr().out
+  assert "#SBATCH --ntasks-per-node=8" in script and "CUDA_VISIBLE_DEVICES=$SLURM_LOCALID" in script
+  assert 'MMR_COORDINATOR_ADDRESS="${head_node}:4444"' in script
+  with pytest.raises(common.LaunchError, match="procs_per_node"):
+    slurm.main(argv + ["--procs_per_node", "3"])
+
+
+def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
+  """Runs the generated script with scontrol/srun stand-ins: coordinator, ranks and overrides reach the trainer."""
+  bin_dir = tmp_path / "bin"
+  _write(bin_dir / "scontrol", """
+      #!/bin/bash
+      [ "$1 $2" = "show hostnames" ] && printf 'gpu-node-07\\ngpu-node-08\\n'
+      """, executable=True)
+  # srun: drop its options, start SLURM_NTASKS tasks with their ranks, fail if any fails.
+  _write(bin_dir / "srun", """
+      #!/bin/bash
+      while [[ "$1" == --* ]]; do shift; done
+      pids=()
+      for ((i = 0; i < SLURM_NTASKS; i++)); do
+        SLURM_PROCID=$i SLURM_LOCALID=$((i % 8)) "$@" & pids+=($!)
+      done
+      rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
+      """, executable=True)
+  script_path = tmp_path / "job.sbatch"
+  wd = str(tmp_path / "shared" / "run")
+  assert slurm.main(["--nodes", "2", "--config", fakes["config"] + ":x", "--workdir", wd, "--train_module",
+                     "fake_train", "--python", PY, "--repo", str(tmp_path), "--env", "FAKE_Y=a b",
+                     "--config.optim.lr=0.5", "--out", str(script_path)]) == 0
+  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-node-[07-08]",
+             SLURM_NTASKS="2", SLURM_JOB_ID="123456", SLURM_JOB_NUM_NODES="2")
+  r = subprocess.run(["bash", str(script_path)], env=env, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stdout + r.stderr
+  calls = _calls(wd)
+  assert sorted(c["env"]["MMR_PROCESS_ID"] for c in calls) == ["0", "1"]
+  for c in calls:
+    assert c["env"]["MMR_COORDINATOR_ADDRESS"] == f"gpu-node-07:{20000 + 123456 % 20000}"
+    assert c["env"]["MMR_NUM_PROCESSES"] == "2" and c["env"]["FAKE_Y"] == "a b"
+    assert "--config.optim.lr=0.5" in c["argv"] and "--config=cfgs/fake.py:x" in c["argv"]  # relative to --repo
+
+
+# ----------------------------------------------------------------------------------- multiprocess
+
+PSUM_SCRIPT = """
+import argparse, json
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+p = argparse.ArgumentParser()
+p.add_argument("--coordinator_address"); p.add_argument("--num_processes", type=int)
+p.add_argument("--process_id", type=int); p.add_argument("--tag")
+a = p.parse_args()
+jax.distributed.initialize(a.coordinator_address, a.num_processes, a.process_id, initialization_timeout=60)
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.array(jax.devices()), ("d",))
+# Device j of process i holds 10 * i + j + 1.
+local = np.array([[10.0 * a.process_id + j + 1] for j in range(jax.local_device_count())], np.float32)
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)
+total = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, "d"), mesh=mesh, in_specs=P("d"), out_specs=P()))(x)
+print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
+                  "psum": float(np.asarray(total.addressable_data(0)).ravel()[0]), "tag": a.tag}))
+"""
+
+FAIL_SCRIPT = """
+import argparse, sys, time
+p = argparse.ArgumentParser()
+p.add_argument("--coordinator_address"); p.add_argument("--num_processes", type=int); p.add_argument("--process_id", type=int)
+a = p.parse_args()
+if a.process_id == 1:
+  print("process 1 giving up", flush=True)
+  sys.exit(3)
+time.sleep(120)  # stands in for a peer stuck in a collective
+"""
+
+
+def _mp(args, timeout=90):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+  return subprocess.run([PY, "-m", "launch.multiprocess", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_multiprocess_psum_over_gloo(tmp_path):
+  script = _write(tmp_path / "psum.py", PSUM_SCRIPT)
+  r = _mp(["-n", "2", "-d", "2", "--script", str(script), "--", "--tag", "hello"])
+  assert r.returncode == 0, r.stdout + r.stderr
+  results = {}
+  for line in r.stdout.splitlines():
+    for i in (0, 1):
+      if line.startswith(f"[p{i}] {{"):
+        results[i] = json.loads(line[len(f"[p{i}] "):])
+  assert set(results) == {0, 1}
+  for i, res in results.items():
+    # 2 processes x 2 devices: (1 + 2) + (11 + 12) = 26 on every process.
+    assert res == {"process": i, "processes": 2, "devices": 4, "psum": 26.0, "tag": "hello"}
+  assert "[multiprocess] all 2 processes finished OK" in r.stdout
+
+
+def test_multiprocess_fails_fast(tmp_path):
+  script = _write(tmp_path / "fail.py", FAIL_SCRIPT)
+  t0 = time.monotonic()
+  r = _mp(["-n", "2", "--script", str(script), "--grace_s", "0.5"], timeout=60)
+  assert time.monotonic() - t0 < 30  # the sleeping peer was terminated, not waited for
+  assert r.returncode == 3
+  assert "[p1] process 1 giving up" in r.stdout
+  assert "[multiprocess] p1 exited with code 3; stopping p0" in r.stdout
+  assert "FAILED: p1 exited first with code 3" in r.stdout and "p0=-15" in r.stdout
+
+
+def test_multiprocess_dry_run_sets_env_and_flags(capsys):
+  assert multiprocess.main(["-n", "2", "-d", "4", "--port", "5555", "--config", "configs/demo.py:runlocal=True",
+                            "--workdir", "/tmp/w", "--config.train.steps=2", "--dry-run"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 3 and lines[-1] == "wait"
+  for i, line in enumerate(lines[:2]):
+    assert "JAX_PLATFORMS=cpu" in line and "--xla_force_host_platform_device_count=4" in line
+    assert f"MMR_PROCESS_ID={i}" in line and "MMR_NUM_PROCESSES=2" in line
+    assert "MMR_COORDINATOR_ADDRESS=127.0.0.1:5555" in line
+    assert line.endswith(f"--coordinator_address=127.0.0.1:5555 --num_processes=2 --process_id={i} &")
+    assert "--config.train.steps=2" in line
+  env = multiprocess.process_env({"XLA_FLAGS": "--xla_dump_to=/x --xla_force_host_platform_device_count=8"},
+                                 process_id=1, num_processes=2, coordinator="h:1", devices_per_process=2)
+  assert env["XLA_FLAGS"] == "--xla_dump_to=/x --xla_force_host_platform_device_count=2"
+
+
+@pytest.mark.parametrize("module", [local, multiprocess, tpu_pod, gke, slurm, sweep])
+def test_help(module, capsys):
+  with pytest.raises(SystemExit) as e:
+    module.main(["--help"])
+  assert e.value.code == 0
+  assert "--dry-run" in capsys.readouterr().out or module is tpu_pod

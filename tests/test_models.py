@@ -1,0 +1,393 @@
+"""Towers, fusion gate, TwoTower variants, remat/scan equivalence, pretrained loading."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmr_jax.models import fusion as fusion_lib
+from mmr_jax.models import pretrained
+from mmr_jax.models import text as text_lib
+from mmr_jax.models import two_tower
+from mmr_jax.models import vit as vit_lib
+
+IMG = 16   # Image side; with patch 8 -> a 2x2 grid.
+LEN = 12   # Token length.
+B = 3      # Products per pixel set; rows B..2B-1 repeat rows 0..B-1 with other pixels.
+HAS_IMAGE = (True, False, True)
+
+
+def _config(variant="fusion", **kw):
+  cfg = two_tower.get_config(variant, "pico", patch_size=8, vocab_size=50, max_len=16,
+                             embed_dim=16)
+  cfg.update(kw)
+  return cfg
+
+
+def _batch(seed=0):
+  """Returns 2B rows: B products, then the same products with different pixels."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, 50, (B, LEN)).astype(np.int32)
+  tokens[1, 5:] = 0  # A shorter text.
+  tokens[2, 2:] = 0  # A very short one.
+  tokens = np.concatenate([tokens, tokens])
+  return dict(query_tokens=tokens[:, :8], product_tokens=tokens, title_tokens=tokens[:, :6],
+              image=rng.integers(0, 256, (2 * B, IMG, IMG, 3), dtype=np.uint8),
+              has_image=np.array(HAS_IMAGE * 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _run(variant, **kw):
+  """Returns (model, variables, outputs) of one jitted init_with_output (one compile)."""
+  model = two_tower.TwoTower(_config(variant, **kw))
+  out, variables = jax.jit(model.init_with_output)(jax.random.PRNGKey(0), _batch())
+  return model, variables, out
+
+
+def _norms(x):
+  return np.linalg.norm(np.asarray(x), axis=-1)
+
+
+def _random_params(module, *inputs, seed=0):
+  """Returns the module's (boxed) params with random values: shapes by tracing, no compile."""
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=rtol, atol=atol), a, b)
+
+
+# ------------------------------------------------------------------------------------ towers
+
+
+@pytest.mark.parametrize("pool,posemb", [("tok", "learn"), ("map", "sincos2d"), ("gap", "learn")])
+def test_vit_shapes_and_pooling(pool, posemb):
+  vit = vit_lib.ViT(patch_size=8, width=32, depth=1, num_heads=2, pool_type=pool, posemb=posemb)
+  img = np.zeros((2, 16, 24, 3), np.uint8)
+  (pooled, tokens), variables = jax.eval_shape(vit.init_with_output, jax.random.PRNGKey(0), img)
+  assert pooled.shape == (2, 32) and tokens.shape == (2, 2 * 3, 32)
+  names = set(variables["params"])
+  assert ("cls" in names) == (pool == "tok") and ("MAPHead_0" in names) == (pool == "map")
+  assert ("pos_embedding" in names) == (posemb == "learn")
+  with pytest.raises(TypeError, match="uint8"):
+    jax.eval_shape(vit.init, jax.random.PRNGKey(0), img.astype(np.float32))
+  with pytest.raises(ValueError, match="divisible by patch_size"):
+    jax.eval_shape(vit.init, jax.random.PRNGKey(0), img[:, :15])
+
+
+def test_vit_normalises_uint8_to_unit_range():
+  vit = vit_lib.ViT(patch_size=8, width=32, depth=1, num_heads=2)
+  img = np.zeros((1, 8, 8, 3), np.uint8)
+  img[..., 0] = 255
+  variables = _random_params(vit, img)
+  _, inter = jax.jit(functools.partial(
+      vit.apply, capture_intermediates=lambda m, _: m.name == "embedding",
+      mutable=["intermediates"]))({"params": variables}, img)
+  p = nn.unbox(variables)["embedding"]
+  x = np.tile(np.array([1.0, -1.0, -1.0], np.float32), 64)  # (row, col, channel) order.
+  np.testing.assert_allclose(inter["intermediates"]["embedding"]["__call__"][0][0, 0],
+                             x @ p["kernel"] + p["bias"], rtol=1e-4, atol=1e-4)
+
+
+def test_patch_embedding_equals_big_vision_conv():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 16, 24, 3)).astype(np.float32)
+  kernel = rng.normal(size=(8, 8, 3, 5)).astype(np.float32)  # big_vision Conv layout.
+  conv = jax.lax.conv_general_dilated(x, kernel, (8, 8), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  patches, h, w = vit_lib.patchify(x, 8)
+  dense = patches @ kernel.reshape(-1, 5)
+  np.testing.assert_allclose(dense.reshape(2, h, w, 5), conv, rtol=1e-4, atol=1e-4)
+
+
+def test_text_encoder_masks_padding():
+  enc = text_lib.TextEncoder(vocab_size=50, width=32, depth=1, num_heads=2, max_len=16)
+  tokens = np.array([[5, 6, 7, 0, 0, 0], [9, 8, 0, 0, 0, 0], [5, 6, 7, 11, 0, 0]], np.int32)
+  # Same rows with 6 more pads; all in one call so one compile.
+  both = np.concatenate([np.pad(tokens, ((0, 0), (0, 6))), np.pad(tokens, ((0, 0), (0, 6)))])
+  both[3:, 6:] = 0
+  params = _random_params(enc, both)
+  pooled, seq, mask = jax.jit(enc.apply)({"params": params}, both)
+  assert pooled.shape == (6, 32) and seq.shape == (6, 12, 32)
+  np.testing.assert_array_equal(mask, both != 0)
+  short, _, _ = jax.jit(enc.apply)({"params": params}, tokens)
+  np.testing.assert_allclose(short, pooled[:3], rtol=1e-5, atol=1e-5)  # Pad count: no effect.
+  assert np.abs(np.asarray(pooled[0] - pooled[2])).max() > 1e-3  # A real token: an effect.
+  with pytest.raises(ValueError, match="max_len"):
+    jax.eval_shape(enc.init, jax.random.PRNGKey(0), np.ones((1, 17), np.int32))
+
+
+def _grad_and_out(module, params, *inputs, **kw):
+  def f(p):
+    out = module.apply({"params": p}, *inputs, **kw)
+    return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(out) if x.dtype == jnp.float32), out
+  (_, out), g = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+  return out, g
+
+
+def test_remat_and_scan_match_plain():
+  """remat / scan_layers compute the same outputs and gradients as the plain stack."""
+  tokens = np.array([[5, 6, 7, 0], [9, 8, 3, 3]], np.int32)
+  kw = dict(vocab_size=50, width=32, depth=2, num_heads=2, max_len=8, dropout=0.0)
+  plain = text_lib.TextEncoder(**kw)
+  params = nn.unbox(_random_params(plain, tokens))
+  out0, g0 = _grad_and_out(plain, params, tokens, train=True)
+  for remat, scan in [(True, False), (False, True), (True, True)]:
+    other = text_lib.TextEncoder(**kw, remat=remat, scan_layers=scan)
+    p = pretrained.stack_layers(params) if scan else params
+    out1, g1 = _grad_and_out(other, p, tokens, train=True)
+    _close(out1, out0)
+    _close(pretrained.unstack_layers(g1) if scan else g1, g0, rtol=1e-4)
+
+  # The fusion stack (two streams, image-masked cross-attention) and the ViT (no mask).
+  t = np.random.default_rng(0).normal(size=(2, 4, 32)).astype(np.float32)
+  v = np.random.default_rng(1).normal(size=(2, 6, 32)).astype(np.float32)
+  args = (t, tokens != 0, v, np.array([True, False]))
+  fkw = dict(width=32, depth=2, num_heads=2)
+  f_plain = fusion_lib.Fusion(**fkw)
+  f_params = nn.unbox(_random_params(f_plain, *args))
+  out1, g1 = _grad_and_out(fusion_lib.Fusion(**fkw, remat=True, scan_layers=True),
+                           pretrained.stack_layers(f_params), *args)
+  out0, g0 = _grad_and_out(f_plain, f_params, *args)
+  _close(out1, out0)
+  _close(pretrained.unstack_layers(g1), g0, rtol=1e-4)
+  img = np.random.default_rng(2).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  vkw = dict(patch_size=8, width=32, depth=2, num_heads=2)
+  v_plain = vit_lib.ViT(**vkw)
+  v_params = nn.unbox(_random_params(v_plain, img))
+  _close(jax.jit(vit_lib.ViT(**vkw, remat=True, scan_layers=True).apply)(
+      {"params": pretrained.stack_layers(v_params)}, img),
+      jax.jit(v_plain.apply)({"params": v_params}, img))
+
+
+# --------------------------------------------------------------------------------- two tower
+
+
+@pytest.mark.parametrize("variant", two_tower.VARIANTS)
+def test_variant_outputs_and_missing_image(variant):
+  model, _, out = _run(variant)
+  d = two_tower.embedding_dim(model.config)
+  assert out["query"]["emb"].shape == (2 * B, d) and out["product"]["emb"].shape == (2 * B, d)
+  for part in ("query", "product", "title_image"):
+    for k, v in out[part].items():
+      if k.endswith("emb"):
+        np.testing.assert_allclose(_norms(v), 1.0, rtol=1e-5, err_msg=f"{part}/{k}")
+  assert ("text_emb" in out["product"]) == (variant != "image_only")
+  assert ("image_emb" in out["product"]) == (variant != "text_only")
+  assert ("gate" in out["product"]) == (variant == "fusion")
+
+  # Rows B.. repeat rows 0.. with other pixels: product 1 (no image) keeps its embedding,
+  # products 0 and 2 (with images) change.
+  e = np.asarray(out["product"]["emb"])
+  e1, e2 = e[:B], e[B:]
+  np.testing.assert_allclose(e1[1], e2[1], rtol=1e-6, atol=1e-6)
+  if variant != "text_only":
+    assert np.abs(e1[0] - e2[0]).max() > 1e-4 and np.abs(e1[2] - e2[2]).max() > 1e-4
+    # Stage-1 image embedding of a missing image is the learned "missing" vector.
+    ti = np.asarray(out["title_image"]["image_emb"])
+    np.testing.assert_allclose(ti[1], ti[B + 1], rtol=1e-6, atol=1e-6)
+  else:
+    np.testing.assert_allclose(e1, e2, rtol=1e-6, atol=1e-6)
+
+
+def test_fusion_gate_favours_text_and_responds_to_missing_image():
+  model, _, out = _run("fusion")
+  out = out["product"]
+  gate = np.asarray(out["gate"])
+  bias = model.config.fusion.gate_init_bias
+  np.testing.assert_allclose(gate[[0, 2]], 1 / (1 + math.exp(-bias)), rtol=1e-5)
+  assert gate[1] == 0.0 and gate[0] < 0.5
+  # No image: the product embedding is exactly the text embedding.
+  np.testing.assert_allclose(out["emb"][1], out["text_emb"][1], rtol=1e-5, atol=1e-6)
+  # With an image it mixes in the fused branch.
+  assert np.abs(np.asarray(out["emb"][0] - out["text_emb"][0])).max() > 1e-3
+
+
+def test_fusion_qw_is_one_weighted_inner_product():
+  model, _, out = _run("fusion_qw")
+  q, p = out["query"], out["product"]
+  w = np.asarray(q["segment_weights"])
+  n = w.shape[0]
+  np.testing.assert_allclose(w, 1 / 3, rtol=1e-6)  # Zero-init weight head: uniform start.
+  e = model.config.embed_dim
+  qs = np.asarray(q["emb"]).reshape(n, 3, e)
+  ps = np.asarray(p["emb"]).reshape(n, 3, e)
+  # Query segment k has norm w_k / ||w||; product segments are unit / sqrt(3).
+  np.testing.assert_allclose(_norms(qs), w / np.linalg.norm(w, axis=-1, keepdims=True),
+                             rtol=1e-5)
+  np.testing.assert_allclose(ps * math.sqrt(3), np.stack(
+      [p["fused_emb"], p["text_emb"], p["image_emb"]], 1), rtol=1e-5, atol=1e-6)
+  # With other (non-uniform) weights the same identity holds by construction of the query:
+  # score = sum_k w_k <q_k, p_k> / (sqrt(3) ||w||), with unit q_k.
+  unit_q = qs / _norms(qs)[..., None]
+  score = np.einsum("ik,ikd,jkd->ij", w, unit_q, ps * math.sqrt(3))
+  score /= math.sqrt(3) * np.linalg.norm(w, axis=-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(q["emb"]) @ np.asarray(p["emb"]).T, score,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_param_names_shared_towers_loss_params_and_bfloat16():
+  _, v_sep, out = _run("fusion")
+  assert set(v_sep["params"]) == {"query_tower", "product_text_tower", "image_tower", "fusion",
+                                  "heads", "loss"}
+  assert float(out["logit_scale"]) == pytest.approx(math.log(1 / 0.07))
+  assert float(out["logit_bias"]) == -10.0
+  model, v, out = _run("concat", share_text_towers=True, contrastive="sigmoid",
+                       dtype="bfloat16")
+  assert set(v["params"]) == {"text_tower", "image_tower", "heads", "loss"}
+  assert float(out["logit_scale"]) == pytest.approx(math.log(10.0))
+  lp = jax.eval_shape(functools.partial(model.apply, method=model.logit_params), v)
+  assert set(lp) == {"logit_scale", "logit_bias"}
+  # bfloat16 compute: params and returned embeddings stay float32 and unit norm.
+  assert {x.dtype for x in jax.tree.leaves(nn.unbox(v))} == {jnp.dtype("float32")}
+  assert out["product"]["emb"].dtype == jnp.float32
+  np.testing.assert_allclose(_norms(out["product"]["emb"]), 1.0, rtol=1e-5)
+
+
+def test_every_param_has_logical_axis_names():
+  cfg = _config("fusion_qw")
+  cfg.text.scan_layers = True
+  model = two_tower.TwoTower(cfg)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), _batch())
+  leaves = jax.tree.leaves(variables["params"],
+                           is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  for x in leaves:
+    assert len(x.names) == len(x.value.shape), x
+  specs = nn.get_partition_spec(variables["params"])
+  q = specs["query_tower"]["Encoder_0"]["encoderblock"]["MultiHeadDotProductAttention_0"]
+  assert tuple(q["query"]["kernel"]) == ("layers", "embed", "heads", "kv")
+  assert tuple(specs["image_tower"]["embedding"]["kernel"]) == ("patch", "embed")
+  rules = (("batch", "data"), ("embed", "fsdp"), ("mlp", "model"), ("heads", "model"),
+           ("vocab", "model"))
+  mesh_axes = nn.logical_to_mesh(specs, rules)
+  assert tuple(mesh_axes["product_text_tower"]["Embed_0"]["embedding"]) == ("model", "fsdp")
+
+
+def test_bad_config_errors():
+  with pytest.raises(ValueError, match="variant"):
+    jax.eval_shape(two_tower.TwoTower(_config("late_fusion")).init, jax.random.PRNGKey(0),
+                   _batch())
+  cfg = _config("text_only")
+  cfg.text.poolng = "mean"
+  with pytest.raises(ValueError, match="poolng"):
+    jax.eval_shape(two_tower.TwoTower(cfg).init, jax.random.PRNGKey(0), _batch())
+
+
+# -------------------------------------------------------------------------------- pretrained
+
+
+def _vit_params(size=IMG, seed=0, **kw):
+  vit = vit_lib.ViT(**{**dict(patch_size=8, width=32, depth=2, num_heads=2), **kw})
+  return vit, _random_params(vit, np.zeros((1, size, size, 3), np.uint8), seed=seed)
+
+
+def _assert_tree_equal(a, b):
+  fa, fb = pretrained._flat(nn.unbox(a)), pretrained._flat(nn.unbox(b))
+  assert set(fa) == set(fb)
+  for k in fa:
+    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+def test_big_vision_npz_round_trip(tmp_path):
+  _, params = _vit_params(pool_type="map")
+  path = tmp_path / "vit.npz"
+  pretrained.save_npz(path, params)
+  keys = set(np.load(path).files)
+  # The big_vision layout, including the Conv-shaped patch kernel.
+  assert "Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel" in keys
+  assert "MAPHead_0/probe" in keys and "pos_embedding" in keys
+  assert np.load(path)["embedding/kernel"].shape == (8, 8, 3, 32)
+  _, target = _vit_params(pool_type="map", seed=1)  # Different values.
+  loaded = pretrained.load_vit_npz(path, target)
+  _assert_tree_equal(loaded, params)
+  # Boxes (logical names) of the target survive.
+  leaf = loaded["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert isinstance(leaf, nn.LogicallyPartitioned) and leaf.names == ("embed", "mlp")
+  # Into a scan_layers model: same values, stacked.
+  _, scan_target = _vit_params(pool_type="map", scan_layers=True)
+  loaded_scan = pretrained.load_vit_npz(path, scan_target)
+  _assert_tree_equal(pretrained.unstack_layers(loaded_scan), params)
+
+
+def test_big_vision_npz_old_layouts_and_resize(tmp_path):
+  _, params = _vit_params()
+  flat = pretrained.to_big_vision(params)
+  # Pre-Linen names, posemb inside the encoder with the [cls] entry prepended, "img/" prefix.
+  old = {}
+  for k, v in flat.items():
+    k = (k.replace("LayerNorm_1", "LayerNorm_2").replace("MlpBlock_0", "MlpBlock_3")
+         .replace("MultiHeadDotProductAttention_0", "MultiHeadDotProductAttention_1"))
+    old["img/" + k] = v
+  pe = old.pop("img/pos_embedding")
+  cls_pe = np.full((1, 1, 32), 0.5, np.float32)
+  old["img/Transformer/posembed_input/pos_embedding"] = np.concatenate([cls_pe, pe], 1)
+  old["img/head/kernel"] = np.zeros((32, 10), np.float32)  # Classifier head: ignored.
+  old["txt/Embed_0/embedding"] = np.zeros((50, 32), np.float32)
+  path = tmp_path / "old.npz"
+  np.savez(path, **old)
+  loaded = pretrained.load_vit_npz(path, params, key_prefix="img")
+  expected = nn.unbox(params)
+  expected["cls"] = expected["cls"] + 0.5
+  _assert_tree_equal(loaded, expected)
+  # A model at 32px (4x4 grid) gets a resampled 2x2 posemb; everything else loads as is.
+  _, big = _vit_params(size=32)
+  loaded_big = nn.unbox(pretrained.load_vit_npz(path, big, key_prefix="img"))
+  assert loaded_big["pos_embedding"].shape == (1, 16, 32)
+  np.testing.assert_allclose(loaded_big["pos_embedding"][0, 0], pe[0, 0], rtol=1e-5)
+  with pytest.raises(ValueError, match="key_prefix 'image'"):
+    pretrained.load_vit_npz(path, params, key_prefix="image")
+
+
+def test_big_vision_npz_mismatch_names_every_param(tmp_path):
+  _, params = _vit_params()
+  path = tmp_path / "vit.npz"
+  pretrained.save_npz(path, params)
+  _, wide = _vit_params(width=64, pool_type="map")
+  with pytest.raises(ValueError) as e:
+    pretrained.load_vit_npz(path, wide)
+  msg = str(e.value)
+  assert ("Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel: checkpoint shape (32, 128) "
+          "!= model shape (64, 256)") in msg
+  assert "MAPHead_0/probe: missing in checkpoint" in msg
+  # keep_init lets the MAP head stay random (loading a cls-token ViT into a MAP model).
+  _, map_target = _vit_params(pool_type="map", seed=1)
+  loaded = pretrained.load_vit_npz(path, map_target, keep_init=("MAPHead_0",))
+  np.testing.assert_array_equal(nn.unbox(loaded)["MAPHead_0"]["probe"],
+                                nn.unbox(map_target)["MAPHead_0"]["probe"])
+
+
+def test_text_npz_round_trip_and_merge_subtree(tmp_path):
+  model = two_tower.TwoTower(_config("fusion"))
+  batch = _batch()
+  params = _random_params(model, batch, seed=0)
+  path = tmp_path / "siglip.npz"
+  pretrained.save_npz(path, params["product_text_tower"], key_prefix="txt")
+  loaded = pretrained.load_text_npz(path, params["query_tower"], key_prefix="txt")
+  _assert_tree_equal(loaded, params["product_text_tower"])
+
+  # merge_subtree: stage 2 takes stage 1's image tower by name.
+  other = _random_params(two_tower.TwoTower(_config("concat")), batch, seed=1)
+  merged = pretrained.merge_subtree(params, other["image_tower"], "image_tower")
+  _assert_tree_equal(merged["image_tower"], other["image_tower"])
+  _assert_tree_equal(merged["fusion"], params["fusion"])
+  out = jax.eval_shape(model.apply, {"params": merged}, batch)  # The model accepts it.
+  assert out["product"]["emb"].shape == (2 * B, 16)
+  assert not np.array_equal(nn.unbox(params)["image_tower"]["cls"],  # Input not modified.
+                            nn.unbox(other)["image_tower"]["cls"])
+  bad = pretrained.unstack_layers(other["image_tower"])
+  bad["embedding"]["kernel"] = np.zeros((10, 32), np.float32)
+  del bad["cls"]
+  with pytest.raises(ValueError) as e:
+    pretrained.merge_subtree(params, bad, "image_tower")
+  assert "image_tower/embedding/kernel: subtree shape (10, 32) != model shape (192, 32)" in str(
+      e.value)
+  assert "image_tower/cls: missing in subtree" in str(e.value)
+  with pytest.raises(ValueError, match="'image_towr' not in params"):
+    pretrained.merge_subtree(params, bad, "image_towr")

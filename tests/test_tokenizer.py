@@ -1,0 +1,140 @@
+"""Tests for mmr_jax.data.tokenizer: training, numpy encoding, TF parity."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from mmr_jax.data import tokenizer as tokenizer_lib
+
+# Latin-only corpus: every non-Latin script below is unseen at training time.
+CORPUS = [
+    "red cotton t-shirt for men, soft and breathable, size M",
+    "wireless bluetooth headphones with noise cancelling and 40h battery",
+    "stainless steel water bottle 750ml, insulated, keeps drinks cold",
+    "women's floral summer dress, knee length, viscose",
+    "ergonomic office chair with lumbar support and adjustable armrests",
+    "kids' running shoes, breathable mesh, size 32",
+    "ceramic coffee mug 350 ml, dishwasher safe",
+    "leather wallet with rfid blocking, brown",
+] * 8
+
+UNUSUAL = [
+    "",
+    "   ",
+    "\t\n",
+    "🎉🔥👟 sneakers 🎉",
+    "日本語の商品説明テキスト",
+    "مرحبا بالعالم حقيبة جلدية",
+    "Привет мир, кружка керамическая",
+    "mixed: shoes 靴 обувь حذاء 👟 42EU",
+    "red  cotton\tshirt\nnew line",
+    "Café crème brûlée — naïve façade",
+    "x" * 3000,
+    "wireless " * 400,
+]
+
+MAX_LEN = 24
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+  out = tmp_path_factory.mktemp("tok") / "tokenizer"
+  return tokenizer_lib.train_tokenizer(iter(CORPUS), str(out), vocab_size=8000)
+
+
+@pytest.fixture(scope="module")
+def tok(model_path):
+  return tokenizer_lib.Tokenizer(model_path)
+
+
+def test_train_writes_model_with_special_ids(model_path, tok):
+  assert model_path.endswith(".model") and os.path.exists(model_path)
+  # hard_vocab_limit=False: a tiny corpus gets a small vocab, not an error.
+  assert 260 < tok.vocab_size < 8000
+  assert [tok.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>",
+                                                    "</s>"]
+
+
+def test_encode_shape_padding_no_bos_eos(tok):
+  ids = tok.encode(["red cotton t-shirt", "", "wireless " * 100], MAX_LEN)
+  assert ids.shape == (3, MAX_LEN) and ids.dtype == np.int32
+  row0 = ids[0][ids[0] != 0]
+  assert 0 < len(row0) < MAX_LEN
+  assert np.all(ids[0, len(row0):] == 0)  # right padded
+  assert tokenizer_lib.BOS_ID not in ids and tokenizer_lib.EOS_ID not in ids
+  assert np.all(ids[1] == 0)
+  assert np.all(ids[2] != 0)  # truncated, not padded
+  assert tok.decode(ids[:1]) == ["red cotton t-shirt"]
+  assert tok.encode([], MAX_LEN).shape == (0, MAX_LEN)
+
+
+def test_byte_fallback_for_unseen_scripts(tok):
+  for text in ["日本語", "مرحبا", "Привет", "🎉"]:
+    ids = tok.encode([text], MAX_LEN)[0]
+    ids = ids[ids != 0]
+    assert len(ids) > 0, text
+    assert tokenizer_lib.UNK_ID not in ids, text
+    # The text survives the round trip, so distinct queries stay distinct.
+    assert tok.decode(ids[None]) == [text]
+  assert not np.array_equal(tok.encode(["日本"], MAX_LEN),
+                            tok.encode(["中国"], MAX_LEN))
+
+
+def test_numpy_tf_parity(tok):
+  ids_np = tok.encode(UNUSUAL, MAX_LEN)
+  encode = tokenizer_lib.tf_encode(tok.model_proto, MAX_LEN)
+  ids_tf = encode(UNUSUAL).numpy()
+  assert ids_tf.dtype == np.int32 and ids_tf.shape == (len(UNUSUAL), MAX_LEN)
+  np.testing.assert_array_equal(ids_np, ids_tf)
+  # A long text really was truncated on both sides (not just all padding).
+  assert np.all(ids_tf[-2] != 0) and np.all(ids_tf[-1] != 0)
+  assert encode([]).numpy().shape == (0, MAX_LEN)
+
+
+def test_tf_encoder_saves_and_reloads(tok, tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  encode = tokenizer_lib.tf_encode(tok.model_proto, MAX_LEN)
+  tf.saved_model.save(encode, str(tmp_path / "enc"))
+  loaded = tf.saved_model.load(str(tmp_path / "enc"))
+  np.testing.assert_array_equal(loaded(tf.constant(UNUSUAL[:6])).numpy(),
+                                tok.encode(UNUSUAL[:6], MAX_LEN))
+
+
+def test_training_is_deterministic(model_path, tmp_path):
+  again = tokenizer_lib.train_tokenizer(CORPUS, str(tmp_path / "again"),
+                                        vocab_size=8000)
+  a, b = tokenizer_lib.Tokenizer(model_path), tokenizer_lib.Tokenizer(again)
+  assert a.vocab_size == b.vocab_size
+  sample = CORPUS[:8] + UNUSUAL
+  np.testing.assert_array_equal(a.encode(sample, 64), b.encode(sample, 64))
+
+
+def test_pickle_roundtrip(tok):
+  clone = pickle.loads(pickle.dumps(tok))
+  np.testing.assert_array_equal(clone.encode(UNUSUAL, MAX_LEN),
+                                tok.encode(UNUSUAL, MAX_LEN))
+
+
+def test_bad_inputs(tmp_path, tok):
+  with pytest.raises(ValueError, match="no non-empty text"):
+    tokenizer_lib.train_tokenizer(["", "  "], str(tmp_path / "t"))
+  with pytest.raises(TypeError, match=r"texts\[1\]"):
+    tokenizer_lib.train_tokenizer(["ok", 3], str(tmp_path / "t"))
+  with pytest.raises(FileNotFoundError, match="no model file"):
+    tokenizer_lib.Tokenizer(str(tmp_path / "missing.model"))
+  with pytest.raises(ValueError, match="not a SentencePiece model"):
+    tokenizer_lib.Tokenizer(model_proto=b"garbage")
+  with pytest.raises(TypeError, match="single string"):
+    tok.encode("a string", MAX_LEN)
+
+
+def test_sampled_training_is_deterministic(tmp_path):
+  # More sentences than input_sentence_size: the seeded reservoir sample.
+  corpus = [f"{w} item {i}" for i, w in enumerate(CORPUS * 5)]
+  paths = [tokenizer_lib.train_tokenizer(corpus, str(tmp_path / f"s{k}"),
+                                         seed=5, input_sentence_size=120)
+           for k in range(2)]
+  a, b = (tokenizer_lib.Tokenizer(p) for p in paths)
+  np.testing.assert_array_equal(a.encode(corpus, 32), b.encode(corpus, 32))
