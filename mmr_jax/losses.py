@@ -10,8 +10,13 @@ Each loss comes in two forms with the same value and gradients:
   *  `softmax_contrastive` / `sigmoid_contrastive` materialise the B x B logits;
   *  `*_chunked(..., chunk_size)` scan over row blocks of `a` and keep only a [chunk, B] block
      alive (rematerialised in the backward pass), carrying running column statistics (online
-     log-sum-exp). Memory is O(chunk * B) instead of O(B^2), and the block body is the unit a
-     later shard_map distributes across devices.
+     log-sum-exp). Memory is O(chunk * B) instead of O(B^2). `softmax_block` (one row block's
+     row losses + partial column stats) and the associative `merge_softmax_columns` are the
+     units a shard_map version distributes: each device runs blocks of its rows against the
+     all-gathered `b` and the column stats are merged across devices.
+`pos_mask` is either a [B, B] bool array or `(product_index [B], positives [B, K] | None)`, from
+which the chunked losses build each block's rows of the mask without an [B, B] array.
+`logit_scale` is the log of the logit multiplier (the learned parameter, as in CLIP/SigLIP).
 """
 
 from __future__ import annotations
@@ -205,6 +210,39 @@ def _block_logits(x, b, pos_mask):
   return cos, neg, diag
 
 
+def softmax_block(x, b, s, pos_mask):
+  """Returns (row outputs, column stats) of the softmax loss for one row block `x` of `a`.
+
+  Row outputs: loss [c] and top-1 correctness [c] of each row (complete within the block).
+  Column stats: a partial log-sum-exp per column of `b` plus metric sums, combined across
+  blocks (or devices) with the associative `merge_softmax_columns`.
+  """
+  cos, neg, diag = _block_logits(x, b, pos_mask)
+  keep = neg | (diag & x["valid"][:, None])  # Entries in the denominators.
+  logits = jnp.where(keep, s * cos, NEG)  # [c, B]
+  rows = (jax.nn.logsumexp(logits, axis=1) - x["diag"],
+          x["diag"] > jnp.max(jnp.where(neg, logits, NEG), axis=1))
+  # The stabiliser carries no gradient: d/dz [m + log sum exp(z - m)] is softmax(z) for any
+  # constant m. A column with no kept entry in this block sums exp(0) per entry here, but its
+  # max is NEG, so the merge with any real entry (its own diagonal) scales that to 0.
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=0))
+  negf = neg.astype(jnp.float32)
+  cols = dict(col_max=m, col_sum=jnp.sum(jnp.exp(logits - m[None, :]), axis=0),
+              col_neg_max=jnp.max(jnp.where(neg, logits, NEG), axis=0),
+              neg_sim=jax.lax.stop_gradient(jnp.sum(cos * negf)), neg_cnt=jnp.sum(negf))
+  return rows, cols
+
+
+def merge_softmax_columns(p, q):
+  """Returns the column stats of the union of two row sets (online log-sum-exp merge)."""
+  m = jax.lax.stop_gradient(jnp.maximum(p["col_max"], q["col_max"]))
+  return dict(col_max=m,
+              col_sum=(p["col_sum"] * jnp.exp(p["col_max"] - m)
+                       + q["col_sum"] * jnp.exp(q["col_max"] - m)),
+              col_neg_max=jnp.maximum(p["col_neg_max"], q["col_neg_max"]),
+              neg_sim=p["neg_sim"] + q["neg_sim"], neg_cnt=p["neg_cnt"] + q["neg_cnt"])
+
+
 def softmax_contrastive_chunked(a, b, logit_scale, pos_mask: PosMask = None, weights=None, *,
                                 chunk_size: int = 256):
   """Returns (loss, metrics) equal to `softmax_contrastive`, computed over row blocks.
@@ -218,27 +256,11 @@ def softmax_contrastive_chunked(a, b, logit_scale, pos_mask: PosMask = None, wei
   xs, w, wsum, valid_w = _blocks(a, pos_mask, weights, chunk_size, "softmax_contrastive_chunked")
   cos_diag = jnp.sum(a.astype(jnp.float32) * b, axis=-1)  # [B]
   diag_all = s * cos_diag
-  xs["diag"] = jnp.pad(diag_all, (0, xs["a"].shape[0] * xs["a"].shape[1] - n)).reshape(
-      xs["rows"].shape)
+  xs["diag"] = jnp.pad(diag_all, (0, xs["rows"].size - n)).reshape(xs["rows"].shape)
 
   def body(carry, x):
-    cos, neg, diag = _block_logits(x, b, pos_mask)
-    keep = neg | (diag & x["valid"][:, None])  # Entries in the denominators.
-    logits = jnp.where(keep, s * cos, NEG)  # [c, B]
-    row_loss = jax.nn.logsumexp(logits, axis=1) - x["diag"]  # [c]
-    row_acc = x["diag"] > jnp.max(jnp.where(neg, logits, NEG), axis=1)
-    # Online log-sum-exp down the columns; the stabiliser carries no gradient.
-    m = jax.lax.stop_gradient(jnp.maximum(carry["col_max"], jnp.max(logits, axis=0)))
-    col_sum = (carry["col_sum"] * jnp.exp(carry["col_max"] - m)
-               + jnp.sum(jnp.exp(logits - m[None, :]), axis=0))
-    negf = neg.astype(jnp.float32)
-    carry = dict(
-        col_max=m, col_sum=col_sum,
-        col_neg_max=jnp.maximum(carry["col_neg_max"],
-                                jnp.max(jnp.where(neg, logits, NEG), axis=0)),
-        neg_sim=carry["neg_sim"] + jax.lax.stop_gradient(jnp.sum(cos * negf)),
-        neg_cnt=carry["neg_cnt"] + jnp.sum(negf))
-    return carry, (row_loss, row_acc)
+    rows, cols = softmax_block(x, b, s, pos_mask)
+    return merge_softmax_columns(carry, cols), rows
 
   init = dict(col_max=jnp.full((n,), NEG, jnp.float32), col_sum=jnp.zeros((n,), jnp.float32),
               col_neg_max=jnp.full((n,), NEG, jnp.float32), neg_sim=jnp.float32(0),

@@ -53,6 +53,15 @@ def catalog_writer():
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """Shares compiled executables between the tests' many identical tiny trainers."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> str:
   """Returns a DATA_DIR with the `tiny` synthetic catalogue (300 products, 32 px), made once per session."""

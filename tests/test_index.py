@@ -81,10 +81,11 @@ def test_recall_vs_exact():
 
 def test_derive_scann_params():
   p = index.derive_scann_params(1_000_000, 128)
-  assert p["num_leaves"] == 1000 and not p["brute_force"]
+  assert p["num_leaves"] == 2000 and not p["brute_force"]
+  assert index.derive_scann_params(1_000_000, 128, {"leaves_per_sqrt_n": 1})["num_leaves"] == 1000
   assert 1 <= p["num_leaves_to_search"] < p["num_leaves"]
   assert index.derive_scann_params(500, 8)["brute_force"]
-  assert index.derive_scann_params(5000, 8, {"num_leaves_to_search": 9999})["num_leaves_to_search"] == 71
+  assert index.derive_scann_params(5000, 8, {"num_leaves_to_search": 9999})["num_leaves_to_search"] == 100
   with pytest.raises(ValueError, match="unknown ScaNN parameter"):
     index.derive_scann_params(5000, 8, {"num_leafs": 3})
 

@@ -28,24 +28,37 @@ def _config(variant="fusion", **kw):
   return cfg
 
 
-def _batch(seed=0):
+def _batch(seed=0, title=True):
   """Returns 2B rows: B products, then the same products with different pixels."""
   rng = np.random.default_rng(seed)
   tokens = rng.integers(4, 50, (B, LEN)).astype(np.int32)
   tokens[1, 5:] = 0  # A shorter text.
   tokens[2, 2:] = 0  # A very short one.
   tokens = np.concatenate([tokens, tokens])
-  return dict(query_tokens=tokens[:, :8], product_tokens=tokens, title_tokens=tokens[:, :6],
-              image=rng.integers(0, 256, (2 * B, IMG, IMG, 3), dtype=np.uint8),
-              has_image=np.array(HAS_IMAGE * 2))
+  batch = dict(query_tokens=tokens[:, :8], product_tokens=tokens,
+               image=rng.integers(0, 256, (2 * B, IMG, IMG, 3), dtype=np.uint8),
+               has_image=np.array(HAS_IMAGE * 2))
+  if title:
+    batch["title_tokens"] = tokens[:, :6]
+  return batch
 
 
 @functools.lru_cache(maxsize=None)
 def _run(variant, **kw):
-  """Returns (model, variables, outputs) of one jitted init_with_output (one compile)."""
+  """Returns (model, params, outputs) with random params (tracing + one apply compile).
+
+  XLA compiles of `init` cost ~3x an `apply` on this CPU, so the towers are tested with
+  random parameters and initial values are tested on the small modules that set them.
+  """
   model = two_tower.TwoTower(_config(variant, **kw))
-  out, variables = jax.jit(model.init_with_output)(jax.random.PRNGKey(0), _batch())
-  return model, variables, out
+  batch = _batch(title=variant == "fusion")
+  params = _random_params(model, batch)
+  return model, params, _jit(model.apply)({"params": params}, batch)
+
+
+def _jit(f):
+  """Returns jax.jit(f) with cheap XLA backend optimisation: these tests are compile-bound."""
+  return jax.jit(f, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _norms(x):
@@ -56,7 +69,7 @@ def _random_params(module, *inputs, seed=0):
   """Returns the module's (boxed) params with random values: shapes by tracing, no compile."""
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+  return jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
@@ -86,7 +99,7 @@ def test_vit_normalises_uint8_to_unit_range():
   img = np.zeros((1, 8, 8, 3), np.uint8)
   img[..., 0] = 255
   variables = _random_params(vit, img)
-  _, inter = jax.jit(functools.partial(
+  _, inter = _jit(functools.partial(
       vit.apply, capture_intermediates=lambda m, _: m.name == "embedding",
       mutable=["intermediates"]))({"params": variables}, img)
   p = nn.unbox(variables)["embedding"]
@@ -108,17 +121,17 @@ def test_patch_embedding_equals_big_vision_conv():
 
 def test_text_encoder_masks_padding():
   enc = text_lib.TextEncoder(vocab_size=50, width=32, depth=1, num_heads=2, max_len=16)
-  tokens = np.array([[5, 6, 7, 0, 0, 0], [9, 8, 0, 0, 0, 0], [5, 6, 7, 11, 0, 0]], np.int32)
-  # Same rows with 6 more pads; all in one call so one compile.
-  both = np.concatenate([np.pad(tokens, ((0, 0), (0, 6))), np.pad(tokens, ((0, 0), (0, 6)))])
-  both[3:, 6:] = 0
-  params = _random_params(enc, both)
-  pooled, seq, mask = jax.jit(enc.apply)({"params": params}, both)
-  assert pooled.shape == (6, 32) and seq.shape == (6, 12, 32)
-  np.testing.assert_array_equal(mask, both != 0)
-  short, _, _ = jax.jit(enc.apply)({"params": params}, tokens)
-  np.testing.assert_allclose(short, pooled[:3], rtol=1e-5, atol=1e-5)  # Pad count: no effect.
+  tokens = np.array([[5, 6, 7, 0, 0, 0], [9, 8, 0, 0, 0, 0], [5, 6, 7, 11, 0, 0],
+                     [0, 0, 0, 0, 0, 0]], np.int32)  # Last: an empty text.
+  longer = np.pad(tokens, ((0, 0), (0, 6)))  # The same texts with 6 more pads.
+  params = _random_params(enc, longer)
+  pooled, seq, mask = _jit(enc.apply)({"params": params}, longer)
+  assert pooled.shape == (4, 32) and seq.shape == (4, 12, 32)
+  np.testing.assert_array_equal(mask, longer != 0)
+  short, _, _ = _jit(enc.apply)({"params": params}, tokens)
+  np.testing.assert_allclose(short, pooled, rtol=1e-5, atol=1e-5)  # Pad count: no effect.
   assert np.abs(np.asarray(pooled[0] - pooled[2])).max() > 1e-3  # A real token: an effect.
+  np.testing.assert_array_equal(pooled[3], 0.0)  # Empty text: zeros, not NaN.
   with pytest.raises(ValueError, match="max_len"):
     jax.eval_shape(enc.init, jax.random.PRNGKey(0), np.ones((1, 17), np.int32))
 
@@ -127,7 +140,7 @@ def _grad_and_out(module, params, *inputs, **kw):
   def f(p):
     out = module.apply({"params": p}, *inputs, **kw)
     return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(out) if x.dtype == jnp.float32), out
-  (_, out), g = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+  (_, out), g = _jit(jax.value_and_grad(f, has_aux=True))(params)
   return out, g
 
 
@@ -161,9 +174,9 @@ def test_remat_and_scan_match_plain():
   vkw = dict(patch_size=8, width=32, depth=2, num_heads=2)
   v_plain = vit_lib.ViT(**vkw)
   v_params = nn.unbox(_random_params(v_plain, img))
-  _close(jax.jit(vit_lib.ViT(**vkw, remat=True, scan_layers=True).apply)(
+  _close(_jit(vit_lib.ViT(**vkw, remat=True, scan_layers=True).apply)(
       {"params": pretrained.stack_layers(v_params)}, img),
-      jax.jit(v_plain.apply)({"params": v_params}, img))
+      _jit(v_plain.apply)({"params": v_params}, img))
 
 
 # --------------------------------------------------------------------------------- two tower
@@ -175,7 +188,7 @@ def test_variant_outputs_and_missing_image(variant):
   d = two_tower.embedding_dim(model.config)
   assert out["query"]["emb"].shape == (2 * B, d) and out["product"]["emb"].shape == (2 * B, d)
   for part in ("query", "product", "title_image"):
-    for k, v in out[part].items():
+    for k, v in out.get(part, {}).items():
       if k.endswith("emb"):
         np.testing.assert_allclose(_norms(v), 1.0, rtol=1e-5, err_msg=f"{part}/{k}")
   assert ("text_emb" in out["product"]) == (variant != "image_only")
@@ -189,24 +202,48 @@ def test_variant_outputs_and_missing_image(variant):
   np.testing.assert_allclose(e1[1], e2[1], rtol=1e-6, atol=1e-6)
   if variant != "text_only":
     assert np.abs(e1[0] - e2[0]).max() > 1e-4 and np.abs(e1[2] - e2[2]).max() > 1e-4
-    # Stage-1 image embedding of a missing image is the learned "missing" vector.
-    ti = np.asarray(out["title_image"]["image_emb"])
-    np.testing.assert_allclose(ti[1], ti[B + 1], rtol=1e-6, atol=1e-6)
   else:
     np.testing.assert_allclose(e1, e2, rtol=1e-6, atol=1e-6)
+  if variant == "fusion":
+    # Stage 1: a missing image embeds as the learned "missing" vector, whatever the pixels.
+    ti = np.asarray(out["title_image"]["image_emb"])
+    np.testing.assert_allclose(ti[1], ti[B + 1], rtol=1e-6, atol=1e-6)
+    assert np.abs(ti[0] - ti[B]).max() > 1e-4
+    assert out["title_image"]["title_emb"].shape == (2 * B, d)
 
 
-def test_fusion_gate_favours_text_and_responds_to_missing_image():
-  model, _, out = _run("fusion")
+def test_fusion_gate_responds_to_missing_image():
+  _, _, out = _run("fusion")
   out = out["product"]
   gate = np.asarray(out["gate"])
-  bias = model.config.fusion.gate_init_bias
-  np.testing.assert_allclose(gate[[0, 2]], 1 / (1 + math.exp(-bias)), rtol=1e-5)
-  assert gate[1] == 0.0 and gate[0] < 0.5
+  assert gate[1] == 0.0 and gate[B + 1] == 0.0
+  assert 0.0 < gate[0] < 1.0 and 0.0 < gate[2] < 1.0
+  assert gate[0] != gate[B]  # The gate reads the image too.
   # No image: the product embedding is exactly the text embedding.
   np.testing.assert_allclose(out["emb"][1], out["text_emb"][1], rtol=1e-5, atol=1e-6)
   # With an image it mixes in the fused branch.
   assert np.abs(np.asarray(out["emb"][0] - out["text_emb"][0])).max() > 1e-3
+
+
+def test_initial_values():
+  """Gate starts on text, qw segment weights uniform, loss params per contrastive type."""
+  rng = np.random.default_rng(0)
+  t = rng.normal(size=(2, 4, 32)).astype(np.float32)
+  v = rng.normal(size=(2, 6, 32)).astype(np.float32)
+  fusion = fusion_lib.Fusion(width=32, depth=1, num_heads=2, gate_init_bias=-2.0)
+  out, _ = _jit(fusion.init_with_output)(
+      jax.random.PRNGKey(0), t, np.ones((2, 4), bool), v, np.array([True, False]))
+  np.testing.assert_allclose(out["gate"], [1 / (1 + math.exp(2.0)), 0.0], rtol=1e-5)
+  heads = two_tower.Heads(embed_dim=16, image_width=32)
+  w, _ = heads.init_with_output(jax.random.PRNGKey(0), t[:, 0],
+                                method=lambda m, x: jax.nn.softmax(m.segment_weights(x)))
+  np.testing.assert_allclose(w, 1 / 3, rtol=1e-6)
+  for contrastive, scale in [("softmax", math.log(1 / 0.07)), ("sigmoid", math.log(10.0))]:
+    model = two_tower.TwoTower(_config(contrastive=contrastive))
+    lp, v = model.init_with_output(jax.random.PRNGKey(0), method=model.logit_params)
+    assert set(v["params"]) == {"loss"}
+    assert float(lp["logit_scale"]) == pytest.approx(scale)
+    assert float(lp["logit_bias"]) == -10.0
 
 
 def test_fusion_qw_is_one_weighted_inner_product():
@@ -214,7 +251,8 @@ def test_fusion_qw_is_one_weighted_inner_product():
   q, p = out["query"], out["product"]
   w = np.asarray(q["segment_weights"])
   n = w.shape[0]
-  np.testing.assert_allclose(w, 1 / 3, rtol=1e-6)  # Zero-init weight head: uniform start.
+  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+  assert np.ptp(w) > 1e-3  # Random params: non-uniform weights, a real test of the identity.
   e = model.config.embed_dim
   qs = np.asarray(q["emb"]).reshape(n, 3, e)
   ps = np.asarray(p["emb"]).reshape(n, 3, e)
@@ -223,7 +261,6 @@ def test_fusion_qw_is_one_weighted_inner_product():
                              rtol=1e-5)
   np.testing.assert_allclose(ps * math.sqrt(3), np.stack(
       [p["fused_emb"], p["text_emb"], p["image_emb"]], 1), rtol=1e-5, atol=1e-6)
-  # With other (non-uniform) weights the same identity holds by construction of the query:
   # score = sum_k w_k <q_k, p_k> / (sqrt(3) ||w||), with unit q_k.
   unit_q = qs / _norms(qs)[..., None]
   score = np.einsum("ik,ikd,jkd->ij", w, unit_q, ps * math.sqrt(3))
@@ -232,20 +269,14 @@ def test_fusion_qw_is_one_weighted_inner_product():
                              rtol=1e-5, atol=1e-6)
 
 
-def test_param_names_shared_towers_loss_params_and_bfloat16():
-  _, v_sep, out = _run("fusion")
-  assert set(v_sep["params"]) == {"query_tower", "product_text_tower", "image_tower", "fusion",
-                                  "heads", "loss"}
-  assert float(out["logit_scale"]) == pytest.approx(math.log(1 / 0.07))
-  assert float(out["logit_bias"]) == -10.0
-  model, v, out = _run("concat", share_text_towers=True, contrastive="sigmoid",
-                       dtype="bfloat16")
-  assert set(v["params"]) == {"text_tower", "image_tower", "heads", "loss"}
-  assert float(out["logit_scale"]) == pytest.approx(math.log(10.0))
-  lp = jax.eval_shape(functools.partial(model.apply, method=model.logit_params), v)
-  assert set(lp) == {"logit_scale", "logit_bias"}
+def test_param_names_shared_towers_and_bfloat16():
+  _, p_sep, _ = _run("fusion")
+  assert set(p_sep) == {"query_tower", "product_text_tower", "image_tower", "fusion", "heads",
+                        "loss"}
+  _, p, out = _run("concat", share_text_towers=True, dtype="bfloat16")
+  assert set(p) == {"text_tower", "image_tower", "heads", "loss"}
   # bfloat16 compute: params and returned embeddings stay float32 and unit norm.
-  assert {x.dtype for x in jax.tree.leaves(nn.unbox(v))} == {jnp.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(nn.unbox(p))} == {jnp.dtype("float32")}
   assert out["product"]["emb"].dtype == jnp.float32
   np.testing.assert_allclose(_norms(out["product"]["emb"]), 1.0, rtol=1e-5)
 
@@ -268,6 +299,21 @@ def test_every_param_has_logical_axis_names():
            ("vocab", "model"))
   mesh_axes = nn.logical_to_mesh(specs, rules)
   assert tuple(mesh_axes["product_text_tower"]["Embed_0"]["embedding"]) == ("model", "fsdp")
+
+
+def test_init_and_apply_under_a_mesh_with_logical_rules():
+  """Param boxes and activation constraints resolve against a mesh (as the trainer runs)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+  rules = (("batch", "data"), ("embed", "model"), ("mlp", "model"), ("heads", "model"))
+  cfg = _config("fusion")
+  cfg.vit.scan_layers = True
+  model = two_tower.TwoTower(cfg)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), _batch())
+    out = jax.eval_shape(model.apply, variables, _batch())
+  assert out["product"]["emb"].shape == (2 * B, 16)
+  k = variables["params"]["image_tower"]["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]
+  assert k["kernel"].names == ("layers", "embed", "mlp")
 
 
 def test_bad_config_errors():
@@ -381,6 +427,19 @@ def test_text_npz_round_trip_and_merge_subtree(tmp_path):
   assert out["product"]["emb"].shape == (2 * B, 16)
   assert not np.array_equal(nn.unbox(params)["image_tower"]["cls"],  # Input not modified.
                             nn.unbox(other)["image_tower"]["cls"])
+  # Into a scan_layers model (stage 2 may scan where stage 1 did not).
+  cfg = _config("fusion")
+  cfg.vit.scan_layers = True
+  scanned = _random_params(two_tower.TwoTower(cfg), batch, seed=2)
+  merged = pretrained.merge_subtree(scanned, other["image_tower"], "image_tower")
+  assert "encoderblock" in merged["image_tower"]["Transformer"]
+  _assert_tree_equal(pretrained.unstack_layers(merged["image_tower"]), other["image_tower"])
+  # Model params as the trainer holds them (unboxed) + a big_vision npz at a prefix.
+  pretrained.save_npz(tmp_path / "vit.npz", other["image_tower"], key_prefix="img")
+  loaded = pretrained.load_vit_npz_into(nn.unbox(params), f"{tmp_path / 'vit.npz'}:img")
+  _assert_tree_equal(loaded["image_tower"], other["image_tower"])
+  _assert_tree_equal(loaded["fusion"], params["fusion"])
+
   bad = pretrained.unstack_layers(other["image_tower"])
   bad["embedding"]["kernel"] = np.zeros((10, 32), np.float32)
   del bad["cls"]

@@ -1,22 +1,27 @@
 """Benchmarks exact search vs ScaNN vs faiss (IVF-PQ fast-scan + refine, HNSW) on one vector set.
 
-Every method is tuned fairly on a held-out half of the queries: its search-time knobs are
-swept and the fastest setting reaching `--target_recall` recall@100 vs exact is kept; then
-build time, batched and single-query QPS and recall@10/@100 vs exact are measured on the
-other half. faiss is optional (`pip install faiss-cpu`); without it those entries say
-"skipped".
+Fair tuning: the queries are split in half. On the tuning half each method's build variants
+are built and its search-time knobs swept; the fastest setting reaching `--target_recall`
+recall@100 vs exact is kept. On the test half every kept method (and exact search) is then
+timed round-robin, `--repeats` rounds, best round kept, so load from other processes on a
+shared machine hits all methods alike. faiss is optional (`pip install faiss-cpu`); without
+it those entries say "skipped".
 
-  python tools/bench_ann.py                    # 1M x 128, ~10 min on 2 cores
+  python tools/bench_ann.py                    # 1M x 128 (about 10-15 min on 2 busy cores)
   python tools/bench_ann.py --n 200000 --out /tmp/ann.json
 
-Prints one JSON object: {"n", "d", "exact": {"qps"}, "scann": {...}, "faiss_ivfpq_fastscan_refine":
-{...}, "faiss_hnsw": {...}, "speedup_scann_vs_exact", ...}; QPS values are the best of
-`--repeats` timed runs (the machine is shared and noisy).
+Prints one JSON object (and writes it to --out):
+  {"n", "d", "exact": {"qps"}, "scann": {"qps", "qps_single", "recall@10", "recall@100",
+   "build_s", "params", "build", "sweep", ...}, "faiss_ivfpq_fastscan_refine": {...},
+   "faiss_hnsw": {...}, "speedup_scann_vs_exact", "speedup_scann_vs_<faiss method>", "setup"}
+Recalls are vs exact search on the test half; "qps" is batched (all threads), "qps_single"
+one query per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +33,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+
+K = 100  # every method retrieves top-100; recall@10 uses the first 10 of them
 
 
 def _log(msg: str) -> None:
@@ -72,16 +79,29 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 
 def _recalls(approx_idx: np.ndarray, exact_idx: np.ndarray) -> dict[str, float]:
-  return {"recall@10": index_lib.recall_vs_exact(approx_idx[:, :10], exact_idx[:, :10], 10),
-          "recall@100": index_lib.recall_vs_exact(approx_idx, exact_idx, 100)}
+  return {"recall@10": round(index_lib.recall_vs_exact(approx_idx[:, :10], exact_idx[:, :10], 10), 4),
+          "recall@100": round(index_lib.recall_vs_exact(approx_idx, exact_idx, K), 4)}
 
 
-def _tune_and_measure(name: str, search: Callable[[np.ndarray, dict], np.ndarray],
-                      search_one: Callable[[np.ndarray, dict], Any], grid: list[dict],
-                      tune_q, tune_exact, test_q, test_exact, target: float, repeats: int,
-                      single_queries: int) -> dict[str, Any]:
-  """Returns the measurement at the fastest grid point reaching `target` recall@100 on tune_q.
+@dataclasses.dataclass
+class Candidate:
+  """One built index tuned on the tuning queries, ready for the final measurement."""
+  build: dict[str, Any]
+  build_s: float
+  params: dict[str, Any]  # chosen search-time knobs
+  tune: dict[str, Any]  # recall@100 / qps at `params` on the tuning queries
+  target_reached: bool
+  sweep: list[dict[str, Any]]
+  search: Callable[[np.ndarray], np.ndarray]  # [Q, D] -> indices [Q, K], knobs bound
+  search_one: Callable[[np.ndarray], Any]  # [D] -> anything (timed only)
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+
+def _tune(name: str, search: Callable[[np.ndarray, dict], np.ndarray], grid: list[dict],
+          tune_q: np.ndarray, tune_exact: np.ndarray, target: float, repeats: int):
+  """Returns (chosen knobs, their sweep row, target reached, sweep) on the tuning queries.
+
+  Chosen: the fastest grid point reaching `target` recall@100, else the most accurate one.
   Knobs are monotone (more = slower, more accurate), so a grid point is skipped when a point
   with every knob <= its own already reached the target.
   """
@@ -90,64 +110,80 @@ def _tune_and_measure(name: str, search: Callable[[np.ndarray, dict], np.ndarray
     if any(s["recall@100"] >= target and all(s[k] <= v for k, v in params.items()) for s in sweep):
       continue
     secs, idx = _best_time(lambda p=params: search(tune_q, p), repeats)
-    r = index_lib.recall_vs_exact(idx, tune_exact, 100)
+    r = index_lib.recall_vs_exact(idx, tune_exact, K)
     sweep.append({**params, "recall@100": round(r, 4), "qps": round(len(tune_q) / secs, 1)})
     _log(f"{name} tune {params}: recall@100={r:.4f} qps={len(tune_q) / secs:.0f}")
   ok = [s for s in sweep if s["recall@100"] >= target]
-  if ok:
-    chosen = max(ok, key=lambda s: s["qps"])
-  else:
-    chosen = max(sweep, key=lambda s: s["recall@100"])
-    _log(f"{name}: no setting reached recall@100 >= {target}; using the most accurate one")
-  params = {k: v for k, v in chosen.items() if k not in ("recall@100", "qps")}
-  secs, idx = _best_time(lambda: search(test_q, params), repeats)
-  m = min(single_queries, len(test_q))
-  t0 = time.perf_counter()
-  for i in range(m):
-    search_one(test_q[i], params)
-  single_s = time.perf_counter() - t0
-  out = {"qps": round(len(test_q) / secs, 1), "qps_single": round(m / single_s, 1),
-         **{k: round(v, 4) for k, v in _recalls(idx, test_exact).items()},
-         "params": params, "target_reached": bool(ok), "sweep": sweep}
-  _log(f"{name} test: {json.dumps({k: v for k, v in out.items() if k != 'sweep'})}")
-  return out
+  row = max(ok, key=lambda s: s["qps"]) if ok else max(sweep, key=lambda s: s["recall@100"])
+  if not ok:
+    _log(f"{name}: no setting reached recall@100 >= {target}; keeping the most accurate one")
+  params = {k: v for k, v in row.items() if k not in ("recall@100", "qps")}
+  return params, {"recall@100": row["recall@100"], "qps": row["qps"]}, bool(ok), sweep
 
 
-def bench_scann(db, args, tune_q, tune_exact, test_q, test_exact) -> dict[str, Any]:
-  overrides = json.loads(args.scann_params) if args.scann_params else {}
-  overrides.setdefault("search_threads", args.threads)
-  t0 = time.perf_counter()
-  idx = index_lib.ScannIndex.build(db, overrides)
-  build_s = time.perf_counter() - t0
-  p = idx.params
-  _log(f"scann built in {build_s:.1f}s: leaves={p['num_leaves']} default_search={p['num_leaves_to_search']} "
-       f"reorder={p['reorder']}")
-  if p["brute_force"]:
-    grid = [{}]
-  else:
-    leaves = sorted({max(1, round(p["num_leaves"] * f)) for f in (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2)})
-    grid = [{"leaves_to_search": l, "reorder": r} for l in leaves for r in args.scann_reorder]
-  res = _tune_and_measure(
-      "scann", lambda q, pr: idx.search(q, 100, **pr)[0],
-      lambda q, pr: idx.search_one(q, 100, **pr), grid, tune_q, tune_exact, test_q, test_exact,
-      args.target_recall, args.repeats, args.single_queries)
-  res["build_s"] = round(build_s, 2)
-  res["index_params"] = {k: v for k, v in p.items()}
-  return res
+def _pick(name: str, cands: list[Candidate]) -> Candidate:
+  """Returns the candidate reaching the target fastest on the tuning queries (else most accurate)."""
+  ok = [c for c in cands if c.target_reached]
+  best = (max(ok, key=lambda c: c.tune["qps"]) if ok
+          else max(cands, key=lambda c: c.tune["recall@100"]))
+  if len(cands) > 1:
+    best.extra["variants"] = [{"build": c.build, "build_s": c.build_s, "params": c.params,
+                               "tune": c.tune, "target_reached": c.target_reached, **c.extra}
+                              for c in cands]
+  _log(f"{name}: keeping build {json.dumps(best.build)} search {json.dumps(best.params)}")
+  return best
 
 
-def bench_faiss(db, args, tune_q, tune_exact, test_q, test_exact) -> dict[str, Any]:
+def tune_scann(db, args, tune_q, tune_exact) -> Candidate:
+  """Returns the ScaNN candidate: each build variant built and tuned, the fastest kept."""
+  base = json.loads(args.scann_params) if args.scann_params else {}
+  variants = json.loads(args.scann_variants) if args.scann_variants else [{}]
+  cands = []
+  for var in variants:
+    overrides = {**base, **var}
+    overrides.setdefault("search_threads", args.threads)
+    t0 = time.perf_counter()
+    ann = index_lib.ScannIndex.build(db, overrides)
+    build_s = time.perf_counter() - t0
+    p = ann.params
+    _log(f"scann {var} built in {build_s:.1f}s: leaves={p['num_leaves']} "
+         f"default search={p['num_leaves_to_search']} reorder={p['reorder']}")
+    # The index's own defaults too, so what evaluate.py gets out of the box is on record.
+    secs, d_idx = _best_time(lambda a=ann: a.search(tune_q, K)[0], args.repeats)
+    defaults = {"leaves_to_search": p["num_leaves_to_search"], "reorder": p["reorder"],
+                "qps": round(len(tune_q) / secs, 1), **_recalls(d_idx, tune_exact)}
+    _log(f"scann defaults (tuning queries): {defaults}")
+    if p["brute_force"]:
+      grid = [{}]
+    else:
+      fracs = (0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1)
+      leaves = sorted({max(1, round(p["num_leaves"] * f)) for f in fracs})
+      grid = [{"leaves_to_search": l, "reorder": r} for l in leaves for r in args.scann_reorder]
+    params, tune, ok, sweep = _tune("scann", lambda q, pr, a=ann: a.search(q, K, **pr)[0], grid,
+                                    tune_q, tune_exact, args.target_recall, args.repeats)
+    cands.append(Candidate(
+        build=var, build_s=round(build_s, 2), params=params, tune=tune, target_reached=ok,
+        sweep=sweep, search=lambda q, a=ann, pr=params: a.search(q, K, **pr)[0],
+        search_one=lambda q, a=ann, pr=params: a.search_one(q, K, **pr),
+        extra={"defaults": defaults, "index_params": dict(p)}))
+  return _pick("scann", cands)
+
+
+def tune_faiss(db, args, tune_q, tune_exact) -> dict[str, Candidate | str]:
+  """Returns {method: Candidate, or the reason it was skipped} for the faiss methods."""
+  names = ("faiss_ivfpq_fastscan_refine", "faiss_hnsw")
+  if args.skip_faiss:
+    return {k: "--skip_faiss" for k in names}
   try:
     import faiss  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     reason = f"faiss not installed ({e}); pip install faiss-cpu to include it"
     _log(reason)
-    return {"faiss_ivfpq_fastscan_refine": {"skipped": reason}, "faiss_hnsw": {"skipped": reason}}
+    return {k: reason for k in names}
   faiss.omp_set_num_threads(args.threads)
   n, d = db.shape
-  out: dict[str, Any] = {}
 
-  def run(name, factory, setup, grid, set_params):
+  def build_and_tune(name, factory, setup, grid, set_params) -> Candidate:
     t0 = time.perf_counter()
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     setup(index)
@@ -160,7 +196,7 @@ def bench_faiss(db, args, tune_q, tune_exact, test_q, test_exact) -> dict[str, A
 
     def search(q, pr):
       set_params(index, pr)
-      return index.search(q, 100)[1]
+      return index.search(q, K)[1]
 
     def search_one(q, pr):
       # One query has no parallelism worth OpenMP's fork/join; ScaNN's single path is 1 thread too.
@@ -170,27 +206,37 @@ def bench_faiss(db, args, tune_q, tune_exact, test_q, test_exact) -> dict[str, A
       finally:
         faiss.omp_set_num_threads(args.threads)
 
-    res = _tune_and_measure(name, search, search_one, grid, tune_q,
-                            tune_exact, test_q, test_exact, args.target_recall, args.repeats,
-                            args.single_queries)
-    res.update(build_s=round(build_s, 2), factory=factory, faiss_version=faiss.__version__)
-    return res
+    params, tune, ok, sweep = _tune(name, search, grid, tune_q, tune_exact, args.target_recall,
+                                    args.repeats)
+    return Candidate(build={"factory": factory}, build_s=round(build_s, 2), params=params,
+                     tune=tune, target_reached=ok, sweep=sweep,
+                     search=lambda q, pr=params: search(q, pr),
+                     search_one=lambda q, pr=params: search_one(q, pr),
+                     extra={"faiss_version": faiss.__version__})
 
-  nlist = args.faiss_nlist or int(4 * math.sqrt(n))
-  nlist = max(1, min(nlist, n // 39))  # faiss wants >= 39 training points per list
-  m = d // 2  # 2 dims per 4-bit sub-quantiser, the same code size as ScaNN's AH
+  out: dict[str, Candidate | str] = {}
 
   def set_ivf(index, pr):
     faiss.extract_index_ivf(index).nprobe = pr["nprobe"]
     index.k_factor = pr["k_factor"]
 
-  nprobes = sorted({max(1, round(nlist * f)) for f in (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.16)})
+  nlist = args.faiss_nlist or int(4 * math.sqrt(n))
+  nlist = max(1, min(nlist, n // 39))  # faiss wants >= 39 training points per list
+  fracs = (0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.08)
+  nprobes = sorted({max(1, round(nlist * f)) for f in fracs})
   grid = [{"nprobe": p, "k_factor": k} for p in nprobes for k in args.faiss_k_factor]
-  out["faiss_ivfpq_fastscan_refine"] = run(
-      "faiss_ivfpq_fastscan_refine", f"IVF{nlist},PQ{m}x4fs,RFlat", lambda i: None, grid, set_ivf)
+  ivf = []
+  for dims in args.faiss_pq_dims:
+    if d % dims:
+      _log(f"skipping PQ with {dims} dims per code: {d} is not a multiple")
+      continue
+    # 4-bit codes (fast-scan); 1 dim per code is the same code layout as ScaNN's 1-dim blocks.
+    ivf.append(build_and_tune(names[0], f"IVF{nlist},PQ{d // dims}x4fs,RFlat", lambda i: None,
+                              grid, set_ivf))
+  out[names[0]] = _pick(names[0], ivf) if ivf else f"no --faiss_pq_dims divides d={d}"
 
   if args.skip_hnsw:
-    out["faiss_hnsw"] = {"skipped": "--skip_hnsw"}
+    out[names[1]] = "--skip_hnsw"
     return out
 
   def setup_hnsw(index):
@@ -200,7 +246,35 @@ def bench_faiss(db, args, tune_q, tune_exact, test_q, test_exact) -> dict[str, A
     index.hnsw.efSearch = pr["efSearch"]
 
   grid = [{"efSearch": e} for e in (100, 128, 160, 200, 256, 320, 400, 512, 768, 1024)]
-  out["faiss_hnsw"] = run("faiss_hnsw", f"HNSW{args.hnsw_m},Flat", setup_hnsw, grid, set_hnsw)
+  out[names[1]] = build_and_tune(names[1], f"HNSW{args.hnsw_m},Flat", setup_hnsw, grid, set_hnsw)
+  return out
+
+
+def measure(methods: dict[str, Callable[[np.ndarray], np.ndarray]],
+            singles: dict[str, Callable[[np.ndarray], Any]], test_q: np.ndarray, repeats: int,
+            single_queries: int) -> dict[str, dict[str, Any]]:
+  """Returns {method: {"qps", "qps_single"?, "idx"}}: round-robin timing, best round per method."""
+  best = {m: float("inf") for m in methods}
+  best_single = {m: float("inf") for m in singles}
+  idx = {}
+  m_single = min(single_queries, len(test_q))
+  for r in range(repeats):
+    for name, fn in methods.items():
+      t0 = time.perf_counter()
+      idx[name] = fn(test_q)
+      best[name] = min(best[name], time.perf_counter() - t0)
+    for name, fn in singles.items():
+      t0 = time.perf_counter()
+      for i in range(m_single):
+        fn(test_q[i])
+      best_single[name] = min(best_single[name], time.perf_counter() - t0)
+    _log(f"measure round {r + 1}/{repeats}: " + ", ".join(
+        f"{m}={len(test_q) / best[m]:.0f}" for m in methods))
+  out = {}
+  for name in methods:
+    out[name] = {"qps": round(len(test_q) / best[name], 1), "idx": idx[name]}
+    if name in singles:
+      out[name]["qps_single"] = round(m_single / best_single[name], 1)
   return out
 
 
@@ -218,11 +292,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="search/build threads")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--scann_params", default="", help="JSON dict overriding ScaNN build params")
-  ap.add_argument("--scann_reorder", type=int, nargs="+", default=[200, 300, 500],
+  ap.add_argument("--scann_variants", default='[{"leaves_per_sqrt_n": 2}, {"leaves_per_sqrt_n": 1}]',
+                  help="JSON list of build-parameter overrides, each built and tuned; the fastest "
+                  "reaching the target is kept")
+  ap.add_argument("--scann_reorder", type=int, nargs="+", default=[120, 150, 200, 300, 500],
                   help="reorder (re-scored candidates) values swept")
   ap.add_argument("--faiss_nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(n))")
-  ap.add_argument("--faiss_k_factor", type=int, nargs="+", default=[2, 4, 8],
-                  help="refine k_factor values swept")
+  ap.add_argument("--faiss_k_factor", type=float, nargs="+", default=[1.2, 1.5, 2, 3, 4, 8],
+                  help="refine k_factor values swept (re-scored = k_factor * 100)")
+  ap.add_argument("--faiss_pq_dims", type=int, nargs="+", default=[1, 2],
+                  help="dims per 4-bit PQ code, one IVF-PQ build each (1 = ScaNN's layout)")
   ap.add_argument("--faiss_train_size", type=int, default=250_000)
   ap.add_argument("--hnsw_m", type=int, default=32)
   ap.add_argument("--hnsw_ef_construction", type=int, default=40)
@@ -230,8 +309,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--skip_hnsw", action="store_true", help="HNSW builds slowly on few cores")
   ap.add_argument("--out", default="", help="also write the JSON here")
   args = ap.parse_args(argv)
-  if args.n < 1 or args.d < 1 or args.queries < 2:
-    ap.error("--n, --d must be >= 1 and --queries >= 2")
+  if args.n < K or args.d < 1 or args.queries < 2:
+    ap.error(f"need --n >= {K}, --d >= 1 and --queries >= 2")
   return args
 
 
@@ -243,21 +322,32 @@ def main(argv=None) -> dict[str, Any]:
   half = args.queries // 2
   tune_q, test_q = queries[:half], queries[half:]
 
-  _log("exact search (ground truth + baseline QPS)")
-  index_lib.exact_search(queries[:8], db, 100)  # compile outside the timing
-  tune_exact = index_lib.exact_search(tune_q, db, 100)[0]
-  exact_s, (test_exact, _) = _best_time(lambda: index_lib.exact_search(test_q, db, 100), 1)
-  exact = {"qps": round(len(test_q) / exact_s, 1)}
-  _log(f"exact: {exact}")
+  _log("exact search ground truth")
+  index_lib.exact_search(queries[:8], db, K)  # compile outside any timing
+  tune_exact = index_lib.exact_search(tune_q, db, K)[0]
+  test_exact = index_lib.exact_search(test_q, db, K)[0]
 
-  result: dict[str, Any] = {"n": args.n, "d": args.d}
-  result["exact"] = exact
-  result["scann"] = bench_scann(db, args, tune_q, tune_exact, test_q, test_exact)
-  if args.skip_faiss:
-    result.update({k: {"skipped": "--skip_faiss"} for k in ("faiss_ivfpq_fastscan_refine", "faiss_hnsw")})
-  else:
-    result.update(bench_faiss(db, args, tune_q, tune_exact, test_q, test_exact))
-  result["speedup_scann_vs_exact"] = round(result["scann"]["qps"] / exact["qps"], 2)
+  cands: dict[str, Candidate | str] = {"scann": tune_scann(db, args, tune_q, tune_exact)}
+  cands.update(tune_faiss(db, args, tune_q, tune_exact))
+  live = {k: c for k, c in cands.items() if isinstance(c, Candidate)}
+
+  _log(f"final measurement on {len(test_q)} test queries: exact, {', '.join(live)}")
+  methods = {"exact": lambda q: index_lib.exact_search(q, db, K)[0]}
+  methods.update({k: c.search for k, c in live.items()})
+  measured = measure(methods, {k: c.search_one for k, c in live.items()}, test_q, args.repeats,
+                     args.single_queries)
+
+  result: dict[str, Any] = {"n": args.n, "d": args.d, "exact": {"qps": measured["exact"]["qps"]}}
+  for name, c in cands.items():
+    if not isinstance(c, Candidate):
+      result[name] = {"skipped": c}
+      continue
+    m = measured[name]
+    result[name] = {"qps": m["qps"], "qps_single": m["qps_single"], **_recalls(m["idx"], test_exact),
+                    "build_s": c.build_s, "params": c.params, "build": c.build,
+                    "target_reached_on_tuning_queries": c.target_reached, "tune": c.tune,
+                    **c.extra, "sweep": c.sweep}
+  result["speedup_scann_vs_exact"] = round(result["scann"]["qps"] / result["exact"]["qps"], 2)
   for name in ("faiss_ivfpq_fastscan_refine", "faiss_hnsw"):
     if "qps" in result[name]:
       result[f"speedup_scann_vs_{name}"] = round(result["scann"]["qps"] / result[name]["qps"], 2)

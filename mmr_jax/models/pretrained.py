@@ -5,6 +5,7 @@
     towers of LiT/SigLIP two-tower checkpoints (`key_prefix="img"` / `"txt"`), pre-Linen and
     old-posemb variants, scanned or unrolled layers. Position embeddings are resampled when
     the patch grid differs (fine-tuning at another resolution).
+    `load_vit_npz_into` / `load_text_npz_into` do it for a whole model's params at a prefix.
 (b) `merge_subtree`: put a params subtree from any pytree (e.g. stage 1's `image_tower`
     restored by the trainer with Orbax) into a model's params, checking names and shapes.
 
@@ -73,12 +74,34 @@ def read_npz(path: str | os.PathLike, key_prefix: str = "") -> dict[str, np.ndar
   return flat
 
 
+def _convert_pre_linen(tree: dict[str, Any]) -> dict[str, Any]:
+  """Returns the tree with submodules renumbered per type (flax's `convert_pre_linen`).
+
+  Pre-Linen numbered submodules in creation order across types (LayerNorm_0,
+  MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3); Linen counts each type from 0.
+  Re-implemented (10 lines) to avoid importing flax.training, which pulls in Orbax.
+  """
+  if not isinstance(tree, dict):
+    return tree
+  groups: dict[str, list[tuple[int, str]]] = {}
+  out = {}
+  for k, v in tree.items():
+    m = re.fullmatch(r"(.+)_(\d+)", k)
+    if m is None:
+      out[k] = _convert_pre_linen(v)
+    else:
+      groups.setdefault(m[1], []).append((int(m[2]), k))
+  for prefix, items in groups.items():
+    for new_i, (_, k) in enumerate(sorted(items)):
+      out[f"{prefix}_{new_i}"] = _convert_pre_linen(tree[k])
+  return out
+
+
 def _fix_old_layouts(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Returns a big_vision checkpoint in the current layout (what big_vision's loaders do)."""
   # Pre-Linen checkpoints numbered submodules globally (MlpBlock_3, LayerNorm_2, ...).
   if any(re.search(r"encoderblock_\d+/MlpBlock_3/", k) for k in flat):
-    from flax.training import checkpoints  # pylint: disable=g-import-not-at-top
-    flat = _flat(checkpoints.convert_pre_linen(_nested(flat)))
+    flat = _flat(_convert_pre_linen(_nested(flat)))
   flat = dict(flat)
   for old in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
     if old in flat:  # Original ViT / pre-2022 big_vision kept posemb inside the encoder.
@@ -234,6 +257,45 @@ def load_text_npz(path: str | os.PathLike, target: Params, *, key_prefix: str = 
                     convert=convert)
 
 
+def _subtree(params: Params, prefix: str) -> Params:
+  node = flax.core.unfreeze(params)
+  for i, key in enumerate(p for p in prefix.split("/") if p):
+    if not isinstance(node, dict) or key not in node:
+      have = sorted(node) if isinstance(node, dict) else type(node).__name__
+      raise ValueError(f"{prefix!r}: {key!r} not in params; available at that level: {have}")
+    node = node[key]
+  return node
+
+
+def _split_key_prefix(path: str, key_prefix: str) -> tuple[str, str]:
+  """Returns (path, key_prefix) from big_vision's "file.npz:img" spelling."""
+  path = os.fspath(path)
+  if not os.path.exists(path) and ":" in path:
+    path, key_prefix = path.rsplit(":", 1)
+  return path, key_prefix
+
+
+def load_vit_npz_into(params: Params, path: str | os.PathLike, *, prefix: str = "image_tower",
+                      key_prefix: str = "", keep_init: Sequence[str] = ()) -> Params:
+  """Returns model `params` with the ViT at `prefix` loaded from a big_vision .npz.
+
+  `path` may end in ":img" (big_vision's spelling) to select a two-tower checkpoint's subtree.
+  """
+  path, key_prefix = _split_key_prefix(path, key_prefix)
+  loaded = load_vit_npz(path, _subtree(params, prefix), key_prefix=key_prefix,
+                        keep_init=keep_init)
+  return merge_subtree(params, loaded, prefix)
+
+
+def load_text_npz_into(params: Params, path: str | os.PathLike, *, prefix: str,
+                       key_prefix: str = "txt", keep_init: Sequence[str] = ()) -> Params:
+  """Returns model `params` with the text tower at `prefix` loaded from a big_vision .npz."""
+  path, key_prefix = _split_key_prefix(path, key_prefix)
+  loaded = load_text_npz(path, _subtree(params, prefix), key_prefix=key_prefix,
+                         keep_init=keep_init)
+  return merge_subtree(params, loaded, prefix)
+
+
 def to_big_vision(params: Params) -> dict[str, np.ndarray]:
   """Returns the flat big_vision-layout arrays of our ViT or text-tower params (the inverse)."""
   flat = {k: np.asarray(_value(v)) for k, v in _flat(params).items()}
@@ -259,8 +321,9 @@ def save_npz(path: str | os.PathLike, params: Params, *, key_prefix: str = "") -
 def merge_subtree(params: Params, subtree: Params, prefix: str) -> Params:
   """Returns `params` with the subtree at `prefix` ("image_tower", "heads/image") replaced.
 
-  `subtree` must have exactly the same parameter names and shapes as the part it replaces
-  (values are cast to the target dtypes; logical-partitioning boxes of `params` are kept).
+  `subtree` must have exactly the same parameter names and shapes as the part it replaces,
+  up to the layer layout (unrolled `encoderblock_{i}` vs scan_layers `encoderblock`, converted
+  to the target's). Values are cast to the target dtypes; boxes of `params` are kept.
   Raises ValueError naming every missing, unexpected or mis-shaped parameter.
   """
   path = [p for p in prefix.split("/") if p]
@@ -277,6 +340,9 @@ def merge_subtree(params: Params, subtree: Params, prefix: str) -> Params:
       node = node[key]
   tflat = _flat(node[path[-1]]) if isinstance(node[path[-1]], dict) else {"": node[path[-1]]}
   sflat = _flat(subtree) if isinstance(subtree, Mapping) else {"": subtree}
+  # Stage 1 and stage 2 may differ in scan_layers: match the target's layer layout.
+  scanned = {m["pre"] for k in tflat if (m := _SCANNED.match(k))}
+  sflat = _stack_layers(_unstack_layers({k: _value(v) for k, v in sflat.items()}), scanned)
   problems = []
   for name in sorted(set(tflat) - set(sflat)):
     problems.append(f"  {prefix}/{name}: missing in subtree (model shape {_shape(tflat[name])})")

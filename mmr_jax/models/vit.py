@@ -71,9 +71,26 @@ def get_config(variant: str = "mu/16", **overrides) -> ml_collections.ConfigDict
   return cfg
 
 
+class _LogicalParam(nn.LogicallyPartitioned):
+  """LogicalPartitioned that tolerates flax's DenseGeneral init path.
+
+  DenseGeneral calls the initializer with a *flattened* 2-D shape, unboxes it and reshapes the
+  value back into the box. Unboxing applies a sharding constraint when a mesh is active, which
+  fails for a 3-name spec on the 2-D intermediate; the constraint is applied to the final,
+  correctly shaped box instead.
+  """
+
+  def unbox(self, apply_constraint=True):
+    if len(self.names) != getattr(self.value, "ndim", len(self.names)):
+      return self.value
+    return super().unbox(apply_constraint)
+
+
 def logical(init: Callable[..., Any], names: tuple[str | None, ...]):
   """Returns `init` wrapped so the created parameter carries logical axis `names`."""
-  return nn.with_logical_partitioning(init, names)
+  def wrapper(*args, **kwargs):
+    return _LogicalParam(init(*args, **kwargs), tuple(names))
+  return wrapper
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -1,0 +1,985 @@
+r"""Export a trained workdir for serving: SavedModels, catalogue embeddings and a ScaNN index.
+
+  python -m mmr_jax.export --workdir DIR --out OUT [--data DATA_DIR] [--k 100]
+
+writes
+  OUT/query_tower/          SavedModel: raw UTF-8 query strings -> L2-normalised query embeddings
+  OUT/product_tower/        SavedModel: title, description, attributes, image bytes -> product embeddings
+  OUT/serving/              SavedModel: raw query strings -> top-K product ids and scores (query tower and
+                            the ScaNN searcher inside one graph)
+  OUT/embeddings/           the catalogue embedded by the JAX model (format below) and its ScaNN index
+  OUT/export_summary.json   what was written, from which checkpoint, measured parity, timings, versions
+
+The towers are the JAX model converted with jax2tf (native serialisation: StableHLO inside an
+`XlaCallModule` op, lowered for `--platforms`, default cpu and cuda), batch dimension polymorphic. The
+parameters are `tf.Variable`s on the exported `tf.Module` (in `variables/`, not constants in the graph).
+Everything that happens to an input before the model runs happens inside the graph, so a client sends
+the raw strings and bytes:
+
+* Text: SentencePiece (tensorflow-text) with the catalogue's `tokenizer.model` (also shipped as the
+  SavedModel asset `assets/tokenizer.model`); ids truncated to `config.data.query_len` / `product_len` and padded
+  with 0, exactly as `Tokenizer.encode` does in training and evaluation. Invalid UTF-8 bytes become
+  U+FFFD first (what Python's `bytes.decode("utf-8", errors="replace")` gives); valid strings are
+  unchanged. Empty strings are valid input (all-padding tokens).
+* Product text: `title`, `description`, `attributes` are combined in the graph the way
+  `catalog.product_text` does (whitespace runs collapsed per field, Python `str.split()` whitespace, empty
+  fields dropped, " | " between fields). `attributes` is the RENDERED string "key: value; key: value"
+  with keys sorted, as stored in the products table; render a mapping with
+  `mmr_jax.data.catalog.render_attributes(dict)`.
+* Images: encoded bytes (JPEG, PNG, GIF, BMP, WebP). The graph reproduces `pipeline.decode_image`
+  (Pillow) bit for bit: libjpeg DCT-domain downscaling as in Pillow's `draft()` (decode_jpeg `ratio`,
+  accurate integer IDCT), then Pillow's two-pass antialiased bilinear resampling of the whole image to
+  `image_size` x `image_size` in Pillow's fixed-point arithmetic, horizontal pass first except where
+  Pillow >= 13 runs the vertical one first (height shrinks by more than twice the width's shrink). The
+  pass order follows the Pillow installed at export time.
+  Empty bytes, bytes that do not decode, and images over Pillow's decompression-bomb limit give a zero
+  image and has_image=False, like training; the rest of the batch is unaffected.
+
+Measured parity (tests/test_export.py; `export_summary.json` records the numbers of each export):
+* query tower vs jitted JAX on the same strings (empty, emoji, CJK/Arabic/Cyrillic, 100 KB): max |diff|
+  ~1e-7 (asserted <= 1e-5, float32);
+* product tower vs JAX on identical preprocessed inputs: ~1e-7 (asserted <= 1e-5);
+* in-graph image preprocessing vs `pipeline.decode_image`: 0 pixels differ on JPEG (baseline,
+  progressive, grayscale, CMYK, every draft scale), PNG (RGB, RGBA, LA, palette, 16-bit), GIF, BMP and
+  WebP, 1x1 to 700x700 px, so the end-to-end bytes->embedding test holds the same 1e-5. Known
+  differences: TIFF and other formats TF cannot decode give has_image=False here (Pillow would decode
+  them; the importer re-encodes every catalogue image to JPEG, so catalogue embeddings are unaffected);
+  lossy WebP may differ by libwebp version.
+
+Embeddings (OUT/embeddings/):
+  embeddings.npy   float32 [N, D], row i = product index i (the DATA_DIR products table's row order),
+                   L2-normalised, computed by the JAX model as evaluation does
+  ids.txt          N lines, UTF-8, line i = the product id of row i (ids never contain tab or newline;
+                   split on "\n" only)
+  index/           ScaNN searcher (`mmr_jax.index.ScannIndex.save` format; `ScannIndex.load`), built with
+                   the evaluation's parameters when WORKDIR/index/ exists (reused as is when its
+                   embeddings are identical), else `index.SCANN_DEFAULTS`
+  info.json        {"num_products", "dim", "dtype", "step", "workdir", "data_dir", "index": {...}}
+The embedding pass is resumable and multi-host: every process embeds its contiguous slice of the
+catalogue (`pipeline.make_eval_iterator`) and writes `shards/process_{p}-of-{P}/shard_{j}.npz` (plus the
+grain iterator state after it); a rerun skips finished shards (all processes restart from the shard
+every process has finished), process 0 merges them, then deletes the shards.
+
+Serving signature (`saved_model_cli show --dir OUT/serving --all`, trimmed):
+
+  signature_def['serving_default']:
+    The given SavedModel SignatureDef contains the following input(s):
+      inputs['queries'] tensor_info:
+          dtype: DT_STRING
+          shape: (-1)
+          name: serving_default_queries:0
+    The given SavedModel SignatureDef contains the following output(s):
+      outputs['ids'] tensor_info:
+          dtype: DT_STRING
+          shape: (-1, 100)
+          name: StatefulPartitionedCall:0
+      outputs['indices'] tensor_info:
+          dtype: DT_INT64
+          shape: (-1, 100)
+          name: StatefulPartitionedCall:1
+      outputs['scores'] tensor_info:
+          dtype: DT_FLOAT
+          shape: (-1, 100)
+          name: StatefulPartitionedCall:2
+    Method name is: tensorflow/serving/predict
+
+Outputs are best first; ties in score rank the lower product index first (as `ScannIndex.search`);
+with fewer than K products the tail is padded with id "", index -1, score -inf. The query tower has
+`serving_default(queries) -> {"embedding" [B, D]}` plus `tokenize` and `embed_tokens`; the product
+tower `serving_default(title, description, attributes, image) -> {"embedding", "has_image"}` plus
+`preprocess` and `embed_preprocessed`. Load with `import scann, tensorflow_text` first (their custom
+ops), then `tf.saved_model.load(path)`.
+
+Bad input: an empty batch returns empty outputs; an undecodable image gives has_image=False; an
+over-long string is tokenised whole and truncated like training; inputs of the wrong rank/dtype or
+product fields with different batch sizes are rejected with an error naming the input, before any
+model code runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from etils import epath
+
+log = logging.getLogger("mmr_jax.export")
+
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+TOKENIZER_ASSET = "tokenizer.model"
+SUMMARY_FILE = "export_summary.json"
+# Pillow's Image.MAX_IMAGE_PIXELS: Pillow refuses images over twice this (DecompressionBombError), so
+# decode_image gives has_image=False for them; the graph does the same.
+PIL_MAX_IMAGE_PIXELS = 89_478_485
+# Pillow's fixed-point precision for 8-bit resampling (src/libImaging/Resample.c, PRECISION_BITS).
+_PRECISION_BITS = 32 - 8 - 2
+# Characters Python's str.split() treats as whitespace (str.isspace()), which catalog.product_text
+# collapses; RE2's \s would miss most of them.
+_PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+                  "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+
+
+def _ws_class() -> str:
+  return "[" + "".join(f"\\x{{{ord(c):x}}}" for c in _PY_WHITESPACE) + "]"
+
+
+def _pillow_vertical_first() -> bool:
+  """Returns whether the installed Pillow may run the vertical resampling pass first (Pillow >= 13)."""
+  import PIL  # pylint: disable=g-import-not-at-top
+  return int(PIL.__version__.split(".")[0]) >= 13
+
+
+# ------------------------------------------------------------------------------------ TF preprocessing
+
+
+def tf_sanitize_utf8(texts):
+  """Returns tf.string `texts` with invalid UTF-8 replaced by U+FFFD (valid strings unchanged)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+
+
+def tf_product_text(title, description, attributes):
+  """Returns tf.string [B]: `catalog.product_text(title, description, attributes)` in TF ops."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ws = _ws_class()
+  parts = tf.stack([title, description, attributes], axis=1)  # [B, 3]
+  parts = tf.strings.regex_replace(parts, f"^{ws}+|{ws}+$", "")
+  parts = tf.strings.regex_replace(parts, f"{ws}+", " ")
+  kept = tf.ragged.boolean_mask(parts, tf.strings.length(parts) > 0)  # [B, (<=3)]
+  return tf.strings.reduce_join(kept, axis=1, separator=" | ")
+
+
+def _pil_coefficients(in_size, out_size: int):
+  """Returns (positions [out, K] int32, fixed-point weights [out, K] int32, K) of Pillow's bilinear filter.
+
+  Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` (src/libImaging/Resample.c) for the whole image
+  (box = (0, in_size)), in float64 with the same operation order, so the integer weights are Pillow's.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  scale = tf.cast(in_size, tf.float64) / float(out_size)
+  filterscale = tf.maximum(scale, 1.0)
+  support = filterscale  # bilinear support 1.0, widened by the downscale factor (antialiasing)
+  ksize = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
+  center = (tf.range(out_size, dtype=tf.float64) + 0.5) * scale
+  ss = 1.0 / filterscale
+  # C's (int) cast truncates toward zero, as tf.cast does.
+  xmin = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)
+  xmax = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_size) - xmin
+  x = tf.range(ksize)
+  pos = xmin[:, None] + x[None, :]  # [out, K]
+  arg = tf.abs((tf.cast(pos, tf.float64) - center[:, None] + 0.5) * ss)
+  w = tf.where((arg < 1.0) & (x[None, :] < xmax[:, None]), 1.0 - arg, 0.0)
+  # Pillow sums the weights left to right; cumsum keeps that order (the total's last bit can matter).
+  total = tf.cumsum(w, axis=1)[:, -1:]
+  w = tf.where(total != 0.0, w / total, w)
+  kk = tf.cast(tf.floor(0.5 + w * float(1 << _PRECISION_BITS)), tf.int32)
+  return tf.minimum(pos, in_size - 1), kk, ksize
+
+
+def _pil_resample_axis(x, axis: int, out_size: int):
+  """Returns int32 x resampled along `axis` (0: rows, 1: columns) to out_size, Pillow 8-bit semantics."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  pos, kk, ksize = _pil_coefficients(tf.shape(x)[axis], out_size)
+  shape = tf.tensor_scatter_nd_update(tf.shape(x), [[axis]], [out_size])
+  acc = tf.fill(shape, tf.constant(1 << (_PRECISION_BITS - 1), tf.int32))  # Pillow's rounding term
+
+  def body(k, acc):
+    # One tap at a time keeps memory at one output-sized tensor; integer sums are exact in any order
+    # (255 * 2**22 * taps stays below 2**31 because the weights sum to 2**22).
+    w = kk[:, k]
+    w = w[None, :, None] if axis == 1 else w[:, None, None]
+    return k + 1, acc + tf.gather(x, pos[:, k], axis=axis) * w
+
+  _, acc = tf.while_loop(lambda k, _: k < ksize, body, (tf.constant(0), acc))
+  return tf.clip_by_value(tf.bitwise.right_shift(acc, _PRECISION_BITS), 0, 255)
+
+
+def tf_pil_resize(image, size: int, vertical_first_rule: bool = True):
+  """Returns uint8 [size, size, 3]: Pillow's `img.resize((size, size), BILINEAR)` of uint8 [H, W, 3]."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  x = tf.cast(image, tf.int32)
+  h, w = tf.shape(x)[0], tf.shape(x)[1]
+
+  def horizontal(x):
+    return tf.cond(tf.shape(x)[1] != size, lambda: _pil_resample_axis(x, 1, size), lambda: x)
+
+  def vertical(x):
+    return tf.cond(tf.shape(x)[0] != size, lambda: _pil_resample_axis(x, 0, size), lambda: x)
+
+  # Pillow >= 13 (python-pillow/Pillow#9549) resamples vertically first when the height shrinks by more
+  # than twice as many pixels as the width; the 8-bit intermediate makes the order visible.
+  v_first = tf.logical_and(h > size, 2 * (w - size) < h - size) if vertical_first_rule else tf.constant(False)
+  out = tf.cond(v_first, lambda: horizontal(vertical(x)), lambda: vertical(horizontal(x)))
+  return tf.cast(out, tf.uint8)
+
+
+def _png_header(data):
+  """Returns (width, height, bit_depth, color_type) int32 scalars from a PNG's IHDR chunk."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  wh = tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.int32, little_endian=False)
+  depth = tf.io.decode_raw(tf.strings.substr(data, 24, 2), tf.uint8)
+  return wh[0], wh[1], tf.cast(depth[0], tf.int32), tf.cast(depth[1], tf.int32)
+
+
+def tf_decode_image(data, size: int, vertical_first_rule: bool = True):
+  """Returns uint8 [size, size, 3]: `pipeline.decode_image(data, size)`'s pixels; raises if undecodable."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  max_pixels = 2 * PIL_MAX_IMAGE_PIXELS
+
+  def too_big(w, h):
+    return tf.debugging.assert_less_equal(
+        tf.cast(w, tf.int64) * tf.cast(h, tf.int64), tf.constant(max_pixels, tf.int64),
+        message="image exceeds Pillow's decompression-bomb limit")
+
+  def jpeg():
+    shape = tf.io.extract_jpeg_shape(data)  # [H, W, C]
+    with tf.control_dependencies([too_big(shape[1], shape[0])]):
+      # Pillow's draft(): the largest libjpeg scale 1/s (s in 8, 4, 2, 1) keeping both sides >= size + 1.
+      scale = tf.minimum(shape[1] // (size + 1), shape[0] // (size + 1))
+      branch = tf.cast(scale >= 2, tf.int32) + tf.cast(scale >= 4, tf.int32) + tf.cast(scale >= 8, tf.int32)
+      return tf.switch_case(branch, [
+          (lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method="INTEGER_ACCURATE"))
+          for r in (1, 2, 4, 8)])
+
+  def png():
+    w, h, depth, color_type = _png_header(data)
+    with tf.control_dependencies([too_big(w, h)]):
+      # Pillow opens 16-bit grayscale as mode "I;16" and convert("RGB") clips it at 255 (no scaling);
+      # every other PNG converts like TF's 8-bit decode.
+      def gray16():
+        g = tf.io.decode_png(data, channels=1, dtype=tf.uint16)
+        return tf.cast(tf.tile(tf.minimum(g, 255), [1, 1, 3]), tf.uint8)
+      return tf.cond(tf.logical_and(depth == 16, color_type == 0), gray16,
+                     lambda: tf.io.decode_png(data, channels=3))
+
+  def other():
+    img = tf.io.decode_image(data, channels=3, expand_animations=False)  # GIF: first frame
+    with tf.control_dependencies([too_big(tf.shape(img)[1], tf.shape(img)[0])]):
+      return tf.identity(img)
+
+  is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
+  img = tf.case([(tf.io.is_jpeg(data), jpeg), (is_png, png)], default=other)
+  img = tf.ensure_shape(img, [None, None, 3])
+  return tf_pil_resize(img, size, vertical_first_rule)
+
+
+def tf_decode_images(images, size: int, vertical_first_rule: bool = True):
+  """Returns (uint8 [B, size, size, 3], has_image bool [B]) for encoded image bytes [B].
+
+  Empty or undecodable bytes give a zero image and has_image=False (decode_image's contract). TF decode
+  ops raise on bad data and graph ops cannot catch; tf.data's ignore_errors() drops the failing rows,
+  which are then told apart by their index.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n = tf.shape(images)[0]
+  ds = tf.data.Dataset.from_tensor_slices((tf.range(n), images))
+  ds = ds.filter(lambda i, b: tf.strings.length(b) > 0)
+  ds = ds.map(lambda i, b: (i, tf_decode_image(b, size, vertical_first_rule)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.ignore_errors()
+  # A sentinel row keeps the batch non-empty when nothing decodes.
+  ds = ds.concatenate(tf.data.Dataset.from_tensors((tf.constant(-1), tf.zeros([size, size, 3], tf.uint8))))
+  idx, decoded = ds.batch(tf.cast(n, tf.int64) + 1).get_single_element()
+  ok = idx >= 0
+  where = tf.boolean_mask(idx, ok)[:, None]
+  out = tf.scatter_nd(where, tf.boolean_mask(decoded, ok), tf.stack([n, size, size, 3]))
+  has_image = tf.scatter_nd(where, tf.ones_like(where[:, 0]), [n]) > 0
+  return out, has_image
+
+
+def tf_tokenizer(tokenizer_path: str, max_len: int):
+  """Returns `tokenizer.tf_encode`'s module for the model file, with the file tracked as a SavedModel asset.
+
+  tensorflow-text's SentencePiece op takes the model proto as an op attribute, so the graph always
+  holds a copy; the asset (`assets/tokenizer.model`) ships the file itself next to the graph, for clients
+  that tokenise outside TF and to record which tokenizer the model was exported with.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  with open(tokenizer_path, "rb") as f:
+    proto = f.read()
+  enc = tok_lib.tf_encode(proto, max_len)
+  enc.model_file = tf.saved_model.Asset(tokenizer_path)
+  return enc
+
+
+# --------------------------------------------------------------------------------------- JAX -> TF
+
+
+def _host_params(params):
+  """Returns the (replicated) parameter tree as numpy arrays on this host."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if hasattr(x, "addressable_data")
+                      else np.asarray(x), params)
+
+
+def _variables(params):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.nest.map_structure(lambda x: tf.Variable(x, trainable=False), _host_params(params))
+
+
+def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+  platforms = tuple(p.strip().lower() for p in platforms if p.strip())
+  bad = [p for p in platforms if p not in PLATFORMS]
+  if bad or not platforms:
+    raise ValueError(f"platforms {bad or platforms} not supported; choose from {PLATFORMS}")
+  return platforms
+
+
+def _convert(model, method: str, poly: Sequence[str], platforms: Sequence[str]):
+  """Returns jax2tf's TF function (params, *inputs) -> emb [B, D] for `model.<method>`."""
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+
+  def fn(params, *inputs):
+    return model.apply({"params": params}, *inputs, train=False, method=method)["emb"]
+
+  return jax2tf.convert(fn, polymorphic_shapes=[None, *poly], with_gradient=False,
+                        native_serialization_platforms=tuple(platforms))
+
+
+def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
+  """Returns a tf.Module: raw query strings -> L2-normalised embeddings (see module doc)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
+  q_len = int(tm.config.data.query_len)
+  dim = two_tower.embedding_dim(tm.config.model)
+  tf_fn = _convert(tm.model, "embed_query", ["(b, _)"], platforms)
+
+  class QueryTower(tf.Module):
+    """Query tower: SentencePiece in the graph, then the converted JAX query encoder."""
+
+    def __init__(self):
+      super().__init__(name="query_tower")
+      self.params = _variables(tm.params)
+      self.tokenizer = tf_tokenizer(tokenizer_path, q_len)
+      self.query_len, self.dim = q_len, dim
+
+    @tf.function(jit_compile=True)
+    def _model(self, tokens):
+      # jit_compile: TF then compiles the XlaCallModule once per input shape and caches the executable;
+      # called plainly it re-refines the polymorphic StableHLO module on every call (~1 ms on CPU).
+      return tf_fn(self.params, tokens)
+
+    def embed_ids(self, tokens):
+      # jax2tf's shape polymorphism assumes every dimension >= 1: an empty batch skips the model.
+      return tf.cond(tf.shape(tokens)[0] > 0, lambda: self._model(tokens),
+                     lambda: tf.zeros([0, dim], tf.float32))
+
+    def embed(self, queries):
+      return self.embed_ids(self.tokenizer(tf_sanitize_utf8(queries)))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")])
+    def serve(self, queries):
+      return {"embedding": self.embed(queries)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")])
+    def tokenize(self, queries):
+      return {"query_tokens": self.tokenizer(tf_sanitize_utf8(queries))}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, q_len], tf.int32, name="query_tokens")])
+    def embed_tokens(self, query_tokens):
+      return {"embedding": self.embed_ids(query_tokens)}
+
+  return QueryTower()
+
+
+def _check_same_batch(**tensors):
+  """Returns assertions that every named [B] input has the same B (error names the fields)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  names = list(tensors)
+  first = names[0]
+  return [tf.debugging.assert_equal(tf.shape(tensors[n])[0], tf.shape(tensors[first])[0],
+                                    message=f"inputs '{first}' and '{n}' must have the same batch size")
+          for n in names[1:]]
+
+
+def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
+  """Returns a tf.Module: product fields + image bytes -> product embeddings (see module doc)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
+  p_len, size = int(tm.config.data.product_len), int(tm.config.data.image_size)
+  dim = two_tower.embedding_dim(tm.config.model)
+  tf_fn = _convert(tm.model, "embed_product", ["(b, _)", "(b, _, _, _)", "(b,)"], platforms)
+  v_first = _pillow_vertical_first()
+  text_spec = lambda name: tf.TensorSpec([None], tf.string, name=name)  # pylint: disable=unnecessary-lambda-assignment
+  raw_sig = [text_spec("title"), text_spec("description"), text_spec("attributes"), text_spec("image")]
+
+  class ProductTower(tf.Module):
+    """Product tower: text assembly, SentencePiece and Pillow-exact image decoding in the graph."""
+
+    def __init__(self):
+      super().__init__(name="product_tower")
+      self.params = _variables(tm.params)
+      self.tokenizer = tf_tokenizer(tokenizer_path, p_len)
+      self.product_len, self.image_size, self.dim = p_len, size, dim
+
+    def _preprocess(self, title, description, attributes, image):
+      with tf.control_dependencies(_check_same_batch(title=title, description=description,
+                                                     attributes=attributes, image=image)):
+        text = tf_product_text(*(tf_sanitize_utf8(t) for t in (title, description, attributes)))
+        tokens = self.tokenizer(text)
+        pixels, has_image = tf_decode_images(image, size, v_first)
+      return tokens, pixels, has_image
+
+    @tf.function(jit_compile=True)
+    def _model(self, tokens, pixels, has_image):
+      return tf_fn(self.params, tokens, pixels, has_image)  # jit_compile: see QueryTower._model
+
+    def _embed(self, tokens, pixels, has_image):
+      return tf.cond(tf.shape(tokens)[0] > 0, lambda: self._model(tokens, pixels, has_image),
+                     lambda: tf.zeros([0, dim], tf.float32))
+
+    @tf.function(input_signature=raw_sig)
+    def serve(self, title, description, attributes, image):
+      tokens, pixels, has_image = self._preprocess(title, description, attributes, image)
+      return {"embedding": self._embed(tokens, pixels, has_image), "has_image": has_image}
+
+    @tf.function(input_signature=raw_sig)
+    def preprocess(self, title, description, attributes, image):
+      tokens, pixels, has_image = self._preprocess(title, description, attributes, image)
+      return {"product_tokens": tokens, "image": pixels, "has_image": has_image}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, p_len], tf.int32, name="product_tokens"),
+                                  tf.TensorSpec([None, size, size, 3], tf.uint8, name="image"),
+                                  tf.TensorSpec([None], tf.bool, name="has_image")])
+    def embed_preprocessed(self, product_tokens, image, has_image):
+      with tf.control_dependencies(_check_same_batch(product_tokens=product_tokens, image=image,
+                                                     has_image=has_image)):
+        return {"embedding": self._embed(tf.identity(product_tokens), image, has_image)}
+
+  return ProductTower()
+
+
+# ------------------------------------------------------------------------------------------- ScaNN
+
+
+_SCANN_ASSETS = (  # ScannState's tensors, in tensors_to_scann's order, and the file ScannIndex.save writes
+    ("scann_config", "scann_config.pb"), ("serialized_partitioner", "serialized_partitioner.pb"),
+    ("datapoint_to_token", "datapoint_to_token.npy"), ("ah_codebook", "ah_codebook.pb"),
+    ("hashed_dataset", "hashed_dataset.npy"), ("int8_dataset", "int8_dataset.npy"),
+    ("int8_multipliers", "int8_multipliers.npy"), ("dp_norms", "dp_norms.npy"), ("dataset", "dataset.npy"))
+_SCANN_DTYPES = {"datapoint_to_token": np.int32, "hashed_dataset": np.uint8, "int8_dataset": np.int8,
+                 "int8_multipliers": np.float32, "dp_norms": np.float32, "dataset": np.float32}
+
+
+def scann_tensors(index_dir: str) -> list:
+  """Returns the 9 tensors `scann_ops.ScannState` holds, read from a `ScannIndex.save` directory.
+
+  The TF searcher is rebuilt from the very files the Python index uses, so both search the same
+  partitions and codebooks (a second build could train different k-means centres). Assets the index
+  does not use are scalars, as `scann_to_tensors` gives them.
+  """
+  out = []
+  for name, fname in _SCANN_ASSETS:
+    path = os.path.join(index_dir, fname)
+    if fname.endswith(".pb"):
+      if os.path.exists(path):
+        with open(path, "rb") as f:
+          out.append(np.array([f.read()], dtype=object))
+      elif name == "scann_config":
+        raise FileNotFoundError(f"{path} not found: {index_dir} is not a ScannIndex.save directory")
+      else:
+        out.append(np.array(b"", dtype=object))
+    else:
+      out.append(np.load(path) if os.path.exists(path) else np.zeros((), _SCANN_DTYPES[name]))
+  return out
+
+
+def _make_serving(query_tower, index_dir: str, ids: Sequence[str], k: int):
+  """Returns a tf.Module: query strings -> top-k (ids, scores, indices), query tower + ScaNN in one graph."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import scann  # pylint: disable=g-import-not-at-top,unused-import
+  from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
+  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+
+  py_index = index_lib.ScannIndex.load(index_dir)
+  params = py_index.params
+  if params.get("soar_lambda") is not None:
+    raise ValueError(f"{index_dir} was built with SOAR (soar_lambda={params['soar_lambda']}), which ScaNN's "
+                     "TF ops cannot serve; rebuild the index without soar_lambda")
+  n = py_index.size
+  if len(ids) != n:
+    raise ValueError(f"{len(ids)} product ids but the index at {index_dir} holds {n} products")
+  # The same (k, pre-reorder, leaves) ScannIndex.search passes, so serving returns its top-k.
+  k, k_eff, pre, leaves = py_index._search_args(k, None, None)  # pylint: disable=protected-access
+  pad = k - k_eff
+  # The searcher is a resource shared by name within a process: a per-export name keeps two exported
+  # models (or a model and its re-export) loaded side by side apart.
+  shared_name = f"mmr-scann-{uuid.uuid4().hex}"
+
+  class Serving(tf.Module):
+    """Query strings -> top-k products: the query tower, then ScaNN's TF searcher."""
+
+    def __init__(self):
+      super().__init__(name="serving")
+      self.query_tower = query_tower
+      self.scann = scann_ops.ScannState(scann_tensors(index_dir))
+      self.product_ids = tf.Variable(np.asarray(list(ids), dtype=object), dtype=tf.string, trainable=False)
+      self.k = k
+
+    def _search(self, emb):
+      s = self.scann
+      handle = scann_ops.tensors_to_scann(
+          s.dataset, s.scann_config, s.serialized_partitioner, s.datapoint_to_token, s.ah_codebook,
+          s.hashed_dataset, s.int8_dataset, s.int8_multipliers, s.dp_norms, shared_name=shared_name)
+      idx, scores = scann_ops.scann_search_batched(handle, emb, k_eff, pre, leaves, tf.shape(emb)[0] > 16)
+      idx = tf.cast(idx, tf.int64)
+      scores = tf.where(idx >= 0, scores, -np.inf)
+      # Sorted by score, ties by lower index (ScannIndex._finish): stable sort by index, then by score.
+      order = tf.argsort(idx, axis=1, stable=True)
+      idx, scores = tf.gather(idx, order, batch_dims=1), tf.gather(scores, order, batch_dims=1)
+      order = tf.argsort(-scores, axis=1, stable=True)
+      return tf.gather(idx, order, batch_dims=1), tf.gather(scores, order, batch_dims=1)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")])
+    def serve(self, queries):
+      emb = self.query_tower.embed(queries)
+      idx, scores = tf.cond(tf.shape(emb)[0] > 0, lambda: self._search(emb),
+                            lambda: (tf.zeros([0, k_eff], tf.int64), tf.zeros([0, k_eff], tf.float32)))
+      b = tf.shape(idx)[0]
+      idx = tf.concat([idx, tf.fill([b, pad], tf.constant(-1, tf.int64))], axis=1)
+      scores = tf.concat([scores, tf.fill([b, pad], tf.constant(-np.inf, tf.float32))], axis=1)
+      ids_out = tf.where(idx >= 0, tf.gather(self.product_ids, tf.maximum(idx, 0)), "")
+      return {"ids": tf.ensure_shape(ids_out, [None, k]), "scores": tf.ensure_shape(scores, [None, k]),
+              "indices": tf.ensure_shape(idx, [None, k])}
+
+  return Serving()
+
+
+# --------------------------------------------------------------------------------------------- save
+
+
+def _save(module, out_dir: str, signatures: Mapping[str, Any]) -> str:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out_dir = os.fspath(out_dir)
+  tmp = out_dir + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tf.saved_model.save(module, tmp, signatures=signatures)
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.replace(tmp, out_dir)
+  return out_dir
+
+
+def export_query_tower(tm, tokenizer_path: str, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS):
+  """Writes the query-tower SavedModel to out_dir; returns out_dir."""
+  m = _make_query_tower(tm, tokenizer_path, _check_platforms(platforms))
+  return _save(m, out_dir, {"serving_default": m.serve, "tokenize": m.tokenize, "embed_tokens": m.embed_tokens})
+
+
+def export_product_tower(tm, tokenizer_path: str, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS):
+  """Writes the product-tower SavedModel to out_dir; returns out_dir."""
+  m = _make_product_tower(tm, tokenizer_path, _check_platforms(platforms))
+  return _save(m, out_dir, {"serving_default": m.serve, "preprocess": m.preprocess,
+                            "embed_preprocessed": m.embed_preprocessed})
+
+
+def export_serving(tm, tokenizer_path: str, index_dir: str, ids: Sequence[str], out_dir: str, k: int = 100,
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS):
+  """Writes the serving SavedModel (query strings -> top-k ids, scores, indices) to out_dir; returns out_dir."""
+  q = _make_query_tower(tm, tokenizer_path, _check_platforms(platforms))
+  m = _make_serving(q, index_dir, ids, k)
+  return _save(m, out_dir, {"serving_default": m.serve})
+
+
+def load_saved_model(path: str):
+  """Returns `tf.saved_model.load(path)` after importing the custom-op libraries the models need."""
+  import scann  # pylint: disable=g-import-not-at-top,unused-import
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import
+  if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+    raise FileNotFoundError(f"{path}/saved_model.pb not found: not a SavedModel directory")
+  return tf.saved_model.load(path)
+
+
+# --------------------------------------------------------------------------------------- embeddings
+
+
+def _local_embed_fn(tm):
+  """Returns fn(host batch) -> this host's rows of the product embeddings [B_local, D] (numpy)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  keys = ("product_tokens", "image", "has_image")
+
+  def fn(params, tokens, image, has_image):
+    return tm.model.apply({"params": params}, tokens, image, has_image, train=False,
+                          method="embed_product")["emb"]
+
+  jitted = jax.jit(fn, out_shardings=shd.batch_sharding(tm.mesh, 2))
+
+  def call(batch):
+    arrays = shd.host_batch_to_global({k: batch[k] for k in keys}, tm.mesh)
+    out = jitted(tm.params, *(arrays[k] for k in keys))
+    if jax.process_count() == 1:
+      return np.asarray(out)
+    # The inverse of host_batch_to_global: this host's rows, in its batch order.
+    return np.asarray(multihost_utils.global_array_to_host_local_array(out, tm.mesh, P(shd.BATCH_AXES)))
+
+  return call
+
+
+def _barrier(name: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _min_over_processes(value: int) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.min(multihost_utils.process_allgather(np.asarray([value], np.int64))))
+
+
+def _write_atomic(path: str, write) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  write(tmp)
+  os.replace(tmp, path)
+
+
+def _finished_shards(shard_dir: str, num_shards: int) -> int:
+  """Returns how many shards from the first one on are complete (npz + state json)."""
+  done = 0
+  while done < num_shards and all(os.path.isfile(os.path.join(shard_dir, f"shard_{done:05d}{ext}"))
+                                  for ext in (".npz", ".json")):
+    done += 1
+  return done
+
+
+def product_ids(data_dir: str) -> list[str]:
+  """Returns the product ids in product-index order."""
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  src = tfds_builder.load_source(data_dir, "products", "all")
+  out = []
+  for i in range(len(src)):
+    v = src[i]["id"]
+    out.append(v.decode("utf-8") if isinstance(v, (bytes, np.bytes_)) else str(v))
+  return out
+
+
+def embed_catalogue(tm, data_dir: str, out_dir: str, *, batch_size: int = 256, shard_batches: int = 16,
+                    progress: bool = True) -> np.ndarray | None:
+  """Embeds every product, resumably; returns embeddings [N, D] on process 0 (None elsewhere).
+
+  Each process embeds its contiguous slice of the catalogue and writes shards under
+  out_dir/shards/process_{p}-of-{P}/ (see module doc); process 0 merges them in product-index order.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+
+  p, num_p = jax.process_index(), jax.process_count()
+  dp = shd.data_parallel_size(tm.mesh)
+  if batch_size < 1 or shard_batches < 1:
+    raise ValueError(f"batch_size={batch_size} and shard_batches={shard_batches} must be >= 1")
+  batch_size = max(dp, batch_size // dp * dp)  # the global batch must split over the data axes
+  n = len(tfds_builder.load_source(data_dir, "products", "all"))
+  if n == 0:
+    raise ValueError(f"{data_dir}: the products table is empty")
+  start, stop, num_batches = pipeline.eval_host_slice(n, batch_size, p, num_p)
+  num_shards = -(-num_batches // shard_batches)
+  shards_root = os.path.join(out_dir, "shards")
+  shard_dir = os.path.join(shards_root, f"process_{p}-of-{num_p}")
+  os.makedirs(shard_dir, exist_ok=True)
+  manifest = {"num_products": n, "batch_size": batch_size, "shard_batches": shard_batches,
+              "process_count": num_p, "step": int(tm.step), "data_dir": os.path.abspath(data_dir)}
+  man_path = os.path.join(shard_dir, "manifest.json")
+  if os.path.isfile(man_path):
+    with open(man_path) as f:
+      old = json.load(f)
+    if old != manifest:
+      log.warning("%s: shards were written with %s, now %s; starting over", shard_dir, old, manifest)
+      shutil.rmtree(shard_dir)
+      os.makedirs(shard_dir)
+  _write_atomic(man_path, lambda t: epath.Path(t).write_text(json.dumps(manifest, indent=2)))
+  # Every process must run the same number of (collective) steps: restart where all of them are.
+  done = _min_over_processes(_finished_shards(shard_dir, num_shards))
+  it = pipeline.make_eval_iterator(data_dir, "products", "all", tm.config.data, batch_size)
+  rows_done = 0
+  if done:
+    with open(os.path.join(shard_dir, f"shard_{done - 1:05d}.json")) as f:
+      state = json.load(f)
+    it.set_state(state["iterator_state"])
+    rows_done = int(state["rows_total"])
+    log.info("resuming after %d finished shard(s) (%d rows) in %s", done, rows_done, shard_dir)
+  embed = _local_embed_fn(tm)
+  with tqdm(total=stop - start, initial=rows_done, desc=f"embed products (process {p})", unit="row",
+            file=sys.stderr, disable=not progress, mininterval=1.0) as bar:
+    for j in range(done, num_shards):
+      embs, idxs = [], []
+      for _ in range(min(shard_batches, num_batches - j * shard_batches)):
+        batch = next(it)
+        mask = np.asarray(batch["mask"], bool)
+        e = embed(batch)
+        embs.append(e[mask])
+        idxs.append(np.asarray(batch["product_index"], np.int64)[mask])
+        bar.update(int(mask.sum()))
+      emb = np.concatenate(embs).astype(np.float32)
+      idx = np.concatenate(idxs)
+      rows_done += len(idx)
+      base = os.path.join(shard_dir, f"shard_{j:05d}")
+
+      def write_npz(t, emb=emb, idx=idx):
+        with open(t, "wb") as f:
+          np.savez(f, embeddings=emb, product_index=idx)
+
+      _write_atomic(base + ".npz", write_npz)
+      state = {"iterator_state": it.get_state(), "rows": len(idx), "rows_total": rows_done}
+      _write_atomic(base + ".json", lambda t, s=state: epath.Path(t).write_text(json.dumps(s)))
+  _barrier("mmr_export_embedded")
+  if p != 0:
+    return None
+  dim = None
+  out = None
+  seen = np.zeros(n, bool)
+  for q in range(num_p):
+    d = os.path.join(shards_root, f"process_{q}-of-{num_p}")
+    for j in range(_finished_shards(d, num_shards)):
+      with np.load(os.path.join(d, f"shard_{j:05d}.npz")) as z:
+        emb, idx = z["embeddings"], z["product_index"]
+      if out is None:
+        dim = emb.shape[1]
+        out = np.zeros((n, dim), np.float32)
+      out[idx] = emb
+      seen[idx] = True
+  if out is None or not seen.all():
+    missing = np.nonzero(~seen)[0]
+    raise RuntimeError(f"embedding shards under {shards_root} miss {len(missing)} of {n} products "
+                       f"(first: {missing[:5].tolist()}); rerun to resume")
+  return out
+
+
+def _build_index(emb: np.ndarray, workdir: str, out_index: str, rebuild: bool,
+                 scann_overrides: Mapping[str, Any] | None) -> dict:
+  """Writes out_index (the evaluation's index reused, or one built with its parameters); returns its record."""
+  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  eval_dir = os.path.join(workdir, "index")
+  eval_emb = os.path.join(workdir, "product_embeddings.npy")
+  cfg_path = os.path.join(eval_dir, index_lib.SCANN_CONFIG_FILE)
+  shutil.rmtree(out_index, ignore_errors=True)
+  params = None
+  if os.path.isfile(cfg_path) and not scann_overrides:
+    with open(cfg_path) as f:
+      eval_params = json.load(f)["params"]
+    if int(eval_params.get("n", -1)) == emb.shape[0] and int(eval_params.get("d", -1)) == emb.shape[1]:
+      if not rebuild and os.path.isfile(eval_emb) and np.array_equal(np.load(eval_emb), emb):
+        shutil.copytree(eval_dir, out_index)
+        index_lib.ScannIndex.load(out_index)  # validates the copy
+        return {"source": "reused", "from": eval_dir, **index_lib.ScannIndex.load(out_index).config()}
+      params = {k: v for k, v in eval_params.items() if k in index_lib.SCANN_DEFAULTS}
+  if scann_overrides:
+    params = dict(scann_overrides)
+  t0 = time.time()
+  idx = index_lib.ScannIndex.build(emb, params)
+  idx.save(out_index)
+  source = "built with the evaluation's parameters" if params and not scann_overrides else (
+      "built with --scann overrides" if scann_overrides else "built with index.SCANN_DEFAULTS")
+  return {"source": source, "build_s": time.time() - t0, **idx.config()}
+
+
+# ---------------------------------------------------------------------------------------- parity
+
+
+UNUSUAL_QUERIES = ("", "   ", "😀👍 emoji only", "ünïcödé straße", "日本語の検索クエリ", "بحث عربي",
+                   "поиск товара", "a" * 5000, "red dress " * 2000, "tab\tand\nnewline", "\x00nul")
+
+
+def measure_parity(out: str, tm, data_dir: str, sample: int = 32) -> dict:
+  """Returns max |SavedModel - JAX| for queries and products on a catalogue sample (and image pixel diffs)."""
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  cfg = tm.config.data
+  tok = pipeline.load_tokenizer(data_dir)
+  qsrc = tfds_builder.load_source(data_dir, "queries", "test")
+  queries = [pipeline._text(qsrc[i], "text") for i in range(min(sample, len(qsrc)))]  # pylint: disable=protected-access
+  queries += list(UNUSUAL_QUERIES)
+  qt = load_saved_model(os.path.join(out, "query_tower"))
+  sm_q = qt.signatures["serving_default"](queries=np.asarray(queries, object))["embedding"].numpy()
+  jax_q = tm.embed_queries({"query_tokens": tok.encode(queries, int(cfg.query_len))})
+  psrc = tfds_builder.load_source(data_dir, "products", "all")
+  rows = [psrc[i] for i in range(min(sample, len(psrc)))]
+  field = lambda k: np.asarray([pipeline._text(r, k) for r in rows], object)  # pylint: disable=protected-access,unnecessary-lambda-assignment
+  images = np.asarray([pipeline._bytes(r, "image") if bool(np.asarray(r["has_image"])) else b""  # pylint: disable=protected-access
+                       for r in rows], object)
+  pt = load_saved_model(os.path.join(out, "product_tower"))
+  pre = pt.signatures["preprocess"](title=field("title"), description=field("description"),
+                                    attributes=field("attributes"), image=images)
+  ref = [pipeline.decode_image(b, int(cfg.image_size)) for b in images]
+  ref_img = np.stack([r[0] for r in ref])
+  ref_tokens = tok.encode([pipeline._text(r, "text") for r in rows], int(cfg.product_len))  # pylint: disable=protected-access
+  batch = {"product_tokens": ref_tokens, "image": ref_img, "has_image": np.asarray([r[1] for r in ref])}
+  jax_p = tm.embed_products(batch)
+  sm_p = pt.signatures["embed_preprocessed"](**batch)["embedding"].numpy()
+  sm_e2e = pt.signatures["serving_default"](title=field("title"), description=field("description"),
+                                            attributes=field("attributes"), image=images)["embedding"].numpy()
+  pix = np.abs(pre["image"].numpy().astype(int) - ref_img.astype(int))
+  return {
+      "queries": len(queries), "products": len(rows),
+      "query_max_abs_diff": float(np.abs(sm_q - jax_q).max()),
+      "product_preprocessed_max_abs_diff": float(np.abs(sm_p - jax_p).max()),
+      "product_end_to_end_max_abs_diff": float(np.abs(sm_e2e - jax_p).max()),
+      "product_tokens_equal": bool(np.array_equal(pre["product_tokens"].numpy(), ref_tokens)),
+      "has_image_equal": bool(np.array_equal(pre["has_image"].numpy(), batch["has_image"])),
+      "image_pixels_differing": float((pix > 0).mean()), "image_max_abs_diff": int(pix.max(initial=0)),
+  }
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def _versions() -> dict:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  out = {}
+  for pkg in ("jax", "jaxlib", "flax", "tensorflow", "tensorflow-text", "scann", "pillow"):
+    try:
+      out[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      out[pkg] = None
+  return out
+
+
+def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: int = 100,
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_size: int = 256,
+                   shard_batches: int = 16, scann_overrides: Mapping[str, Any] | None = None,
+                   rebuild_index: bool = False, parity: bool = True, progress: bool = True) -> dict | None:
+  """Exports a trained workdir into `out` (layout in the module doc); returns the summary on process 0."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
+  from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
+
+  if int(k) != k or k < 1:
+    raise ValueError(f"k must be a positive integer, got {k!r}")
+  platforms = _check_platforms(platforms)
+  t_start = time.time()
+  timings = {}
+
+  def step(name: str) -> None:
+    if progress and jax.process_index() == 0:
+      print(f"[export] {name}", file=sys.stderr, flush=True)
+
+  step(f"loading {workdir}")
+  tm = inference.load_trained(workdir, data_dir)
+  data_dir = tm.config.data.dir
+  tokenizer_path = os.path.join(data_dir, TOKENIZER_ASSET)
+  if not os.path.isfile(tokenizer_path):
+    raise FileNotFoundError(f"{tokenizer_path} not found: --data must be the DATA_DIR the model was trained on")
+  os.makedirs(out, exist_ok=True)
+  emb_dir = os.path.join(out, "embeddings")
+  os.makedirs(emb_dir, exist_ok=True)
+
+  t0 = time.time()
+  info_path = os.path.join(emb_dir, "info.json")
+  info = json.loads(epath.Path(info_path).read_text()) if os.path.isfile(info_path) else None
+  up_to_date = (info is not None and info.get("step") == int(tm.step) and info.get("data_dir") ==
+                os.path.abspath(data_dir) and os.path.isfile(os.path.join(emb_dir, "embeddings.npy"))
+                and not rebuild_index and not scann_overrides)
+  emb = None
+  if up_to_date:
+    step("embeddings: up to date, kept")
+    if jax.process_index() == 0:
+      emb = np.load(os.path.join(emb_dir, "embeddings.npy"))
+  else:
+    step("embedding the catalogue (resumable)")
+    emb = embed_catalogue(tm, data_dir, emb_dir, batch_size=batch_size, shard_batches=shard_batches,
+                          progress=progress)
+  timings["embed_s"] = time.time() - t0
+
+  summary = None
+  if jax.process_index() == 0:
+    ids = product_ids(data_dir)
+    if not up_to_date:
+      np.save(os.path.join(emb_dir, "embeddings.npy"), emb)
+      epath.Path(os.path.join(emb_dir, "ids.txt")).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+      step("building the ScaNN index")
+      t0 = time.time()
+      index_info = _build_index(emb, workdir, os.path.join(emb_dir, "index"), rebuild_index, scann_overrides)
+      timings["index_s"] = time.time() - t0
+      info = {"num_products": int(emb.shape[0]), "dim": int(emb.shape[1]), "dtype": "float32",
+              "step": int(tm.step), "workdir": os.path.abspath(workdir), "data_dir": os.path.abspath(data_dir),
+              "normalised": True, "index": index_info}
+      epath.Path(info_path).write_text(json.dumps(info, indent=2, default=float))
+      shutil.rmtree(os.path.join(emb_dir, "shards"), ignore_errors=True)
+
+    for name, fn in (("query_tower", lambda p: export_query_tower(tm, tokenizer_path, p, platforms)),
+                     ("product_tower", lambda p: export_product_tower(tm, tokenizer_path, p, platforms)),
+                     ("serving", lambda p: export_serving(tm, tokenizer_path, os.path.join(emb_dir, "index"),
+                                                          ids, p, k, platforms))):
+      step(f"writing {name} SavedModel")
+      t0 = time.time()
+      fn(os.path.join(out, name))
+      timings[f"{name}_s"] = time.time() - t0
+    parity_res = None
+    if parity:
+      step("measuring SavedModel vs JAX parity")
+      t0 = time.time()
+      parity_res = measure_parity(out, tm, data_dir)
+      timings["parity_s"] = time.time() - t0
+    timings["total_s"] = time.time() - t_start
+    summary = {
+        "workdir": os.path.abspath(workdir), "data_dir": os.path.abspath(data_dir), "step": int(tm.step),
+        "variant": tm.config.model.variant, "embedding_dim": int(two_tower.embedding_dim(tm.config.model)),
+        "num_products": int(info["num_products"]), "k": int(k), "platforms": list(platforms),
+        "inputs": {"query_len": int(tm.config.data.query_len), "product_len": int(tm.config.data.product_len),
+                   "image_size": int(tm.config.data.image_size)},
+        "paths": {name: os.path.join(os.path.abspath(out), name)
+                  for name in ("query_tower", "product_tower", "serving", "embeddings")},
+        "index": info["index"], "parity": parity_res, "pillow_vertical_first": _pillow_vertical_first(),
+        "timings": timings, "versions": _versions()}
+    epath.Path(os.path.join(out, SUMMARY_FILE)).write_text(json.dumps(summary, indent=2, default=float))
+    step(f"done in {timings['total_s']:.0f} s: {out}")
+  _barrier("mmr_export_done")
+  return summary
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(
+      prog="python -m mmr_jax.export", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Export a trained workdir: query/product tower SavedModels, a serving SavedModel (query "
+                  "strings -> top-K product ids) and the embedded catalogue with its ScaNN index.",
+      epilog="Writes OUT/query_tower, OUT/product_tower, OUT/serving, OUT/embeddings/ and "
+             "OUT/export_summary.json; see the docstring of mmr_jax/export.py for formats and signatures.")
+  p.add_argument("--workdir", required=True, help="trained workdir (config.json + checkpoints/)")
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--data", default=None, help="DATA_DIR (default: the one the workdir was trained on)")
+  p.add_argument("--k", type=int, default=100, help="results per query in the serving model (default 100)")
+  p.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
+                 help=f"comma-separated jax2tf lowering platforms from {PLATFORMS} (default cpu,cuda)")
+  p.add_argument("--batch_size", type=int, default=256, help="global batch for embedding the catalogue")
+  p.add_argument("--shard_batches", type=int, default=16, help="batches per resumable embedding shard")
+  p.add_argument("--scann", default=None, help='JSON dict of ScaNN parameter overrides, e.g. \'{"num_leaves": 100}\'')
+  p.add_argument("--rebuild_index", action="store_true",
+                 help="re-embed and rebuild the index even if OUT/embeddings or WORKDIR/index can be reused")
+  p.add_argument("--no_parity", action="store_true", help="skip the SavedModel vs JAX parity measurement")
+  p.add_argument("--no_progress", action="store_true", help="no progress output")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
+  train.maybe_initialize_distributed()
+  summary = export_workdir(args.workdir, args.out, args.data, k=args.k, platforms=args.platforms.split(","),
+                           batch_size=args.batch_size, shard_batches=args.shard_batches,
+                           scann_overrides=json.loads(args.scann) if args.scann else None,
+                           rebuild_index=args.rebuild_index, parity=not args.no_parity,
+                           progress=not args.no_progress)
+  if summary is not None:
+    print(json.dumps({k: summary[k] for k in ("paths", "num_products", "k", "parity", "timings")},
+                     indent=2, default=float))
+
+
+if __name__ == "__main__":
+  main()

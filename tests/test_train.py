@@ -1,0 +1,161 @@
+"""The trainer: learning, two-stage init, exact resume, SIGTERM, NaN handling, config errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from mmr_jax import checkpoint as ckpt_lib
+from mmr_jax import config as config_lib
+from mmr_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _quiet(cfg, **train_kw):
+  cfg.train.progress = False
+  for k, v in train_kw.items():
+    cfg.train[k] = v
+  return cfg
+
+
+@pytest.mark.parametrize("variant", ["fusion", "text_only"])
+def test_loss_decreases(tiny_data, tmp_path, variant):
+  cfg = _quiet(tiny_config(tiny_data, variant=variant), steps=40, log_every=5, eval_every=0, ckpt_every=40)
+  cfg.optim.lr = 3e-3
+  train.train_and_evaluate(cfg, str(tmp_path / variant))
+  losses = _losses(tmp_path / variant)
+  first, last = np.mean([losses[5], losses[10]]), np.mean([losses[35], losses[40]])
+  assert last < 0.8 * first, losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["image_only", "concat", "fusion_qw"])
+def test_loss_decreases_other_variants(tiny_data, tmp_path, variant):
+  test_loss_decreases(tiny_data, tmp_path, variant)
+
+
+def test_stage1_learns_and_stage2_loads_its_image_tower(tiny_data, tmp_path):
+  s1 = tmp_path / "s1"
+  cfg1 = _quiet(tiny_config(tiny_data, stage=1), steps=30, log_every=5, eval_every=0, ckpt_every=30)
+  cfg1.optim.lr = 3e-3
+  train.train_and_evaluate(cfg1, str(s1))
+  l1 = _losses(s1)
+  assert np.mean([l1[25], l1[30]]) < np.mean([l1[5], l1[10]])
+
+  cfg2 = _quiet(tiny_config(tiny_data, stage=2), steps=1, eval_every=0)
+  cfg2.init.workdir = str(s1)
+  cfg2 = train.resolve_config(cfg2)
+  trainer = train.Trainer(cfg2, str(tmp_path / "s2"))
+  state = trainer.init_state()
+  src, _ = ckpt_lib.restore_params(str(s1))
+  got = jax.device_get(state.params)
+  for a, b in zip(jax.tree.leaves(src["image_tower"]), jax.tree.leaves(got["image_tower"])):
+    np.testing.assert_array_equal(a, b)
+  # Towers not named in init.load keep their fresh initialisation.
+  fresh = jax.device_get(train.Trainer(cfg2.copy_and_resolve_references(), str(tmp_path / "s3"))._init(
+      jax.random.PRNGKey(cfg2.seed)).params)
+  for a, b in zip(jax.tree.leaves(fresh["query_tower"]), jax.tree.leaves(got["query_tower"])):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh["image_tower"]),
+                                                       jax.tree.leaves(got["image_tower"])))
+
+
+def _final_params(workdir):
+  params, step = ckpt_lib.restore_params(str(workdir))
+  return params, step
+
+
+def test_sigterm_checkpoint_then_resume_equals_uninterrupted(tiny_data, tmp_path):
+  def cfg():
+    return _quiet(tiny_config(tiny_data), steps=8, log_every=1, eval_every=0, ckpt_every=100)
+
+  full = tmp_path / "full"
+  train.train_and_evaluate(cfg(), str(full))
+
+  part = tmp_path / "part"
+
+  def preempt_at_3(step, state):
+    del state
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  train.train_and_evaluate(cfg(), str(part), hooks=[preempt_at_3])
+  # SIGTERM left a restorable checkpoint at the step it arrived, and the run stopped there.
+  assert ckpt_lib.Checkpointer(str(part)).all_steps() == [3]
+  assert max(_losses(part)) == 3
+  train.train_and_evaluate(cfg(), str(part))  # auto-resume from step 3
+
+  lf, lp = _losses(full), _losses(part)
+  assert sorted(lp) == list(range(1, 9))
+  for s in range(1, 9):
+    assert lp[s] == lf[s], (s, lp[s], lf[s])  # bit-exact on CPU
+  pf, _ = _final_params(full)
+  pp, step = _final_params(part)
+  assert step == 8
+  for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pp)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nan_stop_keeps_last_good_checkpoint(tiny_data, tmp_path):
+  cfg = _quiet(tiny_config(tiny_data), steps=12, log_every=4, eval_every=0, ckpt_every=1)
+  cfg.optim.lr = 1e30  # blows the parameters up within a few steps
+  cfg.optim.grad_clip = 0.0
+  cfg.optim.warmup_steps = 0
+  with pytest.raises(train.NonFiniteLossError, match="NaN/Inf"):
+    train.train_and_evaluate(cfg, str(tmp_path / "nan"))
+  params, step = _final_params(tmp_path / "nan")
+  assert step >= 1
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_nan_skip_policy_finishes(tiny_data, tmp_path):
+  cfg = _quiet(tiny_config(tiny_data), steps=8, log_every=4, eval_every=0, ckpt_every=8, nan_policy="skip")
+  cfg.optim.lr = 1e30
+  cfg.optim.grad_clip = 0.0
+  cfg.optim.warmup_steps = 0
+  last = train.train_and_evaluate(cfg, str(tmp_path / "skip"))
+  assert last["nonfinite_steps"] > 0
+  params, step = _final_params(tmp_path / "skip")
+  assert step == 8 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_checkpoint_shape_mismatch_names_parameters(tiny_workdir, tiny_data):
+  cfg = json.loads((pathlib.Path(tiny_workdir) / "config.json").read_text())
+  cfg = config_lib.ConfigDict(cfg)
+  cfg.model.embed_dim = cfg.model.embed_dim * 2
+  cfg.train.steps = cfg.train.steps + 2
+  before = (pathlib.Path(tiny_workdir) / "config.json").read_text()
+  with pytest.raises(ckpt_lib.CheckpointShapeError, match=r"heads/query/kernel"):
+    train.train_and_evaluate(cfg, tiny_workdir)
+  assert (pathlib.Path(tiny_workdir) / "config.json").read_text() == before
+
+
+def test_parse_arg_rejects_unknown_and_badly_typed_keys():
+  with pytest.raises(KeyError, match="colour"):
+    config_lib.parse_arg("colour=red", stage=2)
+  with pytest.raises(ValueError):
+    config_lib.parse_arg("stage=two", stage=2)
+  assert config_lib.parse_arg("stage=1,variant=concat", stage=2, variant="fusion").variant == "concat"
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "mmr_jax.train", "--config", "configs/demo.py:runlocal=True",
+                      "--workdir", str(tmp_path / "w"), "--config.train.nonexistent_key=3"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode != 0
+  assert "nonexistent_key" in r.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
