@@ -35,12 +35,7 @@ def get_config(arg=None):
     # Stage 2 keeps the stage-1 image tower but lets it move slowly, as in the paper's second stage.
     c.optim.lr_mult.image_tower = 0.3
   if a.runlocal:
-    c.data.batch_size = 16
-    c.train.steps = 6
-    c.train.log_every = 2
-    c.train.eval_every = 3
-    c.train.eval_batches = 1
-    c.train.ckpt_every = 3
+    config_lib.shrink_for_cpu(c)
   if a.steps:
     c.train.steps = a.steps
   if a.batch:

@@ -203,7 +203,9 @@ def main(argv=None):
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for every run, e.g. --set optim.lr=1e-3 (repeatable)")
   args = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
+  train.setup_logging()
+  train.enable_compilation_cache()
   overrides = {}
   for item in args.set:
     if "=" not in item:

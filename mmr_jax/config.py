@@ -131,3 +131,42 @@ def base_config() -> ConfigDict:
       ("patch", None),
   )
   return c
+
+
+def set_b16_model(c: ConfigDict, *, remat: bool = False, scan_layers: bool = False) -> ConfigDict:
+  """Sets ViT-B/16 + a B-sized text tower + 2 fusion layers, bf16 compute, 224 px, 512-d embeddings."""
+  from mmr_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
+  c.data.image_size = 224
+  c.data.query_len = 32
+  c.data.product_len = 128
+  c.data.title_len = 32
+  c.model.vit = vit_lib.get_config("B/16", pool_type="map", remat=remat, scan_layers=scan_layers)
+  c.model.text = text_lib.get_config("B", vocab_size=-1, max_len=128, remat=remat, scan_layers=scan_layers)
+  c.model.fusion.width = c.model.text.width
+  c.model.fusion.num_heads = c.model.text.num_heads
+  c.model.fusion.depth = 2
+  c.model.embed_dim = 512
+  c.model.dtype = "bfloat16"
+  return c
+
+
+def shrink_for_cpu(c: ConfigDict) -> ConfigDict:
+  """Returns `c` shrunk to the `runlocal` smoke size: the same code path in seconds on one CPU."""
+  base = base_config()
+  for key in ("image_size", "query_len", "product_len", "title_len"):
+    c.data[key] = base.data[key]
+  c.data.batch_size = 16
+  c.data.num_workers = 0
+  c.model.vit = base.model.vit
+  c.model.text = base.model.text
+  c.model.fusion = base.model.fusion
+  c.model.embed_dim = base.model.embed_dim
+  c.model.dtype = "float32"
+  c.train.steps = 6
+  c.train.log_every = 2
+  c.train.eval_every = 3
+  c.train.eval_batches = 1
+  c.train.ckpt_every = 3
+  c.mesh.shape.dcn = 1
+  return c

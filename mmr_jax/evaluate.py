@@ -265,7 +265,9 @@ def main(argv=None):
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--scann", default=None, help='JSON dict of ScaNN parameter overrides, e.g. \'{"num_leaves": 100}\'')
   args = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
+  train.setup_logging()
+  train.enable_compilation_cache()
   res = evaluate_workdir(args.workdir, args.data, tuple(args.split or EVAL_SPLITS), args.batch_size,
                          json.loads(args.scann) if args.scann else None)
   print(markdown_report(res))

@@ -324,11 +324,6 @@ def _host_params(params):
                       else np.asarray(x), params)
 
 
-def _variables(params):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.nest.map_structure(lambda x: tf.Variable(x, trainable=False), _host_params(params))
-
-
 def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
   platforms = tuple(p.strip().lower() for p in platforms if p.strip())
   bad = [p for p in platforms if p not in PLATFORMS]
@@ -337,15 +332,61 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
   return platforms
 
 
-def _convert(model, method: str, poly: Sequence[str], platforms: Sequence[str]):
-  """Returns jax2tf's TF function (params, *inputs) -> emb [B, D] for `model.<method>`."""
+@dataclasses.dataclass
+class _Converted:
+  """A model method as a TF function of the parameters it reads: `fn(variables, *inputs) -> emb`."""
+  fn: Any
+  variables: dict  # {"path/of/leaf": tf.Variable}, only the leaves the method uses
+
+
+def _convert(model, params, method: str, examples: Sequence[np.ndarray], poly: Sequence[str],
+             platforms: Sequence[str]) -> _Converted:
+  """Returns `model.<method>(*inputs)["emb"]` converted by jax2tf, batch-polymorphic per `poly`.
+
+  Only the parameter leaves the method computes with become inputs (tf.Variables): the call passes
+  every input buffer, so the query tower would otherwise pay for the whole product tower's ~150 arrays
+  on each request (about half its CPU latency). The other leaves are closed over, which flax's
+  parameter lookup needs and XLA drops as unused.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
-  def fn(params, *inputs):
-    return model.apply({"params": params}, *inputs, train=False, method=method)["emb"]
+  host = _host_params(params)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(host)
 
-  return jax2tf.convert(fn, polymorphic_shapes=[None, *poly], with_gradient=False,
-                        native_serialization_platforms=tuple(platforms))
+  def apply(p, *inputs):
+    return model.apply({"params": p}, *inputs, train=False, method=method)["emb"]
+
+  closed = jax.make_jaxpr(apply)(host, *examples)
+  invars = closed.jaxpr.invars[:len(leaves)]
+  read = {id(v) for e in closed.jaxpr.eqns for v in e.invars} | {id(v) for v in closed.jaxpr.outvars}
+  names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
+  used = [id(v) in read for v in invars]
+  constants = [None if u else x for u, (_, x) in zip(used, leaves)]
+
+  def fn(variables, *inputs):
+    flat = [variables[n] if u else c for n, u, c in zip(names, used, constants)]
+    return apply(jax.tree_util.tree_unflatten(treedef, flat), *inputs)
+
+  tf_fn = jax2tf.convert(fn, polymorphic_shapes=[None, *poly], with_gradient=False,
+                         native_serialization_platforms=tuple(platforms))
+  variables = {n: tf.Variable(x, trainable=False, name=n.replace("/", "."))
+               for n, u, (_, x) in zip(names, used, leaves) if u}
+  return _Converted(tf_fn, variables)
+
+
+def _nonempty(fn, *inputs):
+  """Returns fn(*inputs)[:B] (each output), running fn on at least one row (zeros when B == 0).
+
+  jax2tf's shape polymorphism assumes dimensions >= 1, so an empty batch would fail the module's shape
+  check; padding one row is cheaper per request than a tf.cond around the model.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n = tf.shape(inputs[0])[0]
+  rows = tf.maximum(n, 1)
+  padded = [tf.concat([x, tf.zeros(tf.concat([[1], tf.shape(x)[1:]], 0), x.dtype)], 0)[:rows] for x in inputs]
+  return tf.nest.map_structure(lambda y: y[:n], fn(*padded))
 
 
 def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
@@ -354,27 +395,25 @@ def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
   from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
   q_len = int(tm.config.data.query_len)
   dim = two_tower.embedding_dim(tm.config.model)
-  tf_fn = _convert(tm.model, "embed_query", ["(b, _)"], platforms)
+  conv = _convert(tm.model, tm.params, "embed_query", [np.ones((1, q_len), np.int32)], ["(b, _)"], platforms)
 
   class QueryTower(tf.Module):
     """Query tower: SentencePiece in the graph, then the converted JAX query encoder."""
 
     def __init__(self):
       super().__init__(name="query_tower")
-      self.params = _variables(tm.params)
+      self.params = conv.variables
       self.tokenizer = tf_tokenizer(tokenizer_path, q_len)
       self.query_len, self.dim = q_len, dim
 
     @tf.function(jit_compile=True)
     def _model(self, tokens):
-      # jit_compile: TF then compiles the XlaCallModule once per input shape and caches the executable;
-      # called plainly it re-refines the polymorphic StableHLO module on every call (~1 ms on CPU).
-      return tf_fn(self.params, tokens)
+      # Compiled as one XLA cluster per input shape: ~0.1 ms less per call on CPU than the bare
+      # XlaCallModule op (tools/bench_export.py).
+      return conv.fn(self.params, tokens)
 
     def embed_ids(self, tokens):
-      # jax2tf's shape polymorphism assumes every dimension >= 1: an empty batch skips the model.
-      return tf.cond(tf.shape(tokens)[0] > 0, lambda: self._model(tokens),
-                     lambda: tf.zeros([0, dim], tf.float32))
+      return tf.ensure_shape(_nonempty(self._model, tokens), [None, dim])
 
     def embed(self, queries):
       return self.embed_ids(self.tokenizer(tf_sanitize_utf8(queries)))
@@ -410,7 +449,8 @@ def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
   from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
   p_len, size = int(tm.config.data.product_len), int(tm.config.data.image_size)
   dim = two_tower.embedding_dim(tm.config.model)
-  tf_fn = _convert(tm.model, "embed_product", ["(b, _)", "(b, _, _, _)", "(b,)"], platforms)
+  examples = [np.ones((1, p_len), np.int32), np.zeros((1, size, size, 3), np.uint8), np.ones((1,), bool)]
+  conv = _convert(tm.model, tm.params, "embed_product", examples, ["(b, _)", "(b, _, _, _)", "(b,)"], platforms)
   v_first = _pillow_vertical_first()
   text_spec = lambda name: tf.TensorSpec([None], tf.string, name=name)  # pylint: disable=unnecessary-lambda-assignment
   raw_sig = [text_spec("title"), text_spec("description"), text_spec("attributes"), text_spec("image")]
@@ -420,7 +460,7 @@ def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
 
     def __init__(self):
       super().__init__(name="product_tower")
-      self.params = _variables(tm.params)
+      self.params = conv.variables
       self.tokenizer = tf_tokenizer(tokenizer_path, p_len)
       self.product_len, self.image_size, self.dim = p_len, size, dim
 
@@ -434,11 +474,10 @@ def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
 
     @tf.function(jit_compile=True)
     def _model(self, tokens, pixels, has_image):
-      return tf_fn(self.params, tokens, pixels, has_image)  # jit_compile: see QueryTower._model
+      return conv.fn(self.params, tokens, pixels, has_image)  # jit_compile: see QueryTower._model
 
     def _embed(self, tokens, pixels, has_image):
-      return tf.cond(tf.shape(tokens)[0] > 0, lambda: self._model(tokens, pixels, has_image),
-                     lambda: tf.zeros([0, dim], tf.float32))
+      return tf.ensure_shape(_nonempty(self._model, tokens, pixels, has_image), [None, dim])
 
     @tf.function(input_signature=raw_sig)
     def serve(self, title, description, attributes, image):
@@ -545,8 +584,7 @@ def _make_serving(query_tower, index_dir: str, ids: Sequence[str], k: int):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")])
     def serve(self, queries):
       emb = self.query_tower.embed(queries)
-      idx, scores = tf.cond(tf.shape(emb)[0] > 0, lambda: self._search(emb),
-                            lambda: (tf.zeros([0, k_eff], tf.int64), tf.zeros([0, k_eff], tf.float32)))
+      idx, scores = _nonempty(self._search, emb)
       b = tf.shape(idx)[0]
       idx = tf.concat([idx, tf.fill([b, pad], tf.constant(-1, tf.int64))], axis=1)
       scores = tf.concat([scores, tf.fill([b, pad], tf.constant(-np.inf, tf.float32))], axis=1)

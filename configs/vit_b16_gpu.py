@@ -1,0 +1,48 @@
+r"""ViT-B/16 two-tower on GPUs: one node of 8x H100 (or several, with SLURM).
+
+Hardware: 8x H100 80 GB per node; bf16 compute, f32 params; data parallel over GPUs with FSDP
+(ZeRO-3) so the optimizer state is sharded; global batch 2048 per node.
+
+  # one node
+  python -m mmr_jax.train --config configs/vit_b16_gpu.py:stage=1 --workdir /shared/mmr/b16/stage1
+  # two nodes through SLURM (sets the coordinator from SLURM variables)
+  python -m launch.slurm --nodes 2 --gpus_per_node 8 --config configs/vit_b16_gpu.py:stage=2,nodes=2 \
+      --workdir /shared/mmr/b16/fusion --config.init.workdir=/shared/mmr/b16/stage1 --submit
+
+Expected result: throughput on one H100 is measured by tools/bench_train.py (see README, "Benchmarks");
+a full multi-node run has not been made from this repository.
+"""
+
+from mmr_jax import config as config_lib
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, stage=2, variant="fusion", loss="sigmoid", runlocal=False,
+                           data="/shared/mmr/data", steps=0, batch=0, nodes=1)
+  c = config_lib.base_config()
+  c.stage = a.stage
+  c.data.dir = a.data
+  c.data.batch_size = 2048 * a.nodes
+  c.data.num_workers = 16
+  c.model.variant = a.variant
+  config_lib.set_b16_model(c)
+  c.loss.kind = a.loss
+  c.optim.lr = 1e-3 if a.stage == 1 else 5e-4
+  c.optim.warmup_steps = 2000
+  c.train.steps = 50_000 if a.stage == 1 else 20_000
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.ckpt_every = 1000
+  if a.stage == 2:
+    c.optim.lr_mult.image_tower = 0.1
+    c.init.load = ("image_tower", "product_text_tower")
+  c.mesh.shape.dcn = a.nodes
+  c.mesh.shape.data = 1
+  c.mesh.shape.fsdp = -1
+  if a.runlocal:
+    config_lib.shrink_for_cpu(c)
+  if a.steps:
+    c.train.steps = a.steps
+  if a.batch:
+    c.data.batch_size = a.batch
+  return c

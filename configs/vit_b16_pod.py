@@ -1,0 +1,65 @@
+r"""ViT-B/16 two-tower at pod scale: stage 1 and stage 2 on a TPU v4/v5 pod slice.
+
+Hardware: TPU v4-32 (4 hosts x 4 chips) or v5e-32 / v5p-32; bf16 compute, f32 params; FSDP over the
+chips of a slice, data parallel across slices (`dcn`). Global batch 4096 (CLIP/SigLIP-style large
+batch: the contrastive loss is computed over the whole global batch, sharded, see mmr_jax/sharded_loss.py).
+
+  # stage 1: domain alignment of the image tower (image <-> title)
+  python -m launch.tpu_pod run --tpu mmr --zone us-central2-b \
+      --config configs/vit_b16_pod.py:stage=1 --workdir gs://BUCKET/mmr/b16/stage1
+  # stage 2: query <-> product through the fusion network, image tower from stage 1 at 0.1x lr
+  python -m launch.tpu_pod run --tpu mmr --zone us-central2-b \
+      --config configs/vit_b16_pod.py:stage=2,variant=fusion --workdir gs://BUCKET/mmr/b16/fusion \
+      --config.init.workdir=gs://BUCKET/mmr/b16/stage1
+
+`data` must name an imported catalogue (python -m mmr_jax.data.import_catalog ...) readable by every
+host (a gs:// path or a shared disk). Pretrained ViT weights: --config.init.vit_npz=/path/ViT-B_16.npz
+(big_vision layout, local path).
+
+Expected result: not measured yet on TPU (this repository's CI has no TPU). `runlocal=True` shrinks the
+config so the same file runs on one CPU in a minute, which the tests do.
+"""
+
+from mmr_jax import config as config_lib
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, stage=2, variant="fusion", loss="sigmoid", runlocal=False,
+                           data="gs://BUCKET/mmr/data", steps=0, batch=0, slices=1)
+  c = config_lib.base_config()
+  c.stage = a.stage
+  c.data.dir = a.data
+  c.data.batch_size = 4096
+  c.data.num_workers = 8
+  c.model.variant = a.variant
+  config_lib.set_b16_model(c, remat=True, scan_layers=True)
+  c.loss.kind = a.loss
+  c.optim.lr = 1e-3 if a.stage == 1 else 5e-4
+  c.optim.warmup_steps = 2000
+  c.optim.weight_decay = 1e-4
+  c.train.steps = 50_000 if a.stage == 1 else 20_000
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.ckpt_every = 1000
+  c.train.keep = 3
+  if a.stage == 2:
+    c.optim.lr_mult.image_tower = 0.1  # keep stage 1's domain alignment; the paper's second stage
+    c.init.load = ("image_tower", "product_text_tower")
+  # FSDP inside a slice, data parallel across slices.
+  c.mesh.shape.dcn = a.slices
+  c.mesh.shape.data = 1
+  c.mesh.shape.fsdp = -1
+  if a.runlocal:
+    config_lib.shrink_for_cpu(c)
+  if a.steps:
+    c.train.steps = a.steps
+  if a.batch:
+    c.data.batch_size = a.batch
+  return c
+
+
+def get_sweep(arg=None):
+  """Loss kind x fusion depth at stage 2 (4 runs)."""
+  del arg
+  return [{"name": f"{loss}_depth{d}", "loss.kind": loss, "model.fusion.depth": d}
+          for loss in ("sigmoid", "softmax") for d in (1, 2)]

@@ -1,0 +1,362 @@
+"""Global-batch contrastive losses over the device mesh: no device ever holds the N x N logits.
+
+The in-batch negatives of a contrastive loss are the whole global batch, so the dense loss needs
+an [N, N] logits matrix (and its gradient) on one device: 64k pairs are 16 GiB of f32. Here the
+batch stays sharded over the data-parallel mesh axes ("dcn", "data", "fsdp"; P devices, B = N / P
+rows each) inside `jax.shard_map`, and the logits are computed block by block:
+
+  * ring (default): the product side `b` travels round the ring of the P devices with `ppermute`
+    (as in ring attention / big_vision's chunked SigLIP). At each of the P steps a device meets
+    one [B, B] block: it folds the block into its rows' running statistics (online log-sum-exp for
+    softmax, a plain sum for sigmoid) and into the column statistics that travel with the block,
+    so when a block has gone all the way round and is home again its columns are complete.
+    Peak logits memory per device is [B, B] = [N/P, N/P]; the backward pass recomputes each block
+    (`jax.checkpoint`), keeping only the circulated `b` blocks, i.e. O(N D) per device.
+  * gather: each device all-gathers `b` and computes its [B, N] row block at once; the softmax
+    column direction merges partial (max, sum-exp) statistics with pmax + psum_scatter. One big
+    matmul instead of P small ones (faster where the [N/P, N] block fits), memory O(N^2 / P).
+
+Both return exactly what `losses.softmax_contrastive` / `losses.sigmoid_contrastive` return
+(loss and the same metrics), with the same gradients, for any `pos_mask` form: None, the
+`(product_index [N], positives [N, K] | None)` tuple (each block builds its own piece of the mask
+with `losses.make_pos_mask(..., col_product_index=...)`), or a dense [N, N] bool (row-sharded).
+
+`method(setting, n, mesh)` resolves config.loss.sharded ("auto" | "ring" | "gather" | "none").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mmr_jax import losses
+from mmr_jax import sharding as shd
+
+NEG = losses.NEG
+METHODS = ("auto", "ring", "gather", "none")
+
+
+# --------------------------------------------------------------------------------------- plumbing
+
+
+def current_mesh(mesh=None):
+  """Returns `mesh`, else the mesh of the enclosing `jax.set_mesh` (None when there is none)."""
+  if mesh is not None:
+    return mesh
+  m = jax.sharding.get_abstract_mesh()
+  return m if m is not None and m.axis_names else None
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  """Returns the mesh's data-parallel axes (those of sharding.BATCH_AXES it has), outer first."""
+  return tuple(a for a in shd.BATCH_AXES if a in mesh.axis_names)
+
+
+def num_shards(mesh) -> int:
+  """Returns the number of data-parallel shards of the batch on `mesh`."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh)) if mesh is not None else 1
+
+
+def method(setting: str, n: int, mesh=None) -> str:
+  """Returns the loss implementation ("none", "ring" or "gather") for a global batch of `n`.
+
+  "auto" shards over the mesh (ring) when there is more than one data-parallel shard and `n`
+  divides by their number, else "none" (the single-device losses). An explicit "ring"/"gather"
+  on a mesh whose shards do not divide `n` is an error, not a silent fallback.
+  """
+  if setting not in METHODS:
+    raise ValueError(f"loss.sharded={setting!r}; expected one of {METHODS}")
+  if setting == "none":
+    return "none"
+  mesh = current_mesh(mesh)
+  p = num_shards(mesh)
+  if setting == "auto":
+    return "ring" if p > 1 and n % p == 0 else "none"
+  if p > 1 and n % p:
+    raise ValueError(f"loss.sharded={setting!r}: the global batch of {n} pairs does not divide by "
+                     f"the {p} data-parallel shards of mesh {dict(mesh.shape)}")
+  return setting if p > 1 else "none"
+
+
+def _split_mask(pos_mask, n):
+  """Returns ({name: array}, form) of the accepted pos_mask forms, for shard_map's in_specs."""
+  if pos_mask is None:
+    return {}, "none"
+  if isinstance(pos_mask, tuple):
+    pidx, positives = pos_mask
+    pidx = jnp.asarray(pidx)
+    if pidx.shape != (n,):
+      raise ValueError(f"pos_mask product_index must be [{n}], got {pidx.shape}")
+    out = {"pidx": pidx.astype(jnp.int32)}
+    if positives is not None:
+      positives = jnp.asarray(positives)
+      if positives.ndim != 2 or positives.shape[0] != n:
+        raise ValueError(f"pos_mask positives must be [{n}, K], got {positives.shape}")
+      out["positives"] = positives.astype(jnp.int32)
+    return out, "ids"
+  mask = jnp.asarray(pos_mask, bool)
+  if mask.shape != (n, n):
+    raise ValueError(f"pos_mask must be [{n}, {n}], got {mask.shape}")
+  return {"mask": mask}, "dense"
+
+
+def _block_neg(x, rows, cols, col_pidx, mask_cols):
+  """Returns (diag [B, C], neg [B, C]): the positive pair and the true negatives of one block.
+
+  rows / cols: global indices of the block's rows and columns; col_pidx: the columns' products
+  (id form); mask_cols: the block's columns of the dense mask (dense form).
+  """
+  diag = rows[:, None] == cols[None, :]
+  neg = ~diag
+  if "pidx" in x:
+    neg = neg & ~losses.make_pos_mask(x["pidx"], x.get("positives"), col_product_index=col_pidx)
+  elif mask_cols is not None:
+    neg = neg & ~mask_cols
+  return diag, neg
+
+
+def _col_stats(logits, neg, cos):
+  """Returns one block's partial softmax column statistics (losses.merge_softmax_columns format)."""
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=0))
+  negf = neg.astype(jnp.float32)
+  return dict(col_max=m, col_sum=jnp.sum(jnp.exp(logits - m[None, :]), axis=0),
+              col_neg_max=jax.lax.stop_gradient(jnp.max(jnp.where(neg, logits, NEG), axis=0)),
+              neg_sim=jax.lax.stop_gradient(jnp.sum(cos * negf)), neg_cnt=jnp.sum(negf))
+
+
+def _empty_cols(b):
+  return dict(col_max=jnp.full((b,), NEG, jnp.float32), col_sum=jnp.zeros((b,), jnp.float32),
+              col_neg_max=jnp.full((b,), NEG, jnp.float32), neg_sim=jnp.float32(0), neg_cnt=jnp.float32(0))
+
+
+def _varying(tree, axes):
+  """Returns `tree` marked as varying over `axes` (scan carries must match the body's outputs)."""
+  return jax.tree.map(lambda v: jax.lax.pcast(v, axes, to="varying"), tree)
+
+
+def _ring(axes, p):
+  """Returns the ppermute pairs that pass every shard's block to the next device."""
+  return [(i, (i + 1) % p) for i in range(p)]
+
+
+# ---------------------------------------------------------------------------------------- softmax
+
+
+def _softmax_local(x, scale, *, axes, p, method_name):
+  """Returns (loss, metrics) of one device's shard (runs inside shard_map)."""
+  a, b = x["a"].astype(jnp.float32), x["b"].astype(jnp.float32)  # [B, D]
+  nb = a.shape[0]
+  me = jax.lax.axis_index(axes)
+  rows = me * nb + jnp.arange(nb)  # global indices of this shard's pairs
+  cos_diag = jnp.sum(a * b, axis=-1)  # [B]
+  diag_logit = scale * cos_diag
+  mask = x.get("mask")  # [B, N] rows of the dense mask, or None
+
+  if method_name == "gather":
+    b_all = jax.lax.all_gather(b, axes, tiled=True)  # [N, D]
+    col_pidx = jax.lax.all_gather(x["pidx"], axes, tiled=True) if "pidx" in x else None
+    n = b_all.shape[0]
+    cos = a @ b_all.T  # [B, N]
+    diag, neg = _block_neg(x, rows, jnp.arange(n), col_pidx, mask)
+    logits = jnp.where(neg | diag, scale * cos, NEG)
+    row_lse = jax.nn.logsumexp(logits, axis=1)
+    row_neg_max = jnp.max(jnp.where(neg, logits, NEG), axis=1)
+    part = _col_stats(logits, neg, cos)
+    # Global column max (a constant for the gradient), then each device keeps its own columns' sum.
+    gmax = jax.lax.pmax(part["col_max"], axes)
+    col_sum = jax.lax.psum_scatter(part["col_sum"] * jnp.exp(part["col_max"] - gmax), axes,
+                                   scatter_dimension=0, tiled=True)  # [B]
+    col_lse = jax.lax.dynamic_slice_in_dim(gmax, me * nb, nb) + jnp.log(col_sum)
+    col_neg_max = jax.lax.dynamic_slice_in_dim(jax.lax.pmax(part["col_neg_max"], axes), me * nb, nb)
+    neg_sim, neg_cnt = part["neg_sim"], part["neg_cnt"]
+  else:
+    perm = _ring(axes, p)
+
+    def visit(row, blk):
+      """Folds the block held now into the rows' running stats and the block's column stats."""
+      cos = a @ blk["b"].T  # [B, B]: the only logits alive at a time
+      mask_cols = None
+      if mask is not None:
+        mask_cols = jax.lax.dynamic_slice_in_dim(mask, blk["src"] * nb, nb, axis=1)
+      diag, neg = _block_neg(x, rows, blk["src"] * nb + jnp.arange(nb), blk.get("pidx"), mask_cols)
+      logits = jnp.where(neg | diag, scale * cos, NEG)
+      m = jnp.maximum(row["m"], jax.lax.stop_gradient(jnp.max(logits, axis=1)))
+      row = dict(m=m, s=row["s"] * jnp.exp(row["m"] - m) + jnp.sum(jnp.exp(logits - m[:, None]), axis=1),
+                 neg_max=jnp.maximum(row["neg_max"], jnp.max(jnp.where(neg, logits, NEG), axis=1)))
+      return row, losses.merge_softmax_columns(blk["cols"], _col_stats(logits, neg, cos))
+
+    # Rematerialise each visit in the backward pass: otherwise scan keeps every [B, B] block.
+    visit = jax.checkpoint(visit)
+
+    def step(carry, _):
+      row, blk = carry
+      row, cols = visit(row, blk)
+      blk = jax.lax.ppermute(dict(blk, cols=cols), axes, perm)
+      return (row, blk), None
+
+    row0 = _varying(dict(m=jnp.full((nb,), NEG, jnp.float32), s=jnp.zeros((nb,), jnp.float32),
+                         neg_max=jnp.full((nb,), NEG, jnp.float32)), axes)
+    blk0 = dict(b=b, cols=_varying(_empty_cols(nb), axes), src=me)
+    if "pidx" in x:
+      blk0["pidx"] = x["pidx"]
+    (row, blk), _ = jax.lax.scan(step, (row0, blk0), None, length=p - 1)
+    row, cols = visit(row, blk)
+    # The last block seen belongs to the next device: send only its (now complete) column stats home.
+    cols = jax.lax.ppermute(cols, axes, perm)
+    row_lse = row["m"] + jnp.log(row["s"])
+    row_neg_max = row["neg_max"]
+    col_lse = cols["col_max"] + jnp.log(cols["col_sum"])
+    col_neg_max = cols["col_neg_max"]
+    neg_sim, neg_cnt = cols["neg_sim"], cols["neg_cnt"]
+
+  w = x["w"]
+  wsum = jnp.maximum(jax.lax.psum(jnp.sum(w), axes), 1e-12)
+  valid = (w > 0).astype(jnp.float32)
+  nvalid = jnp.maximum(jax.lax.psum(jnp.sum(valid), axes), 1.0)
+  la = jax.lax.psum(jnp.sum(w * (row_lse - diag_logit)), axes) / wsum
+  lb = jax.lax.psum(jnp.sum(w * (col_lse - diag_logit)), axes) / wsum
+  loss = 0.5 * (la + lb)
+  metrics = dict(
+      loss=loss, loss_a2b=la, loss_b2a=lb,
+      acc_a2b=jax.lax.psum(jnp.sum((diag_logit > row_neg_max) * valid), axes) / nvalid,
+      acc_b2a=jax.lax.psum(jnp.sum((diag_logit > col_neg_max) * valid), axes) / nvalid,
+      pos_sim=jax.lax.psum(jnp.sum(cos_diag), axes) / (nb * p),
+      neg_sim=jax.lax.psum(neg_sim, axes) / jnp.maximum(jax.lax.psum(neg_cnt, axes), 1.0),
+      scale=scale)
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+# ---------------------------------------------------------------------------------------- sigmoid
+
+
+def _sigmoid_local(x, scale, bias, *, axes, p, method_name):
+  """Returns (loss, metrics) of one device's shard (runs inside shard_map)."""
+  a, b = x["a"].astype(jnp.float32), x["b"].astype(jnp.float32)
+  nb = a.shape[0]
+  me = jax.lax.axis_index(axes)
+  rows = me * nb + jnp.arange(nb)
+  cos_diag = jnp.sum(a * b, axis=-1)
+  diag_logit = scale * cos_diag + bias
+  mask = x.get("mask")
+
+  def block(cos, diag, neg):
+    logits = scale * cos + bias
+    labels = jnp.where(neg, -1.0, 1.0)
+    only_neg = jax.lax.stop_gradient(jnp.where(neg, logits, NEG))  # metrics only
+    return (-jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=1),  # row losses [B]
+            jnp.max(only_neg, axis=1), jnp.max(only_neg, axis=0),
+            jax.lax.stop_gradient(jnp.sum(cos * neg)), jnp.sum(neg.astype(jnp.float32)))
+
+  if method_name == "gather":
+    b_all = jax.lax.all_gather(b, axes, tiled=True)
+    col_pidx = jax.lax.all_gather(x["pidx"], axes, tiled=True) if "pidx" in x else None
+    cos = a @ b_all.T  # [B, N]
+    diag, neg = _block_neg(x, rows, jnp.arange(b_all.shape[0]), col_pidx, mask)
+    row_loss, row_neg_max, cmax, neg_sim, neg_cnt = block(cos, diag, neg)
+    col_neg_max = jax.lax.dynamic_slice_in_dim(jax.lax.pmax(cmax, axes), me * nb, nb)
+  else:
+    perm = _ring(axes, p)
+
+    def visit(row, blk):
+      cos = a @ blk["b"].T  # [B, B]
+      mask_cols = None
+      if mask is not None:
+        mask_cols = jax.lax.dynamic_slice_in_dim(mask, blk["src"] * nb, nb, axis=1)
+      diag, neg = _block_neg(x, rows, blk["src"] * nb + jnp.arange(nb), blk.get("pidx"), mask_cols)
+      rl, rmax, cmax, ns, nc = block(cos, diag, neg)
+      row = dict(loss=row["loss"] + rl, neg_max=jnp.maximum(row["neg_max"], rmax),
+                 neg_sim=row["neg_sim"] + ns, neg_cnt=row["neg_cnt"] + nc)
+      return row, jnp.maximum(blk["col_neg_max"], cmax)
+
+    visit = jax.checkpoint(visit)
+
+    def step(carry, _):
+      row, blk = carry
+      row, cmax = visit(row, blk)
+      blk = jax.lax.ppermute(dict(blk, col_neg_max=cmax), axes, perm)
+      return (row, blk), None
+
+    row0 = _varying(dict(loss=jnp.zeros((nb,), jnp.float32), neg_max=jnp.full((nb,), NEG, jnp.float32),
+                         neg_sim=jnp.float32(0), neg_cnt=jnp.float32(0)), axes)
+    blk0 = dict(b=b, col_neg_max=_varying(jnp.full((nb,), NEG, jnp.float32), axes), src=me)
+    if "pidx" in x:
+      blk0["pidx"] = x["pidx"]
+    (row, blk), _ = jax.lax.scan(step, (row0, blk0), None, length=p - 1)
+    row, cmax = visit(row, blk)
+    col_neg_max = jax.lax.ppermute(cmax, axes, perm)
+    row_loss, row_neg_max = row["loss"], row["neg_max"]
+    neg_sim, neg_cnt = row["neg_sim"], row["neg_cnt"]
+
+  w = x["w"]
+  wsum = jnp.maximum(jax.lax.psum(jnp.sum(w), axes), 1e-12)
+  valid = (w > 0).astype(jnp.float32)
+  nvalid = jnp.maximum(jax.lax.psum(jnp.sum(valid), axes), 1.0)
+  loss = jax.lax.psum(jnp.sum(w * row_loss), axes) / wsum
+  metrics = dict(
+      loss=loss,
+      acc_a2b=jax.lax.psum(jnp.sum((diag_logit > row_neg_max) * valid), axes) / nvalid,
+      acc_b2a=jax.lax.psum(jnp.sum((diag_logit > col_neg_max) * valid), axes) / nvalid,
+      pos_sim=jax.lax.psum(jnp.sum(cos_diag), axes) / (nb * p),
+      neg_sim=jax.lax.psum(neg_sim, axes) / jnp.maximum(jax.lax.psum(neg_cnt, axes), 1.0),
+      scale=scale, bias=bias)
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+# ------------------------------------------------------------------------------------------ public
+
+
+def _run(local_fn, a, b, params, pos_mask, weights, *, mesh, how, name):
+  if a.ndim != 2 or a.shape != b.shape:
+    raise ValueError(f"{name}: a and b must both be [N, D]; got {a.shape} and {b.shape}")
+  if how not in ("ring", "gather"):
+    raise ValueError(f"{name}: method={how!r}; expected 'ring' or 'gather'")
+  mesh = current_mesh(mesh)
+  if mesh is None:
+    raise ValueError(f"{name} needs a mesh: pass mesh= or call it under jax.set_mesh(mesh)")
+  n = a.shape[0]
+  axes = batch_axes(mesh)
+  p = num_shards(mesh)
+  if n % p:
+    raise ValueError(f"{name}: the global batch of {n} pairs does not divide by the {p} data-parallel "
+                     f"shards of mesh {dict(mesh.shape)}")
+  w = jnp.ones((n,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+  if w.shape != (n,):
+    raise ValueError(f"{name}: weights must be [{n}], got {w.shape}")
+  x, _ = _split_mask(pos_mask, n)
+  x.update(a=a, b=b, w=w)
+  specs = {k: P(axes, *([None] * (jnp.ndim(v) - 1))) for k, v in x.items()}
+  fn = jax.shard_map(lambda x, *ps: local_fn(x, *ps, axes=axes, p=p, method_name=how),
+                     mesh=mesh, in_specs=(specs,) + (P(),) * len(params), out_specs=P())
+  return fn(x, *params)
+
+
+def softmax_contrastive(a, b, logit_scale, pos_mask: losses.PosMask = None, weights=None, *,
+                        method: str = "ring", mesh=None):
+  """Returns (loss, metrics) equal to `losses.softmax_contrastive`, computed sharded over the mesh.
+
+  a, b: [N, D] global arrays (batch-sharded or not; shard_map lays them out over the data axes).
+  method: "ring" (peak logits [N/P, N/P] per device) or "gather" ([N/P, N]).
+  mesh: defaults to the mesh of the enclosing `jax.set_mesh`.
+  """
+  scale = losses._scale(logit_scale)  # pylint: disable=protected-access
+  return _run(_softmax_local, a, b, (scale,), pos_mask, weights, mesh=mesh, how=method,
+              name="sharded softmax_contrastive")
+
+
+def sigmoid_contrastive(a, b, logit_scale, logit_bias, pos_mask: losses.PosMask = None, weights=None, *,
+                        method: str = "ring", mesh=None):
+  """Returns (loss, metrics) equal to `losses.sigmoid_contrastive`, computed sharded over the mesh."""
+  scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
+  bias = jnp.asarray(logit_bias, jnp.float32)
+  return _run(_sigmoid_local, a, b, (scale, bias), pos_mask, weights, mesh=mesh, how=method,
+              name="sharded sigmoid_contrastive")
+
+
+LOSSES: dict[str, Any] = {
+    "softmax": softmax_contrastive,
+    "sigmoid": sigmoid_contrastive,
+}

@@ -1,0 +1,56 @@
+"""Every config family loads, is internally consistent, and its runlocal mode trains."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from mmr_jax import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_there_are_config_families():
+  assert {p.stem for p in CONFIGS} >= {"demo", "vit_b16_pod", "vit_b16_gpu"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_family(path):
+  mod = _load(path)
+  assert mod.__doc__ and "python -m" in mod.__doc__, "docstring must give the exact command"
+  for arg in ("stage=1", "stage=2,variant=fusion", "stage=2,variant=text_only,runlocal=True"):
+    cfg = mod.get_config(arg)
+    assert cfg.stage == int(arg.split(",")[0].split("=")[1])
+    assert cfg.data.batch_size % cfg.optim.grad_accum == 0
+    if "variant=" in arg:
+      assert cfg.model.variant == arg.split("variant=")[1].split(",")[0]
+    assert set(cfg.optim.lr_mult) >= {"image_tower", "query_tower", "heads", "loss"}
+  with pytest.raises(KeyError, match="not_a_key"):
+    mod.get_config("not_a_key=1")
+  if hasattr(mod, "get_sweep"):
+    base = mod.get_config("stage=2")
+    for point in mod.get_sweep(""):
+      for key in point:
+        if key == "name":
+          continue
+        node = base
+        for part in key.split("."):
+          assert part in node, f"sweep key {key} not in {path.name}'s config"
+          node = node[part]
+
+
+@pytest.mark.slow
+def test_pod_config_runlocal_trains(tiny_data, tmp_path):
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
+  cfg = _load(ROOT / "configs" / "vit_b16_pod.py").get_config(f"stage=2,runlocal=True,data={tiny_data}")
+  cfg.train.progress = False
+  out = train.train_and_evaluate(cfg, str(tmp_path / "pod"))
+  assert out["loss"] > 0 and out["nonfinite_steps"] == 0

@@ -1,0 +1,86 @@
+"""Evaluation on any embeddings, on a trained workdir, and the ablation job end to end."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mmr_jax import ablation
+from mmr_jax import evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_evaluate_embeddings_hand_built_case():
+  rng = np.random.default_rng(0)
+  products = _unit(rng.normal(size=(300, 16)).astype(np.float32))
+  # Query 0 is product 5 itself (rank 1); query 1 is far from its relevant product 7.
+  queries = np.stack([products[5], -products[7]])
+  labels = [{5: 1.0, 6: 0.1}, {7: 1.0}]
+  num_words = np.arange(300)  # products 0..74 are the sparse quarter
+  res = evaluate.evaluate_embeddings(products, {"test": {"emb": queries, "labels": labels,
+                                                         "tags": [["visual"], ["textual"]]}}, num_words)
+  r = res["splits"]["test"]
+  assert r["exact"]["recall@10"] == pytest.approx(0.5)  # query 0 finds 5, query 1 does not find 7
+  assert r["exact"]["mrr"] == pytest.approx(0.5)
+  assert r["by_tag_exact"]["visual"]["recall@10"] == 1.0 and r["by_tag_exact"]["textual"]["recall@10"] == 0.0
+  assert r["by_sparsity"]["sparse_products"]["num_queries"] == 1  # query 0's E product 5 is sparse
+  assert r["by_sparsity"]["dense_products"]["num_queries"] == 1
+  assert r["scann_recall_vs_exact"] == pytest.approx(1.0)  # small N: ScaNN is brute force
+  assert res["sparse_words_threshold"] == pytest.approx(np.quantile(num_words, 0.25))
+  md = evaluate.markdown_report(res)
+  assert "| test | exact | 50.0 |" in md
+
+
+def test_evaluate_workdir_writes_reports(tiny_workdir, tiny_data):
+  res = evaluate.evaluate_workdir(tiny_workdir, tiny_data, splits=("test", "test_novel_product"))
+  wd = pathlib.Path(tiny_workdir)
+  saved = json.loads((wd / "metrics.json").read_text())
+  assert set(saved["splits"]) == {"test", "test_novel_product"}
+  for split in saved["splits"].values():
+    for k in ("recall@10", "recall@100", "ndcg@10", "mrr"):
+      assert 0.0 <= split["overall"][k] <= 1.0
+    assert 0.0 <= split["scann_recall_vs_exact"] <= 1.0
+    assert split["by_tag"], "no per-tag breakdown"
+  assert (wd / "metrics.md").read_text().startswith("# Retrieval metrics")
+  assert (wd / "recall_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  emb = np.load(wd / "product_embeddings.npy")
+  assert emb.shape[0] == res["num_products"]
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  idx = index_lib.ScannIndex.load(str(wd / "index"))
+  got, _ = idx.search(emb[:3], 1)
+  np.testing.assert_array_equal(got[:, 0], [0, 1, 2])  # each product is its own nearest neighbour
+
+
+def test_evaluate_cli_help():
+  r = subprocess.run([sys.executable, "-m", "mmr_jax.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True)
+  assert r.returncode == 0 and "--workdir" in r.stdout
+
+
+@pytest.mark.slow
+def test_ablation_end_to_end(tiny_data, tmp_path):
+  rows = ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
+                      rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
+  out = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+  assert [r["row"] for r in out] == ["text_only", "fusion_ft"] == [r["row"] for r in rows]
+  for r in out:
+    assert 0 <= r["overall"]["recall@100"] <= 1 and 0 <= r["overall"]["ndcg@10"] <= 1
+    assert 0 <= r["scann_recall_vs_exact"] <= 1
+    assert r["by_tag"]
+  assert (tmp_path / "abl" / "stage1" / "DONE").exists()
+  cfg = json.loads((tmp_path / "abl" / "fusion_ft" / "config.json").read_text())
+  assert cfg["init"]["workdir"] == str(tmp_path / "abl" / "stage1")
+  assert "| fusion_ft |" in (tmp_path / "abl" / "ablation.md").read_text()
+  assert (tmp_path / "abl" / "ablation.png").exists()
+  # A re-run skips finished rows and reproduces the same table.
+  again = ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
+                       rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
+  assert json.dumps(again, default=float) == json.dumps(rows, default=float)
