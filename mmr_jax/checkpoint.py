@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import jax
@@ -23,6 +24,12 @@ try:  # grain registers its orbax handler on import.
   import grain.checkpoint as grain_ckpt
 except ImportError:  # pragma: no cover - grain is a hard dependency; kept for clarity of the error.
   grain_ckpt = None
+
+
+def absolute(path) -> epath.Path:
+  """Returns `path` as an absolute epath.Path (Orbax needs absolute local paths; URLs such as gs:// pass through)."""
+  path = str(path)
+  return epath.Path(path if "://" in path else os.path.abspath(os.path.expanduser(path)))
 
 
 class CheckpointShapeError(ValueError):
@@ -53,7 +60,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 2, keep_best: int = 0, best_metric: str = "val/loss",
                best_mode: str = "min", async_save: bool = True, save_every: int = 1):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = absolute(workdir) / "checkpoints"
     self.best_metric = best_metric
     policies = [ocm.LatestN(n=keep)]
     if keep_best:
@@ -137,7 +144,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
   Used to initialise stage 2 from a stage-1 workdir: only the parameters are read, whatever the
   optimizer or mesh of that run was.
   """
-  directory = epath.Path(workdir) / "checkpoints"
+  directory = absolute(workdir) / "checkpoints"
   if not directory.exists():
     raise FileNotFoundError(f"no checkpoints under {directory} (init.workdir={workdir!r})")
   mngr = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},

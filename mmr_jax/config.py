@@ -78,6 +78,9 @@ def base_config() -> ConfigDict:
       aux_query_text=0.0,  # stage 2: weight of query<->text-only term
       grade_weighted=False,  # weight positives by their ESCI gain
       chunk_size=0,  # >0: compute logits in row blocks of this size (bounded memory)
+      # Global-batch loss over the mesh's data-parallel axes (mmr_jax/sharded_loss.py): auto (ring
+      # when there is more than one data-parallel shard) | ring | gather | none (one device's logits).
+      sharded="auto",
   ))
 
   c.optim = ConfigDict(dict(

@@ -48,8 +48,15 @@ def embed_table(embed_fn: Callable[[dict], np.ndarray], batches: Iterable[dict],
       key = "product_index" if "product_index" in batch else "query_index"
       e = np.asarray(embed_fn(batch), np.float32)
       m = np.asarray(batch["mask"], bool)
+      idx = np.asarray(batch[key])
+      if e.shape[0] != m.shape[0]:
+        # Multi-host: the embedding function returned the global batch (every host's rows, in process
+        # order); gather the host-local masks and indexes the same way so rows line up.
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        m = np.asarray(multihost_utils.process_allgather(m, tiled=True))
+        idx = np.asarray(multihost_utils.process_allgather(idx, tiled=True))
       embs.append(e[m])
-      idxs.append(np.asarray(batch[key])[m])
+      idxs.append(idx[m])
       bar.update(int(m.sum()))
   if not embs:
     raise ValueError(f"{desc}: no rows to embed")

@@ -11,10 +11,13 @@ writes
   OUT/export_summary.json   what was written, from which checkpoint, measured parity, timings, versions
 
 The towers are the JAX model converted with jax2tf (native serialisation: StableHLO inside an
-`XlaCallModule` op, lowered for `--platforms`, default cpu and cuda), batch dimension polymorphic. The
-parameters are `tf.Variable`s on the exported `tf.Module` (in `variables/`, not constants in the graph).
-Everything that happens to an input before the model runs happens inside the graph, so a client sends
-the raw strings and bytes:
+`XlaCallModule` op, lowered for `--platforms`, default cpu and cuda), batch dimension polymorphic, run
+as one XLA cluster per request shape. The parameters are `tf.Variable`s on the exported `tf.Module`
+(in `variables/`, not constants in the graph): the leaves the tower computes with, concatenated into
+one flat variable per dtype (`m.params`), because every variable a call reads costs CPU latency; the
+JSON `m.param_layout` names them and `unflatten_params(m.params, m.param_layout.numpy())` returns
+{"query_tower/...": array}. Everything that happens to an input before the model runs happens inside
+the graph, so a client sends the raw strings and bytes:
 
 * Text: SentencePiece (tensorflow-text) with the catalogue's `tokenizer.model` (also shipped as the
   SavedModel asset `assets/tokenizer.model`); ids truncated to `config.data.query_len` / `product_len` and padded
@@ -45,6 +48,18 @@ Measured parity (tests/test_export.py; `export_summary.json` records the numbers
   differences: TIFF and other formats TF cannot decode give has_image=False here (Pillow would decode
   them; the importer re-encodes every catalogue image to JPEG, so catalogue embeddings are unaffected);
   lossy WebP may differ by libwebp version.
+* cuda: the exported module's cuda lowering, run with jax.export on an H100, gives the CPU embeddings
+  within 1.6e-4 (f32 matmuls in TF32 there, XLA's default; CPU-to-CPU parity is the 1e-5 above).
+
+Latency (tools/bench_export.py; 2 shared CPU cores, demo-size towers, 3000 products, k=100; median ms,
+two runs): serving SavedModel called from Python vs numpy tokenisation + jitted JAX tower +
+`ScannIndex.search`, and the SavedModel under TF's graph runtime (Session.run, what TF Serving's C++
+server does per request):
+  batch 1:  SavedModel 1.25 / JAX 0.69-0.74 -> ratio 1.69-1.80; graph runtime 0.87-0.92 -> 1.17-1.33
+  batch 64: SavedModel 7.8-8.3 / JAX 7.0-7.8 -> ratio 1.06-1.11; graph runtime 5.6-5.7 -> 0.73-0.80
+The model part dominates the gap: TF 2.20's bundled XLA runs these small CPU matmuls with more per-call
+and per-kernel overhead than jaxlib's (same StableHLO; ~0.45-0.6 ms vs ~0.27 ms at batch 1), plus
+~0.3 ms of Python eager-call overhead that a C++ server does not pay.
 
 Embeddings (OUT/embeddings/):
   embeddings.npy   float32 [N, D], row i = product index i (the DATA_DIR products table's row order),
@@ -58,7 +73,9 @@ Embeddings (OUT/embeddings/):
 The embedding pass is resumable and multi-host: every process embeds its contiguous slice of the
 catalogue (`pipeline.make_eval_iterator`) and writes `shards/process_{p}-of-{P}/shard_{j}.npz` (plus the
 grain iterator state after it); a rerun skips finished shards (all processes restart from the shard
-every process has finished), process 0 merges them, then deletes the shards.
+every process has finished), process 0 merges them, then deletes the shards. OUT must be a path every
+process sees (local disk for one host; NFS or a FUSE-mounted bucket for several). Process 0 writes the
+SavedModels.
 
 Serving signature (`saved_model_cli show --dir OUT/serving --all`, trimmed):
 
@@ -91,9 +108,11 @@ tower `serving_default(title, description, attributes, image) -> {"embedding", "
 ops), then `tf.saved_model.load(path)`.
 
 Bad input: an empty batch returns empty outputs; an undecodable image gives has_image=False; an
-over-long string is tokenised whole and truncated like training; inputs of the wrong rank/dtype or
-product fields with different batch sizes are rejected with an error naming the input, before any
-model code runs.
+over-long string is tokenised whole and truncated like training; inputs of the wrong dtype or
+product fields with different batch sizes are rejected with an error naming the inputs. Signature
+shapes are not enforced by TF when a function is called: a scalar string is served as a batch of one.
+An empty or whitespace-only text has no tokens and, as in JAX, embeds to the zero vector (every product
+then scores 0 and ties go to the lowest product indexes).
 """
 
 from __future__ import annotations
@@ -119,9 +138,6 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 TOKENIZER_ASSET = "tokenizer.model"
 SUMMARY_FILE = "export_summary.json"
-# Pillow's Image.MAX_IMAGE_PIXELS: Pillow refuses images over twice this (DecompressionBombError), so
-# decode_image gives has_image=False for them; the graph does the same.
-PIL_MAX_IMAGE_PIXELS = 89_478_485
 # Pillow's fixed-point precision for 8-bit resampling (src/libImaging/Resample.c, PRECISION_BITS).
 _PRECISION_BITS = 32 - 8 - 2
 # Characters Python's str.split() treats as whitespace (str.isspace()), which catalog.product_text
@@ -132,6 +148,15 @@ _PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u20
 
 def _ws_class() -> str:
   return "[" + "".join(f"\\x{{{ord(c):x}}}" for c in _PY_WHITESPACE) + "]"
+
+
+def _pillow_max_pixels() -> int | None:
+  """Returns the pixel count over which Pillow refuses to open an image (DecompressionBombError).
+
+  decode_image then gives has_image=False; the graph applies the limit of the Pillow present at export.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
 
 
 def _pillow_vertical_first() -> bool:
@@ -235,9 +260,11 @@ def _png_header(data):
 def tf_decode_image(data, size: int, vertical_first_rule: bool = True):
   """Returns uint8 [size, size, 3]: `pipeline.decode_image(data, size)`'s pixels; raises if undecodable."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  max_pixels = 2 * PIL_MAX_IMAGE_PIXELS
+  max_pixels = _pillow_max_pixels()
 
   def too_big(w, h):
+    if max_pixels is None:
+      return tf.no_op()
     return tf.debugging.assert_less_equal(
         tf.cast(w, tf.int64) * tf.cast(h, tf.int64), tf.constant(max_pixels, tf.int64),
         message="image exceeds Pillow's decompression-bomb limit")
@@ -259,7 +286,7 @@ def tf_decode_image(data, size: int, vertical_first_rule: bool = True):
       # every other PNG converts like TF's 8-bit decode.
       def gray16():
         g = tf.io.decode_png(data, channels=1, dtype=tf.uint16)
-        return tf.cast(tf.tile(tf.minimum(g, 255), [1, 1, 3]), tf.uint8)
+        return tf.tile(tf.cast(tf.minimum(g, 255), tf.uint8), [1, 1, 3])
       return tf.cond(tf.logical_and(depth == 16, color_type == 0), gray16,
                      lambda: tf.io.decode_png(data, channels=3))
 
@@ -318,10 +345,23 @@ def tf_tokenizer(tokenizer_path: str, max_len: int):
 
 
 def _host_params(params):
-  """Returns the (replicated) parameter tree as numpy arrays on this host."""
+  """Returns the parameter tree as numpy arrays on this host (whole arrays, however they are sharded).
+
+  Gathering a sharded parameter across processes is a collective: every process must call this.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if hasattr(x, "addressable_data")
-                      else np.asarray(x), params)
+
+  def to_host(x):
+    if not isinstance(x, jax.Array):
+      return np.asarray(x)
+    if x.is_fully_addressable:
+      return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(to_host, params)
 
 
 def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
@@ -334,19 +374,23 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
 
 @dataclasses.dataclass
 class _Converted:
-  """A model method as a TF function of the parameters it reads: `fn(variables, *inputs) -> emb`."""
+  """A model method as a TF function of its parameters: `fn(variables, *inputs) -> emb`."""
   fn: Any
-  variables: dict  # {"path/of/leaf": tf.Variable}, only the leaves the method uses
+  variables: dict  # {dtype name: 1-D tf.Variable}: the used parameter leaves, concatenated per dtype
+  layout: list  # [{"name", "dtype", "shape", "offset"}] of every leaf in `variables`
+  jax_fn: Any  # the JAX function jax2tf converted: jax_fn({dtype name: flat array}, *inputs) -> emb
 
 
 def _convert(model, params, method: str, examples: Sequence[np.ndarray], poly: Sequence[str],
              platforms: Sequence[str]) -> _Converted:
   """Returns `model.<method>(*inputs)["emb"]` converted by jax2tf, batch-polymorphic per `poly`.
 
-  Only the parameter leaves the method computes with become inputs (tf.Variables): the call passes
-  every input buffer, so the query tower would otherwise pay for the whole product tower's ~150 arrays
-  on each request (about half its CPU latency). The other leaves are closed over, which flax's
-  parameter lookup needs and XLA drops as unused.
+  The parameters stay tf.Variables (in `variables/`, not constants in the graph), but only the leaves
+  the method computes with, concatenated into one flat variable per dtype (`layout` maps them back to
+  names; `unflatten_params` does it). On CPU every variable the compiled call reads costs about 6 us
+  per request: the query tower's 37 leaves would take a third of its latency and the whole model's
+  180 would double it. Leaves the method does not compute with are closed over, which flax's parameter
+  lookup needs and XLA drops as unused.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -361,19 +405,43 @@ def _convert(model, params, method: str, examples: Sequence[np.ndarray], poly: S
   closed = jax.make_jaxpr(apply)(host, *examples)
   invars = closed.jaxpr.invars[:len(leaves)]
   read = {id(v) for e in closed.jaxpr.eqns for v in e.invars} | {id(v) for v in closed.jaxpr.outvars}
-  names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
-  used = [id(v) in read for v in invars]
-  constants = [None if u else x for u, (_, x) in zip(used, leaves)]
+  layout, slots, offsets, chunks = [], [], {}, {}
+  for (path, x), v in zip(leaves, invars):
+    if id(v) not in read:
+      slots.append(x)
+      continue
+    dt = np.dtype(x.dtype).name
+    off = offsets.get(dt, 0)
+    entry = {"name": "/".join(str(getattr(k, "key", k)) for k in path), "dtype": dt,
+             "shape": list(x.shape), "offset": off}
+    layout.append(entry)
+    slots.append(entry)
+    offsets[dt] = off + x.size
+    chunks.setdefault(dt, []).append(np.ravel(x))
 
   def fn(variables, *inputs):
-    flat = [variables[n] if u else c for n, u, c in zip(names, used, constants)]
+    flat = [variables[e["dtype"]][e["offset"]:e["offset"] + math.prod(e["shape"])].reshape(e["shape"])
+            if isinstance(e, dict) else e for e in slots]
     return apply(jax.tree_util.tree_unflatten(treedef, flat), *inputs)
 
   tf_fn = jax2tf.convert(fn, polymorphic_shapes=[None, *poly], with_gradient=False,
                          native_serialization_platforms=tuple(platforms))
-  variables = {n: tf.Variable(x, trainable=False, name=n.replace("/", "."))
-               for n, u, (_, x) in zip(names, used, leaves) if u}
-  return _Converted(tf_fn, variables)
+  variables = {dt: tf.Variable(np.concatenate(c), trainable=False, name=f"params_{dt}")
+               for dt, c in chunks.items()}
+  return _Converted(tf_fn, variables, layout, fn)
+
+
+def unflatten_params(variables: Mapping[str, Any], layout_json) -> dict[str, np.ndarray]:
+  """Returns {"path/of/leaf": array} from an exported tower's `params` and `param_layout`.
+
+  For a loaded SavedModel m: `unflatten_params(m.params, m.param_layout.numpy())`.
+  """
+  layout = json.loads(layout_json.decode() if isinstance(layout_json, bytes) else layout_json)
+  out = {}
+  for e in layout:
+    flat = np.asarray(variables[e["dtype"]])
+    out[e["name"]] = flat[e["offset"]:e["offset"] + math.prod(e["shape"])].reshape(e["shape"])
+  return out
 
 
 def _nonempty(fn, *inputs):
@@ -403,13 +471,14 @@ def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
     def __init__(self):
       super().__init__(name="query_tower")
       self.params = conv.variables
+      self.param_layout = tf.Variable(json.dumps(conv.layout), trainable=False)
       self.tokenizer = tf_tokenizer(tokenizer_path, q_len)
       self.query_len, self.dim = q_len, dim
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def _model(self, tokens):
-      # Compiled as one XLA cluster per input shape: ~0.1 ms less per call on CPU than the bare
-      # XlaCallModule op (tools/bench_export.py).
+      # One XLA cluster per input shape (variables read inside it): measured 0.1-0.25 ms less per call
+      # on CPU than the bare XlaCallModule op fed by ReadVariableOps.
       return conv.fn(self.params, tokens)
 
     def embed_ids(self, tokens):
@@ -418,15 +487,16 @@ def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
     def embed(self, queries):
       return self.embed_ids(self.tokenizer(tf_sanitize_utf8(queries)))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")], autograph=False)
     def serve(self, queries):
       return {"embedding": self.embed(queries)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")], autograph=False)
     def tokenize(self, queries):
       return {"query_tokens": self.tokenizer(tf_sanitize_utf8(queries))}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, q_len], tf.int32, name="query_tokens")])
+    @tf.function(input_signature=[tf.TensorSpec([None, q_len], tf.int32, name="query_tokens")],
+                 autograph=False)
     def embed_tokens(self, query_tokens):
       return {"embedding": self.embed_ids(query_tokens)}
 
@@ -439,7 +509,7 @@ def _check_same_batch(**tensors):
   names = list(tensors)
   first = names[0]
   return [tf.debugging.assert_equal(tf.shape(tensors[n])[0], tf.shape(tensors[first])[0],
-                                    message=f"inputs '{first}' and '{n}' must have the same batch size")
+                                    message=f"inputs {first} and {n} must have the same batch size")
           for n in names[1:]]
 
 
@@ -461,6 +531,7 @@ def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
     def __init__(self):
       super().__init__(name="product_tower")
       self.params = conv.variables
+      self.param_layout = tf.Variable(json.dumps(conv.layout), trainable=False)
       self.tokenizer = tf_tokenizer(tokenizer_path, p_len)
       self.product_len, self.image_size, self.dim = p_len, size, dim
 
@@ -472,26 +543,26 @@ def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
         pixels, has_image = tf_decode_images(image, size, v_first)
       return tokens, pixels, has_image
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def _model(self, tokens, pixels, has_image):
       return conv.fn(self.params, tokens, pixels, has_image)  # jit_compile: see QueryTower._model
 
     def _embed(self, tokens, pixels, has_image):
       return tf.ensure_shape(_nonempty(self._model, tokens, pixels, has_image), [None, dim])
 
-    @tf.function(input_signature=raw_sig)
+    @tf.function(input_signature=raw_sig, autograph=False)
     def serve(self, title, description, attributes, image):
       tokens, pixels, has_image = self._preprocess(title, description, attributes, image)
       return {"embedding": self._embed(tokens, pixels, has_image), "has_image": has_image}
 
-    @tf.function(input_signature=raw_sig)
+    @tf.function(input_signature=raw_sig, autograph=False)
     def preprocess(self, title, description, attributes, image):
       tokens, pixels, has_image = self._preprocess(title, description, attributes, image)
       return {"product_tokens": tokens, "image": pixels, "has_image": has_image}
 
     @tf.function(input_signature=[tf.TensorSpec([None, p_len], tf.int32, name="product_tokens"),
                                   tf.TensorSpec([None, size, size, 3], tf.uint8, name="image"),
-                                  tf.TensorSpec([None], tf.bool, name="has_image")])
+                                  tf.TensorSpec([None], tf.bool, name="has_image")], autograph=False)
     def embed_preprocessed(self, product_tokens, image, has_image):
       with tf.control_dependencies(_check_same_batch(product_tokens=product_tokens, image=image,
                                                      has_image=has_image)):
@@ -535,6 +606,20 @@ def scann_tensors(index_dir: str) -> list:
   return out
 
 
+def _sort_by_score_then_index(idx, scores):
+  """Returns (idx, scores) [B, K] sorted per row by descending score, then ascending index.
+
+  One sort: the float32 score maps to an int32 of the same order (flip the magnitude bits of negatives),
+  complemented for descending order, and is packed above the (non-negative, < 2**32) index.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  bits = tf.bitcast(scores, tf.int32)
+  ordered = tf.bitwise.bitwise_xor(bits, tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 31), 0x7FFFFFFF))
+  key = tf.cast(tf.bitwise.invert(ordered), tf.int64) * (1 << 32) + tf.maximum(idx, 0)
+  order = tf.argsort(key, axis=1)
+  return tf.gather(idx, order, batch_dims=1), tf.gather(scores, order, batch_dims=1)
+
+
 def _make_serving(query_tower, index_dir: str, ids: Sequence[str], k: int):
   """Returns a tf.Module: query strings -> top-k (ids, scores, indices), query tower + ScaNN in one graph."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -564,7 +649,9 @@ def _make_serving(query_tower, index_dir: str, ids: Sequence[str], k: int):
       super().__init__(name="serving")
       self.query_tower = query_tower
       self.scann = scann_ops.ScannState(scann_tensors(index_dir))
-      self.product_ids = tf.Variable(np.asarray(list(ids), dtype=object), dtype=tf.string, trainable=False)
+      # One extra "" entry: index n stands for "no product" (padding) in a single gather.
+      self.product_ids = tf.Variable(np.asarray(list(ids) + [""], dtype=object), dtype=tf.string,
+                                     trainable=False)
       self.k = k
 
     def _search(self, emb):
@@ -575,20 +662,23 @@ def _make_serving(query_tower, index_dir: str, ids: Sequence[str], k: int):
       idx, scores = scann_ops.scann_search_batched(handle, emb, k_eff, pre, leaves, tf.shape(emb)[0] > 16)
       idx = tf.cast(idx, tf.int64)
       scores = tf.where(idx >= 0, scores, -np.inf)
-      # Sorted by score, ties by lower index (ScannIndex._finish): stable sort by index, then by score.
-      order = tf.argsort(idx, axis=1, stable=True)
-      idx, scores = tf.gather(idx, order, batch_dims=1), tf.gather(scores, order, batch_dims=1)
-      order = tf.argsort(-scores, axis=1, stable=True)
-      return tf.gather(idx, order, batch_dims=1), tf.gather(scores, order, batch_dims=1)
+      scores = tf.where(scores == 0.0, 0.0, scores)  # -0.0 and 0.0 tie, as in numpy's sort
+      # ScaNN returns rows by descending score; only rows with ties (or anything out of order) are
+      # re-sorted to put the lower index first, as ScannIndex._finish does.
+      out_of_order = (scores[:, 1:] > scores[:, :-1]) | ((scores[:, 1:] == scores[:, :-1]) &
+                                                         (idx[:, 1:] < idx[:, :-1]))
+      return tf.cond(tf.reduce_any(out_of_order), lambda: _sort_by_score_then_index(idx, scores),
+                     lambda: (idx, scores))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")], autograph=False)
     def serve(self, queries):
       emb = self.query_tower.embed(queries)
       idx, scores = _nonempty(self._search, emb)
-      b = tf.shape(idx)[0]
-      idx = tf.concat([idx, tf.fill([b, pad], tf.constant(-1, tf.int64))], axis=1)
-      scores = tf.concat([scores, tf.fill([b, pad], tf.constant(-np.inf, tf.float32))], axis=1)
-      ids_out = tf.where(idx >= 0, tf.gather(self.product_ids, tf.maximum(idx, 0)), "")
+      if pad:  # fewer products than k: known when exporting
+        b = tf.shape(idx)[0]
+        idx = tf.concat([idx, tf.fill([b, pad], tf.constant(-1, tf.int64))], axis=1)
+        scores = tf.concat([scores, tf.fill([b, pad], tf.constant(-np.inf, tf.float32))], axis=1)
+      ids_out = tf.gather(self.product_ids, tf.where(idx >= 0, idx, n))
       return {"ids": tf.ensure_shape(ids_out, [None, k]), "scores": tf.ensure_shape(scores, [None, k]),
               "indices": tf.ensure_shape(idx, [None, k])}
 
@@ -842,30 +932,28 @@ def measure_parity(out: str, tm, data_dir: str, sample: int = 32) -> dict:
   """Returns max |SavedModel - JAX| for queries and products on a catalogue sample (and image pixel diffs)."""
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  text, raw = pipeline._text, pipeline._bytes  # pylint: disable=protected-access
   cfg = tm.config.data
   tok = pipeline.load_tokenizer(data_dir)
   qsrc = tfds_builder.load_source(data_dir, "queries", "test")
-  queries = [pipeline._text(qsrc[i], "text") for i in range(min(sample, len(qsrc)))]  # pylint: disable=protected-access
-  queries += list(UNUSUAL_QUERIES)
+  queries = [text(qsrc[i], "text") for i in range(min(sample, len(qsrc)))] + list(UNUSUAL_QUERIES)
   qt = load_saved_model(os.path.join(out, "query_tower"))
   sm_q = qt.signatures["serving_default"](queries=np.asarray(queries, object))["embedding"].numpy()
   jax_q = tm.embed_queries({"query_tokens": tok.encode(queries, int(cfg.query_len))})
   psrc = tfds_builder.load_source(data_dir, "products", "all")
   rows = [psrc[i] for i in range(min(sample, len(psrc)))]
-  field = lambda k: np.asarray([pipeline._text(r, k) for r in rows], object)  # pylint: disable=protected-access,unnecessary-lambda-assignment
-  images = np.asarray([pipeline._bytes(r, "image") if bool(np.asarray(r["has_image"])) else b""  # pylint: disable=protected-access
-                       for r in rows], object)
+  fields = {k: np.asarray([text(r, k) for r in rows], object) for k in ("title", "description", "attributes")}
+  fields["image"] = np.asarray([raw(r, "image") if bool(np.asarray(r["has_image"])) else b"" for r in rows],
+                               object)
   pt = load_saved_model(os.path.join(out, "product_tower"))
-  pre = pt.signatures["preprocess"](title=field("title"), description=field("description"),
-                                    attributes=field("attributes"), image=images)
-  ref = [pipeline.decode_image(b, int(cfg.image_size)) for b in images]
+  pre = pt.signatures["preprocess"](**fields)
+  ref = [pipeline.decode_image(b, int(cfg.image_size)) for b in fields["image"]]
   ref_img = np.stack([r[0] for r in ref])
-  ref_tokens = tok.encode([pipeline._text(r, "text") for r in rows], int(cfg.product_len))  # pylint: disable=protected-access
+  ref_tokens = tok.encode([text(r, "text") for r in rows], int(cfg.product_len))
   batch = {"product_tokens": ref_tokens, "image": ref_img, "has_image": np.asarray([r[1] for r in ref])}
   jax_p = tm.embed_products(batch)
   sm_p = pt.signatures["embed_preprocessed"](**batch)["embedding"].numpy()
-  sm_e2e = pt.signatures["serving_default"](title=field("title"), description=field("description"),
-                                            attributes=field("attributes"), image=images)["embedding"].numpy()
+  sm_e2e = pt.signatures["serving_default"](**fields)["embedding"].numpy()
   pix = np.abs(pre["image"].numpy().astype(int) - ref_img.astype(int))
   return {
       "queries": len(queries), "products": len(rows),
@@ -927,6 +1015,8 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
   up_to_date = (info is not None and info.get("step") == int(tm.step) and info.get("data_dir") ==
                 os.path.abspath(data_dir) and os.path.isfile(os.path.join(emb_dir, "embeddings.npy"))
                 and not rebuild_index and not scann_overrides)
+  # Every process must take the same branch (embedding is collective).
+  up_to_date = bool(_min_over_processes(int(up_to_date)))
   emb = None
   if up_to_date:
     step("embeddings: up to date, kept")
@@ -938,6 +1028,8 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
                           progress=progress)
   timings["embed_s"] = time.time() - t0
 
+  # The SavedModels are written by process 0 from whole (gathered) parameters; gathering is collective.
+  tm_host = dataclasses.replace(tm, params=_host_params(tm.params))
   summary = None
   if jax.process_index() == 0:
     ids = product_ids(data_dir)
@@ -954,16 +1046,19 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
       epath.Path(info_path).write_text(json.dumps(info, indent=2, default=float))
       shutil.rmtree(os.path.join(emb_dir, "shards"), ignore_errors=True)
 
-    for name, fn in (("query_tower", lambda p: export_query_tower(tm, tokenizer_path, p, platforms)),
-                     ("product_tower", lambda p: export_product_tower(tm, tokenizer_path, p, platforms)),
-                     ("serving", lambda p: export_serving(tm, tokenizer_path, os.path.join(emb_dir, "index"),
+    for name, fn in (("query_tower", lambda p: export_query_tower(tm_host, tokenizer_path, p, platforms)),
+                     ("product_tower", lambda p: export_product_tower(tm_host, tokenizer_path, p, platforms)),
+                     ("serving", lambda p: export_serving(tm_host, tokenizer_path, os.path.join(emb_dir, "index"),
                                                           ids, p, k, platforms))):
       step(f"writing {name} SavedModel")
       t0 = time.time()
       fn(os.path.join(out, name))
       timings[f"{name}_s"] = time.time() - t0
     parity_res = None
-    if parity:
+    if parity and jax.process_count() > 1:
+      # The JAX reference runs on the global mesh (a collective) while only process 0 holds the models.
+      parity_res = {"skipped": "multi-process export; run the export on one process to measure parity"}
+    elif parity:
       step("measuring SavedModel vs JAX parity")
       t0 = time.time()
       parity_res = measure_parity(out, tm, data_dir)

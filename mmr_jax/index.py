@@ -160,9 +160,12 @@ def recall_vs_exact(approx_idx, exact_idx, k: int | None = None) -> float:
   if k > approx_idx.shape[1] or k > exact_idx.shape[1]:
     raise ValueError(f"k={k} exceeds the result width (approx {approx_idx.shape[1]}, "
                      f"exact {exact_idx.shape[1]})")
-  a = approx_idx[:, :k]
-  e = exact_idx[:, :k]
-  found = (e[:, :, None] == a[:, None, :]).any(-1) & (e >= 0)  # [Q, k]
+  a = approx_idx[:, :k].astype(np.int64)
+  e = exact_idx[:, :k].astype(np.int64)
+  # One key per (query, product) keeps memory O(Q k) (a [Q, k, k] comparison would not).
+  width = int(max(a.max(initial=0), e.max(initial=0))) + 2
+  rows = np.arange(a.shape[0], dtype=np.int64)[:, None] * width
+  found = np.isin(rows + e, (rows + a)[a >= 0]) & (e >= 0)  # [Q, k]
   denom = (e >= 0).sum()
   return float(found.sum() / denom) if denom else 1.0
 
@@ -171,24 +174,22 @@ def recall_vs_exact(approx_idx, exact_idx, k: int | None = None) -> float:
 
 
 # ScaNN's recipe for dot-product search (Guo et al., 2020; ScaNN's algorithms.md): a
-# spherical k-means tree with O(sqrt(N)) leaves, 4-bit anisotropic product quantisation
-# (threshold 0.2 for normalised data), then exact float re-scoring of a few hundred candidates.
+# spherical k-means tree with ~sqrt(N) leaves (ScaNN's rule of thumb), 4-bit anisotropic
+# product quantisation (threshold 0.2 for normalised data), then exact float re-scoring.
 # Choices measured with tools/bench_ann.py on clustered unit vectors (128-d, 200k and 1M):
 # - spherical partitioning: recall@100 0.95 vs 0.88 for generic k-means at equal cost;
-# - 2 sqrt(N) leaves rather than sqrt(N): finer leaves hold fewer off-cluster points, so
-#   the same fraction of the data searched finds more true neighbours (at 200k, ~1% of
-#   points searched: recall@10 0.95 with sqrt(N) leaves, 0.98 with 4 sqrt(N));
-# - 1 dim per 4-bit block: ranks the candidates well enough that ~150 re-scored reach
-#   recall@100 0.96 at 1M, where 2 dims per block need ~300 (re-scoring random rows is
-#   the dominant cost: ~150 ns per candidate);
-# - searching 1% of the leaves (at least 8) with 200 re-scored candidates gives recall@100
-#   vs exact ~0.96-0.99; bench_ann.py tunes the search knobs further for speed.
+# - 1 dim per 4-bit block (not 2): ranks candidates well enough that ~150 re-scored reach
+#   recall@100 0.96 at 1M, where 2 dims per block need ~300; re-scoring random rows is the
+#   dominant cost (~150 ns per candidate on a 2-core VM);
+# - defaults favour accuracy (evaluation uses them): 3% of the leaves (>= 10) and 200
+#   re-scored gave recall@100 vs exact 0.96 at 200k and 0.99 at 1M; tools/bench_ann.py tunes
+#   leaves_to_search / reorder per call for speed (~0.5% of leaves, 150 at 1M).
 SCANN_DEFAULTS: dict[str, Any] = {
     "num_leaves": None,  # None: round(leaves_per_sqrt_n * sqrt(N)), leaves >= min_partition_size
-    "leaves_per_sqrt_n": 2.0,
+    "leaves_per_sqrt_n": 1.0,
     "num_leaves_to_search": None,  # None: max(ceil(leaves_search_fraction * leaves), min_leaves_to_search)
-    "leaves_search_fraction": 0.01,
-    "min_leaves_to_search": 8,
+    "leaves_search_fraction": 0.03,
+    "min_leaves_to_search": 10,
     "training_sample_size": None,  # None: min(N, 250_000)
     "min_partition_size": 50,
     "training_iterations": 12,

@@ -19,11 +19,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmr_jax import losses
+from mmr_jax import sharded_loss
 
 
 def _contrastive(config, a, b, logit, pos_mask, weights):
-  """Returns (loss, metrics) of the configured contrastive loss (dense or row-chunked)."""
+  """Returns (loss, metrics) of the configured contrastive loss (sharded over the mesh, dense or row-chunked).
+
+  `pos_mask` is the (product_index, positives) pair, so no form of the loss needs an [N, N] mask array.
+  """
   kind, chunk = config.loss.kind, int(config.loss.chunk_size)
+  how = sharded_loss.method(config.loss.get("sharded", "auto"), a.shape[0])
+  if how != "none":
+    if kind not in sharded_loss.LOSSES:
+      raise ValueError(f"loss.kind={kind!r}; expected one of {sorted(sharded_loss.LOSSES)}")
+    if kind == "softmax":
+      return sharded_loss.softmax_contrastive(a, b, logit["logit_scale"], pos_mask, weights, method=how)
+    return sharded_loss.sigmoid_contrastive(a, b, logit["logit_scale"], logit["logit_bias"], pos_mask, weights,
+                                            method=how)
   if kind == "softmax":
     if chunk:
       return losses.softmax_contrastive_chunked(a, b, logit["logit_scale"], pos_mask, weights, chunk_size=chunk)
@@ -72,7 +84,7 @@ def _stage1_loss(model, params, batch, config, train, rng):
   logit = model.apply({"params": params}, method="logit_params")
   # Products without an image have nothing to align: they carry zero weight.
   weights = batch["has_image"].astype(jnp.float32)
-  pos = losses.make_pos_mask(batch["product_index"])
+  pos = (batch["product_index"], None)
   loss, m = _contrastive(config, out["image_emb"], out["title_emb"], logit, pos, weights)
   return loss, {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
 
@@ -91,7 +103,7 @@ def _stage2_loss(model, params, batch, config, train, rng):
   p = model.apply(variables, batch["product_tokens"], batch["image"], batch["has_image"], train=train,
                   method="embed_product", rngs=rngs)
   logit = model.apply(variables, method="logit_params")
-  pos = losses.make_pos_mask(batch["product_index"], batch["positives"])
+  pos = (batch["product_index"], batch["positives"])
   weights = batch["grade"] if config.loss.grade_weighted else None
   loss, m = _contrastive(config, q["emb"], p["emb"], logit, pos, weights)
   metrics = {f"q2p/{k}": v for k, v in m.items() if k != "loss"}

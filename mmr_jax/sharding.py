@@ -65,12 +65,67 @@ def logical_rules(config_rules) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Returns `spec` without the mesh axes of any dimension they do not divide (that dim is replicated).
+
+  Real tokenizers have vocabularies like 731 or 32_001 rows: rather than refuse tensor parallelism
+  (or pad the model), such a dimension stays whole on every device and the others stay sharded.
+  """
+  if not shape:  # scalars (and specs longer than the array) carry no split
+    return P()
+  out = []
+  for i, dim in enumerate(shape):
+    axes = spec[i] if i < len(spec) else None
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    out.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
+
+
 def logical_to_shardings(tree, mesh: Mesh, rules):
-  """Returns NamedShardings for a tree of `nn.Partitioned` / logical PartitionSpecs (eval_shape output)."""
+  """Returns NamedShardings for a tree of `nn.Partitioned` / logical PartitionSpecs (eval_shape output).
+
+  Leaves with a shape (eval_shape's ShapeDtypeStructs) drop mesh axes that do not divide a dim.
+  """
   specs = nn.get_partition_spec(tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), mesh_specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  shapes = jax.tree.map(lambda x: tuple(np.shape(x)), nn.meta.unbox(tree))
+  is_spec = lambda x: isinstance(x, P)  # pylint: disable=unnecessary-lambda-assignment
+  try:
+    fitted = jax.tree.map(lambda s, shape: fit_spec(s, shape, mesh), mesh_specs, shapes, is_leaf=is_spec)
+  except ValueError:  # a tree of bare specs (no shapes): use them as they are
+    fitted = mesh_specs
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), fitted, is_leaf=is_spec)
+
+
+def _dict_keys(path) -> tuple:
+  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def param_like_shardings(tree, params, param_shardings, default):
+  """Returns shardings for `tree` (e.g. an optimizer state): a param's sharding where a leaf is one.
+
+  A leaf "is" a parameter when the dict keys of its path end with that parameter's path and the
+  shapes agree (Adam's mu/nu, masked per-tower states of multi_transform alike); every other leaf
+  (step counts, scalars) gets `default`. Matching by path keeps FSDP's sharding of the optimizer
+  state explicit instead of leaving it to XLA, which replicates the zeros that `tx.init` creates.
+  """
+  by_path = {}
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(
+      param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
+    by_path[_dict_keys(path)] = (tuple(np.shape(leaf)), sharding)
+  longest = max((len(k) for k in by_path), default=0)
+
+  def pick(path, leaf):
+    keys = _dict_keys(path)
+    for n in range(min(longest, len(keys)), 0, -1):
+      hit = by_path.get(keys[-n:])
+      if hit is not None and hit[0] == tuple(np.shape(leaf)):
+        return hit[1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -69,7 +69,11 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if addr:
     timeout = int(os.environ.get("MMR_INIT_TIMEOUT_S", "300"))
-    jax.distributed.initialize(addr, num_processes=nproc, process_id=pid, initialization_timeout=timeout)
+    # A peer that dies is declared dead after this many seconds without a heartbeat; the survivors then
+    # abort with a coordination-service error instead of hanging in their next collective.
+    heartbeat = int(os.environ.get("MMR_HEARTBEAT_S", "100"))
+    jax.distributed.initialize(addr, num_processes=nproc, process_id=pid, initialization_timeout=timeout,
+                               heartbeat_timeout_seconds=heartbeat)
     return True
   if (os.environ.get("MMR_DISTRIBUTED") == "auto" or "TPU_WORKER_HOSTNAMES" in os.environ
       or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
@@ -129,12 +133,11 @@ class Trainer:
     self.param_shardings = shd.logical_to_shardings(boxed, self.mesh, self.rules)
     abstract_params = nn.meta.unbox(boxed)
     self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.train.steps, abstract_params)
-    # Optimizer-state shardings follow the parameters': let XLA propagate them through tx.init
-    # (robust to multi_transform's masked states, which have no param-shaped structure to map).
-    sharded_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_params, self.param_shardings)
-    opt_shardings = jax.jit(self.tx.init).lower(sharded_params).compile().output_shardings
+    # Optimizer-state shardings follow the parameters' by path (mu/nu of each param, also inside
+    # multi_transform's masked states); XLA's propagation through tx.init would replicate them.
     rep = shd.replicated(self.mesh)
+    opt_shardings = shd.param_like_shardings(jax.eval_shape(self.tx.init, abstract_params), abstract_params,
+                                             self.param_shardings, rep)
     self.state_shardings = TrainState(step=rep, params=self.param_shardings, opt_state=opt_shardings, nonfinite=rep)
     self.batch_shardings = {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in example.items()}
 
@@ -377,7 +380,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   """
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = resolve_config(config)
-  workdir = epath.Path(workdir)
+  workdir = ckpt_lib.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   tcfg = config.train
   trainer = Trainer(config, str(workdir), mesh=mesh)

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -75,17 +76,19 @@ def test_recall_vs_exact():
   approx = np.array([[2, 9, 1, 8], [6, 5, 7, 0]])
   assert index.recall_vs_exact(approx, exact, 4) == pytest.approx(4 / 6)
   assert index.recall_vs_exact(approx, exact, 2) == pytest.approx(3 / 4)
+  assert index.recall_vs_exact(np.array([[-1, 1], [3, -1]]), np.array([[1, 2], [2, 3]]), 2) == 0.5
   with pytest.raises(ValueError, match="exceeds"):
     index.recall_vs_exact(approx[:, :2], exact, 4)
 
 
 def test_derive_scann_params():
   p = index.derive_scann_params(1_000_000, 128)
-  assert p["num_leaves"] == 2000 and not p["brute_force"]
-  assert index.derive_scann_params(1_000_000, 128, {"leaves_per_sqrt_n": 1})["num_leaves"] == 1000
+  assert p["num_leaves"] == 1000 and not p["brute_force"] and p["num_leaves_to_search"] == 30
+  assert index.derive_scann_params(1_000_000, 128, {"leaves_per_sqrt_n": 2})["num_leaves"] == 2000
+  assert index.derive_scann_params(5000, 8)["num_leaves_to_search"] == 10  # the minimum
   assert 1 <= p["num_leaves_to_search"] < p["num_leaves"]
   assert index.derive_scann_params(500, 8)["brute_force"]
-  assert index.derive_scann_params(5000, 8, {"num_leaves_to_search": 9999})["num_leaves_to_search"] == 100
+  assert index.derive_scann_params(5000, 8, {"num_leaves_to_search": 9999})["num_leaves_to_search"] == 71
   with pytest.raises(ValueError, match="unknown ScaNN parameter"):
     index.derive_scann_params(5000, 8, {"num_leafs": 3})
 
@@ -139,3 +142,24 @@ def test_scann_pads_and_sorts_ties():
   idx, scores = ann.search(np.array([[1, 0]], np.float32), 6)
   np.testing.assert_array_equal(idx, [[1, 0, 2, 3, -1, -1]])
   assert np.isneginf(scores[0, 4:]).all()
+
+
+def test_bench_ann_smoke(tmp_path, capsys):
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_ann.py")
+  spec = importlib.util.spec_from_file_location("bench_ann", path)
+  bench = importlib.util.module_from_spec(spec)
+  sys.modules["bench_ann"] = bench  # dataclasses resolve annotations through sys.modules
+  spec.loader.exec_module(bench)
+  out = tmp_path / "ann.json"
+  result = bench.main(["--n", "3000", "--d", "16", "--clusters", "20", "--queries", "40",
+                       "--single_queries", "5", "--repeats", "1", "--skip_faiss",
+                       "--scann_variants", '[{"leaves_per_sqrt_n": 1}]', "--scann_reorder", "150",
+                       "--out", str(out)])
+  saved = json.loads(out.read_text())
+  assert saved["n"] == 3000 and saved["d"] == 16 and saved["exact"]["qps"] > 0
+  assert {"qps", "qps_single", "recall@10", "recall@100", "build_s"} <= set(saved["scann"])
+  assert 0.0 < saved["scann"]["recall@100"] <= 1.0
+  assert saved["faiss_hnsw"] == {"skipped": "--skip_faiss"}
+  assert saved["speedup_scann_vs_exact"] == result["speedup_scann_vs_exact"]
+  assert json.loads(capsys.readouterr().out)["n"] == 3000

@@ -159,3 +159,12 @@ def test_cli_rejects_unknown_config_key(tmp_path):
   assert r.returncode != 0
   assert "nonexistent_key" in r.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_workdir_paths_are_made_absolute_for_orbax(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert str(ckpt_lib.absolute("workdirs/x")) == str(tmp_path / "workdirs" / "x")
+  assert str(ckpt_lib.absolute("gs://bucket/run")) == "gs://bucket/run"
+  ck = ckpt_lib.Checkpointer("rel_run", async_save=False)
+  assert str(ck.directory).startswith(str(tmp_path))
+  ck.close()

@@ -1,0 +1,441 @@
+"""Tests for mmr_jax/export.py: SavedModel parity with the JAX model, serving top-K, bad input, files."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mmr_jax import export
+
+K = 20
+TOL = 1e-5  # float32 parity asserted for every SavedModel output (measured ~1e-7)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_workdir, tiny_data, tmp_path_factory):
+  """Returns (out dir, summary) of one export of the tiny fusion workdir."""
+  out = tmp_path_factory.mktemp("export") / "out"
+  summary = export.export_workdir(tiny_workdir, str(out), tiny_data, k=K, platforms=("cpu",), parity=False,
+                                  progress=False)
+  return str(out), summary
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_workdir, tiny_data):
+  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
+  return inference.load_trained(tiny_workdir, tiny_data)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_data):
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.load_tokenizer(tiny_data)
+
+
+@pytest.fixture(scope="module")
+def models(exported):
+  out, _ = exported
+  return {name: export.load_saved_model(os.path.join(out, name))
+          for name in ("query_tower", "product_tower", "serving")}
+
+
+def _strings(xs):
+  return np.asarray(list(xs), dtype=object)
+
+
+def _queries(data_dir, n=24):
+  from mmr_jax.data import pipeline, tfds_builder  # pylint: disable=g-import-not-at-top
+  src = tfds_builder.load_source(data_dir, "queries", "test")
+  return [pipeline._text(src[i], "text") for i in range(min(n, len(src)))]  # pylint: disable=protected-access
+
+
+def _products(data_dir, n=16):
+  from mmr_jax.data import pipeline, tfds_builder  # pylint: disable=g-import-not-at-top
+  src = tfds_builder.load_source(data_dir, "products", "all")
+  rows = [src[i] for i in range(n)]
+  text, raw = pipeline._text, pipeline._bytes  # pylint: disable=protected-access
+  fields = {k: [text(r, k) for r in rows] for k in ("title", "description", "attributes", "text")}
+  fields["image"] = [raw(r, "image") if bool(np.asarray(r["has_image"])) else b"" for r in rows]
+  return fields
+
+
+# ------------------------------------------------------------------------------------- query tower
+
+
+UNUSUAL = ["", "   ", "😀👍🏽 emoji only", "ünïcödé STRASSE straße", "日本語の検索クエリ", "بحث عربي عن منتج",
+           "поиск товара", "a" * 100_000, "red dress " * 5_000, "tab\tnew\nline\r\n", "\x00nul\x00",
+           "\u3000ideographic\u00a0nbsp\u2028sep", "\ufeffbom"]
+
+
+def test_query_tower_matches_jax_on_unusual_strings(models, trained, tok, tiny_data):
+  queries = _queries(tiny_data) + UNUSUAL
+  q_len = int(trained.config.data.query_len)
+  qt = models["query_tower"]
+  tokens = qt.signatures["tokenize"](queries=_strings(queries))["query_tokens"].numpy()
+  ref_tokens = tok.encode(queries, q_len)
+  np.testing.assert_array_equal(tokens, ref_tokens)  # over-long strings truncated the same way
+  emb = qt.signatures["serving_default"](queries=_strings(queries))["embedding"].numpy()
+  ref = trained.embed_queries({"query_tokens": ref_tokens})
+  assert emb.shape == ref.shape == (len(queries), trained.config.model.embed_dim)
+  assert np.isfinite(emb).all()
+  np.testing.assert_allclose(emb, ref, atol=TOL, rtol=0)
+  # Unit norm, except text without tokens: the masked mean over nothing is the zero vector in JAX too.
+  empty = ~ref_tokens.any(axis=1)
+  assert empty.sum() == 2  # "" and "   "
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), np.where(empty, 0.0, 1.0), atol=1e-5)
+
+
+def test_query_tower_invalid_utf8_is_replaced_like_python(models, trained, tok):
+  raw = [b"\xff\xfebad start", b"truncated \xc3", b"surrogate \xed\xa0\x80 x", "valid é".encode()]
+  qt = models["query_tower"]
+  tokens = qt.signatures["tokenize"](queries=np.asarray(raw, object))["query_tokens"].numpy()
+  decoded = [b.decode("utf-8", errors="replace") for b in raw]
+  np.testing.assert_array_equal(tokens, tok.encode(decoded, int(trained.config.data.query_len)))
+
+
+# ----------------------------------------------------------------------------------- product tower
+
+
+def test_product_tower_matches_jax_on_identical_inputs(models, trained):
+  cfg = trained.config.data
+  rng = np.random.default_rng(0)
+  b, vocab = 16, trained.config.model.text.vocab_size  # the batch size of the bytes test: one compile
+  tokens = rng.integers(1, vocab, (b, cfg.product_len)).astype(np.int32)
+  tokens[0] = 0  # empty text
+  tokens[1, 5:] = 0
+  image = rng.integers(0, 256, (b, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+  has_image = rng.random(b) < 0.7
+  has_image[:2] = [True, False]
+  batch = {"product_tokens": tokens, "image": image, "has_image": has_image}
+  emb = models["product_tower"].signatures["embed_preprocessed"](**batch)["embedding"].numpy()
+  np.testing.assert_allclose(emb, trained.embed_products(batch), atol=TOL, rtol=0)
+
+
+def test_product_tower_bytes_end_to_end_matches_pipeline(models, trained, tok, tiny_data):
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = trained.config.data
+  f = _products(tiny_data)
+  f["image"][1] = b""  # no image
+  f["image"][2] = b"\xff\xd8\xff\xe0 not really a jpeg"  # undecodable
+  inputs = {k: _strings(f[k]) for k in ("title", "description", "attributes", "image")}
+  pt = models["product_tower"]
+  pre = pt.signatures["preprocess"](**inputs)
+  ref_tokens = tok.encode(f["text"], int(cfg.product_len))
+  decoded = [pipeline.decode_image(b, int(cfg.image_size)) for b in f["image"]]
+  ref_image = np.stack([d[0] for d in decoded])
+  ref_has = np.array([d[1] for d in decoded])
+  np.testing.assert_array_equal(pre["product_tokens"].numpy(), ref_tokens)
+  np.testing.assert_array_equal(pre["has_image"].numpy(), ref_has)
+  assert not ref_has[1] and not ref_has[2] and ref_has[0]
+  # The in-graph decoder reproduces Pillow exactly, so end to end keeps the float32 tolerance.
+  np.testing.assert_array_equal(pre["image"].numpy(), ref_image)
+  out = pt.signatures["serving_default"](**inputs)
+  ref = trained.embed_products({"product_tokens": ref_tokens, "image": ref_image, "has_image": ref_has})
+  np.testing.assert_allclose(out["embedding"].numpy(), ref, atol=TOL, rtol=0)
+  np.testing.assert_array_equal(out["has_image"].numpy(), ref_has)
+
+
+def test_product_text_matches_catalog_product_text():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import catalog  # pylint: disable=g-import-not-at-top
+  cases = [("Red  dress", "", "color: red; size: m"), ("", "", ""), ("  only title\t", "", ""),
+           ("a\u3000b\u00a0c", "line1\nline2\u2028x", ""), ("", "desc only", "k: v"),
+           ("x\x1cy", "   ", "\u200bzero width stays"), ("日本 語", "Ünï", "größe: 42")]
+  out = export.tf_product_text(*(tf.constant([c[i] for c in cases]) for i in range(3))).numpy()
+  assert [o.decode() for o in out] == [catalog.product_text(*c) for c in cases]
+
+
+def _encode(arr, fmt, **kw):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  (arr if isinstance(arr, Image.Image) else Image.fromarray(arr)).save(buf, fmt, **kw)
+  return buf.getvalue()
+
+
+def _photo(rng, h, w):
+  yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+  base = np.stack([np.sin(6 * xx + 1) * np.cos(4 * yy), np.cos(5 * xx * yy + 2), np.sin(3 * yy - 2 * xx)], -1)
+  return np.clip(base * 100 + 128 + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def test_image_decoding_is_pillow_exact():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  big = Image.fromarray(_photo(rng, 300, 200))
+  images = [
+      _encode(_photo(rng, 32, 32), "JPEG"),                 # no resize
+      _encode(_photo(rng, 520, 700), "JPEG", quality=80),   # draft 1/8 at 32 px, 1/2 at 224 px
+      _encode(_photo(rng, 150, 90), "JPEG", progressive=True),
+      _encode(_photo(rng, 700, 60), "PNG"),                 # tall: Pillow >= 13 resamples rows first
+      _encode(_photo(rng, 40, 333), "PNG"),                 # wide
+      _encode(big.convert("L"), "JPEG"), _encode(big.convert("CMYK"), "JPEG"),
+      _encode(big.convert("RGBA"), "PNG"), _encode(big.convert("LA"), "PNG"), _encode(big.convert("P"), "PNG"),
+      _encode(big.convert("P"), "GIF"), _encode(big, "BMP"), _encode(big, "WEBP", lossless=True),
+      _encode(Image.fromarray((np.asarray(big.convert("L")).astype(np.uint16) * 257)), "PNG"),  # 16-bit gray
+      _encode(np.full((1, 1, 3), 200, np.uint8), "PNG"), _encode(_photo(rng, 3, 1000), "JPEG"),
+      b"", b"garbage bytes", _encode(_photo(rng, 64, 64), "JPEG")[:300],  # empty, junk, truncated
+  ]
+  for size in (32, 64):
+    v_first = export._pillow_vertical_first()  # pylint: disable=protected-access
+    pixels, has = export.tf_decode_images(tf.constant(_strings(images)), size, v_first)
+    for i, data in enumerate(images):
+      ref, ok = pipeline.decode_image(data, size)
+      assert bool(has[i]) == ok, (i, size)
+      np.testing.assert_array_equal(pixels[i].numpy(), ref, err_msg=f"image {i} at {size} px")
+  assert not any(has[-3:]) and all(has[:-3])
+
+
+def _png_of_zeros(width, height):
+  """Returns a valid 8-bit grayscale PNG of zeros (a few hundred KB for 200 megapixels)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+  z = zlib.compressobj(9)
+  row = bytes(width + 1)
+  idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+          + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_like_pillow():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  bomb = _png_of_zeros(14_000, 14_000)  # 196 Mpx, over Pillow's 2 * MAX_IMAGE_PIXELS
+  small = _png_of_zeros(50, 40)
+  assert pipeline.decode_image(bomb, 32)[1] is False and pipeline.decode_image(small, 32)[1] is True
+  # Refused from the header, before TF would allocate the 600 MB image.
+  pixels, has = export.tf_decode_images(tf.constant(_strings([bomb, small])), 32)
+  assert has.numpy().tolist() == [False, True] and not pixels.numpy()[0].any()
+
+
+def test_resize_follows_pillow_pass_order():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  v_first = export._pillow_vertical_first()  # pylint: disable=protected-access
+  # Straddle the vertical-first boundary 2 * (w - s) < h - s (Pillow >= 13) and include enlargements.
+  for h, w, s in [(24, 19, 16), (24, 20, 16), (98, 64, 32), (98, 65, 32), (300, 200, 224), (10, 90, 32),
+                  (120, 11, 96), (77, 28, 96), (33, 700, 16)]:
+    a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ref = np.asarray(Image.fromarray(a).resize((s, s), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(export.tf_pil_resize(tf.constant(a), s, v_first).numpy(), ref,
+                                  err_msg=f"{h}x{w} -> {s}")
+
+
+# ----------------------------------------------------------------------------------------- serving
+
+
+def test_serving_returns_the_python_scann_top_k(models, exported, trained, tok, tiny_data):
+  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  out, _ = exported
+  queries = _queries(tiny_data, 48) + ["", "😀", "x" * 10_000]
+  res = models["serving"].signatures["serving_default"](queries=_strings(queries))
+  idx, scores, ids = res["indices"].numpy(), res["scores"].numpy(), res["ids"].numpy()
+  assert idx.shape == scores.shape == ids.shape == (len(queries), K)
+  index = index_lib.ScannIndex.load(os.path.join(out, "embeddings", "index"))
+  # Same query vectors -> the very same ranking: both search the files ScannIndex.save wrote.
+  q_emb = models["query_tower"].signatures["serving_default"](queries=_strings(queries))["embedding"].numpy()
+  ref_idx, ref_scores = index.search(q_emb, K)
+  np.testing.assert_array_equal(idx, ref_idx)
+  np.testing.assert_array_equal(scores, ref_scores)
+  # Against the JAX query tower (embeddings ~1e-7 apart) only near-ties may swap places.
+  jax_emb = trained.embed_queries({"query_tokens": tok.encode(queries, int(trained.config.data.query_len))})
+  jax_idx, jax_scores = index.search(jax_emb, K)
+  np.testing.assert_allclose(scores, jax_scores, atol=TOL)
+  swapped = idx != jax_idx
+  assert (np.abs(scores - jax_scores)[swapped] <= TOL).all()
+  for r, c in zip(*np.nonzero(swapped)):  # a swapped product must be tied within TOL with its swap
+    assert np.isclose(scores[r, c], scores[r][idx[r] == jax_idx[r, c]], atol=2 * TOL).all()
+  with open(os.path.join(out, "embeddings", "ids.txt"), encoding="utf-8") as f:
+    all_ids = f.read().split("\n")[:-1]
+  assert [[i.decode() for i in row] for row in ids] == [[all_ids[j] for j in row] for row in idx]
+
+
+def test_serving_pads_and_breaks_ties_like_scann_index(trained, tiny_data, tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  d = two_tower.embedding_dim(trained.config.model)
+  base = rng.normal(size=(4, d)).astype(np.float32)
+  db = np.concatenate([base, base[::-1], base[:2]])  # 10 rows, exact duplicates -> tied scores
+  db /= np.linalg.norm(db, axis=1, keepdims=True)
+  index = index_lib.ScannIndex.build(db)
+  index.save(str(tmp_path / "index"))
+  ids = [f"id-{i}\u00e9" for i in range(len(db))]
+  path = export.export_serving(trained, os.path.join(tiny_data, "tokenizer.model"), str(tmp_path / "index"), ids,
+                               str(tmp_path / "serving"), k=15, platforms=("cpu",))
+  sv = export.load_saved_model(path)
+  queries = ["red dress", "blue shoes", ""]
+  res = sv.signatures["serving_default"](queries=_strings(queries))
+  qt_emb = sv.query_tower.serve(tf.constant(queries))["embedding"].numpy()
+  ref_idx, ref_scores = index.search(qt_emb, 15)
+  np.testing.assert_array_equal(res["indices"].numpy(), ref_idx)
+  np.testing.assert_array_equal(res["scores"].numpy(), ref_scores)
+  assert (res["indices"].numpy()[:, 10:] == -1).all() and np.isneginf(res["scores"].numpy()[:, 10:]).all()
+  assert (res["ids"].numpy()[:, 10:] == b"").all()
+  assert res["ids"].numpy()[0, 0].decode() == ids[ref_idx[0, 0]]
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+
+def test_empty_batches_give_empty_outputs(models, trained):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  empty = tf.constant([], tf.string)
+  d = trained.config.model.embed_dim
+  assert models["query_tower"].signatures["serving_default"](queries=empty)["embedding"].shape == (0, d)
+  res = models["serving"].signatures["serving_default"](queries=empty)
+  assert res["ids"].shape == res["scores"].shape == res["indices"].shape == (0, K)
+  out = models["product_tower"].signatures["serving_default"](title=empty, description=empty, attributes=empty,
+                                                               image=empty)
+  assert out["embedding"].shape == (0, d) and out["has_image"].shape == (0,)
+
+
+def test_bad_requests_fail_cleanly_and_the_model_keeps_serving(models):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  sv = models["serving"].signatures["serving_default"]
+  with pytest.raises(tf.errors.InvalidArgumentError, match="string"):
+    sv(queries=tf.constant([1, 2]))  # wrong dtype
+  # TF does not enforce signature shapes at call time; a scalar is served as a batch of one.
+  one = sv(queries=tf.constant("red dress"))
+  np.testing.assert_array_equal(one["indices"].numpy(), sv(queries=tf.constant(["red dress"]))["indices"].numpy())
+  pt = models["product_tower"].signatures["serving_default"]
+  two, one = tf.constant(["a", "b"]), tf.constant(["a"])
+  with pytest.raises(tf.errors.InvalidArgumentError, match="inputs title and image must have the same batch size"):
+    pt(title=two, description=two, attributes=two, image=one)
+  # Still serving after the failures; an undecodable image only clears has_image for its row.
+  assert sv(queries=tf.constant(["red dress"]))["ids"].shape == (1, K)
+  out = pt(title=two, description=two, attributes=two, image=tf.constant([b"\x89PNG\r\n\x1a\nbroken", b""]))
+  assert not out["has_image"].numpy().any()
+  same = pt(title=two, description=two, attributes=two, image=tf.constant([b"", b""]))["embedding"].numpy()
+  np.testing.assert_allclose(out["embedding"].numpy(), same, atol=TOL)
+
+
+def test_over_long_query_is_truncated_not_fatal(models, trained, tok):
+  q = "wool coat " * 200_000  # 2 MB
+  emb = models["query_tower"].signatures["serving_default"](queries=_strings([q]))["embedding"].numpy()
+  ref = trained.embed_queries({"query_tokens": tok.encode([q], int(trained.config.data.query_len))})
+  np.testing.assert_allclose(emb, ref, atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------- files and summary
+
+
+def test_exported_files(exported, trained, tiny_data):
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  out, summary = exported
+  emb_dir = os.path.join(out, "embeddings")
+  emb = np.load(os.path.join(emb_dir, "embeddings.npy"))
+  with open(os.path.join(emb_dir, "ids.txt"), encoding="utf-8") as f:
+    ids = f.read().split("\n")[:-1]
+  assert ids == export.product_ids(tiny_data) and emb.shape == (len(ids), summary["embedding_dim"])
+  # Rows are the JAX product tower in product-index order (what evaluation embeds).
+  it = pipeline.make_eval_iterator(tiny_data, "products", "all", trained.config.data, 64)
+  batch = next(it)
+  np.testing.assert_allclose(emb[:64], trained.embed_products(batch)[batch["mask"]], atol=1e-6)
+  info = json.loads(open(os.path.join(emb_dir, "info.json")).read())
+  assert info["num_products"] == len(ids) and info["index"]["params"]["n"] == len(ids)
+  assert not os.path.exists(os.path.join(emb_dir, "shards"))
+  on_disk = json.loads(open(os.path.join(out, export.SUMMARY_FILE)).read())
+  assert on_disk["k"] == K and on_disk["num_products"] == len(ids) and on_disk["step"] == trained.step
+  for name in ("query_tower", "product_tower", "serving"):
+    d = os.path.join(out, name)
+    with open(os.path.join(d, "assets", export.TOKENIZER_ASSET), "rb") as f, \
+         open(os.path.join(tiny_data, "tokenizer.model"), "rb") as g:
+      assert f.read() == g.read()
+    assert os.listdir(os.path.join(d, "variables"))
+
+
+def test_params_are_variables_not_constants(models, trained, exported):
+  import jax  # pylint: disable=g-import-not-at-top
+  out, _ = exported
+  qt = models["query_tower"]
+  named = export.unflatten_params(qt.params, qt.param_layout.numpy())
+  # Only the query tower's own parameters, with the trained values.
+  assert named and all(n.startswith(("query_tower/", "text_tower/", "heads/")) for n in named)
+  leaves = jax.tree_util.tree_flatten_with_path(export._host_params(trained.params))[0]  # pylint: disable=protected-access
+  host = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x) for path, x in leaves}
+  for name, value in named.items():
+    np.testing.assert_array_equal(value, host[name])
+  pb = open(os.path.join(out, "query_tower", "saved_model.pb"), "rb").read()
+  biggest = max(named.values(), key=lambda v: v.size)
+  assert biggest.size > 1000 and biggest.tobytes()[:4096] not in pb  # weights are in variables/, not the graph
+
+
+def test_embedding_export_resumes_from_shards(trained, tiny_data, tmp_path, monkeypatch):
+  calls = []
+  real = export._local_embed_fn  # pylint: disable=protected-access
+
+  def counting(tm):
+    fn = real(tm)
+    return lambda batch: calls.append(1) or fn(batch)
+
+  monkeypatch.setattr(export, "_local_embed_fn", counting)
+  full = export.embed_catalogue(trained, tiny_data, str(tmp_path), batch_size=64, shard_batches=1, progress=False)
+  n_batches = len(calls)
+  shard_dir = tmp_path / "shards" / "process_0-of-1"
+  last = sorted(shard_dir.glob("shard_*.npz"))[-1]
+  last.unlink()  # as if killed while writing the last shard
+  calls.clear()
+  again = export.embed_catalogue(trained, tiny_data, str(tmp_path), batch_size=64, shard_batches=1, progress=False)
+  assert n_batches > 1 and len(calls) == 1  # only the missing shard was embedded again
+  np.testing.assert_array_equal(again, full)
+
+
+def test_index_reuses_or_matches_the_evaluation_index(tmp_path):
+  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(3000, 16)).astype(np.float32)
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  wd = tmp_path / "wd"
+  index_lib.ScannIndex.build(emb, {"num_leaves": 30, "reorder": 150}).save(str(wd / "index"))
+  np.save(wd / "product_embeddings.npy", emb)
+  build = export._build_index  # pylint: disable=protected-access
+  info = build(emb, str(wd), str(tmp_path / "a"), rebuild=False, scann_overrides=None)
+  assert info["source"] == "reused"
+  assert (tmp_path / "a" / "dataset.npy").read_bytes() == (wd / "index" / "dataset.npy").read_bytes()
+  # Other embeddings (e.g. another machine): rebuilt, with the evaluation's parameters.
+  info = build(emb[::-1].copy(), str(wd), str(tmp_path / "b"), rebuild=False, scann_overrides=None)
+  assert info["source"] == "built with the evaluation's parameters"
+  assert info["params"]["num_leaves"] == 30 and info["params"]["reorder"] == 150
+  info = build(emb, str(tmp_path / "no_eval"), str(tmp_path / "c"), rebuild=False, scann_overrides=None)
+  assert info["source"] == "built with index.SCANN_DEFAULTS"
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_help():
+  r = subprocess.run([sys.executable, "-m", "mmr_jax.export", "--help"], capture_output=True, text=True,
+                     timeout=120, check=False)
+  assert r.returncode == 0, r.stderr
+  for flag in ("--workdir", "--out", "--data", "--k"):
+    assert flag in r.stdout
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_with_parity(tiny_workdir, tiny_data, tmp_path):
+  out = tmp_path / "out"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "mmr_jax.export", "--workdir", tiny_workdir, "--out", str(out),
+                      "--data", tiny_data, "--k", "7", "--no_progress"], capture_output=True, text=True,
+                     timeout=900, env=env, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads((out / export.SUMMARY_FILE).read_text())
+  p = summary["parity"]
+  assert p["query_max_abs_diff"] <= TOL and p["product_preprocessed_max_abs_diff"] <= TOL
+  assert p["product_end_to_end_max_abs_diff"] <= TOL and p["image_max_abs_diff"] == 0
+  assert p["product_tokens_equal"] and p["has_image_equal"]
+  assert summary["platforms"] == ["cpu", "cuda"] and summary["k"] == 7
+  sv = export.load_saved_model(str(out / "serving"))
+  assert sv.signatures["serving_default"](queries=_strings(["dress"]))["ids"].shape == (1, 7)
