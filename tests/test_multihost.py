@@ -32,7 +32,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"  # see test_sharding.py
 def _config(data_dir: str):
   sys.path.insert(0, str(ROOT / "tests"))
   from test_sharding import small_config  # pylint: disable=g-import-not-at-top
-  cfg = small_config(data_dir)
+  cfg = small_config(data_dir, "text_only")  # the towers are not the point here, and it compiles fast
   cfg.train.ckpt_every = 2
   cfg.optim.warmup_steps = 0
   cfg.optim.min_lr_ratio = 1.0
@@ -49,10 +49,10 @@ def _embed_all_products(workdir: str, data_dir: str) -> tuple[np.ndarray, np.nda
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   model = inference.load_trained(workdir, data_dir)
   embed = model.embed_products
-  it = pipeline.make_eval_iterator(data_dir, "products", "all", model.config.data, batch_size=8)
+  it = pipeline.make_eval_iterator(data_dir, "products", "all", model.config.data, batch_size=32)
   ids, embs = [], []
   for batch in it:
-    emb = embed(batch)  # [8, D] global: rows of every host
+    emb = embed(batch)  # [32, D] global: rows of every host
     index = shd.global_to_host(shd.host_batch_to_global({"i": batch["product_index"]}, model.mesh)["i"])
     ids.append(index)
     embs.append(emb)
@@ -194,7 +194,8 @@ def test_dead_process_makes_the_survivor_fail_fast(tiny_data, tmp_path, env):
                "model.text.depth": 1, "model.fusion.width": 32, "model.embed_dim": 32}
   procs = []
   for i in range(PROCESSES):
-    cmd = common.train_command(f"configs/demo.py:runlocal=True,data={tiny_data}", str(workdir), overrides)
+    cmd = common.train_command(f"configs/demo.py:runlocal=True,variant=text_only,data={tiny_data}", str(workdir),
+                               overrides)
     penv = multiprocess.process_env(env, process_id=i, num_processes=PROCESSES, coordinator=coordinator,
                                     devices_per_process=DEVICES_PER_PROCESS)
     log = open(tmp_path / f"p{i}.log", "w")  # pylint: disable=consider-using-with
