@@ -21,17 +21,17 @@ def _unit(x):
 def test_evaluate_embeddings_hand_built_case():
   rng = np.random.default_rng(0)
   products = _unit(rng.normal(size=(300, 16)).astype(np.float32))
-  # Query 0 is product 5 itself (rank 1); query 1 is far from its relevant product 7.
-  queries = np.stack([products[5], -products[7]])
-  labels = [{5: 1.0, 6: 0.1}, {7: 1.0}]
+  # Query 0 is product 5 itself (rank 1); query 1 is far from its relevant product 200.
+  queries = np.stack([products[5], -products[200]])
+  labels = [{5: 1.0, 6: 0.1}, {200: 1.0}]
   num_words = np.arange(300)  # products 0..74 are the sparse quarter
   res = evaluate.evaluate_embeddings(products, {"test": {"emb": queries, "labels": labels,
                                                          "tags": [["visual"], ["textual"]]}}, num_words)
   r = res["splits"]["test"]
-  assert r["exact"]["recall@10"] == pytest.approx(0.5)  # query 0 finds 5, query 1 does not find 7
+  assert r["exact"]["recall@10"] == pytest.approx(0.5)  # query 0 finds 5, query 1 does not find 200
   assert r["exact"]["mrr"] == pytest.approx(0.5)
   assert r["by_tag_exact"]["visual"]["recall@10"] == 1.0 and r["by_tag_exact"]["textual"]["recall@10"] == 0.0
-  assert r["by_sparsity"]["sparse_products"]["num_queries"] == 1  # query 0's E product 5 is sparse
+  assert r["by_sparsity"]["sparse_products"]["num_queries"] == 1  # query 0's E product 5 is sparse, 200 is not
   assert r["by_sparsity"]["dense_products"]["num_queries"] == 1
   assert r["scann_recall_vs_exact"] == pytest.approx(1.0)  # small N: ScaNN is brute force
   assert res["sparse_words_threshold"] == pytest.approx(np.quantile(num_words, 0.25))
