@@ -71,7 +71,7 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   Real tokenizers have vocabularies like 731 or 32_001 rows: rather than refuse tensor parallelism
   (or pad the model), such a dimension stays whole on every device and the others stay sharded.
   """
-  if not shape:  # scalars (and specs longer than the array) carry no split
+  if not shape:  # scalars carry no split
     return P()
   out = []
   for i, dim in enumerate(shape):
@@ -86,17 +86,14 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
 def logical_to_shardings(tree, mesh: Mesh, rules):
   """Returns NamedShardings for a tree of `nn.Partitioned` / logical PartitionSpecs (eval_shape output).
 
-  Leaves with a shape (eval_shape's ShapeDtypeStructs) drop mesh axes that do not divide a dim.
+  Mesh axes that do not divide a dimension are dropped from it (see `fit_spec`).
   """
   specs = nn.get_partition_spec(tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   shapes = jax.tree.map(lambda x: tuple(np.shape(x)), nn.meta.unbox(tree))
   is_spec = lambda x: isinstance(x, P)  # pylint: disable=unnecessary-lambda-assignment
-  try:
-    fitted = jax.tree.map(lambda s, shape: fit_spec(s, shape, mesh), mesh_specs, shapes, is_leaf=is_spec)
-  except ValueError:  # a tree of bare specs (no shapes): use them as they are
-    fitted = mesh_specs
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), fitted, is_leaf=is_spec)
+  return jax.tree.map(lambda s, shape: NamedSharding(mesh, fit_spec(s, shape, mesh)), mesh_specs, shapes,
+                      is_leaf=is_spec)
 
 
 def _dict_keys(path) -> tuple:

@@ -447,6 +447,67 @@ def test_remat_and_scan_layers_give_the_same_loss_and_gradients(fast_checks):
   assert r["grad_rel_err"] < 1e-4, r
 
 
+# ------------------------------------------------------------------------- in-process unit tests
+
+
+def _abstract_mesh(**sizes):
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  return jax.sharding.AbstractMesh(tuple(sizes.get(a, 1) for a in shd.MESH_AXES), shd.MESH_AXES)
+
+
+def test_fit_spec_replicates_only_the_dims_an_axis_does_not_divide():
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  mesh = _abstract_mesh(fsdp=4, tensor=2)
+  assert shd.fit_spec(P("tensor", "fsdp"), (731, 64), mesh) == P(None, "fsdp")  # odd vocabulary
+  assert shd.fit_spec(P("tensor", "fsdp"), (732, 64), mesh) == P("tensor", "fsdp")
+  assert shd.fit_spec(P(("data", "fsdp"), None), (6, 3), mesh) == P()
+  assert shd.fit_spec(P(), (), mesh) == P()
+
+
+def test_optimizer_state_shardings_follow_their_parameters():
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from mmr_jax import optimizer as optim_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  mesh = shd.make_mesh({"data": 1})
+  params = {"tower_a": {"dense": {"kernel": jax.ShapeDtypeStruct((8, 4), "float32"),
+                                  "bias": jax.ShapeDtypeStruct((4,), "float32")}},
+            "tower_b": {"dense": {"kernel": jax.ShapeDtypeStruct((8, 4), "float32")}}}
+  specs = {"tower_a": {"dense": {"kernel": P("fsdp", "tensor"), "bias": P("tensor")}},
+           "tower_b": {"dense": {"kernel": P(None, "fsdp")}}}
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+  optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=1, min_lr_ratio=0.0, weight_decay=1e-4, b1=0.9,
+                                         b2=0.999, grad_clip=1.0, lr_mult=dict(tower_a=1.0, tower_b=0.5)))
+  tx, _ = optim_lib.make_optimizer(optim, 10, params)
+  state = jax.eval_shape(tx.init, params)
+  out = shd.param_like_shardings(state, params, shardings, shd.replicated(mesh))
+  got = {jax.tree_util.keystr(k): s.spec for k, s in jax.tree_util.tree_leaves_with_path(out)}
+  # Each tower's masked Adam state holds mu/nu of exactly its own parameters, sharded like them.
+  mu_a = [v for k, v in got.items() if "tower_a" in k.split(".mu")[-1] and ".mu" in k and "kernel" in k]
+  mu_b = [v for k, v in got.items() if ".nu" in k and "tower_b" in k.split(".nu")[-1]]
+  assert mu_a == [P("fsdp", "tensor")] and mu_b == [P(None, "fsdp")], got
+  assert [v for k, v in got.items() if k.endswith(".count")] == [P()] * len(
+      [k for k in got if k.endswith(".count")]) and any(k.endswith(".count") for k in got)
+
+
+def test_sharded_loss_method_resolution():
+  from mmr_jax import sharded_loss  # pylint: disable=g-import-not-at-top
+  dp8 = _abstract_mesh(data=4, fsdp=2, tensor=2)
+  assert sharded_loss.num_shards(dp8) == 8
+  assert sharded_loss.method("auto", 16, dp8) == "ring"
+  assert sharded_loss.method("auto", 12, dp8) == "none"  # does not divide: the one-device loss
+  assert sharded_loss.method("gather", 16, dp8) == "gather"
+  assert sharded_loss.method("ring", 16, _abstract_mesh(tensor=2)) == "none"  # one data shard
+  assert sharded_loss.method("auto", 16) == "none"  # no mesh at all
+  with pytest.raises(ValueError, match="does not divide"):
+    sharded_loss.method("ring", 12, dp8)
+  with pytest.raises(ValueError, match="loss.sharded"):
+    sharded_loss.method("rings", 16, dp8)
+
+
 if __name__ == "__main__":
   sys.path.insert(0, str(ROOT))
   _child_main(sys.argv[1:])

@@ -344,10 +344,10 @@ def peer_open_clip(config, args) -> dict:
 # -------------------------------------------------------------------------------------------- main
 
 
-def run_peer(argv, dtype: str) -> dict:
+def run_peer(argv) -> dict:
   """Returns peer_open_clip's result from a fresh process with the same arguments."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  r = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--dtype", dtype, "--_peer_child"],
+  r = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--_peer_child"],
                      capture_output=True, text=True, timeout=3600, check=False)
   lines = r.stdout.strip().splitlines()
   if r.returncode or not lines:
@@ -389,14 +389,24 @@ def main(argv=None) -> int:
     print(json.dumps(loss_memory_child(*args._loss_memory_child)))  # pylint: disable=protected-access
     return 0
   if args._peer_child:  # pylint: disable=protected-access
-    # No JAX backend here (jax.devices() would claim the accelerator's memory): --dtype comes from the parent.
-    args.dtype = args.dtype or "float32"
+    # No JAX backend in this process: jax.devices() would claim the accelerator's memory.
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      accelerator = torch.cuda.is_available()
+    except ImportError:
+      accelerator = False
+    args.dtype = args.dtype or ("bfloat16" if accelerator else "float32")
     try:
       out = peer_open_clip(build_config(args), args)
     except Exception as e:  # pylint: disable=broad-except
       out = {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:500]}"}
     print(json.dumps(out))
     return 0
+  peer = None
+  if args.peer == "open_clip":
+    # First, in its own process: once JAX starts here it holds most of the accelerator's memory.
+    _log("peer: open_clip (in a subprocess, before JAX claims the accelerator)")
+    peer = run_peer(argv)
   import jax  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   accelerator = dev.platform in ("gpu", "tpu")
@@ -421,9 +431,8 @@ def main(argv=None) -> int:
     _log("loss memory at global batch " + "/".join(map(str, LOSS_MEMORY_BATCHES)) + " (compile only)")
     from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
     result["loss_memory"] = loss_memory(two_tower.embedding_dim(config.model))
-  if args.peer == "open_clip":
-    _log("peer: open_clip (in a subprocess: JAX keeps its preallocated accelerator memory)")
-    result["peer"] = run_peer(argv, args.dtype)
+  if peer is not None:
+    result["peer"] = peer
   text = json.dumps(result, indent=1, default=float)
   print(text)
   if args.out:
