@@ -6,4 +6,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/venv.sh"
 cd "$ROOT"
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
-exec "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@" tests
+# With no paths given, pytest collects pyproject's testpaths (tests/).
+exec "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
