@@ -36,13 +36,7 @@ def get_config(arg=None):
   else:
     # Stage 2 keeps the stage-1 image tower but lets it move slowly, as in the paper's second stage.
     c.optim.lr_mult.image_tower = 0.3
-  if a.runlocal:
-    config_lib.shrink_for_cpu(c)
-  if a.steps:
-    c.train.steps = a.steps
-  if a.batch:
-    c.data.batch_size = a.batch
-  return c
+  return config_lib.apply_budget(c, a)
 
 
 def get_sweep(arg=None):

@@ -49,13 +49,7 @@ def get_config(arg=None):
   c.mesh.shape.dcn = a.slices
   c.mesh.shape.data = 1
   c.mesh.shape.fsdp = -1
-  if a.runlocal:
-    config_lib.shrink_for_cpu(c)
-  if a.steps:
-    c.train.steps = a.steps
-  if a.batch:
-    c.data.batch_size = a.batch
-  return c
+  return config_lib.apply_budget(c, a)
 
 
 def get_sweep(arg=None):

@@ -173,3 +173,14 @@ def shrink_for_cpu(c: ConfigDict) -> ConfigDict:
   c.train.ckpt_every = 3
   c.mesh.shape.dcn = 1
   return c
+
+
+def apply_budget(c: ConfigDict, arg: ConfigDict) -> ConfigDict:
+  """Applies the `runlocal`, `steps` and `batch` arguments every config family accepts; returns `c`."""
+  if arg.runlocal:
+    shrink_for_cpu(c)
+  if arg.steps:
+    c.train.steps = arg.steps
+  if arg.batch:
+    c.data.batch_size = arg.batch
+  return c
