@@ -70,7 +70,9 @@ def sbatch_script(*, job_name: str, nodes: int, gpus_per_node: int, train_cmd: S
       f"cd {shlex.quote(repo)}",
       *setup,
       *(f"export {k}={shlex.quote(str(v))}" for k, v in (env or {}).items()),
-      'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+      # sed reads all of scontrol's output: `| head -n 1` under pipefail fails the job with SIGPIPE (141)
+      # whenever scontrol is still writing the other hostnames when head exits.
+      'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
       f'export MMR_COORDINATOR_ADDRESS="${{head_node}}:{port_expr}"',
       'export MMR_NUM_PROCESSES="$SLURM_NTASKS"',
       'echo "[slurm] job $SLURM_JOB_ID: $SLURM_NTASKS processes on $SLURM_JOB_NUM_NODES nodes, '

@@ -420,7 +420,7 @@ def test_slurm_script_2_nodes_8_gpus(capsys):
   script = capsys.readouterr().out
   for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                "#SBATCH --partition=h100", "#SBATCH --time=04:00:00",
-               'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+               'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
                'export MMR_COORDINATOR_ADDRESS="${head_node}:$((20000 + SLURM_JOB_ID % 20000))"',
                'export MMR_NUM_PROCESSES="$SLURM_NTASKS"'):
     assert line in script.splitlines(), line
@@ -438,9 +438,11 @@ def test_slurm_script_2_nodes_8_gpus(capsys):
 def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
   """Runs the generated script with scontrol/srun stand-ins: coordinator, ranks and overrides reach the trainer."""
   bin_dir = tmp_path / "bin"
+  # A big job's node list is long: the tail makes a reader that exits after the first line (`head -n 1`)
+  # fail the script with SIGPIPE under `set -o pipefail` every time, not only when the race goes badly.
   _write(bin_dir / "scontrol", """
       #!/bin/bash
-      [ "$1 $2" = "show hostnames" ] && printf 'gpu-node-07\\ngpu-node-08\\n'
+      [ "$1 $2" = "show hostnames" ] && printf 'gpu-node-07\\ngpu-node-08\\n' && seq -f 'gpu-node-x%g' 1 200000
       """, executable=True)
   # srun: drop its options, start SLURM_NTASKS tasks with their ranks, fail if any fails.
   _write(bin_dir / "srun", """
