@@ -136,16 +136,23 @@ def base_config() -> ConfigDict:
   return c
 
 
-def set_b16_model(c: ConfigDict, *, remat: bool = False, scan_layers: bool = False) -> ConfigDict:
-  """Sets ViT-B/16 + a B-sized text tower + 2 fusion layers, bf16 compute, 224 px, 512-d embeddings."""
+def set_b16_model(c: ConfigDict, *, remat: bool = False, scan_layers: bool = False,
+                  remat_policy: str = "nothing_saveable", attention_impl: str = "flax") -> ConfigDict:
+  """Sets ViT-B/16 + a B-sized text tower + 2 fusion layers, bf16 compute, 224 px, 512-d embeddings.
+
+  `remat`, `scan_layers`, `remat_policy` and `attention_impl` apply to all three towers.
+  """
+  from mmr_jax.models import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
   from mmr_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
   from mmr_jax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
   c.data.image_size = 224
   c.data.query_len = 32
   c.data.product_len = 128
   c.data.title_len = 32
-  c.model.vit = vit_lib.get_config("B/16", pool_type="map", remat=remat, scan_layers=scan_layers)
-  c.model.text = text_lib.get_config("B", vocab_size=-1, max_len=128, remat=remat, scan_layers=scan_layers)
+  stack = dict(remat=remat, scan_layers=scan_layers, remat_policy=remat_policy, attention_impl=attention_impl)
+  c.model.vit = vit_lib.get_config("B/16", pool_type="map", **stack)
+  c.model.text = text_lib.get_config("B", vocab_size=-1, max_len=128, **stack)
+  c.model.fusion = fusion_lib.get_config(**stack)
   c.model.fusion.width = c.model.text.width
   c.model.fusion.num_heads = c.model.text.num_heads
   c.model.fusion.depth = 2

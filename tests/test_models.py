@@ -179,6 +179,23 @@ def test_remat_and_scan_match_plain():
       _jit(v_plain.apply)({"params": v_params}, img))
 
 
+def test_attention_impls_compute_the_same_function():
+  """attention_impl="xla" (jax.nn.dot_product_attention) equals flax's attention in every tower,
+  with padding masks (text), image-masked cross-attention (fusion) and MAP pooling (ViT)."""
+  cfg = _config("fusion")
+  cfg.vit.pool_type = "map"
+  model, batch = two_tower.TwoTower(cfg), _batch()
+  params = _random_params(model, batch)
+  for tower in ("vit", "text", "fusion"):
+    cfg[tower].attention_impl = "xla"
+  other = two_tower.TwoTower(cfg)
+  assert other.config.text.attention_impl == "xla"
+  _close(_jit(other.apply)({"params": params}, batch), _jit(model.apply)({"params": params}, batch))
+  cfg.text.attention_impl = "flash"
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    jax.eval_shape(two_tower.TwoTower(cfg).init, jax.random.PRNGKey(0), batch)
+
+
 # --------------------------------------------------------------------------------- two tower
 
 

@@ -72,6 +72,8 @@ def build_config(args):
   for tower in ("vit", "text", "fusion"):
     cfg.model[tower].scan_layers = args.scan_layers
     cfg.model[tower].remat = args.remat
+    cfg.model[tower].attention_impl = args.attention
+    cfg.model[tower].remat_policy = args.remat_policy
   cfg.model.dtype = args.dtype
   cfg.model.contrastive = cfg.loss.kind
   cfg.data.batch_size = args.batch
@@ -374,6 +376,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
   p.add_argument("--scan_layers", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+  p.add_argument("--attention", default="flax", choices=["flax", "xla", "cudnn"],
+                 help="attention_impl of every tower (cudnn: fused flash attention, NVIDIA GPUs)")
+  p.add_argument("--remat_policy", default="nothing_saveable",
+                 help="jax.checkpoint_policies name used with --remat (e.g. dots_with_no_batch_dims_saveable)")
   p.add_argument("--remat", type=lambda s: s.lower() in ("1", "true", "yes"), default=False)
   p.add_argument("--matmul_n", type=int, default=0, help="peak matmul size (default: 4096 CPU, 8192 GPU)")
   p.add_argument("--loss_memory", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,

@@ -33,7 +33,8 @@ def get_config(**overrides) -> ml_collections.ConfigDict:
       width=64, depth=1, num_heads=2, mlp_ratio=4.0, dropout=0.0,
       # sigmoid(-2) = 0.12: the gate starts mostly on text (see Fusion.gate_init_bias).
       gate_init_bias=-2.0, gate_hidden=64,
-      remat=False, remat_policy="nothing_saveable", scan_layers=False))
+      remat=False, remat_policy="nothing_saveable", scan_layers=False,
+      attention_impl="flax"))  # see vit.attention
   cfg.update(overrides)
   return cfg
 
@@ -43,6 +44,7 @@ class FusionBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
+  attention_impl: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -53,7 +55,7 @@ class FusionBlock(nn.Module):
     b, n, _ = v.shape
     ln = lambda name: vit.layer_norm(name, self.dtype, self.param_dtype)
     att = lambda name: vit.attention(self.num_heads, self.dropout, self.dtype,
-                                     self.param_dtype, name)
+                                     self.param_dtype, name, self.attention_impl)
     mlp = lambda name: vit.MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype,
                                     name=name)
     drop = lambda y: nn.Dropout(rate=self.dropout)(y, deterministic)
@@ -96,6 +98,7 @@ class Fusion(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
+  attention_impl: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -113,7 +116,8 @@ class Fusion(nn.Module):
         FusionBlock, self.depth, (t, v), text_mask, has_image, not train,
         remat=self.remat, remat_policy=self.remat_policy, scan_layers=self.scan_layers,
         num_heads=self.num_heads, mlp_dim=int(round(self.width * self.mlp_ratio)),
-        dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+        dropout=self.dropout, attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype)
     t = vit.layer_norm("text_norm", self.dtype, self.param_dtype)(t)
     v = vit.layer_norm("image_norm", self.dtype, self.param_dtype)(v)
     text_pooled = text_lib.masked_mean(t, text_mask)  # [B, W] f32

@@ -35,7 +35,8 @@ def get_config(variant: str = "mu", *, vocab_size: int = 32_000, max_len: int = 
       vocab_size=vocab_size, width=d["width"], depth=d["depth"], num_heads=d["num_heads"],
       mlp_ratio=d["mlp_ratio"], max_len=max_len,
       pool="mean",           # "mean" over non-pad tokens | "first" token
-      dropout=0.0, remat=False, remat_policy="nothing_saveable", scan_layers=False))
+      dropout=0.0, remat=False, remat_policy="nothing_saveable", scan_layers=False,
+      attention_impl="flax"))  # see vit.attention
   cfg.update(overrides)
   return cfg
 
@@ -53,6 +54,7 @@ class TextEncoder(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
+  attention_impl: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -86,8 +88,8 @@ class TextEncoder(nn.Module):
     x = vit.Encoder(depth=self.depth, num_heads=self.num_heads,
                     mlp_dim=int(round(self.width * self.mlp_ratio)), dropout=self.dropout,
                     remat=self.remat, remat_policy=self.remat_policy,
-                    scan_layers=self.scan_layers, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="Encoder_0")(x, attn_mask, not train)
+                    scan_layers=self.scan_layers, attention_impl=self.attention_impl,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="Encoder_0")(x, attn_mask, not train)
     if self.pool == "mean":
       pooled = masked_mean(x, mask)
     else:

@@ -14,6 +14,7 @@ Activations are constrained as (`batch`, `length`, `embed` | `mlp`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -66,6 +67,7 @@ def get_config(variant: str = "mu/16", **overrides) -> ml_collections.ConfigDict
       remat=False,           # nn.remat each block (recompute activations in backward)
       remat_policy="nothing_saveable",
       scan_layers=False,     # nn.scan over blocks: params stacked on a leading `layers` axis
+      attention_impl="flax",  # "flax" | "xla" | "cudnn" (fused flash attention on NVIDIA GPUs)
   ))
   cfg.update(overrides)
   return cfg
@@ -107,17 +109,45 @@ def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
       bias_init=logical(nn.initializers.zeros, ("embed",)))
 
 
+ATTENTION_IMPLS = ("flax", "xla", "cudnn")
+
+
+def _jax_attention(query, key, value, bias=None, mask=None, dropout_rate=0.0, deterministic=True,
+                   *, implementation: str):
+  """`jax.nn.dot_product_attention` behind flax's `attention_fn` interface ([B, L, heads, kv] layout).
+
+  "cudnn" is cuDNN's fused (flash) attention on NVIDIA GPUs: the [B, heads, L, L] logits are never
+  written to memory. It has no attention dropout and raises on unsupported shapes or devices.
+  """
+  if dropout_rate > 0.0 and not deterministic:
+    raise ValueError(f"attention_impl={implementation!r} has no attention dropout; set dropout=0 or "
+                     "attention_impl='flax'")
+  if mask is not None and implementation == "cudnn":
+    # cuDNN takes the mask as a bias of full [B, 1|heads, T, S] shape, not a broadcast [B, 1, 1, S].
+    b, t, _, _ = query.shape
+    mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, key.shape[1]))
+  return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
+                                      implementation=implementation)
+
+
 def attention(num_heads: int, dropout: float, dtype: Dtype, param_dtype: Dtype,
-              name: str) -> nn.MultiHeadDotProductAttention:
-  """Returns multi-head attention with logically named q/k/v/out kernels."""
+              name: str, impl: str = "flax") -> nn.MultiHeadDotProductAttention:
+  """Returns multi-head attention with logically named q/k/v/out kernels.
+
+  `impl`: "flax" (flax's einsum + softmax), "xla" (`jax.nn.dot_product_attention` lowered by XLA) or
+  "cudnn" (its cuDNN flash-attention kernel, GPU only). All three compute the same function.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
   xavier = nn.initializers.xavier_uniform()
+  extra = {} if impl == "flax" else {"attention_fn": functools.partial(_jax_attention, implementation=impl)}
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads, dropout_rate=dropout, dtype=dtype, param_dtype=param_dtype,
       kernel_init=logical(xavier, ("embed", "heads", "kv")),
       out_kernel_init=logical(xavier, ("heads", "kv", "embed")),
       bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
       out_bias_init=logical(nn.initializers.zeros, ("embed",)),
-      name=name)
+      name=name, **extra)
 
 
 class MlpBlock(nn.Module):
@@ -149,6 +179,7 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
+  attention_impl: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -159,7 +190,8 @@ class Encoder1DBlock(nn.Module):
     x = nn.with_logical_constraint(x, act)
     y = layer_norm("LayerNorm_0", self.dtype, self.param_dtype)(x)
     y = attention(self.num_heads, self.dropout, self.dtype, self.param_dtype,
-                  "MultiHeadDotProductAttention_0")(y, y, mask=mask, deterministic=deterministic)
+                  "MultiHeadDotProductAttention_0", self.attention_impl)(
+                      y, y, mask=mask, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = nn.with_logical_constraint(x + y, act)
     y = layer_norm("LayerNorm_1", self.dtype, self.param_dtype)(x)
@@ -209,6 +241,7 @@ class Encoder(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
+  attention_impl: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -219,7 +252,7 @@ class Encoder(nn.Module):
         Encoder1DBlock, self.depth, x, mask, deterministic,
         remat=self.remat, remat_policy=self.remat_policy, scan_layers=self.scan_layers,
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
     return layer_norm("encoder_norm", self.dtype, self.param_dtype)(x)
 
 
@@ -229,6 +262,7 @@ class MAPHead(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "flax"
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -238,7 +272,7 @@ class MAPHead(nn.Module):
                        (1, 1, d), self.param_dtype)
     probe = jnp.tile(probe.astype(x.dtype), [n, 1, 1])
     x = attention(self.num_heads, 0.0, self.dtype, self.param_dtype,
-                  "MultiHeadDotProductAttention_0")(probe, x, mask=mask)
+                  "MultiHeadDotProductAttention_0", self.attention_impl)(probe, x, mask=mask)
     y = layer_norm("LayerNorm_0", self.dtype, self.param_dtype)(x)
     x = x + MlpBlock(self.mlp_dim, 0.0, self.dtype, self.param_dtype, name="MlpBlock_0")(y)
     return x[:, 0]
@@ -283,6 +317,7 @@ class ViT(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
+  attention_impl: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -325,13 +360,13 @@ class ViT(nn.Module):
     x = nn.Dropout(rate=self.dropout)(x, not train)
     x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                 dropout=self.dropout, remat=self.remat, remat_policy=self.remat_policy,
-                scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="Transformer")(x, None, not train)
+                scan_layers=self.scan_layers, attention_impl=self.attention_impl, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="Transformer")(x, None, not train)
     if self.pool_type == "tok":
       pooled, tokens = x[:, 0], x[:, 1:]
     elif self.pool_type == "map":
       pooled = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.param_dtype,
-                       name="MAPHead_0")(x)
+                       self.attention_impl, name="MAPHead_0")(x)
       tokens = x
     else:
       pooled, tokens = jnp.mean(x, axis=1), x
