@@ -174,12 +174,6 @@ def job_commands(args, *, name: str, config: str, workdir: str, overrides) -> li
   return [f"kubectl apply -f - <<'{HEREDOC}'\n{text}{HEREDOC}"]
 
 
-def submit_job(args, *, name: str, config: str, workdir: str, overrides) -> int:
-  """Returns the exit code of submitting one job."""
-  return common.run_commands(job_commands(args, name=name, config=config, workdir=workdir, overrides=overrides),
-                             dry_run=False)
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 
 

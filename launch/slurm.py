@@ -132,12 +132,6 @@ def job_commands(args, *, name: str, config: str, workdir: str, overrides) -> li
   return [f"sbatch <<'{HEREDOC}'\n{script}{HEREDOC}"]
 
 
-def submit_job(args, *, name: str, config: str, workdir: str, overrides) -> int:
-  """Returns sbatch's exit code for one job."""
-  return common.run_commands(job_commands(args, name=name, config=config, workdir=workdir, overrides=overrides),
-                             dry_run=False)
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 
 

@@ -585,7 +585,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       continue
     print(f"[{i}/{len(points)}] {p.name}: submitting", flush=True)
     t0 = time.time()
-    rc = module.submit_job(backend_args, name=p.name, config=args.config, workdir=wd, overrides=ov)
+    if hasattr(module, "submit_job"):  # backends whose submission is more than running its commands (tpu_pod)
+      rc = module.submit_job(backend_args, name=p.name, config=args.config, workdir=wd, overrides=ov)
+    else:
+      rc = common.run_commands(cmds, dry_run=False)
     results.append(Result(p.name, "ok" if rc == 0 else "FAILED", time.time() - t0, rc, None, "submit"))
   if results and args.submit and not args.dry_run:
     print(summary(results, args.workdir))

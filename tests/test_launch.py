@@ -7,6 +7,7 @@ are given locally, so the generated shell (quoting, env, coordinator) is really 
 import csv
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -281,6 +282,32 @@ def test_sweep_cluster_backends_emit_one_job_per_point(fake_repo, capsys):
     sweep.main(base + ["--workdir", "gs://bkt/sw", "--backend", "tpu"])
   with pytest.raises(common.LaunchError, match="local path"):
     sweep.main(base + ["--workdir", "/not/a/bucket", "--backend", "tpu", "--tpu", "mmr", "--zone", "z"])
+
+
+def test_sweep_submits_each_point_through_sbatch(fake_repo, tmp_path, monkeypatch, capsys):
+  """--submit runs each point's sbatch command (a stand-in records the scripts); a refused job is FAILED."""
+  bin_dir = tmp_path / "bin"
+  _write(bin_dir / "sbatch", """
+      #!/bin/bash
+      script=$(cat)
+      n=$(ls "$SBATCH_LOG" | wc -l)
+      printf '%s' "$script" > "$SBATCH_LOG/job$n.sh"
+      grep -q -- '--job-name=bad' <<< "$script" && { echo 'sbatch: error: refused' >&2; exit 1; }
+      echo "Submitted batch job $n"
+      """, executable=True)
+  log_dir = tmp_path / "sbatch_log"
+  log_dir.mkdir()
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv("SBATCH_LOG", str(log_dir))
+  argv = ["--config", "configs/fake.py:x", "--config.train.steps=5", "--workdir", "/shared/sw",
+          "--backend", "slurm", "--nodes", "2", "--submit"]
+  assert sweep.main(argv) == 1
+  out = capsys.readouterr().out
+  scripts = sorted(log_dir.iterdir())
+  assert len(scripts) == 5 and all(p.read_text().startswith("#!/bin/bash") for p in scripts)
+  assert "--workdir=/shared/sw/bad" in scripts[-1].read_text()
+  assert re.search(r"\n  bad +FAILED .*submit exit code 1", out)
+  assert len(re.findall(r"\n  variant=\S+ +ok ", out)) == 4
 
 
 # ------------------------------------------------------------------------------------------ TPU pods
