@@ -51,6 +51,11 @@ def test_normalize_query_and_grades():
 
 def test_count_words():
   assert C.count_words("a b", "", "c: d; e: f") == 6
+  # Unspaced scripts count a word per character; spaced ones (Hangul, Latin) count runs.
+  assert C.count_words("红色连衣裙 夏季") == 7
+  assert C.count_words("ワンピース 赤 cotton") == 7
+  assert C.count_words("빨간 원피스", "Kleid, rot!") == 4
+  assert C.count_words("  ", "") == 0
 
 
 # ------------------------------------------------------------------------------- bad input

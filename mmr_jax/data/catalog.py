@@ -163,9 +163,21 @@ def product_text(title: str, description: str = "",
   return " | ".join(p for p in parts if p)
 
 
+# Scripts written without spaces between words: each character counts as a word (Han ideographs, kana,
+# Thai, Lao, Khmer, Myanmar; Hangul is spaced). A CJK title of 8 characters is as informative as an
+# 8-word English one, not one word.
+_UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
+             "\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
+_WORD = re.compile(f"[{_UNSPACED}]|[^\\s{_UNSPACED}]+")
+
+
 def count_words(*texts: str) -> int:
-  """Returns the number of whitespace-separated words over all texts (sparsity bins)."""
-  return sum(len(t.split()) for t in texts if t)
+  """Returns the number of words over all texts (text-sparsity bins).
+
+  Words are whitespace-separated runs, except that each character of a script written without spaces
+  (Chinese, Japanese, Thai, ...) counts as one word.
+  """
+  return sum(len(_WORD.findall(t)) for t in texts if t)
 
 
 def normalize_query(text: str) -> str:
