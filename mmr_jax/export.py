@@ -444,16 +444,18 @@ def unflatten_params(variables: Mapping[str, Any], layout_json) -> dict[str, np.
   return out
 
 
-def _nonempty(fn, *inputs):
+def _at_least_one_row(fn, *inputs):
   """Returns fn(*inputs)[:B] (each output), running fn on at least one row (zeros when B == 0).
 
   jax2tf's shape polymorphism assumes dimensions >= 1, so an empty batch would fail the module's shape
-  check; padding one row is cheaper per request than a tf.cond around the model.
+  check. Called inside the jit-compiled function, where XLA compiles each batch size with static shapes,
+  the padding and slicing are part of the XLA program: a request runs no extra TF ops for them (a TF-side
+  pad and slice were a dozen small ops per request, each a scheduling step of TF's executor).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n = tf.shape(inputs[0])[0]
   rows = tf.maximum(n, 1)
-  padded = [tf.concat([x, tf.zeros(tf.concat([[1], tf.shape(x)[1:]], 0), x.dtype)], 0)[:rows] for x in inputs]
+  padded = [tf.pad(x, [[0, 1]] + [[0, 0]] * (x.shape.rank - 1))[:rows] for x in inputs]
   return tf.nest.map_structure(lambda y: y[:n], fn(*padded))
 
 
@@ -478,11 +480,13 @@ def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
     @tf.function(jit_compile=True, autograph=False)
     def _model(self, tokens):
       # One XLA cluster per input shape (variables read inside it): measured 0.1-0.25 ms less per call
-      # on CPU than the bare XlaCallModule op fed by ReadVariableOps.
-      return conv.fn(self.params, tokens)
+      # on CPU than the bare XlaCallModule op fed by ReadVariableOps (XLA's on-demand path).
+      emb = _at_least_one_row(lambda t: conv.fn(self.params, t), tokens)
+      emb.set_shape([None, dim])  # static only: no EnsureShape op per request
+      return emb
 
     def embed_ids(self, tokens):
-      return tf.ensure_shape(_nonempty(self._model, tokens), [None, dim])
+      return self._model(tokens)
 
     def embed(self, queries):
       return self.embed_ids(self.tokenizer(tf_sanitize_utf8(queries)))
@@ -545,10 +549,13 @@ def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
 
     @tf.function(jit_compile=True, autograph=False)
     def _model(self, tokens, pixels, has_image):
-      return conv.fn(self.params, tokens, pixels, has_image)  # jit_compile: see QueryTower._model
+      # jit_compile: see QueryTower._model.
+      emb = _at_least_one_row(lambda *x: conv.fn(self.params, *x), tokens, pixels, has_image)
+      emb.set_shape([None, dim])
+      return emb
 
     def _embed(self, tokens, pixels, has_image):
-      return tf.ensure_shape(_nonempty(self._model, tokens, pixels, has_image), [None, dim])
+      return self._model(tokens, pixels, has_image)
 
     @tf.function(input_signature=raw_sig, autograph=False)
     def serve(self, title, description, attributes, image):
@@ -609,11 +616,12 @@ def scann_tensors(index_dir: str) -> list:
 def _sort_by_score_then_index(idx, scores):
   """Returns (idx, scores) [B, K] sorted per row by descending score, then ascending index.
 
-  One sort: the float32 score maps to an int32 of the same order (flip the magnitude bits of negatives),
-  complemented for descending order, and is packed above the (non-negative, < 2**32) index.
+  One sort: the float32 score maps to an int32 of the same order (flip the magnitude bits of negatives;
+  -0.0 counts as 0.0, a tie as in numpy's sort), complemented for descending order, and is packed above
+  the (non-negative, < 2**32) index.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  bits = tf.bitcast(scores, tf.int32)
+  bits = tf.bitcast(tf.where(scores == 0.0, 0.0, scores), tf.int32)
   ordered = tf.bitwise.bitwise_xor(bits, tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 31), 0x7FFFFFFF))
   key = tf.cast(tf.bitwise.invert(ordered), tf.int64) * (1 << 32) + tf.maximum(idx, 0)
   order = tf.argsort(key, axis=1)
@@ -621,7 +629,12 @@ def _sort_by_score_then_index(idx, scores):
 
 
 def _make_serving(query_tower, index_dir: str, ids: Sequence[str], k: int):
-  """Returns a tf.Module: query strings -> top-k (ids, scores, indices), query tower + ScaNN in one graph."""
+  """Returns a tf.Module: query strings -> top-k (ids, scores, indices), query tower + ScaNN in one graph.
+
+  The graph is kept to the few ops a request needs (tokeniser, one XLA cluster, ScaNN, a handful of
+  small ops): at batch 1 on CPU, TF's per-op scheduling and thread handoffs cost about as much as the
+  work itself (see the module doc's latency notes).
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import scann  # pylint: disable=g-import-not-at-top,unused-import
   from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
@@ -641,6 +654,13 @@ def _make_serving(query_tower, index_dir: str, ids: Sequence[str], k: int):
   # The searcher is a resource shared by name within a process: a per-export name keeps two exported
   # models (or a model and its re-export) loaded side by side apart.
   shared_name = f"mmr-scann-{uuid.uuid4().hex}"
+  tensors = scann_tensors(index_dir)
+  # Tensors of at most 1 KiB (the config, and the scalars that stand for assets the index does not use)
+  # enter the graph as constants, so the serving function captures only the searcher's data variables:
+  # each captured variable costs ~3 us per call from Python. ScannState still holds all nine
+  # (scann_ops.searcher_from_module works on it).
+  nbytes = lambda t: sum(map(len, t.reshape(-1))) if t.dtype == object else t.nbytes  # pylint: disable=unnecessary-lambda-assignment
+  small = {name: t for (name, _), t in zip(_SCANN_ASSETS, tensors) if nbytes(t) <= 1024}
 
   class Serving(tf.Module):
     """Query strings -> top-k products: the query tower, then ScaNN's TF searcher."""
@@ -648,39 +668,39 @@ def _make_serving(query_tower, index_dir: str, ids: Sequence[str], k: int):
     def __init__(self):
       super().__init__(name="serving")
       self.query_tower = query_tower
-      self.scann = scann_ops.ScannState(scann_tensors(index_dir))
+      self.scann = scann_ops.ScannState(tensors)
       # One extra "" entry: index n stands for "no product" (padding) in a single gather.
       self.product_ids = tf.Variable(np.asarray(list(ids) + [""], dtype=object), dtype=tf.string,
                                      trainable=False)
       self.k = k
 
     def _search(self, emb):
-      s = self.scann
       handle = scann_ops.tensors_to_scann(
-          s.dataset, s.scann_config, s.serialized_partitioner, s.datapoint_to_token, s.ah_codebook,
-          s.hashed_dataset, s.int8_dataset, s.int8_multipliers, s.dp_norms, shared_name=shared_name)
-      idx, scores = scann_ops.scann_search_batched(handle, emb, k_eff, pre, leaves, tf.shape(emb)[0] > 16)
-      idx = tf.cast(idx, tf.int64)
-      scores = tf.where(idx >= 0, scores, -np.inf)
-      scores = tf.where(scores == 0.0, 0.0, scores)  # -0.0 and 0.0 tie, as in numpy's sort
-      # ScaNN returns rows by descending score; only rows with ties (or anything out of order) are
-      # re-sorted to put the lower index first, as ScannIndex._finish does.
-      out_of_order = (scores[:, 1:] > scores[:, :-1]) | ((scores[:, 1:] == scores[:, :-1]) &
-                                                         (idx[:, 1:] < idx[:, :-1]))
-      return tf.cond(tf.reduce_any(out_of_order), lambda: _sort_by_score_then_index(idx, scores),
-                     lambda: (idx, scores))
+          *(tf.constant(small[name]) if name in small else getattr(self.scann, name) for name in (
+              "dataset", "scann_config", "serialized_partitioner", "datapoint_to_token", "ah_codebook",
+              "hashed_dataset", "int8_dataset", "int8_multipliers", "dp_norms")), shared_name=shared_name)
+      # The batched-parallel search, as ScannIndex.search runs it; unlike the sequential op it also takes
+      # an empty batch (giving [0, 0], hence the reshapes), so no TF-side padding is needed around it.
+      idx, scores = scann_ops.scann_search_batched(handle, emb, k_eff, pre, leaves, True)
+      b = tf.shape(emb)[0]
+      idx = tf.reshape(tf.cast(idx, tf.int64), [b, k_eff])
+      scores = tf.where(idx >= 0, tf.reshape(scores, [b, k_eff]), -np.inf)
+      # ScaNN returns rows by descending score; as in ScannIndex._finish, only a batch with a tie (or
+      # anything out of order) is re-sorted to put the lower index first.
+      tied = tf.reduce_any(scores[:, 1:] >= scores[:, :-1])
+      return tf.cond(tied, lambda: _sort_by_score_then_index(idx, scores), lambda: (idx, scores))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="queries")], autograph=False)
     def serve(self, queries):
-      emb = self.query_tower.embed(queries)
-      idx, scores = _nonempty(self._search, emb)
+      idx, scores = self._search(self.query_tower.embed(queries))
       if pad:  # fewer products than k: known when exporting
         b = tf.shape(idx)[0]
         idx = tf.concat([idx, tf.fill([b, pad], tf.constant(-1, tf.int64))], axis=1)
         scores = tf.concat([scores, tf.fill([b, pad], tf.constant(-np.inf, tf.float32))], axis=1)
-      ids_out = tf.gather(self.product_ids, tf.where(idx >= 0, idx, n))
-      return {"ids": tf.ensure_shape(ids_out, [None, k]), "scores": tf.ensure_shape(scores, [None, k]),
-              "indices": tf.ensure_shape(idx, [None, k])}
+      out = {"ids": tf.gather(self.product_ids, tf.where(idx >= 0, idx, n)), "scores": scores, "indices": idx}
+      for t in out.values():
+        t.set_shape([None, k])  # static only: no EnsureShape op per request
+      return out
 
   return Serving()
 
