@@ -7,15 +7,17 @@ Both sides answer a batch of raw query strings with the top-K product indexes, i
               device-resident parameters) -> `ScannIndex.search` on the exported index -> id lookup
 Also reported: `jax_trained_model_ms`, the same with `TrainedModel.embed_queries` (the sharded
 host->global path evaluation uses) instead of the bare jit, and `savedmodel_graph_ms`, the SavedModel run
-by TF's graph runtime (`tf.compat.v1.Session.run` of the signature, in a child process), which is what
-TensorFlow Serving's C++ server does per request without Python's eager call overhead (timed on its own,
-not interleaved).
+by TF's graph runtime (`tf.compat.v1.Session.run` of the signature), which is what TensorFlow Serving's
+C++ server does per request without Python's eager call overhead. Graph mode is process-global, so that
+runs in a child process, alternating with the same JAX pipeline timed there (`jax_graph_run_ms`):
+`ratio_graph` compares two medians from the same rounds, like `ratio`.
 
-The two are timed alternately, one call each per round, so load from other processes hits both alike;
-the medians over `--repeats` rounds are reported. Prints one JSON object (and writes it to --json_out):
+Each set is timed alternately, one call each per round in a shuffled order, so load from other processes
+(and whatever the previous call left running) hits all alike; the medians over `--repeats` rounds are
+reported. Prints one JSON object (and writes it to --json_out):
 
   {"batch_sizes": {"1": {"savedmodel_ms", "jax_ms", "ratio", "jax_trained_model_ms", "ratio_vs_trained_model",
-                         "savedmodel_graph_ms", "ratio_graph", "same_top_k"}, "64": {...}},
+                         "savedmodel_graph_ms", "jax_graph_run_ms", "ratio_graph", "same_top_k"}, "64": {...}},
    "num_products", "k", "device", "cpu_count", ...}
 
 ratio = savedmodel_ms / jax_ms (below 1: the SavedModel is faster).
@@ -56,41 +58,74 @@ def _queries(data_dir: str, n: int) -> list[str]:
   return [texts[i % len(texts)] for i in range(n)]
 
 
-def _graph_worker(serving_dir: str, batch_sizes: list[int], queries: list[str], repeats: int,
-                  warmup: int) -> dict:
-  """Returns {batch size: median ms} of Session.run on the serving signature (TF graph mode)."""
+def _jax_pipeline(workdir: str, out: str, data_dir: str, k: int):
+  """Returns (fn(queries) -> (indices, scores, ids) with the bare jitted tower, the TrainedModel, the index).
+
+  The JAX side of the comparison: numpy SentencePiece, the jitted query tower on device-resident
+  parameters, `ScannIndex.search` on the exported index, then the same id lookup the SavedModel does.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
+  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  tm = inference.load_trained(workdir, data_dir)
+  tok = pipeline.load_tokenizer(data_dir)
+  q_len = int(tm.config.data.query_len)
+  index = index_lib.ScannIndex.load(os.path.join(out, "embeddings", "index"))
+  with open(os.path.join(out, "embeddings", "ids.txt"), encoding="utf-8") as f:
+    ids = np.asarray(f.read().split("\n")[:-1], dtype=object)
+  model = tm.model
+  bare = jax.jit(lambda params, t: model.apply({"params": params}, t, train=False, method="embed_query")["emb"])
+
+  def run(queries, embed=lambda t: np.asarray(bare(tm.params, t))):
+    emb = embed(tok.encode(queries, q_len))
+    idx, scores = index.search(emb, k)
+    return idx, scores, np.where(idx >= 0, ids[np.maximum(idx, 0)], "")
+
+  return run, tm, index
+
+
+def _graph_worker(workdir: str, out: str, data_dir: str, k: int, batch_sizes: list[int], queries: list[str],
+                  repeats: int, warmup: int) -> dict:
+  """Returns {batch size: (Session.run median ms, JAX median ms)}, the two timed alternately (graph mode)."""
   import scann  # pylint: disable=g-import-not-at-top,unused-import
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import
   tf.compat.v1.disable_eager_execution()
-  out = {}
+  run_jax, _, _ = _jax_pipeline(workdir, out, data_dir, k)
+  res = {}
   with tf.compat.v1.Session() as sess:
-    meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], serving_dir)
+    meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], os.path.join(out, "serving"))
     sig = meta.signature_def["serving_default"]
-    fetches = [sig.outputs[k].name for k in ("ids", "scores", "indices")]
+    fetches = [sig.outputs[name].name for name in ("ids", "scores", "indices")]
     for b in batch_sizes:
-      feed = {sig.inputs["queries"].name: np.asarray([queries[i % len(queries)] for i in range(b)], object)}
+      batch = [queries[i % len(queries)] for i in range(b)]
+      feed = {sig.inputs["queries"].name: np.asarray(batch, object)}
+      fns = (lambda: sess.run(fetches, feed), lambda: run_jax(batch))
       for _ in range(warmup):
-        sess.run(fetches, feed)
-      times = []
+        for fn in fns:
+          fn()
+      times = ([], [])
+      rng = np.random.default_rng(0)
       for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(fetches, feed)
-        times.append(time.perf_counter() - t0)
-      out[str(b)] = 1000 * float(np.median(times))
-  return out
+        for i in rng.permutation(2):  # a fresh order each round, as in main()
+          t0 = time.perf_counter()
+          fns[i]()
+          times[i].append(time.perf_counter() - t0)
+      res[str(b)] = [1000 * float(np.median(t)) for t in times]
+  return res
 
 
-def _graph_mode_ms(serving_dir: str, batch_sizes: list[int], queries: list[str], repeats: int,
-                   warmup: int) -> dict:
+def _graph_mode_ms(workdir: str, out: str, data_dir: str, k: int, batch_sizes: list[int], queries: list[str],
+                   repeats: int, warmup: int) -> dict:
   """Returns _graph_worker's result, run in a child process (graph mode is process-global)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     spec = os.path.join(tmp, "spec.json")
     with open(spec, "w") as f:
-      json.dump({"serving_dir": serving_dir, "batch_sizes": batch_sizes, "queries": queries,
-                 "repeats": repeats, "warmup": warmup}, f)
+      json.dump({"workdir": workdir, "out": out, "data_dir": data_dir, "k": k, "batch_sizes": batch_sizes,
+                 "queries": queries, "repeats": repeats, "warmup": warmup}, f)
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--graph_worker", spec],
                        capture_output=True, text=True, check=False)
   if r.returncode != 0:
@@ -118,9 +153,7 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
 
   import jax  # pylint: disable=g-import-not-at-top
-  from mmr_jax import export, inference  # pylint: disable=g-import-not-at-top
-  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
-  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mmr_jax import export  # pylint: disable=g-import-not-at-top
 
   if not os.path.isfile(os.path.join(args.out, "serving", "saved_model.pb")):
     _log(f"no export at {args.out}: exporting")
@@ -131,37 +164,22 @@ def main(argv=None) -> dict:
 
   _log("loading the serving SavedModel and the JAX model")
   serving = export.load_saved_model(os.path.join(args.out, "serving")).signatures["serving_default"]
-  tm = inference.load_trained(args.workdir, data_dir)
-  tok = pipeline.load_tokenizer(data_dir)
-  q_len = int(tm.config.data.query_len)
-  index = index_lib.ScannIndex.load(os.path.join(args.out, "embeddings", "index"))
-  with open(os.path.join(args.out, "embeddings", "ids.txt"), encoding="utf-8") as f:
-    ids = np.asarray(f.read().split("\n")[:-1], dtype=object)
-  model = tm.model
-  bare = jax.jit(lambda params, t: model.apply({"params": params}, t, train=False, method="embed_query")["emb"])
+  jax_bare, tm, index = _jax_pipeline(args.workdir, args.out, data_dir, k)
   trained_fn = tm.embed_queries
 
   def run_savedmodel(queries):
     out = serving(queries=np.asarray(queries, dtype=object))
     return out["indices"].numpy(), out["scores"].numpy(), out["ids"].numpy()
 
-  def run_jax(queries, embed):
-    emb = embed(tok.encode(queries, q_len))
-    idx, scores = index.search(emb, k)
-    return idx, scores, np.where(idx >= 0, ids[np.maximum(idx, 0)], "")
-
-  def jax_bare(queries):
-    return run_jax(queries, lambda t: np.asarray(bare(tm.params, t)))
-
   def jax_trained(queries):
-    return run_jax(queries, lambda t: trained_fn({"query_tokens": t}))
+    return jax_bare(queries, lambda t: trained_fn({"query_tokens": t}))
 
   results = {}
   batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
   graph_ms = {}
   if not args.no_graph_mode:
-    _log("timing the SavedModel in TF graph mode (child process)")
-    graph_ms = _graph_mode_ms(os.path.join(os.path.abspath(args.out), "serving"), batch_sizes,
+    _log("timing the SavedModel in TF graph mode, alternating with JAX (child process)")
+    graph_ms = _graph_mode_ms(os.path.abspath(args.workdir), os.path.abspath(args.out), data_dir, k, batch_sizes,
                               _queries(data_dir, max(batch_sizes)), args.repeats, args.warmup)
   for b in batch_sizes:
     queries = _queries(data_dir, b)
@@ -170,10 +188,13 @@ def main(argv=None) -> dict:
       for fn in fns.values():
         fn(queries)
     times = {name: [] for name in fns}
+    rng = np.random.default_rng(0)
     for _ in range(args.repeats):
-      for name, fn in fns.items():
+      # A fresh order each round: a call pays for what the one before it left behind (thread-pool threads
+      # still spinning, caches), and a fixed order would bill one side for the other's.
+      for name in rng.permutation(list(fns)):
         t0 = time.perf_counter()
-        fn(queries)
+        fns[name](queries)
         times[name].append(time.perf_counter() - t0)
     med = {name: 1000 * float(np.median(t)) for name, t in times.items()}
     sm, jx = run_savedmodel(queries), jax_bare(queries)
@@ -185,7 +206,8 @@ def main(argv=None) -> dict:
         "same_top_k": float(np.mean([set(a) == set(c) for a, c in zip(sm[0], jx[0])])),
     }
     if str(b) in graph_ms:
-      results[str(b)].update(savedmodel_graph_ms=graph_ms[str(b)], ratio_graph=graph_ms[str(b)] / med["jax"])
+      g, j = graph_ms[str(b)]
+      results[str(b)].update(savedmodel_graph_ms=g, jax_graph_run_ms=j, ratio_graph=g / j)
     _log(f"batch {b}: {json.dumps(results[str(b)])}")
 
   report = {
