@@ -375,7 +375,7 @@ def load_image(src_dir: pathlib.Path, rel: str, max_side: int,
   except _Skip as e:
     return b"", e.reason, e.detail
   if not path.is_file():
-    return b"", IMAGE_MISSING, f"{rel}: file not found"
+    return b"", IMAGE_MISSING, f"{rel}: {'is a directory' if path.is_dir() else 'file not found'}"
   try:
     with Image.open(path) as img:
       # draft() lets the JPEG decoder downscale by 1/2..1/8 while decoding: big photos cost far less.
@@ -626,17 +626,20 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
   num_qrels = 0
   num_products = len(product_lines)
   seen_pairs: set[int] = set()  # query ordinal * num_products + product index
+  num_label_lines = 0  # Non-header lines, usable or not.
   first = True
   for lineno, line in bar(_iter_lines(src / QRELS_FILE, skips), f"scan {QRELS_FILE}"):
     fields = [f.strip() for f in line.split("\t")]
     was_first, first = first, False
     if len(fields) != 3:
+      num_label_lines += 1
       skips.add(MALFORMED_QREL, f"{QRELS_FILE}:{lineno}: expected 3 tab-separated fields, got {len(fields)}")
       continue
     qid, pid, grade_text = fields
     grade = parse_grade(grade_text)
     if was_first and grade is None and qid not in query_slot:
       continue  # Header line.
+    num_label_lines += 1
     if grade is None:
       skips.add(INVALID_GRADE, f"{QRELS_FILE}:{lineno}: grade {grade_text!r} is not one of E, S, C, I")
       continue
@@ -649,12 +652,21 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
     p = product_index[pid]
     split, row, ordinal = query_slot[qid]
     if ordinal * num_products + p in seen_pairs:
-      skips.add(DUPLICATE_QREL, f"{QRELS_FILE}:{lineno}: ({qid}, {pid}) already labelled")
+      kept = next(g for q, g in rows[split][row].labels if q == p)
+      skips.add(DUPLICATE_QREL, f"{QRELS_FILE}:{lineno}: ({qid}, {pid}) already labelled {kept}"
+                + ("" if grade == kept else f"; this line's {grade} is ignored"))
       continue
     seen_pairs.add(ordinal * num_products + p)
     rows[split][row].labels.append((p, grade))
     num_qrels += 1
   del seen_pairs
+  if num_label_lines and not num_qrels:
+    # Every label rejected is a format problem (spaces for tabs, ids from another export), not bad lines.
+    qrel_reasons = (MALFORMED_QREL, INVALID_GRADE, UNKNOWN_QUERY, UNKNOWN_PRODUCT, DUPLICATE_QREL)
+    counts = {r: n for r, n in skips.counts().items() if r in qrel_reasons}
+    raise CatalogError(f"{src / QRELS_FILE}: none of its {num_label_lines} lines is a usable label "
+                       f"(skipped: {counts}); each line must be query_id<TAB>product_id<TAB>E|S|C|I with ids "
+                       f"from {QUERIES_FILE} and {PRODUCTS_FILE}")
 
   # Novel products: a seeded draw among products that are an exact match for some test query.
   heldout = np.zeros([num_products], bool)

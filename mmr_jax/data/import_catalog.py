@@ -40,7 +40,9 @@ import os
 import pathlib
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import uuid
 from typing import Any, Iterator, Sequence
 
@@ -126,6 +128,30 @@ def _tfds_progress(enable: bool) -> Iterator[None]:
     tfds.display_progress_bar(previous)
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+  """Turns SIGTERM into SystemExit for the duration, so `kill` cleans up like Ctrl-C does.
+
+  Python's default SIGTERM action ends the process at once, without running `finally` blocks, and
+  would leave the half-written temporary folder beside DATA_DIR. Only installed from the main thread
+  and only over the default action (a program with its own SIGTERM handler keeps it).
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+    yield
+    return
+
+  def handler(signum, frame):
+    del frame
+    raise SystemExit(128 + signum)
+
+  signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _remove_empty_tree(path: pathlib.Path) -> None:
   """Removes path if it holds directories only (no files)."""
   if path.is_dir() and not any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
@@ -169,8 +195,6 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     CatalogError: the folder cannot be imported (missing file, unknown split, no products, ...),
       or out_dir exists and may not be replaced.
   """
-  from mmr_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-
   src = catalog.check_folder(src_dir)
   out = pathlib.Path(out_dir).expanduser().absolute()
   if image_max_side < 16:
@@ -191,6 +215,20 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     pair_grades = [g for g in pair_grades.replace(",", " ").split() if g]
   _check_out_dir(out, src, overwrite)
   out.parent.mkdir(parents=True, exist_ok=True)
+  with _sigterm_raises():
+    return _import_into(src, out, novel_product_fraction=novel_product_fraction, seed=seed,
+                        image_max_side=image_max_side, vocab_size=vocab_size, pair_grades=pair_grades,
+                        overwrite=overwrite, jpeg_quality=jpeg_quality, name=name, progress=progress,
+                        verbose=verbose, beam_runner=beam_runner, beam_options=beam_options)
+
+
+def _import_into(src: pathlib.Path, out: pathlib.Path, *, novel_product_fraction: float, seed: int,
+                 image_max_side: int, vocab_size: int, pair_grades: Sequence[str], overwrite: bool,
+                 jpeg_quality: int, name: str | None, progress: bool, verbose: bool, beam_runner: Any,
+                 beam_options: Sequence[str] | None) -> dict[str, Any]:
+  """Returns the import summary after writing a temporary folder and moving it to `out` (see import_catalog)."""
+  from mmr_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
   tmp = out.parent / f".{out.name}.importing-{uuid.uuid4().hex[:8]}"
   tmp.mkdir()
   try:
@@ -206,8 +244,18 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
       for q in plan.queries["train"]:
         corpus.write(q.text.replace("\n", " ") + "\n")
 
-    model_path = tokenizer_lib.train_tokenizer(_read_corpus(corpus_path), str(tmp / "tokenizer"),
-                                               vocab_size=vocab_size, seed=seed)
+    try:
+      model_path = tokenizer_lib.train_tokenizer(_read_corpus(corpus_path), str(tmp / "tokenizer"),
+                                                 vocab_size=vocab_size, seed=seed)
+    except tokenizer_lib.VocabTooSmallError as e:
+      # The catalogue's characters alone (CJK scripts have thousands) do not fit the requested size:
+      # grow it, with room for some words, rather than fail; catalog_info.json records both sizes.
+      grown = e.required + max(64, e.required // 8)
+      if verbose:
+        print(f"Tokenizer: the catalogue's characters need {e.required} pieces; vocab_size {vocab_size} "
+              f"raised to {grown}", flush=True)
+      model_path = tokenizer_lib.train_tokenizer(_read_corpus(corpus_path), str(tmp / "tokenizer"),
+                                                 vocab_size=grown, seed=seed)
     corpus_path.unlink()
     if pathlib.Path(model_path) != tmp / tfds_builder.TOKENIZER_FILE:
       os.replace(model_path, tmp / tfds_builder.TOKENIZER_FILE)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -29,6 +30,23 @@ EOS_ID = 3
 # bytes; the encoders only ever read the first `max_len` tokens of a text, so
 # feeding the head of each long description loses nothing that matters.
 _MAX_SENTENCE_BYTES = 8192
+
+
+class VocabTooSmallError(ValueError):
+  """The catalogue uses more distinct characters than `vocab_size` leaves room for.
+
+  `required` is the smallest vocabulary SentencePiece accepts (every character kept by
+  `character_coverage`, plus the special and byte pieces).
+  """
+
+  def __init__(self, vocab_size: int, required: int):
+    super().__init__(f"vocab_size={vocab_size} is smaller than the {required} pieces the text's "
+                     f"characters need alone; use vocab_size >= {required} (more leaves room for words)")
+    self.vocab_size = vocab_size
+    self.required = required
+
+
+_REQUIRED_CHARS = re.compile(r"smaller than required_chars\. (\d+) vs (\d+)")
 
 
 def _clip_utf8(text: str, max_bytes: int) -> str:
@@ -74,6 +92,10 @@ def train_tokenizer(
     input_sentence_size: cap on training sentences kept in memory.
     num_threads: 1 keeps training bit-reproducible; more is faster on big
       catalogues.
+
+  Raises:
+    VocabTooSmallError: the texts' characters alone need more than vocab_size
+      pieces (its `required` says how many).
   """
   if vocab_size < 300:
     # 4 specials + 256 byte pieces are always present with byte_fallback.
@@ -102,9 +124,14 @@ def train_tokenizer(
   spm.set_random_generator_seed(int(seed))
   try:
     _train(feed(), out_prefix, vocab_size, input_sentence_size, num_threads)
-  except RuntimeError:
+  except RuntimeError as e:
     if errors:
       raise errors[0] from None
+    # A catalogue in a large script (thousands of distinct CJK characters) needs a vocabulary
+    # at least that big; hard_vocab_limit=False does not cover this case.
+    m = _REQUIRED_CHARS.search(str(e))
+    if m:
+      raise VocabTooSmallError(int(m.group(1)), int(m.group(2))) from None
     raise
   return f"{out_prefix}.model"
 
