@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -418,6 +419,39 @@ def _finish(ds: grain.MapDataset, per_host_batch: int, config: Any, *,
   return iter(it_ds)
 
 
+def _check_stage1_rows(data_dir: str, products: _Source, skip_no_image: bool,
+                       warn: bool = True) -> None:
+  """Raises ValueError if stage 1 would skip every product (it would wait forever for a batch).
+
+  Reads products in index order up to the first usable one: one row on any
+  ordinary catalogue, all of them only when none is usable. `warn`: log when
+  no product has an image (once per run, not per validation iterator).
+  """
+  if len(products) == 0:
+    return  # Reported by the caller as an empty table.
+  for i in range(len(products)):
+    row = products[i]
+    if bool(np.asarray(row["heldout"])):
+      continue
+    if skip_no_image and not bool(np.asarray(row["has_image"])):
+      continue
+    break
+  else:
+    why = ("held out for the novel-product split (import with a smaller "
+           "--novel_product_fraction)")
+    if skip_no_image:
+      why += " or have no image (config.data.stage1_skip_no_image=True)"
+    raise ValueError(f"{data_dir}: stage 1 has no product to train on: all "
+                     f"{len(products)} products are {why}")
+  info_path = os.path.join(data_dir, "catalog_info.json")
+  if warn and os.path.exists(info_path):
+    with open(info_path, encoding="utf-8") as f:
+      if json.load(f).get("num_with_image", 1) == 0:
+        # Every image-text pair is masked out of the loss: it stays 0 and the image tower does not move.
+        _log.warning("%s: no product has an image, so stage 1 (image <-> title) "
+                     "has nothing to learn", data_dir)
+
+
 def _mix_seed(seed: int) -> int:
   """Returns a uint32 hash of `seed`.
 
@@ -471,9 +505,11 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   products = open_source(data_dir, "products", "all")
   if stage == 1:
     num_rows = len(products)
-    example = _Stage1Example(
-        products, tok, lens, aug,
-        skip_no_image=bool(_cfg_get(config, "stage1_skip_no_image", False)))
+    skip_no_image = bool(_cfg_get(config, "stage1_skip_no_image", False))
+    _check_stage1_rows(data_dir, products, skip_no_image,
+                       warn=split == "train")
+    example = _Stage1Example(products, tok, lens, aug,
+                             skip_no_image=skip_no_image)
     table = "products/all"
   else:
     pairs = open_source(data_dir, "pairs", split)
