@@ -108,12 +108,15 @@ def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], pr
   "scann_recall_vs_exact" (recall@k of ScaNN's top k against exact top k).
   """
   n = product_emb.shape[0]
-  k = min(k, n)
   if index is None:
     index = index_lib.ScannIndex.build(product_emb, scann_params)
   thr = sparse_threshold(product_num_words, sparse_quantile)
   product_sparse = product_num_words <= thr
-  out = {"num_products": int(n), "k": int(k), "sparse_words_threshold": thr, "index": index.config(), "splits": {}}
+  # Rankings are k long whatever the catalogue size: past the last product they are padded with -1 (a
+  # miss), so on a catalogue of fewer than k products recall@k is over the whole catalogue (every
+  # judged query finds all its E products) and the keys are the same on every catalogue.
+  out = {"num_products": int(n), "k": int(min(k, n)), "sparse_words_threshold": thr, "index": index.config(),
+         "splits": {}}
   ks = tuple(x for x in (10, 50, 100) if x <= k) or (k,)
   for split, q in queries.items():
     if len(q["labels"]) == 0:
@@ -135,9 +138,9 @@ def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], pr
         "by_tag": metrics_lib.breakdown(per_q, tags),
         "by_tag_exact": metrics_lib.breakdown(per_q_exact, tags),
         "by_sparsity": metrics_lib.breakdown(per_q, bins),
-        "scann_recall_vs_exact": index_lib.recall_vs_exact(approx_idx, exact_idx, k),
+        "scann_recall_vs_exact": index_lib.recall_vs_exact(approx_idx, exact_idx, min(k, n)),
         "search_s": {"scann": t_scann, "exact": t_exact},
-        "recall_curve": _recall_curve(approx_idx, exact_idx, q["labels"], k),
+        "recall_curve": _recall_curve(approx_idx, exact_idx, q["labels"], min(k, n)),
     }
   return out
 
@@ -157,7 +160,10 @@ def markdown_report(results: dict, title: str = "Retrieval metrics") -> str:
   """Returns Markdown tables: one row per split (ScaNN and exact), then per tag and sparsity bin."""
   cols = ["recall@10", "recall@50", "recall@100", "ndcg@10", "mrr"]
   fmt = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
-  lines = [f"# {title}", "", f"{results['num_products']} products; metrics in %; ScaNN recall vs exact at k={results['k']}.",
+  n = results["num_products"]
+  small = [c for c in cols if c.startswith("recall@") and int(c.split("@")[1]) >= n]
+  note = f" Cutoffs at or past the catalogue size ({', '.join(small)}) rank every product." if small else ""
+  lines = [f"# {title}", "", f"{n} products; metrics in %; ScaNN recall vs exact at k={results['k']}.{note}",
            "", "| split | search | " + " | ".join(cols) + " | queries | ScaNN recall vs exact |",
            "|---|---|" + "---|" * (len(cols) + 2)]
   for split, r in results["splits"].items():
@@ -230,6 +236,11 @@ def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence
   data_dir = tm.config.data.dir
   dp = shd.data_parallel_size(tm.mesh)
   batch_size = max(dp, batch_size // dp * dp)
+  queries = {split: load_queries(data_dir, split) for split in splits}
+  queries = {split: q for split, q in queries.items() if q["num"]}
+  if not queries:
+    raise ValueError(f"{data_dir} has no queries in the split(s) {', '.join(splits)}: nothing to score "
+                     "(give queries.jsonl lines with \"split\": \"test\" and their qrels, then re-import)")
   num_words = product_num_words(data_dir)
   t0 = time.time()
   prod_emb, prod_idx = embed_table(
@@ -238,15 +249,10 @@ def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence
       total=len(num_words), desc="embed products")
   if not np.array_equal(prod_idx, np.arange(len(num_words))):
     raise RuntimeError(f"embedded {len(prod_idx)} products but the catalogue has {len(num_words)}")
-  queries = {}
-  for split in splits:
-    q = load_queries(data_dir, split)
-    if q["num"] == 0:
-      continue
-    q_emb, _ = embed_table(tm.embed_queries,
-                           pipeline.make_eval_iterator(data_dir, "queries", split, tm.config.data, batch_size),
-                           total=q["num"], desc=f"embed {split}")
-    queries[split] = dict(q, emb=q_emb)
+  for split, q in queries.items():
+    q["emb"], _ = embed_table(tm.embed_queries,
+                              pipeline.make_eval_iterator(data_dir, "queries", split, tm.config.data, batch_size),
+                              total=q["num"], desc=f"embed {split}")
   embed_s = time.time() - t0
   index = index_lib.ScannIndex.build(prod_emb, scann_params)
   results = evaluate_embeddings(prod_emb, queries, num_words, index=index)
