@@ -51,15 +51,21 @@ Measured parity (tests/test_export.py; `export_summary.json` records the numbers
 * cuda: the exported module's cuda lowering, run with jax.export on an H100, gives the CPU embeddings
   within 1.6e-4 (f32 matmuls in TF32 there, XLA's default; CPU-to-CPU parity is the 1e-5 above).
 
-Latency (tools/bench_export.py; 2 shared CPU cores, demo-size towers, 3000 products, k=100; median ms,
-two runs): serving SavedModel called from Python vs numpy tokenisation + jitted JAX tower +
-`ScannIndex.search`, and the SavedModel under TF's graph runtime (Session.run, what TF Serving's C++
-server does per request):
-  batch 1:  SavedModel 1.25 / JAX 0.69-0.74 -> ratio 1.69-1.80; graph runtime 0.87-0.92 -> 1.17-1.33
-  batch 64: SavedModel 7.8-8.3 / JAX 7.0-7.8 -> ratio 1.06-1.11; graph runtime 5.6-5.7 -> 0.73-0.80
-The model part dominates the gap: TF 2.20's bundled XLA runs these small CPU matmuls with more per-call
-and per-kernel overhead than jaxlib's (same StableHLO; ~0.45-0.6 ms vs ~0.27 ms at batch 1), plus
-~0.3 ms of Python eager-call overhead that a C++ server does not pay.
+Latency (tools/bench_export.py; 2 CPU cores shared with a training run, load 2-4; demo-size towers, 3000
+products, k=100; median ms of 200 rounds, three runs): the serving SavedModel called from Python vs numpy
+tokenisation + jitted JAX tower + `ScannIndex.search`; "graph" is the SavedModel under TF's graph runtime
+(Session.run, what TF Serving's C++ server does per request), alternated with the JAX pipeline:
+  batch 1:  SavedModel 1.31-1.43 / JAX 0.68-0.78 -> ratio 1.83-2.09; graph ratio 1.40-1.52 (cap: 1.5)
+  batch 64: SavedModel 8.2-8.6 / JAX 6.8-7.8 -> ratio 1.10-1.22; graph ratio 1.05-1.14
+At batch 1 the work itself (tokeniser ~0.04 ms, XLA query tower 0.25-0.45 ms, ScaNN ~0.05 ms, top-k
+post-processing ~0.05 ms) is under half the time. The rest is TF's call machinery: the Python eager call
+(~0.3 ms: signature binding, string tensor in, three tensors out) and thread handoffs under CPU contention
+(Python -> inter-op thread -> intra-op threads for XLA's parallel loops -> back), 4.5-6 context switches
+per request against JAX's 3.5; a signature that only returns its input costs 0.2-0.65 ms here, depending
+on load. The serving graph is therefore kept to the ops a request needs (76, was 128: see _make_serving),
+worth 4-12% of SavedModel time in same-process A/B runs. Caller-side settings help more but cannot be
+stored in a SavedModel: tf.config.threading inter- and intra-op parallelism 1 take another 13-24% off at
+batch 1 (ratio 1.3-1.6).
 
 Embeddings (OUT/embeddings/):
   embeddings.npy   float32 [N, D], row i = product index i (the DATA_DIR products table's row order),
