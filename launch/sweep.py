@@ -443,13 +443,13 @@ def collect(root: str, out_name: str = RESULTS) -> dict[str, str]:
   if rest and len(rest) <= 24:
     md += ["\n## Other metrics\n", markdown_table(rows, ["run", *rest])]
   paths = {"md": str(r / f"{out_name}.md"), "csv": str(r / f"{out_name}.csv")}
-  (r / f"{out_name}.md").write_text("\n".join(md))
+  (r / f"{out_name}.md").write_text("\n".join(md), encoding="utf-8")
   buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=["run", *ocols, *mcols], extrasaction="ignore")
   w.writeheader()
   for row in rows:
     w.writerow({k: row.get(k, "") for k in ["run", *ocols, *mcols]})
-  (r / f"{out_name}.csv").write_text(buf.getvalue())
+  (r / f"{out_name}.csv").write_text(buf.getvalue(), encoding="utf-8")
   png = plot(rows, head)
   if png is not None:
     (r / f"{out_name}.png").write_bytes(png)

@@ -194,7 +194,7 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   if gains:
     md += ["", "fusion_ft minus text_only (points): " + "; ".join(
         f"{g}: R@100 {v['recall@100']:+.1f}, NDCG@10 {v['ndcg@10']:+.1f}" for g, v in gains.items())]
-  (root / "ablation.md").write_text("\n".join(md) + "\n")
+  (root / "ablation.md").write_text("\n".join(md) + "\n", encoding="utf-8")
   (root / "ablation_margins.json").write_text(json.dumps({"fusion_ft_minus_text_only": gains, "timings_s": timings},
                                                          indent=2, default=float))
   plot_rows(out_rows, str(root / "ablation.png"))

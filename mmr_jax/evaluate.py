@@ -260,7 +260,8 @@ def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence
   if jax.process_index() == 0:
     out = epath.Path(workdir)
     (out / f"{out_name}.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / f"{out_name}.md").write_text(markdown_report(results, f"Retrieval metrics: {out.name}"))
+    (out / f"{out_name}.md").write_text(markdown_report(results, f"Retrieval metrics: {out.name}"),
+                                         encoding="utf-8")
     plot_recall(results, str(out / "recall_at_k.png"))
     if save_index:
       index.save(str(out / "index"))
