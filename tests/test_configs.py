@@ -3,9 +3,11 @@
 import importlib.util
 import pathlib
 
+import jax
 import pytest
 
 from mmr_jax import config as config_lib
+from mmr_jax.models import vit as vit_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -33,6 +35,10 @@ def test_config_family(path):
     if "variant=" in arg:
       assert cfg.model.variant == arg.split("variant=")[1].split(",")[0]
     assert set(cfg.optim.lr_mult) >= {"image_tower", "query_tower", "heads", "loss"}
+    for tower in ("vit", "text", "fusion"):  # names the models only check when they build the stack
+      t = cfg.model[tower]
+      assert t.attention_impl in vit_lib.ATTENTION_IMPLS, (tower, t.attention_impl)
+      assert hasattr(jax.checkpoint_policies, t.remat_policy), (tower, t.remat_policy)
   with pytest.raises(KeyError, match="not_a_key"):
     mod.get_config("not_a_key=1")
   if hasattr(mod, "get_sweep"):
