@@ -143,6 +143,59 @@ def _ring(axes, p):
   return [(i, (i + 1) % p) for i in range(p)]
 
 
+def _gathered_block(x, a, b, rows, mask, axes):
+  """Returns (cos [B, N], diag, neg) of this shard's rows against every column (one side all-gathered)."""
+  b_all = jax.lax.all_gather(b, axes, tiled=True)  # [N, D]
+  col_pidx = jax.lax.all_gather(x["pidx"], axes, tiled=True) if "pidx" in x else None
+  diag, neg = _block_neg(x, rows, jnp.arange(b_all.shape[0]), col_pidx, mask)
+  return a @ b_all.T, diag, neg
+
+
+def _ring_block(x, a, blk, rows, mask):
+  """Returns (cos [B, B], diag, neg) of this shard's rows against the ring block `blk` held now."""
+  nb = a.shape[0]
+  mask_cols = None if mask is None else jax.lax.dynamic_slice_in_dim(mask, blk["src"] * nb, nb, axis=1)
+  diag, neg = _block_neg(x, rows, blk["src"] * nb + jnp.arange(nb), blk.get("pidx"), mask_cols)
+  return a @ blk["b"].T, diag, neg  # the only logits alive at a time
+
+
+def _ring_scan(visit, row0, acc0, x, b, *, axes, p):
+  """Passes every shard's block once around the ring; returns (row stats, this shard's column stats).
+
+  `visit(row, blk) -> (row, acc)` folds the block held now into the rows' running stats (`row0`) and
+  the block's travelling column accumulator `blk["acc"]` (`acc0`); both must be marked varying.
+  """
+  perm = _ring(axes, p)
+  # Rematerialise each visit in the backward pass: otherwise scan keeps every [B, B] block.
+  visit = jax.checkpoint(visit)
+
+  def step(carry, _):
+    row, blk = carry
+    row, acc = visit(row, blk)
+    return (row, jax.lax.ppermute(dict(blk, acc=acc), axes, perm)), None
+
+  blk0 = dict(b=b, acc=acc0, src=jax.lax.axis_index(axes))
+  if "pidx" in x:
+    blk0["pidx"] = x["pidx"]
+  (row, blk), _ = jax.lax.scan(step, (row0, blk0), None, length=p - 1)
+  row, acc = visit(row, blk)
+  # The last block seen belongs to the next device: send only its (now complete) column stats home.
+  return row, jax.lax.ppermute(acc, axes, perm)
+
+
+def _shared_metrics(x, axes, p, cos_diag, diag_logit, row_neg_max, col_neg_max, neg_sim, neg_cnt):
+  """Returns (sum of pair weights over the mesh, the metrics both losses report)."""
+  w = x["w"]
+  wsum = jnp.maximum(jax.lax.psum(jnp.sum(w), axes), 1e-12)
+  valid = (w > 0).astype(jnp.float32)
+  nvalid = jnp.maximum(jax.lax.psum(jnp.sum(valid), axes), 1.0)
+  return wsum, dict(
+      acc_a2b=jax.lax.psum(jnp.sum((diag_logit > row_neg_max) * valid), axes) / nvalid,
+      acc_b2a=jax.lax.psum(jnp.sum((diag_logit > col_neg_max) * valid), axes) / nvalid,
+      pos_sim=jax.lax.psum(jnp.sum(cos_diag), axes) / (cos_diag.shape[0] * p),
+      neg_sim=jax.lax.psum(neg_sim, axes) / jnp.maximum(jax.lax.psum(neg_cnt, axes), 1.0))
+
+
 # ---------------------------------------------------------------------------------------- softmax
 
 
@@ -157,11 +210,7 @@ def _softmax_local(x, scale, *, axes, p, method_name):
   mask = x.get("mask")  # [B, N] rows of the dense mask, or None
 
   if method_name == "gather":
-    b_all = jax.lax.all_gather(b, axes, tiled=True)  # [N, D]
-    col_pidx = jax.lax.all_gather(x["pidx"], axes, tiled=True) if "pidx" in x else None
-    n = b_all.shape[0]
-    cos = a @ b_all.T  # [B, N]
-    diag, neg = _block_neg(x, rows, jnp.arange(n), col_pidx, mask)
+    cos, diag, neg = _gathered_block(x, a, b, rows, mask, axes)
     logits = jnp.where(neg | diag, scale * cos, NEG)
     row_lse = jax.nn.logsumexp(logits, axis=1)
     row_neg_max = jnp.max(jnp.where(neg, logits, NEG), axis=1)
@@ -174,59 +223,31 @@ def _softmax_local(x, scale, *, axes, p, method_name):
     col_neg_max = jax.lax.dynamic_slice_in_dim(jax.lax.pmax(part["col_neg_max"], axes), me * nb, nb)
     neg_sim, neg_cnt = part["neg_sim"], part["neg_cnt"]
   else:
-    perm = _ring(axes, p)
 
     def visit(row, blk):
       """Folds the block held now into the rows' running stats and the block's column stats."""
-      cos = a @ blk["b"].T  # [B, B]: the only logits alive at a time
-      mask_cols = None
-      if mask is not None:
-        mask_cols = jax.lax.dynamic_slice_in_dim(mask, blk["src"] * nb, nb, axis=1)
-      diag, neg = _block_neg(x, rows, blk["src"] * nb + jnp.arange(nb), blk.get("pidx"), mask_cols)
+      cos, diag, neg = _ring_block(x, a, blk, rows, mask)
       logits = jnp.where(neg | diag, scale * cos, NEG)
       m = jnp.maximum(row["m"], jax.lax.stop_gradient(jnp.max(logits, axis=1)))
       row = dict(m=m, s=row["s"] * jnp.exp(row["m"] - m) + jnp.sum(jnp.exp(logits - m[:, None]), axis=1),
                  neg_max=jnp.maximum(row["neg_max"], jnp.max(jnp.where(neg, logits, NEG), axis=1)))
-      return row, losses.merge_softmax_columns(blk["cols"], _col_stats(logits, neg, cos))
-
-    # Rematerialise each visit in the backward pass: otherwise scan keeps every [B, B] block.
-    visit = jax.checkpoint(visit)
-
-    def step(carry, _):
-      row, blk = carry
-      row, cols = visit(row, blk)
-      blk = jax.lax.ppermute(dict(blk, cols=cols), axes, perm)
-      return (row, blk), None
+      return row, losses.merge_softmax_columns(blk["acc"], _col_stats(logits, neg, cos))
 
     row0 = _varying(dict(m=jnp.full((nb,), NEG, jnp.float32), s=jnp.zeros((nb,), jnp.float32),
                          neg_max=jnp.full((nb,), NEG, jnp.float32)), axes)
-    blk0 = dict(b=b, cols=_varying(_empty_cols(nb), axes), src=me)
-    if "pidx" in x:
-      blk0["pidx"] = x["pidx"]
-    (row, blk), _ = jax.lax.scan(step, (row0, blk0), None, length=p - 1)
-    row, cols = visit(row, blk)
-    # The last block seen belongs to the next device: send only its (now complete) column stats home.
-    cols = jax.lax.ppermute(cols, axes, perm)
+    row, cols = _ring_scan(visit, row0, _varying(_empty_cols(nb), axes), x, b, axes=axes, p=p)
     row_lse = row["m"] + jnp.log(row["s"])
     row_neg_max = row["neg_max"]
     col_lse = cols["col_max"] + jnp.log(cols["col_sum"])
     col_neg_max = cols["col_neg_max"]
     neg_sim, neg_cnt = cols["neg_sim"], cols["neg_cnt"]
 
+  wsum, shared = _shared_metrics(x, axes, p, cos_diag, diag_logit, row_neg_max, col_neg_max, neg_sim, neg_cnt)
   w = x["w"]
-  wsum = jnp.maximum(jax.lax.psum(jnp.sum(w), axes), 1e-12)
-  valid = (w > 0).astype(jnp.float32)
-  nvalid = jnp.maximum(jax.lax.psum(jnp.sum(valid), axes), 1.0)
   la = jax.lax.psum(jnp.sum(w * (row_lse - diag_logit)), axes) / wsum
   lb = jax.lax.psum(jnp.sum(w * (col_lse - diag_logit)), axes) / wsum
   loss = 0.5 * (la + lb)
-  metrics = dict(
-      loss=loss, loss_a2b=la, loss_b2a=lb,
-      acc_a2b=jax.lax.psum(jnp.sum((diag_logit > row_neg_max) * valid), axes) / nvalid,
-      acc_b2a=jax.lax.psum(jnp.sum((diag_logit > col_neg_max) * valid), axes) / nvalid,
-      pos_sim=jax.lax.psum(jnp.sum(cos_diag), axes) / (nb * p),
-      neg_sim=jax.lax.psum(neg_sim, axes) / jnp.maximum(jax.lax.psum(neg_cnt, axes), 1.0),
-      scale=scale)
+  metrics = dict(loss=loss, loss_a2b=la, loss_b2a=lb, **shared, scale=scale)
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
@@ -252,57 +273,26 @@ def _sigmoid_local(x, scale, bias, *, axes, p, method_name):
             jax.lax.stop_gradient(jnp.sum(cos * neg)), jnp.sum(neg.astype(jnp.float32)))
 
   if method_name == "gather":
-    b_all = jax.lax.all_gather(b, axes, tiled=True)
-    col_pidx = jax.lax.all_gather(x["pidx"], axes, tiled=True) if "pidx" in x else None
-    cos = a @ b_all.T  # [B, N]
-    diag, neg = _block_neg(x, rows, jnp.arange(b_all.shape[0]), col_pidx, mask)
-    row_loss, row_neg_max, cmax, neg_sim, neg_cnt = block(cos, diag, neg)
+    row_loss, row_neg_max, cmax, neg_sim, neg_cnt = block(*_gathered_block(x, a, b, rows, mask, axes))
     col_neg_max = jax.lax.dynamic_slice_in_dim(jax.lax.pmax(cmax, axes), me * nb, nb)
   else:
-    perm = _ring(axes, p)
 
     def visit(row, blk):
-      cos = a @ blk["b"].T  # [B, B]
-      mask_cols = None
-      if mask is not None:
-        mask_cols = jax.lax.dynamic_slice_in_dim(mask, blk["src"] * nb, nb, axis=1)
-      diag, neg = _block_neg(x, rows, blk["src"] * nb + jnp.arange(nb), blk.get("pidx"), mask_cols)
-      rl, rmax, cmax, ns, nc = block(cos, diag, neg)
+      rl, rmax, cmax, ns, nc = block(*_ring_block(x, a, blk, rows, mask))
       row = dict(loss=row["loss"] + rl, neg_max=jnp.maximum(row["neg_max"], rmax),
                  neg_sim=row["neg_sim"] + ns, neg_cnt=row["neg_cnt"] + nc)
-      return row, jnp.maximum(blk["col_neg_max"], cmax)
-
-    visit = jax.checkpoint(visit)
-
-    def step(carry, _):
-      row, blk = carry
-      row, cmax = visit(row, blk)
-      blk = jax.lax.ppermute(dict(blk, col_neg_max=cmax), axes, perm)
-      return (row, blk), None
+      return row, jnp.maximum(blk["acc"], cmax)
 
     row0 = _varying(dict(loss=jnp.zeros((nb,), jnp.float32), neg_max=jnp.full((nb,), NEG, jnp.float32),
                          neg_sim=jnp.float32(0), neg_cnt=jnp.float32(0)), axes)
-    blk0 = dict(b=b, col_neg_max=_varying(jnp.full((nb,), NEG, jnp.float32), axes), src=me)
-    if "pidx" in x:
-      blk0["pidx"] = x["pidx"]
-    (row, blk), _ = jax.lax.scan(step, (row0, blk0), None, length=p - 1)
-    row, cmax = visit(row, blk)
-    col_neg_max = jax.lax.ppermute(cmax, axes, perm)
+    row, col_neg_max = _ring_scan(visit, row0, _varying(jnp.full((nb,), NEG, jnp.float32), axes), x, b,
+                                  axes=axes, p=p)
     row_loss, row_neg_max = row["loss"], row["neg_max"]
     neg_sim, neg_cnt = row["neg_sim"], row["neg_cnt"]
 
-  w = x["w"]
-  wsum = jnp.maximum(jax.lax.psum(jnp.sum(w), axes), 1e-12)
-  valid = (w > 0).astype(jnp.float32)
-  nvalid = jnp.maximum(jax.lax.psum(jnp.sum(valid), axes), 1.0)
-  loss = jax.lax.psum(jnp.sum(w * row_loss), axes) / wsum
-  metrics = dict(
-      loss=loss,
-      acc_a2b=jax.lax.psum(jnp.sum((diag_logit > row_neg_max) * valid), axes) / nvalid,
-      acc_b2a=jax.lax.psum(jnp.sum((diag_logit > col_neg_max) * valid), axes) / nvalid,
-      pos_sim=jax.lax.psum(jnp.sum(cos_diag), axes) / (nb * p),
-      neg_sim=jax.lax.psum(neg_sim, axes) / jnp.maximum(jax.lax.psum(neg_cnt, axes), 1.0),
-      scale=scale, bias=bias)
+  wsum, shared = _shared_metrics(x, axes, p, cos_diag, diag_logit, row_neg_max, col_neg_max, neg_sim, neg_cnt)
+  loss = jax.lax.psum(jnp.sum(x["w"] * row_loss), axes) / wsum
+  metrics = dict(loss=loss, **shared, scale=scale, bias=bias)
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
