@@ -350,3 +350,29 @@ LOSSES: dict[str, Any] = {
     "softmax": softmax_contrastive,
     "sigmoid": sigmoid_contrastive,
 }
+
+
+def loss_grad_temp_bytes(kind: str, how: str, n: int, dim: int, devices) -> int:
+  """Returns XLA's per-device temp bytes for loss + gradients at global batch `n` (compiled, never run).
+
+  kind: "softmax" | "sigmoid"; how: "dense" (the unsharded `losses` function) | "ring" | "gather";
+  devices: the devices of a 1-D data mesh. Product ids are the positive mask, as in training.
+  """
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  mesh = shd.make_mesh({"data": len(devices)}, list(devices))
+  emb = jax.ShapeDtypeStruct((n, dim), jnp.float32, sharding=NamedSharding(mesh, P(shd.BATCH_AXES, None)))
+  ids = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=NamedSharding(mesh, P(shd.BATCH_AXES)))
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+
+  def loss(a, b, s, bias, pidx):
+    mask = (pidx, None)
+    if how == "dense":
+      return (losses.softmax_contrastive(a, b, s, mask) if kind == "softmax"
+              else losses.sigmoid_contrastive(a, b, s, bias, mask))[0]
+    if kind == "softmax":
+      return softmax_contrastive(a, b, s, mask, method=how)[0]
+    return sigmoid_contrastive(a, b, s, bias, mask, method=how)[0]
+
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(emb, emb, scalar, scalar, ids).compile()
+  return int(compiled.memory_analysis().temp_size_in_bytes)

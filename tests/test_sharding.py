@@ -80,7 +80,6 @@ def check_losses() -> dict:
   """Sharded vs dense loss values, metrics and gradients; per-device memory as devices grow."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from mmr_jax import losses, sharded_loss  # pylint: disable=g-import-not-at-top
   from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
 
@@ -133,21 +132,7 @@ def check_losses() -> dict:
   n, d = 2048, 32
 
   def temp_bytes(kind, how, k):
-    mesh = shd.make_mesh({"data": k}, jax.devices()[:k])
-    emb = jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=NamedSharding(mesh, P(shd.BATCH_AXES, None)))
-    ids = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=NamedSharding(mesh, P(shd.BATCH_AXES)))
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-
-    def loss(a, b, s, bias, pidx):
-      mask = (pidx, None)
-      if k == 1:
-        return (losses.softmax_contrastive(a, b, s, mask) if kind == "softmax"
-                else losses.sigmoid_contrastive(a, b, s, bias, mask))[0]
-      return sharded(kind, mask, how, None)(a, b, s, bias)[0]
-
-    with jax.set_mesh(mesh):
-      compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(emb, emb, scalar, scalar, ids).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+    return sharded_loss.loss_grad_temp_bytes(kind, how, n, d, jax.devices()[:k])
 
   memory = {}
   for kind in ("softmax", "sigmoid"):

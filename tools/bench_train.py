@@ -235,31 +235,12 @@ def time_train_step(config, args) -> dict[str, Any]:
 def loss_memory_child(dim: int, devices: int) -> dict:
   """Returns {kind: {batch: {dense_1dev, ring_Ndev, gather_Ndev}}} temp bytes (run with N CPU devices)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from mmr_jax import losses, sharded_loss  # pylint: disable=g-import-not-at-top
-  from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from mmr_jax import sharded_loss  # pylint: disable=g-import-not-at-top
   if jax.device_count() < devices:
     raise SystemExit(f"loss memory: need {devices} devices, have {jax.device_count()}")
 
   def temp_bytes(kind, how, n, k):
-    mesh = shd.make_mesh({"data": k}, jax.devices()[:k])
-    emb = jax.ShapeDtypeStruct((n, dim), jnp.float32, sharding=NamedSharding(mesh, P(shd.BATCH_AXES, None)))
-    ids = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=NamedSharding(mesh, P(shd.BATCH_AXES)))
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-
-    def loss(a, b, s, bias, pidx):
-      mask = (pidx, None)
-      if how == "dense":
-        return (losses.softmax_contrastive(a, b, s, mask) if kind == "softmax"
-                else losses.sigmoid_contrastive(a, b, s, bias, mask))[0]
-      if kind == "softmax":
-        return sharded_loss.softmax_contrastive(a, b, s, mask, method=how)[0]
-      return sharded_loss.sigmoid_contrastive(a, b, s, bias, mask, method=how)[0]
-
-    with jax.set_mesh(mesh):
-      compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(emb, emb, scalar, scalar, ids).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+    return sharded_loss.loss_grad_temp_bytes(kind, how, n, dim, jax.devices()[:k])
 
   out = {}
   for kind in ("softmax", "sigmoid"):
