@@ -115,7 +115,8 @@ def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], pr
   # Rankings are k long whatever the catalogue size: past the last product they are padded with -1 (a
   # miss), so on a catalogue of fewer than k products recall@k is over the whole catalogue (every
   # judged query finds all its E products) and the keys are the same on every catalogue.
-  out = {"num_products": int(n), "k": int(min(k, n)), "sparse_words_threshold": thr, "index": index.config(),
+  k_found = min(k, n)  # what a search can return
+  out = {"num_products": int(n), "k": int(k_found), "sparse_words_threshold": thr, "index": index.config(),
          "splits": {}}
   ks = tuple(x for x in (10, 50, 100) if x <= k) or (k,)
   for split, q in queries.items():
@@ -138,9 +139,9 @@ def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], pr
         "by_tag": metrics_lib.breakdown(per_q, tags),
         "by_tag_exact": metrics_lib.breakdown(per_q_exact, tags),
         "by_sparsity": metrics_lib.breakdown(per_q, bins),
-        "scann_recall_vs_exact": index_lib.recall_vs_exact(approx_idx, exact_idx, min(k, n)),
+        "scann_recall_vs_exact": index_lib.recall_vs_exact(approx_idx, exact_idx, k_found),
         "search_s": {"scann": t_scann, "exact": t_exact},
-        "recall_curve": _recall_curve(approx_idx, exact_idx, q["labels"], min(k, n)),
+        "recall_curve": _recall_curve(approx_idx, exact_idx, q["labels"], k_found),
     }
   return out
 

@@ -285,7 +285,7 @@ def _pipeline_config(data_dir, **kw):
                                         title_len=8, num_workers=0, **kw))
 
 
-def test_stage1_without_a_usable_product_fails_instead_of_waiting_forever(catalog_writer, tmp_path):
+def test_stage1_without_a_usable_product_fails_instead_of_waiting_forever(catalog_writer, tmp_path, caplog):
   products = [{"id": f"p{i}", "title": t} for i, t in enumerate(["Tisch", "椅子", "كرسي"])]
   queries = [{"id": f"t{i}", "text": p["title"], "split": "test"} for i, p in enumerate(products)]
   src = catalog_writer(tmp_path / "src", products, queries, [(f"t{i}", f"p{i}", "E") for i in range(3)])
@@ -298,8 +298,11 @@ def test_stage1_without_a_usable_product_fails_instead_of_waiting_forever(catalo
   with pytest.raises(ValueError, match="stage1_skip_no_image"):
     pipeline.make_train_iterator(str(plain), 1, _pipeline_config(plain, stage1_skip_no_image=True), seed=0,
                                  process_index=0, process_count=1)
-  it = pipeline.make_train_iterator(str(plain), 1, _pipeline_config(plain), seed=0, process_index=0, process_count=1)
+  with caplog.at_level("WARNING"):
+    it = pipeline.make_train_iterator(str(plain), 1, _pipeline_config(plain), seed=0, process_index=0,
+                                      process_count=1)
   assert not next(it)["has_image"].any()  # Kept (masked in the loss) when images are not required.
+  assert "no product has an image" in caplog.text  # ... and the run says stage 1 has nothing to learn
 
 
 def _random_results(num_products, labels, tags=None):
