@@ -130,7 +130,7 @@ def _tfds_progress(enable: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-  """Turns SIGTERM into SystemExit for the duration, so `kill` cleans up like Ctrl-C does.
+  """Turns SIGTERM into SystemExit while active (context manager or decorator): `kill` cleans up like Ctrl-C.
 
   Python's default SIGTERM action ends the process at once, without running `finally` blocks, and
   would leave the half-written temporary folder beside DATA_DIR. Only installed from the main thread
@@ -164,6 +164,7 @@ def _read_corpus(path: pathlib.Path) -> Iterator[str]:
       yield line.rstrip("\n")
 
 
+@_sigterm_raises()  # `kill` cleans up the temporary folder like Ctrl-C does
 def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                    novel_product_fraction: float = 0.1, seed: int = 0, image_max_side: int = 256,
                    vocab_size: int = 8000, pair_grades: Sequence[str] = ("E",), overwrite: bool = False,
@@ -195,6 +196,8 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     CatalogError: the folder cannot be imported (missing file, unknown split, no products, ...),
       or out_dir exists and may not be replaced.
   """
+  from mmr_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
   src = catalog.check_folder(src_dir)
   out = pathlib.Path(out_dir).expanduser().absolute()
   if image_max_side < 16:
@@ -215,20 +218,6 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     pair_grades = [g for g in pair_grades.replace(",", " ").split() if g]
   _check_out_dir(out, src, overwrite)
   out.parent.mkdir(parents=True, exist_ok=True)
-  with _sigterm_raises():
-    return _import_into(src, out, novel_product_fraction=novel_product_fraction, seed=seed,
-                        image_max_side=image_max_side, vocab_size=vocab_size, pair_grades=pair_grades,
-                        overwrite=overwrite, jpeg_quality=jpeg_quality, name=name, progress=progress,
-                        verbose=verbose, beam_runner=beam_runner, beam_options=beam_options)
-
-
-def _import_into(src: pathlib.Path, out: pathlib.Path, *, novel_product_fraction: float, seed: int,
-                 image_max_side: int, vocab_size: int, pair_grades: Sequence[str], overwrite: bool,
-                 jpeg_quality: int, name: str | None, progress: bool, verbose: bool, beam_runner: Any,
-                 beam_options: Sequence[str] | None) -> dict[str, Any]:
-  """Returns the import summary after writing a temporary folder and moving it to `out` (see import_catalog)."""
-  from mmr_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-
   tmp = out.parent / f".{out.name}.importing-{uuid.uuid4().hex[:8]}"
   tmp.mkdir()
   try:
