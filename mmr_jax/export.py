@@ -13,8 +13,10 @@ writes
 The towers are the JAX model converted with jax2tf (native serialisation: StableHLO inside an
 `XlaCallModule` op, lowered for `--platforms`, default cpu and cuda), batch dimension polymorphic, run
 as one XLA cluster per request shape. The parameters are `tf.Variable`s on the exported `tf.Module`
-(in `variables/`, not constants in the graph): the leaves the tower computes with, concatenated into
-one flat variable per dtype (`m.params`), because every variable a call reads costs CPU latency; the
+(in `variables/`, not constants in the graph): the leaves the tower computes with, in `m.params`, a
+dict of variables: each leaf over 64 KiB (the matrices) is a variable of its own, the small ones
+(biases, norms) are concatenated into one flat variable per dtype, because every variable a call reads
+costs CPU latency while slicing a packed matrix costs a copy per call (see PACK_MAX_BYTES); the
 JSON `m.param_layout` names them and `unflatten_params(m.params, m.param_layout.numpy())` returns
 {"query_tower/...": array}. Everything that happens to an input before the model runs happens inside
 the graph, so a client sends the raw strings and bytes:
@@ -378,13 +380,20 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
   return platforms
 
 
+# Leaves up to this size are packed into one flat variable per dtype; larger ones get their own variable.
+# Reading a variable costs a compiled call ~6 us on CPU (37 small leaves were a third of the demo query
+# tower's latency), while a slice of a packed variable that feeds a matmul is a copy XLA makes on every
+# call (~6 us per 64 KiB here): packing a B-size tower's 340 MB of matrices made a batch-1 query 2.7x slower.
+PACK_MAX_BYTES = 64 * 1024
+
+
 @dataclasses.dataclass
 class _Converted:
   """A model method as a TF function of its parameters: `fn(variables, *inputs) -> emb`."""
   fn: Any
-  variables: dict  # {dtype name: 1-D tf.Variable}: the used parameter leaves, concatenated per dtype
-  layout: list  # [{"name", "dtype", "shape", "offset"}] of every leaf in `variables`
-  jax_fn: Any  # the JAX function jax2tf converted: jax_fn({dtype name: flat array}, *inputs) -> emb
+  variables: dict  # {key: tf.Variable}: "packed_<dtype>" (small leaves, concatenated) or "leaf_<i>" (one leaf)
+  layout: list  # [{"name", "dtype", "shape", "variable"[, "offset" into a packed variable]}] per used leaf
+  jax_fn: Any  # the JAX function jax2tf converted: jax_fn({key: array}, *inputs) -> emb
 
 
 def _convert(model, params, method: str, examples: Sequence[np.ndarray], poly: Sequence[str],
@@ -392,11 +401,10 @@ def _convert(model, params, method: str, examples: Sequence[np.ndarray], poly: S
   """Returns `model.<method>(*inputs)["emb"]` converted by jax2tf, batch-polymorphic per `poly`.
 
   The parameters stay tf.Variables (in `variables/`, not constants in the graph), but only the leaves
-  the method computes with, concatenated into one flat variable per dtype (`layout` maps them back to
-  names; `unflatten_params` does it). On CPU every variable the compiled call reads costs about 6 us
-  per request: the query tower's 37 leaves would take a third of its latency and the whole model's
-  180 would double it. Leaves the method does not compute with are closed over, which flax's parameter
-  lookup needs and XLA drops as unused.
+  the method computes with: leaves of at most PACK_MAX_BYTES concatenated into one flat variable per
+  dtype, larger ones a variable each (`layout` maps them back to names; `unflatten_params` does it).
+  Leaves the method does not compute with are closed over, which flax's parameter lookup needs and XLA
+  drops as unused.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -411,30 +419,41 @@ def _convert(model, params, method: str, examples: Sequence[np.ndarray], poly: S
   closed = jax.make_jaxpr(apply)(host, *examples)
   invars = closed.jaxpr.invars[:len(leaves)]
   read = {id(v) for e in closed.jaxpr.eqns for v in e.invars} | {id(v) for v in closed.jaxpr.outvars}
-  layout, slots, offsets, chunks = [], [], {}, {}
+  layout, slots, offsets, arrays = [], [], {}, {}
   for (path, x), v in zip(leaves, invars):
     if id(v) not in read:
       slots.append(x)
       continue
     dt = np.dtype(x.dtype).name
-    off = offsets.get(dt, 0)
-    entry = {"name": "/".join(str(getattr(k, "key", k)) for k in path), "dtype": dt,
-             "shape": list(x.shape), "offset": off}
+    entry = {"name": "/".join(str(getattr(k, "key", k)) for k in path), "dtype": dt, "shape": list(x.shape)}
+    if x.nbytes > PACK_MAX_BYTES:
+      entry["variable"] = f"leaf_{len(layout):04d}"
+      arrays[entry["variable"]] = [np.asarray(x)]
+    else:
+      entry["variable"] = f"packed_{dt}"
+      entry["offset"] = offsets.get(dt, 0)
+      offsets[dt] = entry["offset"] + x.size
+      arrays.setdefault(entry["variable"], []).append(np.ravel(x))
     layout.append(entry)
     slots.append(entry)
-    offsets[dt] = off + x.size
-    chunks.setdefault(dt, []).append(np.ravel(x))
 
   def fn(variables, *inputs):
-    flat = [variables[e["dtype"]][e["offset"]:e["offset"] + math.prod(e["shape"])].reshape(e["shape"])
-            if isinstance(e, dict) else e for e in slots]
+    flat = [_layout_leaf(variables, e) if isinstance(e, dict) else e for e in slots]
     return apply(jax.tree_util.tree_unflatten(treedef, flat), *inputs)
 
   tf_fn = jax2tf.convert(fn, polymorphic_shapes=[None, *poly], with_gradient=False,
                          native_serialization_platforms=tuple(platforms))
-  variables = {dt: tf.Variable(np.concatenate(c), trainable=False, name=f"params_{dt}")
-               for dt, c in chunks.items()}
+  variables = {key: tf.Variable(a[0] if key.startswith("leaf_") else np.concatenate(a), trainable=False,
+                                name=key) for key, a in arrays.items()}
   return _Converted(tf_fn, variables, layout, fn)
+
+
+def _layout_leaf(variables: Mapping[str, Any], e: Mapping[str, Any]):
+  """Returns the leaf `e` (a layout entry) from `variables` (arrays or tf.Variables, by key)."""
+  v = variables[e.get("variable", e["dtype"])]  # exports before per-leaf variables keyed by dtype only
+  if "offset" in e:
+    v = v[e["offset"]:e["offset"] + math.prod(e["shape"])]
+  return v.reshape(e["shape"])
 
 
 def unflatten_params(variables: Mapping[str, Any], layout_json) -> dict[str, np.ndarray]:
@@ -443,11 +462,8 @@ def unflatten_params(variables: Mapping[str, Any], layout_json) -> dict[str, np.
   For a loaded SavedModel m: `unflatten_params(m.params, m.param_layout.numpy())`.
   """
   layout = json.loads(layout_json.decode() if isinstance(layout_json, bytes) else layout_json)
-  out = {}
-  for e in layout:
-    flat = np.asarray(variables[e["dtype"]])
-    out[e["name"]] = flat[e["offset"]:e["offset"] + math.prod(e["shape"])].reshape(e["shape"])
-  return out
+  arrays = {key: np.asarray(v) for key, v in variables.items()}
+  return {e["name"]: _layout_leaf(arrays, e) for e in layout}
 
 
 def _at_least_one_row(fn, *inputs):
