@@ -372,6 +372,30 @@ def test_params_are_variables_not_constants(models, trained, exported):
   assert biggest.size > 1000 and biggest.tobytes()[:4096] not in pb  # weights are in variables/, not the graph
 
 
+def test_large_leaves_are_variables_of_their_own(trained, tok, monkeypatch):
+  """Matrices are not packed (slicing a packed variable copies it on every call); small leaves are."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(export, "PACK_MAX_BYTES", 2048)
+  q_len = int(trained.config.data.query_len)
+  conv = export._convert(trained.model, trained.params, "embed_query", [np.ones((1, q_len), np.int32)],  # pylint: disable=protected-access
+                         ["(b, _)"], ("cpu",))
+  nbytes = lambda e: int(np.prod(e["shape"])) * np.dtype(e["dtype"]).itemsize  # pylint: disable=unnecessary-lambda-assignment
+  big = [e for e in conv.layout if nbytes(e) > 2048]
+  small = [e for e in conv.layout if nbytes(e) <= 2048]
+  assert big and small
+  for e in big:
+    assert "offset" not in e and e["variable"].startswith("leaf_")
+    assert tuple(conv.variables[e["variable"]].shape) == tuple(e["shape"])
+  assert len({e["variable"] for e in big}) == len(big)
+  assert {e["variable"] for e in small} == {f"packed_{e['dtype']}" for e in small}
+  assert len(conv.variables) == len(big) + len({e["dtype"] for e in small})
+  tokens = tok.encode(["red dress", "", "blue cotton shirt"], q_len)
+  got = conv.fn(dict(conv.variables), tf.constant(tokens)).numpy()
+  np.testing.assert_allclose(got, trained.embed_queries({"query_tokens": tokens}), atol=1e-5)
+  named = export.unflatten_params(conv.variables, json.dumps(conv.layout))
+  assert set(named) == {e["name"] for e in conv.layout}
+
+
 def test_embedding_export_resumes_from_shards(trained, tiny_data, tmp_path, monkeypatch):
   calls = []
   real = export._local_embed_fn  # pylint: disable=protected-access
