@@ -8,6 +8,8 @@ Hardware: one CPU host (written for a 2-core, 24 GiB machine). Every row trains 
   python -m mmr_jax.train --config configs/demo.py:stage=2,variant=fusion \
       --workdir workdirs/demo/fusion_ft --config.init.workdir=workdirs/demo/stage1
 
+`text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
+width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
 `runlocal=True` shrinks everything further (a smoke test in seconds). The whole ablation
 (`python -m mmr_jax.ablation`) runs these as one sweep: see `get_sweep`.
 """
@@ -17,13 +19,18 @@ from mmr_jax import config as config_lib
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, stage=2, variant="fusion", loss="softmax", runlocal=False,
-                           data="data/synthetic", steps=0, batch=0)
+                           data="data/synthetic", steps=0, batch=0, text="")
   c = config_lib.base_config()
   c.stage = a.stage
   c.data.dir = a.data
   c.model.variant = a.variant
   c.loss.kind = a.loss
   c.data.batch_size = 64
+  if a.text:
+    from mmr_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
+    c.model.text = text_lib.get_config(a.text, vocab_size=c.model.text.vocab_size, max_len=c.model.text.max_len)
+    c.model.fusion.width = c.model.text.width
+    c.model.fusion.num_heads = c.model.text.num_heads
   # Sized so the whole ablation (stage 1 + six rows, each evaluated) fits the README's ~10 minute budget
   # on a 2-core CPU; more steps help every row (see README for the measured table).
   c.train.steps = 200 if a.stage == 2 else 250

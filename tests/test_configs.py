@@ -53,6 +53,15 @@ def test_config_family(path):
           node = node[part]
 
 
+def test_demo_text_size_preset():
+  demo = _load(ROOT / "configs" / "demo.py")
+  small, big = demo.get_config("stage=2"), demo.get_config("stage=2,text=B")
+  assert (big.model.text.width, big.model.text.depth, big.model.text.num_heads) == (768, 12, 12)
+  assert big.model.fusion.width == 768 and big.model.fusion.num_heads == 12
+  assert big.model.text.vocab_size == small.model.text.vocab_size  # still taken from the tokenizer
+  assert big.model.text.max_len == small.model.text.max_len and small.model.text.width < 768
+
+
 @pytest.mark.slow
 def test_pod_config_runlocal_trains(tiny_data, tmp_path):
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
