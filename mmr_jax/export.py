@@ -53,21 +53,23 @@ Measured parity (tests/test_export.py; `export_summary.json` records the numbers
 * cuda: the exported module's cuda lowering, run with jax.export on an H100, gives the CPU embeddings
   within 1.6e-4 (f32 matmuls in TF32 there, XLA's default; CPU-to-CPU parity is the 1e-5 above).
 
-Latency (tools/bench_export.py; 2 CPU cores shared with a training run, load 2-4; demo-size towers, 3000
-products, k=100; median ms of 200 rounds, three runs): the serving SavedModel called from Python vs numpy
-tokenisation + jitted JAX tower + `ScannIndex.search`; "graph" is the SavedModel under TF's graph runtime
-(Session.run, what TF Serving's C++ server does per request), alternated with the JAX pipeline:
-  batch 1:  SavedModel 1.31-1.43 / JAX 0.68-0.78 -> ratio 1.83-2.09; graph ratio 1.40-1.52 (cap: 1.5)
-  batch 64: SavedModel 8.2-8.6 / JAX 6.8-7.8 -> ratio 1.10-1.22; graph ratio 1.05-1.14
-At batch 1 the work itself (tokeniser ~0.04 ms, XLA query tower 0.25-0.45 ms, ScaNN ~0.05 ms, top-k
-post-processing ~0.05 ms) is under half the time. The rest is TF's call machinery: the Python eager call
-(~0.3 ms: signature binding, string tensor in, three tensors out) and thread handoffs under CPU contention
-(Python -> inter-op thread -> intra-op threads for XLA's parallel loops -> back), 4.5-6 context switches
-per request against JAX's 3.5; a signature that only returns its input costs 0.2-0.65 ms here, depending
-on load. The serving graph is therefore kept to the ops a request needs (76, was 128: see _make_serving),
-worth 4-12% of SavedModel time in same-process A/B runs. Caller-side settings help more but cannot be
-stored in a SavedModel: tf.config.threading inter- and intra-op parallelism 1 take another 13-24% off at
-batch 1 (ratio 1.3-1.6).
+Latency (tools/bench_export.py: the serving SavedModel called from Python vs numpy tokenisation + jitted
+JAX tower + `ScannIndex.search`, timed alternately in one process, medians; "graph" is the SavedModel
+under TF's graph runtime, Session.run, what TF Serving's C++ server does per request; 2 shared CPU cores;
+B-size three runs, demo-size two):
+  B-size query tower (configs/demo.py text=B, 12 x 768, 2.7 GFLOP per query; 300 products):
+    batch 1:  SavedModel 54-56 / JAX 46-47 ms -> ratio 1.17-1.20 (graph 1.11-1.16)
+    batch 64: SavedModel 714-738 / JAX 748-769 ms -> ratio 0.95-0.96 (graph 0.95-0.98)
+  demo-size tower (2 x 64, 3.4 MFLOP per query; 3000 products):
+    batch 1:  SavedModel 1.3-1.5 / JAX 0.7-0.9 ms -> ratio 1.62-1.83 (graph 1.46-1.48)
+    batch 64: ratio 1.26-1.28 (graph 1.06-1.13)
+The demo tower's batch-1 time is runtime overhead, not work: TF's function call alone (a signature
+that returns its input) costs 0.2 ms under Session.run and 0.3 ms eager against ~0.03 ms for a jitted
+JAX call, and TF's XLA cluster launch ~0.1 ms more than JAX's. Neither can be changed from inside a
+SavedModel, nor can the caller-side thread settings that help a little (tf.config.threading inter/intra
+op 1). At a production-size tower the work dominates, and the matrices matter: they are variables of
+their own (PACK_MAX_BYTES), which took the B-size batch-1 query from 85 to 56 ms; the rest of the gap is
+TF 2.20's XLA running one query's [16, 768] x [768, N] matmuls ~15% slower than the XLA in JAX.
 
 Embeddings (OUT/embeddings/):
   embeddings.npy   float32 [N, D], row i = product index i (the DATA_DIR products table's row order),
