@@ -112,11 +112,51 @@ def margins(rows: list[dict]) -> dict:
   return out
 
 
+def drawable_labels(labels: list[str]) -> tuple[list[str], list[str]]:
+  """Returns (labels, font families) so that every character of a plot label is drawn, not a box.
+
+  Query tags come from the catalogue, in any script. The families are matplotlib's default font then
+  every installed font needed for the characters it lacks (matplotlib falls back per glyph); a character
+  no installed font has is written as its \\uXXXX escape, with one warning naming the labels.
+  """
+  from matplotlib import font_manager  # pylint: disable=g-import-not-at-top
+  default = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+  cmap = default.get_charmap()
+  missing = {c for label in labels for c in label if not c.isspace() and ord(c) not in cmap}
+  families = [default.family_name]
+  for entry in font_manager.fontManager.ttflist if missing else ():
+    if entry.name.startswith("Last Resort"):  # matplotlib's own: a block symbol for every character
+      continue
+    try:
+      covered = {c for c in missing if ord(c) in font_manager.get_font(entry.fname).get_charmap()}
+    except (OSError, RuntimeError):  # an unreadable font file
+      continue
+    if covered:
+      missing -= covered
+      if entry.name not in families:
+        families.append(entry.name)
+    if not missing:
+      break
+  if not missing:
+    return list(labels), families
+  out = ["".join(c.encode("unicode_escape").decode("ascii") if c in missing else c for c in label)
+         for label in labels]
+  log.warning("no installed font can draw %s; the plot shows them as escapes (install a font for "
+              "that script, e.g. Noto Sans CJK, to see them)", [lb for lb, o in zip(labels, out) if lb != o])
+  return out, families
+
+
 def plot_rows(rows: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   groups = ["overall"] + sorted({t for r in rows for t in r["by_tag"]})
+  labels, families = drawable_labels(groups)
+  with matplotlib.rc_context({"font.family": families}):
+    _plot_rows(plt, rows, groups, labels, path)
+
+
+def _plot_rows(plt, rows: list[dict], groups: list[str], labels: list[str], path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   width = 0.8 / max(len(rows), 1)
   for ax, metric in zip(axes, ("recall@100", "ndcg@10")):
@@ -124,7 +164,7 @@ def plot_rows(rows: list[dict], path: str) -> None:
       vals = [100 * (r["overall"] if g == "overall" else r["by_tag"].get(g, {})).get(metric, np.nan) for g in groups]
       ax.bar(np.arange(len(groups)) + i * width, vals, width, label=r["row"])
     ax.set_xticks(np.arange(len(groups)) + width * (len(rows) - 1) / 2)
-    ax.set_xticklabels(groups, rotation=20)
+    ax.set_xticklabels(labels, rotation=20)
     ax.set_title(metric)
     ax.set_ylabel("%")
     ax.grid(axis="y", alpha=0.3)
