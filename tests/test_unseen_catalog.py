@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -245,13 +246,8 @@ def test_qrels_with_no_usable_line_is_an_error(catalog_writer, tmp_path):
   assert catalog.scan_catalog(src).num_qrels == 0
 
 
-def test_sigterm_during_import_leaves_no_temporary_folder(catalog_writer, tmp_path):
-  src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "first"}],
-                       [{"id": "q0", "text": "query", "split": "train"}], [("q0", "p0", "E")])
-  out = tmp_path / "data"
-  importer.import_catalog(src, out, vocab_size=300, progress=False, verbose=False)
-  before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
-  ready = tmp_path / "ready"
+def _slow_import(src, out, ready):
+  """Starts `mmr_jax.data.import_catalog --overwrite` in a subprocess that stalls (writing `ready`) in the table writing."""
   script = (
       "import pathlib, sys, time\n"
       "from mmr_jax.data import import_catalog as importer, tfds_builder\n"
@@ -263,12 +259,23 @@ def test_sigterm_during_import_leaves_no_temporary_folder(catalog_writer, tmp_pa
       " '--vocab_size', '300']))\n")
   proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.time() + 120
+  while not ready.exists():
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      raise AssertionError(f"the import never reached the table writing: {proc.stdout.read().decode()}")
+    time.sleep(0.1)
+  return proc
+
+
+def test_sigterm_during_import_leaves_no_temporary_folder(catalog_writer, tmp_path):
+  src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "first"}],
+                       [{"id": "q0", "text": "query", "split": "train"}], [("q0", "p0", "E")])
+  out = tmp_path / "data"
+  importer.import_catalog(src, out, vocab_size=300, progress=False, verbose=False)
+  before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+  proc = _slow_import(src, out, tmp_path / "ready")
   try:
-    deadline = time.time() + 120
-    while not ready.exists():
-      assert proc.poll() is None, proc.stdout.read().decode()
-      assert time.time() < deadline, "the import never reached the table writing"
-      time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=60)
   finally:
@@ -276,6 +283,28 @@ def test_sigterm_during_import_leaves_no_temporary_folder(catalog_writer, tmp_pa
       proc.kill()
   assert rc == 128 + signal.SIGTERM
   assert sorted(os.listdir(tmp_path)) == ["data", "ready", "src"]  # No .data.importing-* left behind.
+  assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
+def test_next_import_removes_what_a_hard_kill_left(catalog_writer, tmp_path):
+  src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "first"}],
+                       [{"id": "q0", "text": "query", "split": "train"}], [("q0", "p0", "E")])
+  out = tmp_path / "data"
+  importer.import_catalog(src, out, vocab_size=300, progress=False, verbose=False)
+  before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+  proc = _slow_import(src, out, tmp_path / "ready")
+  proc.kill()  # SIGKILL: no handler runs, the temporary folder stays
+  proc.wait(timeout=60)
+  left = [p for p in tmp_path.iterdir() if p.name.startswith(".data.importing-")]
+  assert len(left) == 1 and sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+  # Folders that are not this host's dead imports are someone else's: a live process, another host.
+  host = socket.gethostname()
+  live = tmp_path / f".data.importing-{os.getppid()}-abcd1234-{host}"
+  elsewhere = tmp_path / f".data.importing-{proc.pid}-abcd1234-not-{host}"
+  for d in (live, elsewhere):
+    d.mkdir()
+  importer.import_catalog(src, out, vocab_size=300, progress=False, verbose=False, overwrite=True)
+  assert not left[0].exists() and live.exists() and elsewhere.exists()
   assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 

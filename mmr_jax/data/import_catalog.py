@@ -13,6 +13,7 @@ Unusable lines are skipped and reported (count + file:line) in import_summary.js
 products with a missing/corrupt image are kept with has_image=False and reported too. Everything is
 written into a temporary folder beside DATA_DIR and moved into place at the end, so an interrupted
 import never leaves a half-written DATA_DIR, and an existing one is only replaced with --overwrite.
+What a hard kill leaves of the temporary folder is removed by the next import into the same DATA_DIR.
 
 Memory: product rows and images are streamed; what stays in memory is an id -> index map of the
 products, the queries with their labels, and TFDS's write buffer (at most ~1 GB before it spills
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import glob
 import io
 import json
 import os
@@ -41,6 +43,7 @@ import pathlib
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import threading
 import uuid
@@ -94,6 +97,39 @@ def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
   at_fdcwd, rename_exchange = -100, 2
   renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
   return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _tmp_dir(out: pathlib.Path) -> pathlib.Path:
+  """Returns a fresh temporary folder path beside `out`, naming this process and host (see _remove_stale)."""
+  return out.parent / f".{out.name}.importing-{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
+
+
+def _pid_runs(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+def _remove_stale(out: pathlib.Path) -> list[pathlib.Path]:
+  """Removes the temporary folders of imports into `out` that were killed hard (SIGKILL, power loss).
+
+  Only folders this host's processes wrote whose process is gone: a concurrent import (a live process,
+  or another host sharing the filesystem) keeps its folder. Returns what was removed.
+  """
+  prefix = f".{out.name}.importing-"
+  host = socket.gethostname()
+  removed = []
+  for path in sorted(out.parent.glob(glob.escape(prefix) + "*")) if out.parent.is_dir() else ():
+    pid, _, rest = path.name[len(prefix):].partition("-")
+    if not pid.isdigit() or rest.partition("-")[2] != host or _pid_runs(int(pid)):
+      continue
+    shutil.rmtree(path, ignore_errors=True)
+    removed.append(path)
+  return removed
 
 
 def _move_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
@@ -218,7 +254,9 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     pair_grades = [g for g in pair_grades.replace(",", " ").split() if g]
   _check_out_dir(out, src, overwrite)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f".{out.name}.importing-{uuid.uuid4().hex[:8]}"
+  for stale in _remove_stale(out):
+    print(f"removed {stale}: the temporary folder of an import that was killed", file=sys.stderr)
+  tmp = _tmp_dir(out)
   tmp.mkdir()
   try:
     corpus_path = tmp / _CORPUS_FILE
