@@ -286,6 +286,17 @@ def test_sigterm_during_import_leaves_no_temporary_folder(catalog_writer, tmp_pa
   assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 
+def test_urls_are_refused_before_anything_is_written(catalog_writer, tmp_path, monkeypatch):
+  src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "first"}],
+                       [{"id": "q0", "text": "query", "split": "train"}], [("q0", "p0", "E")])
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(catalog.CatalogError, match=r"output DATA_DIR 'gs://bucket/data' is a URL"):
+    importer.import_catalog(src, "gs://bucket/data", vocab_size=300, progress=False, verbose=False)
+  with pytest.raises(catalog.CatalogError, match=r"catalogue folder 's3://bucket/cat' is a URL"):
+    importer.import_catalog("s3://bucket/cat", tmp_path / "data", vocab_size=300, progress=False, verbose=False)
+  assert sorted(os.listdir(tmp_path)) == ["src"]  # no local ./gs: folder
+
+
 def test_next_import_removes_what_a_hard_kill_left(catalog_writer, tmp_path):
   src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "first"}],
                        [{"id": "q0", "text": "query", "split": "train"}], [("q0", "p0", "E")])

@@ -234,6 +234,11 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
   """
   from mmr_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
+  for what, path in (("catalogue folder", src_dir), ("output DATA_DIR", out_dir)):
+    if "://" in os.fspath(path):  # pathlib would quietly make gs://b/x the local folder ./gs:/b/x
+      raise CatalogError(f"{what} {os.fspath(path)!r} is a URL: the importer reads and writes local (or mounted) "
+                         "folders, since DATA_DIR is replaced by an atomic rename object stores cannot do; "
+                         "import to a local path, then copy the folder")
   src = catalog.check_folder(src_dir)
   out = pathlib.Path(out_dir).expanduser().absolute()
   if image_max_side < 16:
