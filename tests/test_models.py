@@ -196,6 +196,27 @@ def test_attention_impls_compute_the_same_function():
     jax.eval_shape(two_tower.TwoTower(cfg).init, jax.random.PRNGKey(0), batch)
 
 
+@pytest.mark.parametrize("t,s", [(5, 7), (4, 7), (5, 6), (4, 6)])
+def test_odd_length_padding_for_cudnn_changes_nothing(t, s):
+  """The padding cuDNN needs (odd lengths with a mask) gives the same outputs and gradients."""
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  q = jax.random.normal(ks[0], (3, t, 2, 8))
+  k, v = (jax.random.normal(x, (3, s, 2, 8)) for x in ks[1:3])
+  mask = jax.random.bernoulli(ks[3], 0.7, (3, 1, 1, s)).at[:, :, :, 0].set(True)
+
+  def loss(q, k, v, pad_odd):
+    out = vit_lib._jax_attention(q, k, v, mask=mask, implementation="xla", pad_odd=pad_odd)  # pylint: disable=protected-access
+    return jnp.sum(jnp.sin(out)), out
+
+  (l0, o0), g0 = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, False)
+  (l1, o1), g1 = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, True)
+  assert o1.shape == o0.shape == (3, t, 2, 8)
+  np.testing.assert_allclose(o1, o0, atol=1e-6)
+  for a, b in zip(g1, g0):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------- two tower
 
 

@@ -113,21 +113,39 @@ ATTENTION_IMPLS = ("flax", "xla", "cudnn")
 
 
 def _jax_attention(query, key, value, bias=None, mask=None, dropout_rate=0.0, deterministic=True,
-                   *, implementation: str):
+                   *, implementation: str, pad_odd: bool | None = None):
   """`jax.nn.dot_product_attention` behind flax's `attention_fn` interface ([B, L, heads, kv] layout).
 
   "cudnn" is cuDNN's fused (flash) attention on NVIDIA GPUs: the [B, heads, L, L] logits are never
-  written to memory. It has no attention dropout and raises on unsupported shapes or devices.
+  written to memory. It has no attention dropout and raises on unsupported shapes or devices. With a
+  mask it needs even query and key lengths in training (JAX raises "Unsupported sequence length" for the
+  fusion network's attention to 197 ViT tokens), so `pad_odd` (default: for "cudnn") pads an odd length
+  by one: a padded key is masked out, a padded query row repeats row 0's mask and is dropped.
   """
   if dropout_rate > 0.0 and not deterministic:
     raise ValueError(f"attention_impl={implementation!r} has no attention dropout; set dropout=0 or "
                      "attention_impl='flax'")
+  if pad_odd is None:
+    pad_odd = implementation == "cudnn"
+  b, t, _, _ = query.shape
+  s = key.shape[1]
   if mask is not None and implementation == "cudnn":
     # cuDNN takes the mask as a bias of full [B, 1|heads, T, S] shape, not a broadcast [B, 1, 1, S].
-    b, t, _, _ = query.shape
-    mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, key.shape[1]))
-  return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
-                                      implementation=implementation)
+    mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, s))
+  if mask is None or not pad_odd or (t % 2 == 0 and s % 2 == 0):
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
+                                        implementation=implementation)
+  if bias is not None:
+    raise NotImplementedError("pad_odd with a bias")
+  mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, s))
+  if s % 2:
+    key, value = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (key, value))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=False)
+  if t % 2:
+    query = jnp.pad(query, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    mask = jnp.concatenate([mask, mask[:, :, :1]], axis=2)
+  out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+  return out[:, :t]
 
 
 def attention(num_heads: int, dropout: float, dtype: Dtype, param_dtype: Dtype,
