@@ -308,15 +308,25 @@ def test_next_import_removes_what_a_hard_kill_left(catalog_writer, tmp_path):
   proc.wait(timeout=60)
   left = [p for p in tmp_path.iterdir() if p.name.startswith(".data.importing-")]
   assert len(left) == 1 and sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
-  # Folders that are not this host's dead imports are someone else's: a live process, another host.
+  assert (left[0] / importer._LOCK_FILE).exists()  # pylint: disable=protected-access
   host = socket.gethostname()
+  # A held lock means a live import, whatever its name says (e.g. a container with its own pids).
+  locked = tmp_path / f".data.importing-{proc.pid}-abcd1234-{host}"
+  # Without a lock file: only a folder naming a process of this host that is gone is stale.
   live = tmp_path / f".data.importing-{os.getppid()}-abcd1234-{host}"
   elsewhere = tmp_path / f".data.importing-{proc.pid}-abcd1234-not-{host}"
-  for d in (live, elsewhere):
+  odd_name = tmp_path / ".data.importing-\u00b2-abcd1234-x"
+  for d in (locked, live, elsewhere, odd_name):
     d.mkdir()
-  importer.import_catalog(src, out, vocab_size=300, progress=False, verbose=False, overwrite=True)
-  assert not left[0].exists() and live.exists() and elsewhere.exists()
+  fd = importer._lock(locked)  # pylint: disable=protected-access
+  try:
+    importer.import_catalog(src, out, vocab_size=300, progress=False, verbose=False, overwrite=True)
+  finally:
+    os.close(fd)
+  assert not left[0].exists()
+  assert locked.exists() and live.exists() and elsewhere.exists() and odd_name.exists()
   assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+  assert not (out / importer._LOCK_FILE).exists()  # pylint: disable=protected-access
 
 
 def _pipeline_config(data_dir, **kw):

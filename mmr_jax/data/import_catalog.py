@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import glob
 import io
 import json
@@ -104,31 +105,62 @@ def _tmp_dir(out: pathlib.Path) -> pathlib.Path:
   return out.parent / f".{out.name}.importing-{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
 
 
-def _pid_runs(pid: int) -> bool:
+_LOCK_FILE = ".import.lock"  # in the temporary folder, flock-ed by the import writing it
+
+
+def _lock(tmp: pathlib.Path) -> int:
+  """Returns an fd holding an exclusive flock on tmp's lock file: the folder's import is alive while held."""
+  fd = os.open(tmp / _LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+  fcntl.flock(fd, fcntl.LOCK_EX)
+  return fd
+
+
+def _lock_held(path: pathlib.Path) -> bool | None:
+  """Returns whether a live process holds path's import lock (None: the folder has no lock file)."""
   try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
+    fd = os.open(path / _LOCK_FILE, os.O_RDWR)
+  except FileNotFoundError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return False
-  except PermissionError:  # another user's process
+  except BlockingIOError:
     return True
-  return True
+  finally:
+    os.close(fd)  # also releases the probe's lock
+
+
+def _pid_gone(name_rest: str) -> bool:
+  """Returns True if `PID-UUID-HOST` names a process of this host that no longer runs."""
+  pid, _, rest = name_rest.partition("-")
+  if not (pid.isascii() and pid.isdigit()) or rest.partition("-")[2] != socket.gethostname():
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except (PermissionError, OverflowError):  # another user's process; not a pid
+    return False
+  return False
 
 
 def _remove_stale(out: pathlib.Path) -> list[pathlib.Path]:
   """Removes the temporary folders of imports into `out` that were killed hard (SIGKILL, power loss).
 
-  Only folders this host's processes wrote whose process is gone: a concurrent import (a live process,
-  or another host sharing the filesystem) keeps its folder. Returns what was removed.
+  A running import holds an flock on its folder's lock file (released by the kernel however the
+  process ends), so a folder whose lock can be taken is stale; one without a lock file (an import
+  between mkdir and lock, or moving into place) is stale only if it names a process of this host that
+  no longer runs. Returns what was removed.
   """
   prefix = f".{out.name}.importing-"
-  host = socket.gethostname()
   removed = []
   for path in sorted(out.parent.glob(glob.escape(prefix) + "*")) if out.parent.is_dir() else ():
-    pid, _, rest = path.name[len(prefix):].partition("-")
-    if not pid.isdigit() or rest.partition("-")[2] != host or _pid_runs(int(pid)):
+    held = _lock_held(path) if path.is_dir() else True
+    if held or (held is None and not _pid_gone(path.name[len(prefix):])):
       continue
     shutil.rmtree(path, ignore_errors=True)
-    removed.append(path)
+    if not path.exists():
+      removed.append(path)
   return removed
 
 
@@ -263,6 +295,7 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     print(f"removed {stale}: the temporary folder of an import that was killed", file=sys.stderr)
   tmp = _tmp_dir(out)
   tmp.mkdir()
+  lock_fd = _lock(tmp)
   try:
     corpus_path = tmp / _CORPUS_FILE
     with open(corpus_path, "w", encoding="utf-8") as corpus:
@@ -344,10 +377,13 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     _write_json(tmp / tfds_builder.CATALOG_INFO_FILE, info)
     # Re-checked here: another process may have created out_dir while we were importing.
     _check_out_dir(out, src, overwrite)
+    (tmp / _LOCK_FILE).unlink()  # not part of DATA_DIR; the fd keeps the lock until the end
     _move_into_place(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    os.close(lock_fd)
   if verbose:
     print(format_summary(summary, info, out))
   return summary
