@@ -153,25 +153,27 @@ def plot_rows(rows: list[dict], path: str) -> None:
   groups = ["overall"] + sorted({t for r in rows for t in r["by_tag"]})
   labels, families = drawable_labels(groups)
   with matplotlib.rc_context({"font.family": families}):
-    _plot_rows(plt, rows, groups, labels, path)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    try:
+      _plot_rows(fig, axes, rows, groups, labels, path)
+    finally:
+      plt.close(fig)
 
 
-def _plot_rows(plt, rows: list[dict], groups: list[str], labels: list[str], path: str) -> None:
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def _plot_rows(fig, axes, rows: list[dict], groups: list[str], labels: list[str], path: str) -> None:
   width = 0.8 / max(len(rows), 1)
   for ax, metric in zip(axes, ("recall@100", "ndcg@10")):
     for i, r in enumerate(rows):
       vals = [100 * (r["overall"] if g == "overall" else r["by_tag"].get(g, {})).get(metric, np.nan) for g in groups]
       ax.bar(np.arange(len(groups)) + i * width, vals, width, label=r["row"])
     ax.set_xticks(np.arange(len(groups)) + width * (len(rows) - 1) / 2)
-    ax.set_xticklabels(labels, rotation=20)
+    ax.set_xticklabels(labels, rotation=20, parse_math=False)  # a tag "$5 gifts$" is text, not maths
     ax.set_title(metric)
     ax.set_ylabel("%")
     ax.grid(axis="y", alpha=0.3)
   axes[0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0, stage1_steps: int = 0,

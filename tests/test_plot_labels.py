@@ -44,7 +44,8 @@ def test_another_installed_font_is_added_for_characters_the_default_lacks():
 
 def test_plot_with_unseen_scripts_draws_every_label(tmp_path):
   rows = [{"row": r, "overall": {"recall@100": 0.5, "ndcg@10": 0.2},
-           "by_tag": {"红色": {"recall@100": 0.4, "ndcg@10": 0.1}, "colour": {"recall@100": 0.3, "ndcg@10": 0.1}}}
+           "by_tag": {"红色": {"recall@100": 0.4, "ndcg@10": 0.1}, "colour": {"recall@100": 0.3, "ndcg@10": 0.1},
+                      "$5 中$": {"recall@100": 0.2, "ndcg@10": 0.1}, "$x^2$ gifts": {"recall@100": 0.1, "ndcg@10": 0.0}}}
           for r in ("text_only", "fusion_ft")]
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
