@@ -26,6 +26,8 @@ def get_config(arg=None):
   c.model.variant = a.variant
   c.loss.kind = a.loss
   c.data.batch_size = 64
+  if a.text and a.runlocal:
+    raise ValueError("text= and runlocal=True: runlocal shrinks the towers to its smoke size; pick one")
   if a.text:
     from mmr_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
     c.model.text = text_lib.get_config(a.text, vocab_size=c.model.text.vocab_size, max_len=c.model.text.max_len)

@@ -60,6 +60,8 @@ def test_demo_text_size_preset():
   assert big.model.fusion.width == 768 and big.model.fusion.num_heads == 12
   assert big.model.text.vocab_size == small.model.text.vocab_size  # still taken from the tokenizer
   assert big.model.text.max_len == small.model.text.max_len and small.model.text.width < 768
+  with pytest.raises(ValueError, match="runlocal"):
+    demo.get_config("stage=2,text=B,runlocal=True")
 
 
 @pytest.mark.slow

@@ -120,24 +120,26 @@ def _jax_attention(query, key, value, bias=None, mask=None, dropout_rate=0.0, de
   written to memory. It has no attention dropout and raises on unsupported shapes or devices. With a
   mask it needs even query and key lengths in training (JAX raises "Unsupported sequence length" for the
   fusion network's attention to 197 ViT tokens), so `pad_odd` (default: for "cudnn") pads an odd length
-  by one: a padded key is masked out, a padded query row repeats row 0's mask and is dropped.
+  by one: a padded key is masked out, a padded query row repeats row 0's mask and is dropped. Rows with
+  every key masked (the fusion network zeroes their update) then average over one more zero key.
   """
   if dropout_rate > 0.0 and not deterministic:
     raise ValueError(f"attention_impl={implementation!r} has no attention dropout; set dropout=0 or "
                      "attention_impl='flax'")
   if pad_odd is None:
     pad_odd = implementation == "cudnn"
+  if mask is None or (implementation != "cudnn" and not pad_odd):
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
+                                        implementation=implementation)
   b, t, _, _ = query.shape
   s = key.shape[1]
-  if mask is not None and implementation == "cudnn":
-    # cuDNN takes the mask as a bias of full [B, 1|heads, T, S] shape, not a broadcast [B, 1, 1, S].
-    mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, s))
-  if mask is None or not pad_odd or (t % 2 == 0 and s % 2 == 0):
+  # cuDNN takes the mask as a bias of full [B, 1|heads, T, S] shape, not a broadcast [B, 1, 1, S].
+  mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, s))
+  if not pad_odd or (t % 2 == 0 and s % 2 == 0):
     return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
                                         implementation=implementation)
   if bias is not None:
     raise NotImplementedError("pad_odd with a bias")
-  mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, s))
   if s % 2:
     key, value = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (key, value))
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=False)
