@@ -268,13 +268,19 @@ def _slow_import(src, out, ready):
   return proc
 
 
-def test_sigterm_during_import_leaves_no_temporary_folder(catalog_writer, tmp_path):
+def _interrupted_import(catalog_writer, tmp_path):
+  """Returns (src, DATA_DIR, its file list, a running re-import of it stalled while writing)."""
   src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "first"}],
                        [{"id": "q0", "text": "query", "split": "train"}], [("q0", "p0", "E")])
   out = tmp_path / "data"
   importer.import_catalog(src, out, vocab_size=300, progress=False, verbose=False)
   before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
   proc = _slow_import(src, out, tmp_path / "ready")
+  return src, out, before, proc
+
+
+def test_sigterm_during_import_leaves_no_temporary_folder(catalog_writer, tmp_path):
+  _, out, before, proc = _interrupted_import(catalog_writer, tmp_path)
   try:
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=60)
@@ -298,12 +304,7 @@ def test_urls_are_refused_before_anything_is_written(catalog_writer, tmp_path, m
 
 
 def test_next_import_removes_what_a_hard_kill_left(catalog_writer, tmp_path):
-  src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "first"}],
-                       [{"id": "q0", "text": "query", "split": "train"}], [("q0", "p0", "E")])
-  out = tmp_path / "data"
-  importer.import_catalog(src, out, vocab_size=300, progress=False, verbose=False)
-  before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
-  proc = _slow_import(src, out, tmp_path / "ready")
+  src, out, before, proc = _interrupted_import(catalog_writer, tmp_path)
   proc.kill()  # SIGKILL: no handler runs, the temporary folder stays
   proc.wait(timeout=60)
   left = [p for p in tmp_path.iterdir() if p.name.startswith(".data.importing-")]
