@@ -29,10 +29,7 @@ def get_config(arg=None):
   if a.text and a.runlocal:
     raise ValueError("text= and runlocal=True: runlocal shrinks the towers to its smoke size; pick one")
   if a.text:
-    from mmr_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
-    c.model.text = text_lib.get_config(a.text, vocab_size=c.model.text.vocab_size, max_len=c.model.text.max_len)
-    c.model.fusion.width = c.model.text.width
-    c.model.fusion.num_heads = c.model.text.num_heads
+    config_lib.set_text_tower(c, a.text, max_len=c.model.text.max_len)
   # Sized so the whole ablation (stage 1 + six rows, each evaluated) fits the README's ~10 minute budget
   # on a 2-core CPU; more steps help every row (see README for the measured table).
   c.train.steps = 200 if a.stage == 2 else 250

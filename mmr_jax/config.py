@@ -143,7 +143,6 @@ def set_b16_model(c: ConfigDict, *, remat: bool = False, scan_layers: bool = Fal
   `remat`, `scan_layers`, `remat_policy` and `attention_impl` apply to all three towers.
   """
   from mmr_jax.models import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
-  from mmr_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
   from mmr_jax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
   c.data.image_size = 224
   c.data.query_len = 32
@@ -151,13 +150,21 @@ def set_b16_model(c: ConfigDict, *, remat: bool = False, scan_layers: bool = Fal
   c.data.title_len = 32
   stack = dict(remat=remat, scan_layers=scan_layers, remat_policy=remat_policy, attention_impl=attention_impl)
   c.model.vit = vit_lib.get_config("B/16", pool_type="map", **stack)
-  c.model.text = text_lib.get_config("B", vocab_size=-1, max_len=128, **stack)
   c.model.fusion = fusion_lib.get_config(**stack)
-  c.model.fusion.width = c.model.text.width
-  c.model.fusion.num_heads = c.model.text.num_heads
+  set_text_tower(c, "B", max_len=128, **stack)
   c.model.fusion.depth = 2
   c.model.embed_dim = 512
   c.model.dtype = "bfloat16"
+  return c
+
+
+def set_text_tower(c: ConfigDict, size: str, *, max_len: int, **overrides) -> ConfigDict:
+  """Sets the text towers to size preset `size` ("mu", "S", "B", ...); the fusion network follows their
+  width and heads. The vocabulary size stays -1 (the trainer reads it from DATA_DIR's tokenizer)."""
+  from mmr_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
+  c.model.text = text_lib.get_config(size, vocab_size=-1, max_len=max_len, **overrides)
+  c.model.fusion.width = c.model.text.width
+  c.model.fusion.num_heads = c.model.text.num_heads
   return c
 
 
