@@ -12,7 +12,11 @@ writes
 
 The towers are the JAX model converted with jax2tf (native serialisation: StableHLO inside an
 `XlaCallModule` op, lowered for `--platforms`, default cpu and cuda), batch dimension polymorphic, run
-as one XLA cluster per request shape. The parameters are `tf.Variable`s on the exported `tf.Module`
+as one XLA cluster. XLA compiles that cluster once per input shape (a B-size query tower: ~1.8 s on
+CPU, a stall for the request that brings a new shape), so a request's batch is padded with zero rows to
+the next of BATCH_BUCKETS (1, 2, 4, ..., 1024; beyond, a multiple of 1024) and the padding rows are
+dropped from the output: at most a dozen compiles, and batch 1 and 64 run unpadded (the extra TF ops
+cost ~1% at the demo tower's batch 1). The parameters are `tf.Variable`s on the exported `tf.Module`
 (in `variables/`, not constants in the graph): the leaves the tower computes with, in `m.params`, a
 dict of variables: each leaf over 64 KiB (the matrices) is a variable of its own, the small ones
 (biases, norms) are concatenated into one flat variable per dtype, because every variable a call reads
@@ -389,6 +393,9 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
 # matrices), batch 1: all packed 85 ms per query in TF (124 ms for the same function in JAX), matrices
 # as variables of their own 56 ms (JAX with its usual parameter tree: 47-54 ms).
 PACK_MAX_BYTES = 64 * 1024
+# Batch sizes the towers' XLA programs are compiled for: a request's batch is padded up to the next one
+# (above the last, to a multiple of it); see _run_bucketed.
+BATCH_BUCKETS = tuple(2 ** i for i in range(11))  # 1, 2, 4, ..., 1024
 
 
 @dataclasses.dataclass
@@ -470,19 +477,36 @@ def unflatten_params(variables: Mapping[str, Any], layout_json) -> dict[str, np.
   return {e["name"]: _layout_leaf(arrays, e) for e in layout}
 
 
-def _at_least_one_row(fn, *inputs):
-  """Returns fn(*inputs)[:B] (each output), running fn on at least one row (zeros when B == 0).
+def batch_bucket(n: int) -> int:
+  """Returns the batch size a request of n rows is padded to: the smallest of BATCH_BUCKETS that is
+  >= max(n, 1); above the largest, the next multiple of it. `tf_batch_bucket` in TF ops."""
+  last = BATCH_BUCKETS[-1]
+  return next((b for b in BATCH_BUCKETS if b >= max(n, 1)), -(-n // last) * last)
 
-  jax2tf's shape polymorphism assumes dimensions >= 1, so an empty batch would fail the module's shape
-  check. Called inside the jit-compiled function, where XLA compiles each batch size with static shapes,
-  the padding and slicing are part of the XLA program: a request runs no extra TF ops for them (a TF-side
-  pad and slice were a dozen small ops per request, each a scheduling step of TF's executor).
+
+def tf_batch_bucket(n):
+  """Returns `batch_bucket(n)` for an int32 scalar tensor n, in TF ops."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  buckets = tf.constant(BATCH_BUCKETS, tf.int32)
+  last = BATCH_BUCKETS[-1]
+  i = tf.minimum(tf.searchsorted(buckets, tf.reshape(n, [1]))[0], len(BATCH_BUCKETS) - 1)
+  return tf.where(n > last, (n + last - 1) // last * last, tf.gather(buckets, i))
+
+
+def _run_bucketed(fn, *inputs):
+  """Returns fn(*inputs) (one output), with the batch padded to `tf_batch_bucket` rows and sliced back.
+
+  `fn` is a jit-compiled function, which XLA compiles once per input shape: at a B-size tower that is
+  ~2 s per batch size never seen before (measured on CPU), a stall for the request that brings it and
+  one more executable kept in memory. Padding to BATCH_BUCKETS bounds the shapes to a dozen. It also
+  gives an empty batch one row: jax2tf's shape polymorphism assumes dimensions >= 1. Rows are
+  independent in the towers, so the padding rows (zeros) change nothing in the others.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n = tf.shape(inputs[0])[0]
-  rows = tf.maximum(n, 1)
-  padded = [tf.pad(x, [[0, 1]] + [[0, 0]] * (x.shape.rank - 1))[:rows] for x in inputs]
-  return tf.nest.map_structure(lambda y: y[:n], fn(*padded))
+  rows = tf_batch_bucket(n)
+  padded = [tf.pad(x, [[0, rows - n]] + [[0, 0]] * (x.shape.rank - 1)) for x in inputs]
+  return fn(*padded)[:n]
 
 
 def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
@@ -507,12 +531,12 @@ def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
     def _model(self, tokens):
       # One XLA cluster per input shape (variables read inside it): measured 0.1-0.25 ms less per call
       # on CPU than the bare XlaCallModule op fed by ReadVariableOps (XLA's on-demand path).
-      emb = _at_least_one_row(lambda t: conv.fn(self.params, t), tokens)
+      emb = conv.fn(self.params, tokens)
       emb.set_shape([None, dim])  # static only: no EnsureShape op per request
       return emb
 
     def embed_ids(self, tokens):
-      return self._model(tokens)
+      return _run_bucketed(self._model, tokens)
 
     def embed(self, queries):
       return self.embed_ids(self.tokenizer(tf_sanitize_utf8(queries)))
@@ -576,12 +600,12 @@ def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
     @tf.function(jit_compile=True, autograph=False)
     def _model(self, tokens, pixels, has_image):
       # jit_compile: see QueryTower._model.
-      emb = _at_least_one_row(lambda *x: conv.fn(self.params, *x), tokens, pixels, has_image)
+      emb = conv.fn(self.params, tokens, pixels, has_image)
       emb.set_shape([None, dim])
       return emb
 
     def _embed(self, tokens, pixels, has_image):
-      return self._model(tokens, pixels, has_image)
+      return _run_bucketed(self._model, tokens, pixels, has_image)
 
     @tf.function(input_signature=raw_sig, autograph=False)
     def serve(self, title, description, attributes, image):

@@ -301,6 +301,43 @@ def test_empty_batches_give_empty_outputs(models, trained):
   assert out["embedding"].shape == (0, d) and out["has_image"].shape == (0,)
 
 
+def test_batch_buckets():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  last = export.BATCH_BUCKETS[-1]
+  for n in (0, 1, 2, 3, 5, 63, 64, 65, last - 1, last, last + 1, 2 * last, 2 * last + 1):
+    want = next((b for b in export.BATCH_BUCKETS if b >= max(n, 1)), -(-n // last) * last)
+    assert int(export.tf_batch_bucket(tf.constant(n))) == export.batch_bucket(n) == want, n
+
+
+def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monkeypatch):
+  """Each tower's XLA program sees padded batches (one compile per bucket); rows come back unchanged."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  seen = []
+  run = export._run_bucketed  # pylint: disable=protected-access
+  monkeypatch.setattr(export, "_run_bucketed",
+                      lambda fn, *x: run(lambda *y: (seen.append(y[0].shape[0]), fn(*y))[1], *x))
+  tokenizer = os.path.join(tiny_data, "tokenizer.model")
+  qt = export._make_query_tower(trained, tokenizer, ("cpu",))  # pylint: disable=protected-access
+  q_len = int(trained.config.data.query_len)
+  for n in (0, 3, 5):
+    tokens = tok.encode(["red dress", "", "blue cotton shirt", "wool", "x"][:n], q_len)
+    emb = qt.embed_ids(tf.constant(tokens.reshape(n, q_len))).numpy()  # eager: concrete shapes
+    assert emb.shape == (n, trained.config.model.embed_dim)
+    if n:
+      np.testing.assert_allclose(emb, trained.embed_queries({"query_tokens": tokens}), atol=TOL, rtol=0)
+  assert seen == [1, 4, 8]
+  seen.clear()
+  cfg = trained.config.data
+  pt = export._make_product_tower(trained, tokenizer, ("cpu",))  # pylint: disable=protected-access
+  rng = np.random.default_rng(1)
+  batch = {"product_tokens": rng.integers(1, 50, (3, cfg.product_len)).astype(np.int32),
+           "image": rng.integers(0, 256, (3, cfg.image_size, cfg.image_size, 3), dtype=np.uint8),
+           "has_image": np.array([True, False, True])}
+  emb = pt._embed(*(tf.constant(batch[k]) for k in ("product_tokens", "image", "has_image"))).numpy()  # pylint: disable=protected-access
+  assert seen == [4]
+  np.testing.assert_allclose(emb, trained.embed_products(batch), atol=TOL, rtol=0)
+
+
 def test_bad_requests_fail_cleanly_and_the_model_keeps_serving(models):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   sv = models["serving"].signatures["serving_default"]

@@ -22,6 +22,11 @@ reported. Prints one JSON object (and writes it to --json_out):
 
 ratio = savedmodel_ms / jax_ms (below 1: the SavedModel is faster).
 
+Before the timing, `first_calls` records the first call of each batch size in `--first_call_sizes` on the
+freshly loaded model, in that order: {"batch", "bucket" (the padded size the towers' XLA program runs),
+"savedmodel_ms", "jax_ms"}. A size whose bucket is new pays an XLA compile; a size sharing a bucket
+already seen does not (the jitted JAX tower compiles every new size).
+
   python tools/bench_export.py --workdir WORKDIR --out EXPORT_DIR [--data DATA_DIR]
   (exports first when EXPORT_DIR/serving does not exist)
 """
@@ -145,6 +150,8 @@ def main(argv=None) -> dict:
   p.add_argument("--k", type=int, default=100, help="k when exporting (an existing export keeps its own)")
   p.add_argument("--json_out", default=None, help="also write the JSON here")
   p.add_argument("--no_graph_mode", action="store_true", help="skip the graph-mode (Session.run) timing")
+  p.add_argument("--first_call_sizes", default="1,3,4,5,7,8,2",
+                 help="batch sizes whose first call (compile included) is timed, in order; '' skips")
   p.add_argument("--graph_worker", default=None, help=argparse.SUPPRESS)
   if argv is None and "--graph_worker" in sys.argv:  # child process of _graph_mode_ms
     with open(sys.argv[sys.argv.index("--graph_worker") + 1]) as f:
@@ -174,6 +181,16 @@ def main(argv=None) -> dict:
   def jax_trained(queries):
     return jax_bare(queries, lambda t: trained_fn({"query_tokens": t}))
 
+  first_calls = []
+  for b in [int(x) for x in args.first_call_sizes.split(",") if x.strip()]:
+    queries = _queries(data_dir, b)
+    t0 = time.perf_counter()
+    run_savedmodel(queries)
+    t1 = time.perf_counter()
+    jax_bare(queries)
+    t2 = time.perf_counter()
+    first_calls.append({"batch": b, "bucket": export.batch_bucket(b), "savedmodel_ms": 1000 * (t1 - t0), "jax_ms": 1000 * (t2 - t1)})
+    _log(f"first call: {json.dumps(first_calls[-1])}")
   results = {}
   batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
   graph_ms = {}
@@ -211,7 +228,7 @@ def main(argv=None) -> dict:
     _log(f"batch {b}: {json.dumps(results[str(b)])}")
 
   report = {
-      "batch_sizes": results, "num_products": int(index.size), "k": k, "repeats": args.repeats,
+      "batch_sizes": results, "first_calls": first_calls, "num_products": int(index.size), "k": k, "repeats": args.repeats,
       "statistic": "median ms per call (batch of raw query strings -> top-k ids and scores)",
       "device": jax.devices()[0].device_kind, "platform": platform.platform(), "cpu_count": os.cpu_count(),
       "load_average": list(os.getloadavg()), "versions": export._versions(),  # pylint: disable=protected-access
