@@ -60,10 +60,10 @@ Measured parity (tests/test_export.py; `export_summary.json` records the numbers
 Latency (tools/bench_export.py: the serving SavedModel called from Python vs numpy tokenisation + jitted
 JAX tower + `ScannIndex.search`, timed alternately in one process, medians; "graph" is the SavedModel
 under TF's graph runtime, Session.run, what TF Serving's C++ server does per request; 2 shared CPU cores;
-B-size three runs, demo-size two):
+B-size six runs over two sessions, demo-size two):
   B-size query tower (configs/demo.py text=B, 12 x 768, 2.7 GFLOP per query; 300 products):
-    batch 1:  SavedModel 54-56 / JAX 46-47 ms -> ratio 1.17-1.20 (graph 1.11-1.16)
-    batch 64: SavedModel 714-738 / JAX 748-769 ms -> ratio 0.95-0.96 (graph 0.95-0.98)
+    batch 1:  SavedModel 54-59 / JAX 45-47 ms -> ratio 1.17-1.27 (graph 1.11-1.19)
+    batch 64: SavedModel 710-753 / JAX 732-780 ms -> ratio 0.94-1.00 (graph 0.95-0.98)
   demo-size tower (2 x 64, 3.4 MFLOP per query; 3000 products):
     batch 1:  SavedModel 1.3-1.5 / JAX 0.7-0.9 ms -> ratio 1.62-1.83 (graph 1.46-1.48)
     batch 64: ratio 1.26-1.28 (graph 1.06-1.13)
@@ -73,7 +73,10 @@ JAX call, and TF's XLA cluster launch ~0.1 ms more than JAX's. Neither can be ch
 SavedModel, nor can the caller-side thread settings that help a little (tf.config.threading inter/intra
 op 1). At a production-size tower the work dominates, and the matrices matter: they are variables of
 their own (PACK_MAX_BYTES), which took the B-size batch-1 query from 85 to 56 ms; the rest of the gap is
-TF 2.20's XLA running one query's [16, 768] x [768, N] matmuls ~15% slower than the XLA in JAX.
+the compiler: TF 2.20's XLA makes the same StableHLO into Eigen matmul calls, LayerNorm reductions split
+in two (reduce-window + reduce) and thread-split GELUs, where JAX 0.10's XLA emits YNNPACK fusions with
+bias and activation inside the matmul (a bare [16, 768] x [768, 3072] matmul chain is only ~5% slower in
+TF). ScaNN 1.4.2's TF ops pin TF at 2.20.
 
 Embeddings (OUT/embeddings/):
   embeddings.npy   float32 [N, D], row i = product index i (the DATA_DIR products table's row order),
