@@ -14,9 +14,9 @@ The towers are the JAX model converted with jax2tf (native serialisation: Stable
 `XlaCallModule` op, lowered for `--platforms`, default cpu and cuda), batch dimension polymorphic, run
 as one XLA cluster. XLA compiles that cluster once per input shape (a B-size query tower: ~1.8 s on
 CPU, a stall for the request that brings a new shape), so a request's batch is padded with zero rows to
-the next of BATCH_BUCKETS (1, 2, 4, ..., 1024; beyond, a multiple of 1024) and the padding rows are
-dropped from the output: at most a dozen compiles, and batch 1 and 64 run unpadded (the extra TF ops
-cost ~1% at the demo tower's batch 1). The parameters are `tf.Variable`s on the exported `tf.Module`
+the next of `--batch_buckets` (default BATCH_BUCKETS: 1, 2, 4, ..., 1024; beyond the last, a multiple of
+it) and the padding rows are dropped from the output: at most a dozen compiles, and batch 1 and 64 run
+unpadded (the extra TF ops cost ~1% at the demo tower's batch 1). The parameters are `tf.Variable`s on the exported `tf.Module`
 (in `variables/`, not constants in the graph): the leaves the tower computes with, in `m.params`, a
 dict of variables: each leaf over 64 KiB (the matrices) is a variable of its own, the small ones
 (biases, norms) are concatenated into one flat variable per dtype, because every variable a call reads
@@ -480,23 +480,34 @@ def unflatten_params(variables: Mapping[str, Any], layout_json) -> dict[str, np.
   return {e["name"]: _layout_leaf(arrays, e) for e in layout}
 
 
-def batch_bucket(n: int) -> int:
-  """Returns the batch size a request of n rows is padded to: the smallest of BATCH_BUCKETS that is
+def check_batch_buckets(buckets) -> tuple[int, ...]:
+  """Returns `buckets` as a tuple of ints if they are positive and increasing, else raises ValueError."""
+  try:
+    out = tuple(int(b) for b in buckets)
+  except (TypeError, ValueError):
+    raise ValueError(f"batch_buckets must be positive integers in increasing order, got {buckets!r}") from None
+  if not out or out[0] < 1 or any(a >= b for a, b in zip(out, out[1:])):
+    raise ValueError(f"batch_buckets must be positive integers in increasing order, got {buckets!r}")
+  return out
+
+
+def batch_bucket(n: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
+  """Returns the batch size a request of n rows is padded to: the smallest of `buckets` that is
   >= max(n, 1); above the largest, the next multiple of it. `tf_batch_bucket` in TF ops."""
-  last = BATCH_BUCKETS[-1]
-  return next((b for b in BATCH_BUCKETS if b >= max(n, 1)), -(-n // last) * last)
+  last = buckets[-1]
+  return next((b for b in buckets if b >= max(n, 1)), -(-n // last) * last)
 
 
-def tf_batch_bucket(n):
-  """Returns `batch_bucket(n)` for an int32 scalar tensor n, in TF ops."""
+def tf_batch_bucket(n, buckets: Sequence[int] = BATCH_BUCKETS):
+  """Returns `batch_bucket(n, buckets)` for an int32 scalar tensor n, in TF ops."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  buckets = tf.constant(BATCH_BUCKETS, tf.int32)
-  last = BATCH_BUCKETS[-1]
-  i = tf.minimum(tf.searchsorted(buckets, tf.reshape(n, [1]))[0], len(BATCH_BUCKETS) - 1)
-  return tf.where(n > last, (n + last - 1) // last * last, tf.gather(buckets, i))
+  table = tf.constant(buckets, tf.int32)
+  last = buckets[-1]
+  i = tf.minimum(tf.searchsorted(table, tf.reshape(n, [1]))[0], len(buckets) - 1)
+  return tf.where(n > last, (n + last - 1) // last * last, tf.gather(table, i))
 
 
-def _run_bucketed(fn, *inputs):
+def _run_bucketed(fn, buckets: Sequence[int], *inputs):
   """Returns fn(*inputs) (one output), with the batch padded to `tf_batch_bucket` rows and sliced back.
 
   `fn` is a jit-compiled function, which XLA compiles once per input shape: at a B-size tower that is
@@ -507,12 +518,12 @@ def _run_bucketed(fn, *inputs):
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n = tf.shape(inputs[0])[0]
-  rows = tf_batch_bucket(n)
+  rows = tf_batch_bucket(n, buckets)
   padded = [tf.pad(x, [[0, rows - n]] + [[0, 0]] * (x.shape.rank - 1)) for x in inputs]
   return fn(*padded)[:n]
 
 
-def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
+def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str], buckets: Sequence[int] = BATCH_BUCKETS):
   """Returns a tf.Module: raw query strings -> L2-normalised embeddings (see module doc)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
@@ -539,7 +550,7 @@ def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
       return emb
 
     def embed_ids(self, tokens):
-      return _run_bucketed(self._model, tokens)
+      return _run_bucketed(self._model, buckets, tokens)
 
     def embed(self, queries):
       return self.embed_ids(self.tokenizer(tf_sanitize_utf8(queries)))
@@ -570,7 +581,8 @@ def _check_same_batch(**tensors):
           for n in names[1:]]
 
 
-def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
+def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str],
+                        buckets: Sequence[int] = BATCH_BUCKETS):
   """Returns a tf.Module: product fields + image bytes -> product embeddings (see module doc)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
@@ -608,7 +620,7 @@ def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str]):
       return emb
 
     def _embed(self, tokens, pixels, has_image):
-      return _run_bucketed(self._model, tokens, pixels, has_image)
+      return _run_bucketed(self._model, buckets, tokens, pixels, has_image)
 
     @tf.function(input_signature=raw_sig, autograph=False)
     def serve(self, title, description, attributes, image):
@@ -772,23 +784,25 @@ def _save(module, out_dir: str, signatures: Mapping[str, Any]) -> str:
   return out_dir
 
 
-def export_query_tower(tm, tokenizer_path: str, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS):
+def export_query_tower(tm, tokenizer_path: str, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                       batch_buckets: Sequence[int] = BATCH_BUCKETS):
   """Writes the query-tower SavedModel to out_dir; returns out_dir."""
-  m = _make_query_tower(tm, tokenizer_path, _check_platforms(platforms))
+  m = _make_query_tower(tm, tokenizer_path, _check_platforms(platforms), check_batch_buckets(batch_buckets))
   return _save(m, out_dir, {"serving_default": m.serve, "tokenize": m.tokenize, "embed_tokens": m.embed_tokens})
 
 
-def export_product_tower(tm, tokenizer_path: str, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS):
+def export_product_tower(tm, tokenizer_path: str, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                         batch_buckets: Sequence[int] = BATCH_BUCKETS):
   """Writes the product-tower SavedModel to out_dir; returns out_dir."""
-  m = _make_product_tower(tm, tokenizer_path, _check_platforms(platforms))
+  m = _make_product_tower(tm, tokenizer_path, _check_platforms(platforms), check_batch_buckets(batch_buckets))
   return _save(m, out_dir, {"serving_default": m.serve, "preprocess": m.preprocess,
                             "embed_preprocessed": m.embed_preprocessed})
 
 
 def export_serving(tm, tokenizer_path: str, index_dir: str, ids: Sequence[str], out_dir: str, k: int = 100,
-                   platforms: Sequence[str] = DEFAULT_PLATFORMS):
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_buckets: Sequence[int] = BATCH_BUCKETS):
   """Writes the serving SavedModel (query strings -> top-k ids, scores, indices) to out_dir; returns out_dir."""
-  q = _make_query_tower(tm, tokenizer_path, _check_platforms(platforms))
+  q = _make_query_tower(tm, tokenizer_path, _check_platforms(platforms), check_batch_buckets(batch_buckets))
   m = _make_serving(q, index_dir, ids, k)
   return _save(m, out_dir, {"serving_default": m.serve})
 
@@ -1056,7 +1070,8 @@ def _versions() -> dict:
 def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: int = 100,
                    platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_size: int = 256,
                    shard_batches: int = 16, scann_overrides: Mapping[str, Any] | None = None,
-                   rebuild_index: bool = False, parity: bool = True, progress: bool = True) -> dict | None:
+                   rebuild_index: bool = False, parity: bool = True, progress: bool = True,
+                   batch_buckets: Sequence[int] = BATCH_BUCKETS) -> dict | None:
   """Exports a trained workdir into `out` (layout in the module doc); returns the summary on process 0."""
   import jax  # pylint: disable=g-import-not-at-top
   from mmr_jax import inference  # pylint: disable=g-import-not-at-top
@@ -1065,6 +1080,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
   if int(k) != k or k < 1:
     raise ValueError(f"k must be a positive integer, got {k!r}")
   platforms = _check_platforms(platforms)
+  batch_buckets = check_batch_buckets(batch_buckets)
   t_start = time.time()
   timings = {}
 
@@ -1119,10 +1135,12 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
       epath.Path(info_path).write_text(json.dumps(info, indent=2, default=float))
       shutil.rmtree(os.path.join(emb_dir, "shards"), ignore_errors=True)
 
-    for name, fn in (("query_tower", lambda p: export_query_tower(tm_host, tokenizer_path, p, platforms)),
-                     ("product_tower", lambda p: export_product_tower(tm_host, tokenizer_path, p, platforms)),
+    for name, fn in (("query_tower", lambda p: export_query_tower(tm_host, tokenizer_path, p, platforms,
+                                                                  batch_buckets)),
+                     ("product_tower", lambda p: export_product_tower(tm_host, tokenizer_path, p, platforms,
+                                                                      batch_buckets)),
                      ("serving", lambda p: export_serving(tm_host, tokenizer_path, os.path.join(emb_dir, "index"),
-                                                          ids, p, k, platforms))):
+                                                          ids, p, k, platforms, batch_buckets))):
       step(f"writing {name} SavedModel")
       t0 = time.time()
       fn(os.path.join(out, name))
@@ -1141,6 +1159,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
         "workdir": os.path.abspath(workdir), "data_dir": os.path.abspath(data_dir), "step": int(tm.step),
         "variant": tm.config.model.variant, "embedding_dim": int(two_tower.embedding_dim(tm.config.model)),
         "num_products": int(info["num_products"]), "k": int(k), "platforms": list(platforms),
+        "batch_buckets": list(batch_buckets),
         "inputs": {"query_len": int(tm.config.data.query_len), "product_len": int(tm.config.data.product_len),
                    "image_size": int(tm.config.data.image_size)},
         "paths": {name: os.path.join(os.path.abspath(out), name)
@@ -1173,7 +1192,15 @@ def main(argv=None):
                  help="re-embed and rebuild the index even if OUT/embeddings or WORKDIR/index can be reused")
   p.add_argument("--no_parity", action="store_true", help="skip the SavedModel vs JAX parity measurement")
   p.add_argument("--no_progress", action="store_true", help="no progress output")
+  p.add_argument("--batch_buckets", default=",".join(map(str, BATCH_BUCKETS)),
+                 help="comma-separated increasing batch sizes the towers' XLA programs are compiled for; a "
+                      "request is padded to the next one (above the last, to a multiple of it). Default: "
+                      "powers of two to 1024")
   args = p.parse_args(argv)
+  try:
+    buckets = check_batch_buckets(args.batch_buckets.split(","))
+  except ValueError as e:
+    p.error(f"--batch_buckets: {e}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
   train.maybe_initialize_distributed()
@@ -1181,7 +1208,7 @@ def main(argv=None):
                            batch_size=args.batch_size, shard_batches=args.shard_batches,
                            scann_overrides=json.loads(args.scann) if args.scann else None,
                            rebuild_index=args.rebuild_index, parity=not args.no_parity,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, batch_buckets=buckets)
   if summary is not None:
     print(json.dumps({k: summary[k] for k in ("paths", "num_products", "k", "parity", "timings")},
                      indent=2, default=float))

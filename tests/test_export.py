@@ -301,12 +301,21 @@ def test_empty_batches_give_empty_outputs(models, trained):
   assert out["embedding"].shape == (0, d) and out["has_image"].shape == (0,)
 
 
-def test_batch_buckets():
+def test_batch_buckets(capsys):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   last = export.BATCH_BUCKETS[-1]
   for n in (0, 1, 2, 3, 5, 63, 64, 65, last - 1, last, last + 1, 2 * last, 2 * last + 1):
     want = next((b for b in export.BATCH_BUCKETS if b >= max(n, 1)), -(-n // last) * last)
     assert int(export.tf_batch_bucket(tf.constant(n))) == export.batch_bucket(n) == want, n
+  for n, want in ((0, 3), (3, 3), (4, 10), (10, 10), (11, 20), (21, 30)):
+    assert int(export.tf_batch_bucket(tf.constant(n), (3, 10))) == export.batch_bucket(n, (3, 10)) == want, n
+  assert export.check_batch_buckets(["1", "8"]) == (1, 8)
+  for bad in ((), (0, 4), (4, 2), (2, 2), ("a",)):
+    with pytest.raises(ValueError, match="batch_buckets"):
+      export.check_batch_buckets(bad)
+  with pytest.raises(SystemExit):
+    export.main(["--workdir", "w", "--out", "o", "--batch_buckets", "8,4"])
+  assert "--batch_buckets" in capsys.readouterr().err
 
 
 def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monkeypatch):
@@ -315,7 +324,7 @@ def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monke
   seen = []
   run = export._run_bucketed  # pylint: disable=protected-access
   monkeypatch.setattr(export, "_run_bucketed",
-                      lambda fn, *x: run(lambda *y: (seen.append(y[0].shape[0]), fn(*y))[1], *x))
+                      lambda fn, buckets, *x: run(lambda *y: (seen.append(y[0].shape[0]), fn(*y))[1], buckets, *x))
   tokenizer = os.path.join(tiny_data, "tokenizer.model")
   qt = export._make_query_tower(trained, tokenizer, ("cpu",))  # pylint: disable=protected-access
   q_len = int(trained.config.data.query_len)
@@ -328,13 +337,13 @@ def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monke
   assert seen == [1, 4, 8]
   seen.clear()
   cfg = trained.config.data
-  pt = export._make_product_tower(trained, tokenizer, ("cpu",))  # pylint: disable=protected-access
+  pt = export._make_product_tower(trained, tokenizer, ("cpu",), buckets=(2, 5))  # pylint: disable=protected-access
   rng = np.random.default_rng(1)
   batch = {"product_tokens": rng.integers(1, 50, (3, cfg.product_len)).astype(np.int32),
            "image": rng.integers(0, 256, (3, cfg.image_size, cfg.image_size, 3), dtype=np.uint8),
            "has_image": np.array([True, False, True])}
   emb = pt._embed(*(tf.constant(batch[k]) for k in ("product_tokens", "image", "has_image"))).numpy()  # pylint: disable=protected-access
-  assert seen == [4]
+  assert seen == [5]
   np.testing.assert_allclose(emb, trained.embed_products(batch), atol=TOL, rtol=0)
 
 
@@ -385,6 +394,7 @@ def test_exported_files(exported, trained, tiny_data):
   assert not os.path.exists(os.path.join(emb_dir, "shards"))
   on_disk = json.loads(open(os.path.join(out, export.SUMMARY_FILE)).read())
   assert on_disk["k"] == K and on_disk["num_products"] == len(ids) and on_disk["step"] == trained.step
+  assert on_disk["batch_buckets"] == list(export.BATCH_BUCKETS)
   for name in ("query_tower", "product_tower", "serving"):
     d = os.path.join(out, name)
     with open(os.path.join(d, "assets", export.TOKENIZER_ASSET), "rb") as f, \
@@ -489,7 +499,8 @@ def test_cli_end_to_end_with_parity(tiny_workdir, tiny_data, tmp_path):
   out = tmp_path / "out"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "mmr_jax.export", "--workdir", tiny_workdir, "--out", str(out),
-                      "--data", tiny_data, "--k", "7", "--no_progress"], capture_output=True, text=True,
+                      "--data", tiny_data, "--k", "7", "--no_progress", "--batch_buckets", "1,5"],
+                     capture_output=True, text=True,
                      timeout=900, env=env, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.loads((out / export.SUMMARY_FILE).read_text())
@@ -498,5 +509,6 @@ def test_cli_end_to_end_with_parity(tiny_workdir, tiny_data, tmp_path):
   assert p["product_end_to_end_max_abs_diff"] <= TOL and p["image_max_abs_diff"] == 0
   assert p["product_tokens_equal"] and p["has_image_equal"]
   assert summary["platforms"] == ["cpu", "cuda"] and summary["k"] == 7
+  assert summary["batch_buckets"] == [1, 5]  # parity above held with batches padded to multiples of 5
   sv = export.load_saved_model(str(out / "serving"))
   assert sv.signatures["serving_default"](queries=_strings(["dress"]))["ids"].shape == (1, 7)
