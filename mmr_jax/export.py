@@ -16,7 +16,9 @@ as one XLA cluster. XLA compiles that cluster once per input shape (a B-size que
 CPU, a stall for the request that brings a new shape), so a request's batch is padded with zero rows to
 the next of `--batch_buckets` (default BATCH_BUCKETS: 1, 2, 4, ..., 1024; beyond the last, a multiple of
 it) and the padding rows are dropped from the output: at most a dozen compiles, and batch 1 and 64 run
-unpadded (the extra TF ops cost ~1% at the demo tower's batch 1). The parameters are `tf.Variable`s on the exported `tf.Module`
+unpadded (the extra TF ops cost ~1% at the demo tower's batch 1). Every SavedModel carries TF Serving's
+warm-up file, `assets.extra/tf_serving_warmup_requests` (PredictionLog records: a `serving_default`
+request per bucket up to `--warmup_max_batch`), so TF Serving compiles them while loading the model. The parameters are `tf.Variable`s on the exported `tf.Module`
 (in `variables/`, not constants in the graph): the leaves the tower computes with, in `m.params`, a
 dict of variables: each leaf over 64 KiB (the matrices) is a variable of its own, the small ones
 (biases, norms) are concatenated into one flat variable per dtype, because every variable a call reads
@@ -399,6 +401,9 @@ PACK_MAX_BYTES = 64 * 1024
 # Batch sizes the towers' XLA programs are compiled for: a request's batch is padded up to the next one
 # (above the last, to a multiple of it); see _run_bucketed.
 BATCH_BUCKETS = tuple(2 ** i for i in range(11))  # 1, 2, 4, ..., 1024
+# TF Serving's warm-up file in each SavedModel: one request per bucket up to this batch size.
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+WARMUP_MAX_BATCH = 64
 
 
 @dataclasses.dataclass
@@ -773,38 +778,81 @@ def _make_serving(query_tower, index_dir: str, ids: Sequence[str], k: int):
 # --------------------------------------------------------------------------------------------- save
 
 
-def _save(module, out_dir: str, signatures: Mapping[str, Any]) -> str:
+def write_warmup_requests(path: str, requests: Sequence[Mapping[str, np.ndarray]],
+                          signature: str = "serving_default") -> None:
+  """Writes TF Serving's warm-up file: a TFRecord of PredictionLog, one predict request per input dict.
+
+  TF Serving runs these requests when it loads the model (`assets.extra/tf_serving_warmup_requests`),
+  so the XLA compile of each batch bucket happens before traffic arrives, not in a user's request.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import predict_pb2, prediction_log_pb2  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tf.io.TFRecordWriter(path) as w:
+    for inputs in requests:
+      req = predict_pb2.PredictRequest()
+      req.model_spec.signature_name = signature
+      for name, value in inputs.items():
+        req.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+      w.write(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=req))
+              .SerializeToString())
+
+
+def _warmup_batches(buckets: Sequence[int], max_batch: int) -> list[int]:
+  """Returns the bucket sizes to warm up: those up to max_batch (none when max_batch <= 0)."""
+  return [b for b in buckets if b <= max_batch]
+
+
+def _query_warmup(buckets, max_batch):
+  return [{"queries": np.asarray(["warmup"] * b, object)} for b in _warmup_batches(buckets, max_batch)]
+
+
+def _product_warmup(buckets, max_batch):
+  text = lambda s, b: np.asarray([s] * b, object)  # pylint: disable=unnecessary-lambda-assignment
+  return [{"title": text("warmup", b), "description": text("", b), "attributes": text("", b), "image": text(b"", b)}
+          for b in _warmup_batches(buckets, max_batch)]
+
+
+def _save(module, out_dir: str, signatures: Mapping[str, Any], warmup: Sequence[Mapping[str, Any]] = ()) -> str:
+  """Writes the SavedModel (and its warm-up requests for `serving_default`, if any) atomically to out_dir."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   out_dir = os.fspath(out_dir)
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   tf.saved_model.save(module, tmp, signatures=signatures)
+  if warmup:
+    write_warmup_requests(os.path.join(tmp, WARMUP_FILE), warmup)
   shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)
   return out_dir
 
 
 def export_query_tower(tm, tokenizer_path: str, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                       batch_buckets: Sequence[int] = BATCH_BUCKETS):
+                       batch_buckets: Sequence[int] = BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH):
   """Writes the query-tower SavedModel to out_dir; returns out_dir."""
-  m = _make_query_tower(tm, tokenizer_path, _check_platforms(platforms), check_batch_buckets(batch_buckets))
-  return _save(m, out_dir, {"serving_default": m.serve, "tokenize": m.tokenize, "embed_tokens": m.embed_tokens})
+  buckets = check_batch_buckets(batch_buckets)
+  m = _make_query_tower(tm, tokenizer_path, _check_platforms(platforms), buckets)
+  return _save(m, out_dir, {"serving_default": m.serve, "tokenize": m.tokenize, "embed_tokens": m.embed_tokens},
+               _query_warmup(buckets, warmup_max_batch))
 
 
 def export_product_tower(tm, tokenizer_path: str, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                         batch_buckets: Sequence[int] = BATCH_BUCKETS):
+                         batch_buckets: Sequence[int] = BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH):
   """Writes the product-tower SavedModel to out_dir; returns out_dir."""
-  m = _make_product_tower(tm, tokenizer_path, _check_platforms(platforms), check_batch_buckets(batch_buckets))
+  buckets = check_batch_buckets(batch_buckets)
+  m = _make_product_tower(tm, tokenizer_path, _check_platforms(platforms), buckets)
   return _save(m, out_dir, {"serving_default": m.serve, "preprocess": m.preprocess,
-                            "embed_preprocessed": m.embed_preprocessed})
+                            "embed_preprocessed": m.embed_preprocessed}, _product_warmup(buckets, warmup_max_batch))
 
 
 def export_serving(tm, tokenizer_path: str, index_dir: str, ids: Sequence[str], out_dir: str, k: int = 100,
-                   platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_buckets: Sequence[int] = BATCH_BUCKETS):
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_buckets: Sequence[int] = BATCH_BUCKETS,
+                   warmup_max_batch: int = WARMUP_MAX_BATCH):
   """Writes the serving SavedModel (query strings -> top-k ids, scores, indices) to out_dir; returns out_dir."""
-  q = _make_query_tower(tm, tokenizer_path, _check_platforms(platforms), check_batch_buckets(batch_buckets))
+  buckets = check_batch_buckets(batch_buckets)
+  q = _make_query_tower(tm, tokenizer_path, _check_platforms(platforms), buckets)
   m = _make_serving(q, index_dir, ids, k)
-  return _save(m, out_dir, {"serving_default": m.serve})
+  return _save(m, out_dir, {"serving_default": m.serve}, _query_warmup(buckets, warmup_max_batch))
 
 
 def load_saved_model(path: str):
@@ -1071,7 +1119,8 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
                    platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_size: int = 256,
                    shard_batches: int = 16, scann_overrides: Mapping[str, Any] | None = None,
                    rebuild_index: bool = False, parity: bool = True, progress: bool = True,
-                   batch_buckets: Sequence[int] = BATCH_BUCKETS) -> dict | None:
+                   batch_buckets: Sequence[int] = BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH
+                   ) -> dict | None:
   """Exports a trained workdir into `out` (layout in the module doc); returns the summary on process 0."""
   import jax  # pylint: disable=g-import-not-at-top
   from mmr_jax import inference  # pylint: disable=g-import-not-at-top
@@ -1135,12 +1184,12 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
       epath.Path(info_path).write_text(json.dumps(info, indent=2, default=float))
       shutil.rmtree(os.path.join(emb_dir, "shards"), ignore_errors=True)
 
-    for name, fn in (("query_tower", lambda p: export_query_tower(tm_host, tokenizer_path, p, platforms,
-                                                                  batch_buckets)),
+    shapes = {"batch_buckets": batch_buckets, "warmup_max_batch": warmup_max_batch}
+    for name, fn in (("query_tower", lambda p: export_query_tower(tm_host, tokenizer_path, p, platforms, **shapes)),
                      ("product_tower", lambda p: export_product_tower(tm_host, tokenizer_path, p, platforms,
-                                                                      batch_buckets)),
+                                                                      **shapes)),
                      ("serving", lambda p: export_serving(tm_host, tokenizer_path, os.path.join(emb_dir, "index"),
-                                                          ids, p, k, platforms, batch_buckets))):
+                                                          ids, p, k, platforms, **shapes))):
       step(f"writing {name} SavedModel")
       t0 = time.time()
       fn(os.path.join(out, name))
@@ -1160,6 +1209,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
         "variant": tm.config.model.variant, "embedding_dim": int(two_tower.embedding_dim(tm.config.model)),
         "num_products": int(info["num_products"]), "k": int(k), "platforms": list(platforms),
         "batch_buckets": list(batch_buckets),
+        "warmup_batch_sizes": _warmup_batches(batch_buckets, warmup_max_batch),
         "inputs": {"query_len": int(tm.config.data.query_len), "product_len": int(tm.config.data.product_len),
                    "image_size": int(tm.config.data.image_size)},
         "paths": {name: os.path.join(os.path.abspath(out), name)
@@ -1196,6 +1246,9 @@ def main(argv=None):
                  help="comma-separated increasing batch sizes the towers' XLA programs are compiled for; a "
                       "request is padded to the next one (above the last, to a multiple of it). Default: "
                       "powers of two to 1024")
+  p.add_argument("--warmup_max_batch", type=int, default=WARMUP_MAX_BATCH,
+                 help="write TF Serving warm-up requests (assets.extra/tf_serving_warmup_requests) for every "
+                      f"bucket up to this batch size (default {WARMUP_MAX_BATCH}; 0: none)")
   args = p.parse_args(argv)
   try:
     buckets = check_batch_buckets(args.batch_buckets.split(","))
@@ -1208,7 +1261,8 @@ def main(argv=None):
                            batch_size=args.batch_size, shard_batches=args.shard_batches,
                            scann_overrides=json.loads(args.scann) if args.scann else None,
                            rebuild_index=args.rebuild_index, parity=not args.no_parity,
-                           progress=not args.no_progress, batch_buckets=buckets)
+                           progress=not args.no_progress, batch_buckets=buckets,
+                           warmup_max_batch=args.warmup_max_batch)
   if summary is not None:
     print(json.dumps({k: summary[k] for k in ("paths", "num_products", "k", "parity", "timings")},
                      indent=2, default=float))

@@ -310,6 +310,8 @@ def test_batch_buckets(capsys):
   for n, want in ((0, 3), (3, 3), (4, 10), (10, 10), (11, 20), (21, 30)):
     assert int(export.tf_batch_bucket(tf.constant(n), (3, 10))) == export.batch_bucket(n, (3, 10)) == want, n
   assert export.check_batch_buckets(["1", "8"]) == (1, 8)
+  assert export._warmup_batches((1, 8, 64, 128), 64) == [1, 8, 64]  # pylint: disable=protected-access
+  assert not export._warmup_batches((1, 8), 0)  # pylint: disable=protected-access
   for bad in ((), (0, 4), (4, 2), (2, 2), ("a",)):
     with pytest.raises(ValueError, match="batch_buckets"):
       export.check_batch_buckets(bad)
@@ -345,6 +347,33 @@ def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monke
   emb = pt._embed(*(tf.constant(batch[k]) for k in ("product_tokens", "image", "has_image"))).numpy()  # pylint: disable=protected-access
   assert seen == [5]
   np.testing.assert_allclose(emb, trained.embed_products(batch), atol=TOL, rtol=0)
+
+
+def test_tf_serving_warmup_requests_match_the_signatures(models, exported):
+  """Each SavedModel ships TF Serving's warm-up file: one request per bucket up to WARMUP_MAX_BATCH."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
+  out, summary = exported
+  want = [b for b in export.BATCH_BUCKETS if b <= export.WARMUP_MAX_BATCH]
+  assert summary["warmup_batch_sizes"] == want
+  for name, m in models.items():
+    path = os.path.join(out, name, export.WARMUP_FILE)
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    sig = m.signatures["serving_default"]
+    sizes = []
+    for log in logs:
+      req = log.predict_log.request
+      assert req.model_spec.signature_name == "serving_default"
+      inputs = {k: tf.make_ndarray(v) for k, v in req.inputs.items()}
+      assert set(inputs) == set(sig.structured_input_signature[1]), name
+      assert len({len(v) for v in inputs.values()}) == 1
+      sizes.append(len(next(iter(inputs.values()))))
+    assert sizes == want, name
+    # What TF Serving does with them: run each through the signature (the smallest and largest here).
+    for log in (logs[0], logs[-1]):
+      inputs = {k: tf.make_ndarray(v) for k, v in log.predict_log.request.inputs.items()}
+      res = sig(**inputs)
+      assert all(v.shape[0] == len(next(iter(inputs.values()))) for v in res.values())
 
 
 def test_bad_requests_fail_cleanly_and_the_model_keeps_serving(models):
@@ -510,5 +539,6 @@ def test_cli_end_to_end_with_parity(tiny_workdir, tiny_data, tmp_path):
   assert p["product_tokens_equal"] and p["has_image_equal"]
   assert summary["platforms"] == ["cpu", "cuda"] and summary["k"] == 7
   assert summary["batch_buckets"] == [1, 5]  # parity above held with batches padded to multiples of 5
+  assert summary["warmup_batch_sizes"] == [1, 5]
   sv = export.load_saved_model(str(out / "serving"))
   assert sv.signatures["serving_default"](queries=_strings(["dress"]))["ids"].shape == (1, 7)
