@@ -15,12 +15,16 @@ The towers are the JAX model converted with jax2tf (native serialisation: Stable
 as one XLA cluster. XLA compiles that cluster once per input shape (a B-size query tower: ~1.8 s on
 CPU, a stall for the request that brings a new shape), so a request's batch is padded with zero rows to
 the next of `--batch_buckets` (default BATCH_BUCKETS: 1, 2, 4, ..., 1024; beyond the last, a multiple of
-it) and the padding rows are dropped from the output: at most a dozen compiles, and batch 1 and 64 run
-unpadded (the extra TF ops cost ~1% at the demo tower's batch 1). Every SavedModel carries TF Serving's
-warm-up file, `assets.extra/tf_serving_warmup_requests` (PredictionLog records: a `serving_default`
-request per bucket up to `--warmup_max_batch`), so TF Serving compiles them while loading the model. The parameters are `tf.Variable`s on the exported `tf.Module`
-(in `variables/`, not constants in the graph): the leaves the tower computes with, in `m.params`, a
-dict of variables: each leaf over 64 KiB (the matrices) is a variable of its own, the small ones
+it) and the padding rows are dropped from the output: batches up to the last bucket compile at most once
+per bucket (larger ones once per multiple), and batch 1 and 64 run unpadded. The padding's TF ops cost
+2-4% of the demo serving model's batch-1 call and ~10% of the bare demo query tower's (~0.7 ms).
+Every SavedModel carries TF Serving's warm-up file, `assets.extra/tf_serving_warmup_requests`
+(PredictionLog records: a `serving_default` request per bucket up to `--warmup_max_batch`), so TF
+Serving compiles them while loading the model (a TF Serving build with ScaNN's and tensorflow-text's
+custom ops and XLA is needed to serve these models at all; no such server was run here).
+
+The parameters are `tf.Variable`s on the exported `tf.Module` (in `variables/`, not constants in the
+graph): the leaves the tower computes with, in `m.params`, a dict of variables: each leaf over 64 KiB (the matrices) is a variable of its own, the small ones
 (biases, norms) are concatenated into one flat variable per dtype, because every variable a call reads
 costs CPU latency while slicing a packed matrix costs a copy per call (see PACK_MAX_BYTES); the
 JSON `m.param_layout` names them and `unflatten_params(m.params, m.param_layout.numpy())` returns
@@ -404,6 +408,8 @@ BATCH_BUCKETS = tuple(2 ** i for i in range(11))  # 1, 2, 4, ..., 1024
 # TF Serving's warm-up file in each SavedModel: one request per bucket up to this batch size.
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 WARMUP_MAX_BATCH = 64
+MAX_WARMUP_RECORDS = 1000  # TF Serving fails to load a model whose warm-up file has more records
+MAX_BATCH_BUCKET = 1 << 20  # bucket sizes are int32 in the graph; a bound far below that keeps sums exact
 
 
 @dataclasses.dataclass
@@ -486,14 +492,28 @@ def unflatten_params(variables: Mapping[str, Any], layout_json) -> dict[str, np.
 
 
 def check_batch_buckets(buckets) -> tuple[int, ...]:
-  """Returns `buckets` as a tuple of ints if they are positive and increasing, else raises ValueError."""
-  try:
-    out = tuple(int(b) for b in buckets)
-  except (TypeError, ValueError):
-    raise ValueError(f"batch_buckets must be positive integers in increasing order, got {buckets!r}") from None
-  if not out or out[0] < 1 or any(a >= b for a, b in zip(out, out[1:])):
-    raise ValueError(f"batch_buckets must be positive integers in increasing order, got {buckets!r}")
-  return out
+  """Returns `buckets` (ints, or strings of ints) as a tuple of ints; ValueError unless they increase
+  from >= 1 to <= MAX_BATCH_BUCKET."""
+  msg = f"batch_buckets must be integers in increasing order from 1 to {MAX_BATCH_BUCKET}, got {buckets!r}"
+  out = []
+  for b in buckets:
+    if isinstance(b, str) and b.strip().isdigit():
+      b = int(b)
+    if not isinstance(b, (int, np.integer)) or isinstance(b, bool):
+      raise ValueError(msg)
+    out.append(int(b))
+  if not out or out[0] < 1 or out[-1] > MAX_BATCH_BUCKET or any(a >= b for a, b in zip(out, out[1:])):
+    raise ValueError(msg)
+  return tuple(out)
+
+
+def check_warmup(buckets: Sequence[int], max_batch: int) -> list[int]:
+  """Returns the batch sizes to warm up; ValueError if TF Serving would refuse that many records."""
+  sizes = _warmup_batches(buckets, max_batch)
+  if len(sizes) > MAX_WARMUP_RECORDS:
+    raise ValueError(f"warmup_max_batch={max_batch} gives {len(sizes)} warm-up requests; TF Serving refuses to load "
+                     f"a model with more than {MAX_WARMUP_RECORDS}: lower it or use fewer batch_buckets")
+  return sizes
 
 
 def batch_bucket(n: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
@@ -517,7 +537,7 @@ def _run_bucketed(fn, buckets: Sequence[int], *inputs):
 
   `fn` is a jit-compiled function, which XLA compiles once per input shape: at a B-size tower that is
   ~2 s per batch size never seen before (measured on CPU), a stall for the request that brings it and
-  one more executable kept in memory. Padding to BATCH_BUCKETS bounds the shapes to a dozen. It also
+  one more executable kept in memory. Padding to the buckets bounds the shapes up to the last bucket. It also
   gives an empty batch one row: jax2tf's shape polymorphism assumes dimensions >= 1. Rows are
   independent in the towers, so the padding rows (zeros) change nothing in the others.
   """
@@ -804,13 +824,13 @@ def _warmup_batches(buckets: Sequence[int], max_batch: int) -> list[int]:
 
 
 def _query_warmup(buckets, max_batch):
-  return [{"queries": np.asarray(["warmup"] * b, object)} for b in _warmup_batches(buckets, max_batch)]
+  return [{"queries": np.asarray(["warmup"] * b, object)} for b in check_warmup(buckets, max_batch)]
 
 
 def _product_warmup(buckets, max_batch):
   text = lambda s, b: np.asarray([s] * b, object)  # pylint: disable=unnecessary-lambda-assignment
   return [{"title": text("warmup", b), "description": text("", b), "attributes": text("", b), "image": text(b"", b)}
-          for b in _warmup_batches(buckets, max_batch)]
+          for b in check_warmup(buckets, max_batch)]
 
 
 def _save(module, out_dir: str, signatures: Mapping[str, Any], warmup: Sequence[Mapping[str, Any]] = ()) -> str:
@@ -1130,6 +1150,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
     raise ValueError(f"k must be a positive integer, got {k!r}")
   platforms = _check_platforms(platforms)
   batch_buckets = check_batch_buckets(batch_buckets)
+  check_warmup(batch_buckets, warmup_max_batch)  # before the long work, not after it
   t_start = time.time()
   timings = {}
 
@@ -1254,6 +1275,10 @@ def main(argv=None):
     buckets = check_batch_buckets(args.batch_buckets.split(","))
   except ValueError as e:
     p.error(f"--batch_buckets: {e}")
+  try:
+    check_warmup(buckets, args.warmup_max_batch)
+  except ValueError as e:
+    p.error(f"--warmup_max_batch: {e}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
   train.maybe_initialize_distributed()

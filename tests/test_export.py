@@ -303,21 +303,27 @@ def test_empty_batches_give_empty_outputs(models, trained):
 
 def test_batch_buckets(capsys):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  last = export.BATCH_BUCKETS[-1]
-  for n in (0, 1, 2, 3, 5, 63, 64, 65, last - 1, last, last + 1, 2 * last, 2 * last + 1):
-    want = next((b for b in export.BATCH_BUCKETS if b >= max(n, 1)), -(-n // last) * last)
+  assert export.BATCH_BUCKETS == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+  for n, want in ((0, 1), (1, 1), (2, 2), (3, 4), (5, 8), (63, 64), (64, 64), (65, 128), (1023, 1024),
+                  (1024, 1024), (1025, 2048), (2048, 2048), (2049, 3072)):
     assert int(export.tf_batch_bucket(tf.constant(n))) == export.batch_bucket(n) == want, n
   for n, want in ((0, 3), (3, 3), (4, 10), (10, 10), (11, 20), (21, 30)):
     assert int(export.tf_batch_bucket(tf.constant(n), (3, 10))) == export.batch_bucket(n, (3, 10)) == want, n
   assert export.check_batch_buckets(["1", "8"]) == (1, 8)
   assert export._warmup_batches((1, 8, 64, 128), 64) == [1, 8, 64]  # pylint: disable=protected-access
   assert not export._warmup_batches((1, 8), 0)  # pylint: disable=protected-access
-  for bad in ((), (0, 4), (4, 2), (2, 2), ("a",)):
+  for bad in ((), (0, 4), (4, 2), (2, 2), ("a",), (1.5, 3), (True, 2), (1, export.MAX_BATCH_BUCKET + 1)):
     with pytest.raises(ValueError, match="batch_buckets"):
       export.check_batch_buckets(bad)
+  with pytest.raises(ValueError, match="more than 1000"):  # TF Serving would refuse to load the model
+    export.check_warmup(tuple(range(1, 1102)), 2000)
   with pytest.raises(SystemExit):
     export.main(["--workdir", "w", "--out", "o", "--batch_buckets", "8,4"])
   assert "--batch_buckets" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    export.main(["--workdir", "w", "--out", "o", "--batch_buckets", ",".join(map(str, range(1, 1102))),
+                 "--warmup_max_batch", "2000"])
+  assert "--warmup_max_batch" in capsys.readouterr().err
 
 
 def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monkeypatch):
@@ -357,7 +363,7 @@ def test_tf_serving_warmup_requests_match_the_signatures(models, exported):
   want = [b for b in export.BATCH_BUCKETS if b <= export.WARMUP_MAX_BATCH]
   assert summary["warmup_batch_sizes"] == want
   for name, m in models.items():
-    path = os.path.join(out, name, export.WARMUP_FILE)
+    path = os.path.join(out, name, "assets.extra", "tf_serving_warmup_requests")  # the name TF Serving reads
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
     sig = m.signatures["serving_default"]
     sizes = []
