@@ -17,7 +17,8 @@ CPU, a stall for the request that brings a new shape), so a request's batch is p
 the next of `--batch_buckets` (default BATCH_BUCKETS: 1, 2, 4, ..., 1024; beyond the last, a multiple of
 it) and the padding rows are dropped from the output: batches up to the last bucket compile at most once
 per bucket (larger ones once per multiple), and batch 1 and 64 run unpadded. The padding's TF ops cost
-2-4% of the demo serving model's batch-1 call and ~10% of the bare demo query tower's (~0.7 ms).
+~2.5% of the demo serving model's batch-1 call and 6-10% of the bare demo query tower's (~0.9 ms), 2-3%
+at batch 64 (old and new export timed alternately in one process; nothing measurable at a B-size tower).
 Every SavedModel carries TF Serving's warm-up file, `assets.extra/tf_serving_warmup_requests`
 (PredictionLog records: a `serving_default` request per bucket up to `--warmup_max_batch`), so TF
 Serving compiles them while loading the model (a TF Serving build with ScaNN's and tensorflow-text's
@@ -71,8 +72,9 @@ B-size six runs over two sessions, demo-size two):
     batch 1:  SavedModel 54-59 / JAX 45-47 ms -> ratio 1.17-1.27 (graph 1.11-1.19)
     batch 64: SavedModel 710-753 / JAX 732-780 ms -> ratio 0.94-1.00 (graph 0.95-0.98)
   demo-size tower (2 x 64, 3.4 MFLOP per query; 3000 products):
-    batch 1:  SavedModel 1.3-1.5 / JAX 0.7-0.9 ms -> ratio 1.62-1.83 (graph 1.46-1.48)
-    batch 64: ratio 1.26-1.28 (graph 1.06-1.13)
+    batch 1:  SavedModel 1.3-1.5 / JAX 0.7-0.9 ms -> ratio 1.62-1.85 (graph 1.46-1.56)
+    batch 64: ratio 1.21-1.31 (graph 1.06-1.16)
+  (four runs over two sessions; the upper ends are the two runs with batch bucketing)
 The demo tower's batch-1 time is runtime overhead, not work: TF's function call alone (a signature
 that returns its input) costs 0.2 ms under Session.run and 0.3 ms eager against ~0.03 ms for a jitted
 JAX call, and TF's XLA cluster launch ~0.1 ms more than JAX's. Neither can be changed from inside a
