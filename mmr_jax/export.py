@@ -25,12 +25,13 @@ Serving compiles them while loading the model (a TF Serving build with ScaNN's a
 custom ops and XLA is needed to serve these models at all; no such server was run here).
 
 The parameters are `tf.Variable`s on the exported `tf.Module` (in `variables/`, not constants in the
-graph): the leaves the tower computes with, in `m.params`, a dict of variables: each leaf over 64 KiB (the matrices) is a variable of its own, the small ones
-(biases, norms) are concatenated into one flat variable per dtype, because every variable a call reads
-costs CPU latency while slicing a packed matrix costs a copy per call (see PACK_MAX_BYTES); the
-JSON `m.param_layout` names them and `unflatten_params(m.params, m.param_layout.numpy())` returns
-{"query_tower/...": array}. Everything that happens to an input before the model runs happens inside
-the graph, so a client sends the raw strings and bytes:
+graph): the leaves the tower computes with, in `m.params`, a dict of variables: each leaf over 64 KiB
+(the matrices) is a variable of its own, the small ones (biases, norms) are concatenated into one flat
+variable per dtype, because every variable a call reads costs CPU latency while slicing a packed matrix
+costs a copy per call (see PACK_MAX_BYTES); the JSON `m.param_layout` names them and
+`unflatten_params(m.params, m.param_layout.numpy())` returns {"query_tower/...": array}. Everything that
+happens to an input before the model runs happens inside the graph, so a client sends the raw strings
+and bytes:
 
 * Text: SentencePiece (tensorflow-text) with the catalogue's `tokenizer.model` (also shipped as the
   SavedModel asset `assets/tokenizer.model`); ids truncated to `config.data.query_len` / `product_len` and padded
@@ -67,7 +68,7 @@ Measured parity (tests/test_export.py; `export_summary.json` records the numbers
 Latency (tools/bench_export.py: the serving SavedModel called from Python vs numpy tokenisation + jitted
 JAX tower + `ScannIndex.search`, timed alternately in one process, medians; "graph" is the SavedModel
 under TF's graph runtime, Session.run, what TF Serving's C++ server does per request; 2 shared CPU cores;
-B-size six runs over two sessions, demo-size two):
+B-size six runs over two sessions, demo-size four):
   B-size query tower (configs/demo.py text=B, 12 x 768, 2.7 GFLOP per query; 300 products):
     batch 1:  SavedModel 54-59 / JAX 45-47 ms -> ratio 1.17-1.27 (graph 1.11-1.19)
     batch 64: SavedModel 710-753 / JAX 732-780 ms -> ratio 0.94-1.00 (graph 0.95-0.98)
@@ -539,8 +540,8 @@ def _run_bucketed(fn, buckets: Sequence[int], *inputs):
 
   `fn` is a jit-compiled function, which XLA compiles once per input shape: at a B-size tower that is
   ~2 s per batch size never seen before (measured on CPU), a stall for the request that brings it and
-  one more executable kept in memory. Padding to the buckets bounds the shapes up to the last bucket. It also
-  gives an empty batch one row: jax2tf's shape polymorphism assumes dimensions >= 1. Rows are
+  one more executable kept in memory. Padding to the buckets bounds the shapes up to the last bucket.
+  It also gives an empty batch one row: jax2tf's shape polymorphism assumes dimensions >= 1. Rows are
   independent in the towers, so the padding rows (zeros) change nothing in the others.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -1152,7 +1153,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
     raise ValueError(f"k must be a positive integer, got {k!r}")
   platforms = _check_platforms(platforms)
   batch_buckets = check_batch_buckets(batch_buckets)
-  check_warmup(batch_buckets, warmup_max_batch)  # before the long work, not after it
+  warmup_sizes = check_warmup(batch_buckets, warmup_max_batch)  # before the long work, not after it
   t_start = time.time()
   timings = {}
 
@@ -1232,7 +1233,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
         "variant": tm.config.model.variant, "embedding_dim": int(two_tower.embedding_dim(tm.config.model)),
         "num_products": int(info["num_products"]), "k": int(k), "platforms": list(platforms),
         "batch_buckets": list(batch_buckets),
-        "warmup_batch_sizes": _warmup_batches(batch_buckets, warmup_max_batch),
+        "warmup_batch_sizes": warmup_sizes,
         "inputs": {"query_len": int(tm.config.data.query_len), "product_len": int(tm.config.data.product_len),
                    "image_size": int(tm.config.data.image_size)},
         "paths": {name: os.path.join(os.path.abspath(out), name)

@@ -189,7 +189,8 @@ def main(argv=None) -> dict:
     t1 = time.perf_counter()
     jax_bare(queries)
     t2 = time.perf_counter()
-    first_calls.append({"batch": b, "bucket": export.batch_bucket(b, summary.get("batch_buckets", [b])), "savedmodel_ms": 1000 * (t1 - t0), "jax_ms": 1000 * (t2 - t1)})
+    bucket = export.batch_bucket(b, summary.get("batch_buckets", [b]))  # older exports: no buckets
+    first_calls.append({"batch": b, "bucket": bucket, "savedmodel_ms": 1000 * (t1 - t0), "jax_ms": 1000 * (t2 - t1)})
     _log(f"first call: {json.dumps(first_calls[-1])}")
   results = {}
   batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
@@ -228,7 +229,8 @@ def main(argv=None) -> dict:
     _log(f"batch {b}: {json.dumps(results[str(b)])}")
 
   report = {
-      "batch_sizes": results, "first_calls": first_calls, "num_products": int(index.size), "k": k, "repeats": args.repeats,
+      "batch_sizes": results, "first_calls": first_calls, "num_products": int(index.size), "k": k,
+      "repeats": args.repeats,
       "statistic": "median ms per call (batch of raw query strings -> top-k ids and scores)",
       "device": jax.devices()[0].device_kind, "platform": platform.platform(), "cpu_count": os.cpu_count(),
       "load_average": list(os.getloadavg()), "versions": export._versions(),  # pylint: disable=protected-access
