@@ -116,6 +116,10 @@ def base_config() -> ConfigDict:
       nan_policy="stop",  # stop | skip
       async_checkpoint=True,
       progress=True,
+      # jax.profiler trace of steps profile_from+1 .. profile_from+profile_steps into workdir/profile/
+      # process_<i>/ with summary.json (busiest ops per step; mmr_jax/profiling.py); 0 steps: off.
+      profile_steps=0,
+      profile_from=5,  # past compilation and warm-up
   ))
 
   c.mesh = ConfigDict(dict(

@@ -31,6 +31,7 @@ from etils import epath
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import objectives
 from mmr_jax import optimizer as optim_lib
+from mmr_jax import profiling
 from mmr_jax import sharding as shd
 from mmr_jax.models import MODELS
 
@@ -431,13 +432,19 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
                 unit="step", dynamic_ncols=True, file=sys.stderr,
                 mininterval=0.5 if sys.stderr.isatty() else 15.0)
   t0, steps_timed = time.time(), 0
-  pending = None
+  # One trace folder per process: processes on one machine would otherwise write the same file name.
+  profiler = profiling.StepProfiler(workdir / "profile" / f"process_{jax.process_index()}",
+                                    tcfg.profile_from, tcfg.profile_steps)
   with _Preemption() as preempt:
     step = start
     while step < tcfg.steps:
+      profiler.before(step)
       host_batch = next(train_iter)
       state, metrics = trainer.step(state, host_batch)
       step += 1
+      if profiler.after(step, (state, metrics)) is not None:
+        log.info("profile of steps %d-%d (%s):\n%s", tcfg.profile_from + 1, step, profiler.out_dir,
+                 profiling.format_summary(profiler.summary))
       steps_timed += 1
       if pbar is not None:
         pbar.update(1)
@@ -473,6 +480,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
       if preempted:
         log.warning("preempted at step %d: checkpoint written, exiting", step)
         break
+  profiler.close()  # a run that ended inside the traced steps
   if pbar is not None:
     pbar.close()
   ckpt.close()

@@ -20,6 +20,9 @@ Prints one JSON object:
                                      gradients at global batch 4k/16k/64k: dense on one device vs
                                      ring / gather sharded over 8 simulated CPU devices (a subprocess)
   peer                               open_clip's timing, or {"status": "skipped", "reason": ...}
+  profile                            with --profile DIR: a jax.profiler trace of --profile_steps more
+                                     steps in DIR and its summary (busy fraction and busiest ops per
+                                     step of each traced process, e.g. the GPU's kernels)
 
 The model is `--config` (default configs/demo.py) with both towers of preset `--size` (ViT-S/16 at
 224 px and an S text tower by default), scan over layers (compile time independent of depth).
@@ -220,13 +223,25 @@ def time_train_step(config, args) -> dict[str, Any]:
     state, metrics = step(state, global_batches[i % 2])
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
+  profile = None
+  if args.profile:
+    from mmr_jax import profiling  # pylint: disable=g-import-not-at-top
+    _log(f"tracing {args.profile_steps} more steps into {args.profile}")
+    prof = profiling.StepProfiler(args.profile, first=0, num=args.profile_steps)
+    for i in range(args.profile_steps):
+      prof.before(i)
+      state, metrics = step(state, global_batches[i % 2])
+      prof.after(i + 1, (state, metrics))
+    profile = prof.summary
+    _log("profile:\n" + profiling.format_summary(profile))
   loss = float(metrics["loss"])
   # The median step: robust to a neighbour's burst on a shared machine (the mean is reported too).
   step_s = float(sorted(times)[len(times) // 2])
   return dict(steps_per_s=1.0 / step_s, examples_per_s=args.batch / step_s, step_s_mean=sum(times) / len(times),
               model_flops_per_step=3.0 * fwd, xla_flops_per_step=mem.get("xla_flops_per_step"),
               num_params=n_params, compile_s=compile_s, final_loss=loss,
-              compiled_memory_bytes={k: v for k, v in mem.items() if k.endswith("_bytes")})
+              compiled_memory_bytes={k: v for k, v in mem.items() if k.endswith("_bytes")},
+              **({"profile": profile} if profile else {}))
 
 
 # ------------------------------------------------------------------------------------ loss memory
@@ -367,6 +382,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="measure the sharded loss's per-device memory (8 simulated CPU devices)")
   p.add_argument("--peer", choices=["none", "open_clip"], default="none")
   p.add_argument("--out", help="also write the JSON here")
+  p.add_argument("--profile", default="", help="trace --profile_steps more steps into this folder (TensorBoard "
+                 "profile plugin / XProf) and add a per-op summary to the JSON")
+  p.add_argument("--profile_steps", type=int, default=3)
   p.add_argument("--_loss_memory_child", nargs=2, type=int, help=argparse.SUPPRESS)
   p.add_argument("--_peer_child", action="store_true", help=argparse.SUPPRESS)
   return p.parse_args(argv)
