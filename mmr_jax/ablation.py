@@ -27,6 +27,7 @@ import time
 import numpy as np
 from etils import epath
 
+from mmr_jax import config as config_lib
 from mmr_jax import evaluate as eval_lib
 
 log = logging.getLogger("mmr_jax.ablation")
@@ -57,8 +58,9 @@ def apply_overrides(config, overrides: dict):
       node = node[p]
     if parts[-1] not in node:
       raise KeyError(f"override {key!r}: no config key {parts[-1]!r}")
-    node[parts[-1]] = type(node[parts[-1]])(value) if isinstance(node[parts[-1]], (int, float, str)) and not isinstance(
-        node[parts[-1]], bool) else value
+    current = node[parts[-1]]
+    # Strings from --set are typed like the current value ("False" -> bool, "1e3" -> int); typed values as given.
+    node[parts[-1]] = config_lib.parse_value(f"override {key}", value, current) if isinstance(value, str) else value
   return config
 
 

@@ -16,6 +16,28 @@ from mmr_jax.models import two_tower
 ConfigDict = ml_collections.ConfigDict
 
 
+def parse_value(name: str, value: str, default):
+  """Returns the command-line string `value` typed like `default` (bool, int, float, tuple or str).
+
+  `name` is what an error calls the value ("config argument steps", "override optim.lr").
+  """
+  try:
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError("not a bool (true/false/1/0)")
+      return value.lower() in ("true", "1")
+    if isinstance(default, int):
+      return int(float(value)) if "e" in value.lower() and float(value).is_integer() else int(value)
+    if isinstance(default, float):
+      return float(value)
+    if isinstance(default, (tuple, list)):
+      return tuple(ast.literal_eval(value)) if value.startswith(("(", "[")) else tuple(
+          v for v in value.split("+") if v)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"{name}={value!r}: {e}") from None
+  return value
+
+
 def parse_arg(arg: str | None, **defaults) -> ConfigDict:
   """Returns `defaults` updated from a "k=v,k2=v2" string, values typed like their defaults.
 
@@ -32,20 +54,7 @@ def parse_arg(arg: str | None, **defaults) -> ConfigDict:
     key, value = (s.strip() for s in item.split("=", 1))
     if key not in defaults:
       raise KeyError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
-    default = defaults[key]
-    if isinstance(default, bool):
-      if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {key}={value!r} is not a bool")
-      out[key] = value.lower() in ("true", "1")
-    elif isinstance(default, int):
-      out[key] = int(value)
-    elif isinstance(default, float):
-      out[key] = float(value)
-    elif isinstance(default, (tuple, list)):
-      out[key] = tuple(ast.literal_eval(value)) if value.startswith(("(", "[")) else tuple(
-          v for v in value.split("+") if v)
-    else:
-      out[key] = value
+    out[key] = parse_value(f"config argument {key}", value, defaults[key])
   return out
 
 

@@ -773,11 +773,16 @@ def _make_serving(query_tower, index_dir: str, ids: Sequence[str], k: int):
               "dataset", "scann_config", "serialized_partitioner", "datapoint_to_token", "ah_codebook",
               "hashed_dataset", "int8_dataset", "int8_multipliers", "dp_norms")), shared_name=shared_name)
       # The batched-parallel search, as ScannIndex.search runs it; unlike the sequential op it also takes
-      # an empty batch (giving [0, 0], hence the reshapes), so no TF-side padding is needed around it.
+      # an empty batch (giving [0, 0]). Its rows are [b, m]: m is the most neighbours any row found, less
+      # than k_eff when the searched leaves hold fewer points, and shorter rows are filled with index 0 and
+      # a NaN score. Both kinds of unfilled slot become padding (-1, -inf), as in ScannIndex.search.
       idx, scores = scann_ops.scann_search_batched(handle, emb, k_eff, pre, leaves, True)
-      b = tf.shape(emb)[0]
-      idx = tf.reshape(tf.cast(idx, tf.int64), [b, k_eff])
-      scores = tf.where(idx >= 0, tf.reshape(scores, [b, k_eff]), -np.inf)
+      missing = [[0, 0], [0, k_eff - tf.shape(idx)[1]]]
+      idx = tf.pad(tf.cast(idx, tf.int64), missing, constant_values=-1)
+      scores = tf.pad(scores, missing, constant_values=np.nan)
+      pad = (idx < 0) | tf.math.is_nan(scores)
+      idx = tf.where(pad, tf.constant(-1, tf.int64), idx)
+      scores = tf.where(pad, -np.inf, scores)
       # ScaNN returns rows by descending score; as in ScannIndex._finish, only a batch with a tie (or
       # anything out of order) is re-sorted to put the lower index first.
       tied = tf.reduce_any(scores[:, 1:] >= scores[:, :-1])

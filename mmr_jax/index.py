@@ -79,7 +79,8 @@ def _exact_step(k_chunk: int, k_out: int):
 
     @jax.jit
     def step(q, chunk, offset, n_valid, run_s, run_i):
-      s = q @ chunk.T  # [Qb, C]
+      # HIGHEST: the reference must be exact on GPUs (TF32 by default) and TPUs (bf16 passes) too.
+      s = jnp.matmul(q, chunk.T, precision=jax.lax.Precision.HIGHEST)  # [Qb, C]
       valid = jnp.arange(chunk.shape[0]) < n_valid
       s = jnp.where(valid[None, :], s, -jnp.inf)
       cs, ci = jax.lax.top_k(s, k_chunk)  # [Qb, kc]
@@ -300,10 +301,15 @@ class ScannIndex:
     scores = np.asarray(scores, np.float32)
     if idx.ndim == 1:
       idx, scores = idx[None], scores[None]
-    scores = np.where(idx >= 0, scores, -np.inf).astype(np.float32)
+    # Slots the searched leaves could not fill: the sequential search marks them with index -1, the
+    # batched one with index 0 and a NaN score. Both become padding (-1, -inf).
+    pad = (idx < 0) | np.isnan(scores)
+    idx = np.where(pad, -1, idx)
+    scores = np.where(pad, -np.inf, scores).astype(np.float32)
     # ScaNN returns rows sorted by score; only rows with equal neighbours (or out of order,
     # to be safe) need the (score, index) re-sort, which keeps the batched path cheap.
-    d = np.diff(scores, axis=1)
+    with np.errstate(invalid="ignore"):  # -inf - -inf between padding slots
+      d = np.diff(scores, axis=1)
     fix = ((d >= 0) & np.isfinite(scores[:, 1:])).any(axis=1)
     if fix.any():
       idx[fix], scores[fix] = _sort_by_score_then_index(idx[fix], scores[fix])

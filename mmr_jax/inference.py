@@ -7,6 +7,7 @@ this module builds them from a workdir's config.json and latest checkpoint, jitt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -43,12 +44,13 @@ class TrainedModel:
 
     return call
 
-  @property
+  # Cached: one jitted function (and its compiled shapes) per model, however often evaluation asks for it.
+  @functools.cached_property
   def embed_queries(self) -> Callable[[dict], np.ndarray]:
     """Returns fn(batch with query_tokens [B, Lq]) -> [B, D] L2-normalised query embeddings."""
     return self._jit("embed_query", ("query_tokens",))
 
-  @property
+  @functools.cached_property
   def embed_products(self) -> Callable[[dict], np.ndarray]:
     """Returns fn(batch with product_tokens, image, has_image) -> [B, D] product embeddings."""
     return self._jit("embed_product", ("product_tokens", "image", "has_image"))

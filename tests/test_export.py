@@ -286,6 +286,32 @@ def test_serving_pads_and_breaks_ties_like_scann_index(trained, tiny_data, tmp_p
   assert res["ids"].numpy()[0, 0].decode() == ids[ref_idx[0, 0]]
 
 
+def test_serving_pads_slots_scann_leaves_unfilled(trained, tiny_data, tmp_path):
+  # A tree index searching one small leaf finds fewer than k products; ScaNN fills the rest with index 0
+  # and a NaN score, which must reach the caller as padding ("", -inf, -1), as ScannIndex.search gives it.
+  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  db = rng.normal(size=(3000, two_tower.embedding_dim(trained.config.model))).astype(np.float32)
+  db /= np.linalg.norm(db, axis=1, keepdims=True)
+  index = index_lib.ScannIndex.build(db, {"num_leaves": 300, "num_leaves_to_search": 1, "min_partition_size": 10})
+  index.save(str(tmp_path / "index"))
+  path = export.export_serving(trained, os.path.join(tiny_data, "tokenizer.model"), str(tmp_path / "index"),
+                               [f"p{i}" for i in range(len(db))], str(tmp_path / "serving"), k=100,
+                               platforms=("cpu",))
+  sv = export.load_saved_model(path)
+  queries = ["red dress", "blue cotton shirt"]
+  res = sv.signatures["serving_default"](queries=_strings(queries))
+  ref_idx, ref_scores = index.search(sv.query_tower.serve(_strings(queries))["embedding"].numpy(), 100)
+  idx = res["indices"].numpy()
+  assert (idx == -1).any(), "the setup must leave slots unfilled"
+  np.testing.assert_array_equal(idx, ref_idx)
+  np.testing.assert_array_equal(res["scores"].numpy(), ref_scores)
+  assert (res["ids"].numpy()[idx < 0] == b"").all() and np.isneginf(res["scores"].numpy()[idx < 0]).all()
+  for row in idx:
+    assert len(set(row[row >= 0].tolist())) == int((row >= 0).sum())
+
+
 # -------------------------------------------------------------------------------------- bad input
 
 

@@ -144,6 +144,24 @@ def test_scann_pads_and_sorts_ties():
   assert np.isneginf(scores[0, 4:]).all()
 
 
+def test_scann_unfilled_slots_are_padding_in_both_search_paths():
+  # One small leaf searched (~10 points): fewer candidates than k. The batched search reports the missing
+  # slots as index 0 with a NaN score, the sequential one as -1; both must come back as padding. (The two
+  # paths may pick different leaves for a query on a border, so only their form is compared.)
+  rng = np.random.default_rng(0)
+  db = _unit(rng.standard_normal((3000, 16)))
+  q = _unit(db[:4] + 0.01)
+  ann = index.ScannIndex.build(db, {"num_leaves": 300, "num_leaves_to_search": 1, "min_partition_size": 10})
+  idx, scores = ann.search(q, 100)
+  assert (idx == -1).any(axis=1).all(), "the setup must leave slots unfilled"
+  rows = [(idx[i], scores[i]) for i in range(len(q))] + [ann.search_one(one, 100) for one in q]
+  for row, row_s in rows:
+    n = int((row >= 0).sum())
+    assert 0 < n < 100 and (row[n:] == -1).all()  # found ones first, then padding
+    assert len(set(row[:n].tolist())) == n  # product 0 is not repeated as filler
+    assert np.isneginf(row_s[n:]).all() and np.isfinite(row_s[:n]).all() and (np.diff(row_s[:n]) <= 0).all()
+
+
 def test_bench_ann_smoke(tmp_path, capsys):
   import importlib.util
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_ann.py")

@@ -149,6 +149,22 @@ def test_parse_arg_rejects_unknown_and_badly_typed_keys():
   with pytest.raises(ValueError):
     config_lib.parse_arg("stage=two", stage=2)
   assert config_lib.parse_arg("stage=1,variant=concat", stage=2, variant="fusion").variant == "concat"
+  with pytest.raises(ValueError, match="config argument steps='1.5e0'"):
+    config_lib.parse_arg("steps=1.5e0", steps=2)
+  assert config_lib.parse_arg("steps=1e3", steps=2).steps == 1000
+
+
+def test_ablation_overrides_are_typed_like_the_config():
+  from mmr_jax import ablation  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.base_config()
+  ablation.apply_overrides(cfg, {"train.async_checkpoint": "False", "train.steps": "1e3", "optim.lr": "3e-4",
+                                 "model.variant": "concat", "train.keep": 7, "name": "ignored"})
+  assert cfg.train.async_checkpoint is False and cfg.train.steps == 1000 and cfg.optim.lr == 3e-4
+  assert cfg.model.variant == "concat" and cfg.train.keep == 7
+  with pytest.raises(ValueError, match="override train.progress='maybe'"):
+    ablation.apply_overrides(cfg, {"train.progress": "maybe"})
+  with pytest.raises(KeyError, match="colour"):
+    ablation.apply_overrides(cfg, {"model.colour": "red"})
 
 
 def test_cli_rejects_unknown_config_key(tmp_path):
