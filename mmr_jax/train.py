@@ -341,7 +341,14 @@ class _MetricWriter:
     """Drops rows past `step` (left by a run that died after its last checkpoint) so resumed logs stay one history."""
     if not self.enabled or not self.path.exists():
       return
-    rows = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    rows = []
+    for line in self.path.read_text().splitlines():
+      try:
+        row_step = json.loads(line)["step"]
+      except (ValueError, KeyError, TypeError):  # e.g. a line torn by a crash mid-write: not history
+        continue
+      if row_step <= step:
+        rows.append(line)
     tmp = self.path.parent / "metrics.jsonl.tmp"
     tmp.write_text("".join(r + "\n" for r in rows))
     tmp.replace(self.path)
@@ -352,13 +359,20 @@ class _MetricWriter:
 
 
 class _Preemption:
-  """Turns SIGTERM (TPU preemption, SLURM time limit) into a flag the loop checks between steps."""
+  """Turns SIGTERM (TPU preemption, SLURM time limit) into a flag the loop checks between steps.
+
+  Single process only. With several processes a flag of one's own would stop that host alone while the
+  others wait in the next step's collectives; there jax.distributed's preemption service catches SIGTERM
+  (on any one host) and `Checkpointer.reached_preemption(step)` turns true on every host at the same step.
+  """
 
   def __init__(self):
     self.requested = False
     self._old = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     def handler(signum, frame):
       del frame
       log.warning("received signal %d: will checkpoint and exit after this step", signum)
@@ -401,10 +415,10 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   latest = ckpt.latest_step()
   if latest is not None:
     state, train_iter = ckpt.restore(latest, trainer.abstract_state, train_iter)
-    writer.truncate_after(latest)
     log.info("resumed from step %d", latest)
   else:
     state = trainer.init_state()
+  writer.truncate_after(latest or 0)  # rows of a run that died after its last checkpoint (or before any)
   start = int(jax.device_get(state.step))
   # Written only once the state exists: a run refused for a mismatching checkpoint leaves the workdir as it was.
   if jax.process_index() == 0:

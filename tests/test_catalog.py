@@ -81,6 +81,19 @@ def test_malformed_json_and_non_utf8_lines_are_skipped_with_file_and_line(catalo
   assert refs[C.NON_UTF8] == ["products.jsonl:3: byte 27 is not UTF-8"]
 
 
+def test_lone_surrogates_are_skipped_and_escaped_emoji_kept(catalog_writer, tmp_path):
+  # JSON may spell half an emoji ("\ud83d"): valid JSON, not text, and unwritable as UTF-8 later.
+  products = [{"id": "p0", "title": "ok"}, '{"id": "p1", "title": "broken \\ud83d"}',
+              '{"id": "p2", "title": "smile \\ud83d\\ude00"}']
+  queries = [{"id": "q0", "text": "a", "split": "train"}, '{"id": "q1", "text": "caf\\udce9", "split": "test"}']
+  plan = _scan(catalog_writer, tmp_path, products=products, queries=queries)
+  refs = plan.skips.refs(C.NON_UTF8)
+  assert [r.split(":")[:2] for r in refs] == [["products.jsonl", "2"], ["queries.jsonl", "2"]]
+  assert "surrogate" in refs[0]
+  assert [p.title for _, p in plan.iter_products()] == ["ok", "smile \U0001f600"]
+  assert plan.queries["test"] == []
+
+
 def test_empty_and_missing_fields_are_skipped(catalog_writer, tmp_path):
   products = [{"id": "p0", "title": "ok"}, {"id": "p1", "title": "   "}, {"id": "p2"},
               {"id": "p3", "title": 5}, {"title": "no id"}, {"id": "p4", "title": "t", "attributes": [1]},

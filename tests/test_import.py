@@ -216,6 +216,18 @@ def test_existing_dataset_needs_overwrite_and_is_replaced_atomically(catalog_wri
   assert sorted(os.listdir(tmp_path)) == ["a", "b", "data"]
 
 
+def test_overwrite_through_a_symlinked_data_dir_replaces_the_target(catalog_writer, tmp_path):
+  kw = dict(progress=False, verbose=False, vocab_size=300)
+  (tmp_path / "disk2").mkdir()
+  target, link = tmp_path / "disk2" / "data", tmp_path / "data"
+  importer.import_catalog(_tiny(catalog_writer, tmp_path / "a"), target, **kw)
+  link.symlink_to(target)
+  importer.import_catalog(_tiny(catalog_writer, tmp_path / "b", title="second"), link, overwrite=True, **kw)
+  assert link.is_symlink() and link.resolve() == target.resolve()
+  assert _titles(link) == ["second", "other"]
+  assert sorted(os.listdir(tmp_path)) == ["a", "b", "data", "disk2"] and os.listdir(tmp_path / "disk2") == ["data"]
+
+
 def test_refuses_unsafe_outputs(catalog_writer, tmp_path):
   src = _tiny(catalog_writer, tmp_path / "src")
   other = tmp_path / "other"

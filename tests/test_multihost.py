@@ -84,7 +84,10 @@ def _child_run(argv):
   def preempt(step, state):
     del state
     if step == args.preempt_at:
-      os.kill(os.getpid(), signal.SIGTERM)  # every process gets it at the same step
+      # A preemption notice reaches one host, not all at once: the hosts must still stop together.
+      if jax.process_index() == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(1.0)  # time for the notice to reach the coordination service before the run ends
 
   def first_step(step, state):
     del state
@@ -156,7 +159,9 @@ def test_two_processes_train_checkpoint_resume_like_one(runs):
   single, multi = runs["single"][0], runs["multi"][0]
   assert single == {"process_count": 1, "device_count": 4}
   assert multi["process_count"] == 2 and multi["device_count"] == 4
-  assert multi["steps_after_preemption"] == [2] and multi["first_step_after_resume"] == 3
+  # Stopped together at an agreed step (the one SIGTERM arrived in, or the next), with its checkpoint.
+  stopped = max(multi["steps_after_preemption"])
+  assert 2 <= stopped < STEPS and multi["first_step_after_resume"] == stopped + 1, multi
   # Each process saved its own input-pipeline position next to the shared state.
   data_dir = tmp / "multi" / "checkpoints" / "4" / "data"
   assert sorted(p.name for p in data_dir.iterdir() if p.suffix == ".json") == [

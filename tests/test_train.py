@@ -109,6 +109,22 @@ def test_sigterm_checkpoint_then_resume_equals_uninterrupted(tiny_data, tmp_path
     np.testing.assert_array_equal(a, b)
 
 
+def test_metrics_log_stays_one_history_after_crashes(tiny_data, tmp_path):
+  # A run killed before its first checkpoint left rows 1-3; the restart from step 0 must replace them.
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  (wd / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3)))
+  cfg = lambda steps: _quiet(tiny_config(tiny_data), steps=steps, log_every=1, eval_every=0, ckpt_every=2)  # noqa: E731
+  train.train_and_evaluate(cfg(2), str(wd))
+  rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] != 9.0 for r in rows)
+  # A line torn by a crash mid-write does not block the resume, and is dropped.
+  with (wd / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 3, "loss": 2.')
+  train.train_and_evaluate(cfg(3), str(wd))
+  assert [json.loads(l)["step"] for l in (wd / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_nan_stop_keeps_last_good_checkpoint(tiny_data, tmp_path):
   cfg = _quiet(tiny_config(tiny_data), steps=12, log_every=4, eval_every=0, ckpt_every=1)
   cfg.optim.lr = 1e30  # blows the parameters up within a few steps

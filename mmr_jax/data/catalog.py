@@ -227,6 +227,14 @@ def _iter_jsonl(path: pathlib.Path, skips: SkipLog | None) -> Iterator[tuple[int
       if skips is not None:
         skips.add(MALFORMED_JSON, f"{path.name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
       continue
+    if "\\u" in line:  # JSON escapes can spell a lone UTF-16 surrogate (an emoji cut in half), not text
+      try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+      except UnicodeEncodeError as e:
+        if skips is not None:
+          skips.add(NON_UTF8, f"{path.name}:{lineno}: {e.object[e.start]!r} is a lone UTF-16 surrogate, not text "
+                    "(a character cut in half?)")
+        continue
     yield lineno, obj
 
 

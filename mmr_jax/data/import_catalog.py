@@ -272,7 +272,8 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                          "folders, since DATA_DIR is replaced by an atomic rename object stores cannot do; "
                          "import to a local path, then copy the folder")
   src = catalog.check_folder(src_dir)
-  out = pathlib.Path(out_dir).expanduser().absolute()
+  # A symlinked DATA_DIR is replaced where it points (same disk as the data); the link itself stays.
+  out = pathlib.Path(os.path.realpath(pathlib.Path(out_dir).expanduser()))
   if image_max_side < 16:
     raise CatalogError(f"image_max_side must be >= 16, got {image_max_side}")
   if vocab_size < 300:  # Byte fallback alone takes 260 ids (tokenizer.train_tokenizer).
