@@ -36,6 +36,10 @@ class CheckpointShapeError(ValueError):
   """Raised when a checkpoint's arrays do not match the shapes the config asks for."""
 
 
+class CheckpointRestoreError(RuntimeError):
+  """Raised when a checkpoint's files cannot be read (damaged after it was written)."""
+
+
 def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
@@ -113,7 +117,19 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["data"] = grain_ckpt.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except CheckpointShapeError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax writes a step into a temporary folder and renames it when complete, so a step that fails to
+      # read was damaged afterwards (disk, a partial copy); say which one and how to go on without it.
+      older = [s for s in self.manager.all_steps() if s < step]
+      hint = (f"move it away to resume from step {max(older)}" if older else
+              "move it away to start again from step 0")
+      raise CheckpointRestoreError(
+          f"checkpoint {self.directory / str(step)} could not be read ({type(e).__name__}: {str(e)[:300]}); "
+          f"{hint}") from e
     return restored["state"], restored.get("data", data_iter) if data_iter is not None else None
 
   def wait(self):

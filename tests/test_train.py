@@ -124,6 +124,15 @@ def test_metrics_log_stays_one_history_after_crashes(tiny_data, tmp_path):
   train.train_and_evaluate(cfg(3), str(wd))
   assert [json.loads(l)["step"] for l in (wd / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
+  # A checkpoint damaged after it was written: the error names it and the step to fall back to, and
+  # nothing in the workdir changes.
+  damaged = wd / "checkpoints" / "3" / "data" / "process_0-of-1.json"
+  damaged.write_text("")
+  before = (wd / "metrics.jsonl").read_text()
+  with pytest.raises(ckpt_lib.CheckpointRestoreError, match=r"checkpoints/3 could not be read.*from step 2"):
+    train.train_and_evaluate(cfg(4), str(wd))
+  assert (wd / "metrics.jsonl").read_text() == before
+
 
 def test_nan_stop_keeps_last_good_checkpoint(tiny_data, tmp_path):
   cfg = _quiet(tiny_config(tiny_data), steps=12, log_every=4, eval_every=0, ckpt_every=1)
