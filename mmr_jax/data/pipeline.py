@@ -338,6 +338,15 @@ def _stack(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
 # Config and host helpers.
 
 
+def _catalog_info(data_dir: str) -> dict:
+  """Returns catalog_info.json, or {} for tables without one (hand-built in tests): nothing to warn about."""
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds_builder.catalog_info(data_dir)
+  except FileNotFoundError:
+    return {}
+
+
 def _cfg_get(config: Any, key: str, default: Any = None) -> Any:
   if hasattr(config, "get"):
     return config.get(key, default)
@@ -444,12 +453,7 @@ def _check_stage1_rows(data_dir: str, products: _Source, skip_no_image: bool,
                      f"{len(products)} products are {why}")
   if not warn:
     return
-  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
-  try:
-    info = tfds_builder.catalog_info(data_dir)
-  except FileNotFoundError:
-    return  # tables without an import summary (hand-built in tests): nothing to warn about
-  if info.get("num_with_image", 1) == 0:
+  if _catalog_info(data_dir).get("num_with_image", 1) == 0:
     # Every image-text pair is masked out of the loss: it stays 0 and the image tower does not move.
     _log.warning("%s: no product has an image, so stage 1 (image <-> title) "
                  "has nothing to learn", data_dir)
@@ -517,6 +521,11 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   else:
     pairs = open_source(data_dir, "pairs", split)
     num_rows = len(pairs)
+    most = int(_catalog_info(data_dir).get("max_positives", 0))
+    if most > lens.positives_k and split == "train":
+      _log.warning("%s: a query has %d E-labelled products but config.data.positives_k=%d; the ones past %d "
+                   "count as in-batch negatives of their query. Set config.data.positives_k=%d to mask them all.",
+                   data_dir, most, lens.positives_k, lens.positives_k, most)
     example = _Stage2Example(pairs, products, tok, lens, aug)
     table = f"pairs/{split}"
   if num_rows == 0:
