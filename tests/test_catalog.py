@@ -140,6 +140,14 @@ def test_qrels_without_header(catalog_writer, tmp_path):
   assert plan.num_qrels == 2 and plan.skips.total() == 0
 
 
+def test_quoted_qrels_fields_as_spreadsheets_write_them(catalog_writer, tmp_path):
+  src = catalog_writer(tmp_path / "src", _good_products(2), [{"id": "q0", "text": "a", "split": "train"}],
+                       ['"q0"\t"p0"\t"E"', 'q0\t"p1"\tC'], qrels_header=False)
+  plan = C.scan_catalog(src)
+  assert plan.num_qrels == 2 and plan.skips.total() == 0
+  assert plan.queries["train"][0].labels == [(0, "E"), (1, "C")]
+
+
 def test_unknown_split_is_an_error_naming_the_line(catalog_writer, tmp_path):
   queries = [{"id": "q0", "text": "a", "split": "train"}, {"id": "q1", "text": "b", "split": "val"}]
   with pytest.raises(C.CatalogError, match=r"queries.jsonl:2: unknown split 'val'"):
@@ -276,11 +284,31 @@ def test_load_image_failures(tmp_path):
       str(tmp_path / "outside.png"): C.IMAGE_PATH_REFUSED,
       "link.png": C.IMAGE_PATH_REFUSED,
       "http://example.com/x.jpg": C.IMAGE_PATH_REFUSED,
+      "..\\outside.png": C.IMAGE_PATH_REFUSED,  # a Windows separator does not escape either
   }
   for rel, want in cases.items():
     jpeg, reason, detail = C.load_image(tmp_path / "cat", rel, max_side=32)
     assert (jpeg, reason) == (b"", want), (rel, detail)
     assert detail
+
+
+def test_wide_greyscale_images_keep_their_brightness(tmp_path):
+  # 16-bit and float greyscale map their type's range to 8 bits (not the picture's own maximum, not clipped).
+  dark16 = np.full((8, 8), 12850, np.uint16)  # 20% of 65535
+  Image.fromarray(dark16).save(tmp_path / "dark16.png")
+  Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "half.tiff")
+  Image.fromarray(np.full((8, 8), 200, np.int32)).save(tmp_path / "int8range.tiff")  # 8-bit values, 32-bit type
+  for name, want in (("dark16.png", 50), ("half.tiff", 128), ("int8range.tiff", 200)):
+    jpeg, reason, _ = C.load_image(tmp_path, name, max_side=32)
+    assert reason is None, name
+    assert abs(np.asarray(Image.open(io.BytesIO(jpeg))).mean() - want) <= 2, name
+
+
+def test_windows_separators_in_image_paths(tmp_path):
+  (tmp_path / "images").mkdir()
+  Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "images" / "p1.png")
+  jpeg, reason, _ = C.load_image(tmp_path, "images\\p1.png", max_side=32)
+  assert reason is None and jpeg[:2] == b"\xff\xd8"
 
 
 def test_product_chunks_cover_every_product_once(catalog_writer, tmp_path):

@@ -349,12 +349,21 @@ def parse_query(obj: dict, lineno: int) -> Query:
 # Images.
 
 
+def _unquote(field: str) -> str:
+  """Returns a TSV field without the double quotes spreadsheet and pandas exports may put around it."""
+  if len(field) >= 2 and field[0] == field[-1] == '"':
+    return field[1:-1].replace('""', '"')
+  return field
+
+
 def resolve_image_path(src_dir: pathlib.Path, rel: str) -> pathlib.Path:
   """Returns the absolute image path inside src_dir; raises _Skip(IMAGE_PATH_REFUSED) otherwise."""
   if "://" in rel:
     raise _Skip(IMAGE_PATH_REFUSED, f"{rel!r} is a URL; images must be files inside the folder")
   if "\x00" in rel:
     raise _Skip(IMAGE_PATH_REFUSED, f"{rel!r} contains a NUL byte")
+  if "\\" in rel and not (src_dir / rel).exists():
+    rel = rel.replace("\\", "/")  # written on Windows (images\p1.jpg); a literal backslash name wins
   p = pathlib.PurePath(rel)
   if p.is_absolute() or pathlib.PureWindowsPath(rel).is_absolute():
     raise _Skip(IMAGE_PATH_REFUSED, f"{rel!r} is absolute; paths must be relative to the folder")
@@ -393,11 +402,17 @@ def load_image(src_dir: pathlib.Path, rel: str, max_side: int,
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))
-      elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
-        arr = np.asarray(img, dtype=np.float64)
-        hi = max(float(arr.max()), 1.0)
-        img = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8)).convert("RGB")
+      elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit integer or float greyscale: map the format's full range to 8 bits (Pillow's convert
+        # clips everything above 255 to white, and a float image in [0, 1] to black). The range is the
+        # type's, not the picture's own maximum, so a dark photo stays dark.
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        top = float(arr.max(initial=0.0))
+        if img.mode == "F":
+          hi = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else top
+        else:  # 8-bit data in a wide container stays as it is
+          hi = 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
+        img = Image.fromarray((arr * (255.0 / hi)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
       else:
         img = img.convert("RGB")
       if max(img.size) > max_side:
@@ -637,7 +652,7 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
   num_label_lines = 0  # Non-header lines, usable or not.
   first = True
   for lineno, line in bar(_iter_lines(src / QRELS_FILE, skips), f"scan {QRELS_FILE}"):
-    fields = [f.strip() for f in line.split("\t")]
+    fields = [_unquote(f.strip()) for f in line.split("\t")]
     was_first, first = first, False
     if len(fields) != 3:
       num_label_lines += 1
