@@ -57,11 +57,15 @@ Measured parity (tests/test_export.py; `export_summary.json` records the numbers
   ~1e-7 (asserted <= 1e-5, float32);
 * product tower vs JAX on identical preprocessed inputs: ~1e-7 (asserted <= 1e-5);
 * in-graph image preprocessing vs `pipeline.decode_image`: 0 pixels differ on JPEG (baseline,
-  progressive, grayscale, CMYK, every draft scale), PNG (RGB, RGBA, LA, palette, 16-bit), GIF, BMP and
-  WebP, 1x1 to 700x700 px, so the end-to-end bytes->embedding test holds the same 1e-5. Known
-  differences: TIFF and other formats TF cannot decode give has_image=False here (Pillow would decode
-  them; the importer re-encodes every catalogue image to JPEG, so catalogue embeddings are unaffected);
-  lossy WebP may differ by libwebp version.
+  progressive, grayscale, CMYK, every draft scale, EXIF orientations 2-8 in either byte order), PNG (RGB,
+  RGBA, LA, palette, transparent colours, 16-bit), GIF, BMP and WebP (with alpha too), 1x1 to 700x700 px,
+  so the end-to-end bytes->embedding test holds the same 1e-5. Raw images are turned upright and
+  transparency is composited on white (`catalog.to_rgb`), as the importer does before training, so a
+  cut-out PNG or a phone photo embeds like its imported copy (up to the importer's JPEG re-encoding).
+  Known differences: TIFF and other formats TF cannot decode give has_image=False here (Pillow would
+  decode them; the importer re-encodes every catalogue image to JPEG, so catalogue embeddings are
+  unaffected); a GIF's transparent colour is not composited (TF's GIF decoder has no alpha); EXIF
+  orientation is read from JPEGs only; lossy WebP may differ by libwebp version.
 * cuda: the exported module's cuda lowering, run with jax.export on an H100, gives the CPU embeddings
   within 1.6e-4 (f32 matmuls in TF32 there, XLA's default; CPU-to-CPU parity is the 1e-5 above).
 
@@ -283,6 +287,67 @@ def _png_header(data):
   return wh[0], wh[1], tf.cast(depth[0], tf.int32), tf.cast(depth[1], tf.int32)
 
 
+def _jpeg_orientation(data):
+  """Returns the EXIF orientation (int32, 1..8; 1 if none) of JPEG bytes, as Pillow's getexif() reads it:
+  IFD0's tag 0x0112 (a SHORT) in the first "Exif" APP1 segment before the scan data."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n = tf.strings.length(data)
+  padded = tf.strings.join([data, b"\0" * 16])  # reads past the end see zeros, never an error
+
+  def byte(pos):
+    return tf.cast(tf.io.decode_raw(tf.strings.substr(padded, tf.clip_by_value(pos, 0, n), 1), tf.uint8)[0],
+                   tf.int32)
+
+  def read(pos, size, little):  # unsigned 16/32-bit integer at pos (fits int32 for the offsets used)
+    b = [byte(pos + i) for i in range(size)]
+    b = b if little is True else b[::-1] if little is False else None
+    return sum(v * (1 << (8 * i)) for i, v in enumerate(b))
+
+  def segment(i, pos, tiff, stop):
+    marker, length = byte(pos + 1), read(pos + 2, 2, False)
+    exif = tf.logical_and(tf.equal(marker, 0xE1), tf.equal(tf.strings.substr(padded, pos + 4, 6), b"Exif\0\0"))
+    stop = tf.logical_or(tf.not_equal(byte(pos), 0xFF), tf.logical_or(tf.equal(marker, 0xDA), marker == 0xD9))
+    found = tf.logical_and(exif, tf.logical_not(stop))
+    return i + 1, pos + 2 + length, tf.where(found, pos + 10, tiff), tf.logical_or(stop, found)
+
+  _, _, tiff, _ = tf.while_loop(lambda i, pos, tiff, stop: tf.logical_and(
+      tf.logical_and(i < 64, pos + 4 <= n), tf.logical_not(stop)), segment,
+      (tf.constant(0), tf.constant(2), tf.constant(-1), tf.constant(False)))
+  order = tf.strings.substr(padded, tf.maximum(tiff, 0), 2)
+  little = tf.equal(order, b"II")
+  valid = tf.logical_and(tiff >= 0, tf.logical_or(little, tf.equal(order, b"MM")))
+  r16 = lambda pos: tf.where(little, read(pos, 2, True), read(pos, 2, False))  # noqa: E731
+  r32 = lambda pos: tf.where(little, read(pos, 4, True), read(pos, 4, False))  # noqa: E731
+  ifd = tiff + r32(tiff + 4)
+  count = tf.where(valid, tf.minimum(r16(ifd), 512), 0)
+
+  def entry(k, orientation):
+    e = ifd + 2 + 12 * k
+    hit = tf.logical_and(tf.equal(r16(e), 0x0112), tf.equal(r16(e + 2), 3))  # Orientation, type SHORT
+    return k + 1, tf.where(tf.logical_and(hit, orientation == 1), r16(e + 8), orientation)
+
+  _, orientation = tf.while_loop(lambda k, o: k < count, entry, (tf.constant(0), tf.constant(1)))
+  return tf.where(tf.logical_and(orientation >= 1, orientation <= 8), orientation, 1)
+
+
+def _exif_transpose(img, orientation):
+  """Returns [H', W', C]: `img` turned upright as Pillow's ImageOps.exif_transpose does for `orientation`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  t = lambda x: tf.transpose(x, [1, 0, 2])  # noqa: E731
+  return tf.switch_case(orientation - 1, [
+      lambda: img, lambda: img[:, ::-1], lambda: img[::-1, ::-1], lambda: img[::-1],  # 1-4
+      lambda: t(img), lambda: t(img[::-1]), lambda: t(img[::-1, ::-1]), lambda: t(img[:, ::-1])])  # 5-8
+
+
+def _on_white(rgba):
+  """Returns uint8 [H, W, 3]: RGBA composited on white exactly as Pillow's paste(rgba, mask=alpha) does."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  x = tf.cast(rgba, tf.int32)
+  a = x[..., 3:]
+  blend = 255 * (255 - a) + x[..., :3] * a + 128  # Pillow's BLEND, then DIV255: ((t >> 8) + t) >> 8
+  return tf.cast(tf.bitwise.right_shift(tf.bitwise.right_shift(blend, 8) + blend, 8), tf.uint8)
+
+
 def tf_decode_image(data, size: int, vertical_first_rule: bool = True):
   """Returns uint8 [size, size, 3]: `pipeline.decode_image(data, size)`'s pixels; raises if undecodable."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -301,20 +366,28 @@ def tf_decode_image(data, size: int, vertical_first_rule: bool = True):
       # Pillow's draft(): the largest libjpeg scale 1/s (s in 8, 4, 2, 1) keeping both sides >= size + 1.
       scale = tf.minimum(shape[1] // (size + 1), shape[0] // (size + 1))
       branch = tf.cast(scale >= 2, tf.int32) + tf.cast(scale >= 4, tf.int32) + tf.cast(scale >= 8, tf.int32)
-      return tf.switch_case(branch, [
+      img = tf.switch_case(branch, [
           (lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method="INTEGER_ACCURATE"))
           for r in (1, 2, 4, 8)])
+      return _exif_transpose(img, _jpeg_orientation(data))
 
   def png():
     w, h, depth, color_type = _png_header(data)
     with tf.control_dependencies([too_big(w, h)]):
-      # Pillow opens 16-bit grayscale as mode "I;16" and convert("RGB") clips it at 255 (no scaling);
-      # every other PNG converts like TF's 8-bit decode.
+      # Pillow opens 16-bit grayscale as mode "I;16"; catalog.to_rgb maps it by round(v / 257) unless
+      # every value fits 8 bits. Every other PNG: TF's RGBA decode equals Pillow's convert("RGBA") (alpha
+      # channel, or tRNS transparent colour), composited on white like to_rgb.
       def gray16():
-        g = tf.io.decode_png(data, channels=1, dtype=tf.uint16)
-        return tf.tile(tf.cast(tf.minimum(g, 255), tf.uint8), [1, 1, 3])
+        g = tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16), tf.int32)
+        g = tf.cond(tf.reduce_max(g) > 255, lambda: (g + 128) // 257, lambda: g)
+        return tf.tile(tf.cast(g, tf.uint8), [1, 1, 3])
       return tf.cond(tf.logical_and(depth == 16, color_type == 0), gray16,
-                     lambda: tf.io.decode_png(data, channels=3))
+                     lambda: _on_white(tf.io.decode_png(data, channels=4)))
+
+  def webp():
+    img = tf.io.decode_image(data, expand_animations=False)  # its own channels: 3, or 4 with alpha
+    with tf.control_dependencies([too_big(tf.shape(img)[1], tf.shape(img)[0])]):
+      return tf.cond(tf.shape(img)[2] == 4, lambda: _on_white(img), lambda: img[..., :3])
 
   def other():
     img = tf.io.decode_image(data, channels=3, expand_animations=False)  # GIF: first frame
@@ -322,7 +395,9 @@ def tf_decode_image(data, size: int, vertical_first_rule: bool = True):
       return tf.identity(img)
 
   is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
-  img = tf.case([(tf.io.is_jpeg(data), jpeg), (is_png, png)], default=other)
+  is_webp = tf.logical_and(tf.equal(tf.strings.substr(data, 0, 4), b"RIFF"),
+                           tf.equal(tf.strings.substr(data, 8, 4), b"WEBP"))
+  img = tf.case([(tf.io.is_jpeg(data), jpeg), (is_png, png), (is_webp, webp)], default=other)
   img = tf.ensure_shape(img, [None, None, 3])
   return tf_pil_resize(img, size, vertical_first_rule)
 

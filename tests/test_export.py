@@ -162,12 +162,28 @@ def _photo(rng, h, w):
   return np.clip(base * 100 + 128 + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
+def _with_exif(jpeg: bytes, orientation: int, big_endian: bool) -> bytes:
+  """Returns the JPEG with an EXIF APP1 segment (a Make entry, then Orientation) after its JFIF segment."""
+  import struct  # pylint: disable=g-import-not-at-top
+  e = ">" if big_endian else "<"
+  tiff = ((b"MM\0*" if big_endian else b"II*\0") + struct.pack(e + "IH", 8, 2)
+          + struct.pack(e + "HHI", 0x010F, 2, 1) + b"\0\0\0\0"
+          + struct.pack(e + "HHIH", 0x0112, 3, 1, orientation) + b"\0\0" + struct.pack(e + "I", 0))
+  payload = b"Exif\0\0" + tiff
+  pos = 4 + struct.unpack(">H", jpeg[4:6])[0] if jpeg[2:4] == b"\xff\xe0" else 2
+  assert pos > 2, "expected a JFIF segment first"
+  return jpeg[:pos] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[pos:]
+
+
 def test_image_decoding_is_pillow_exact():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   big = Image.fromarray(_photo(rng, 300, 200))
+  alpha = rng.integers(0, 256, np.asarray(big).shape[:2], dtype=np.uint8)
+  alpha[:50] = 0  # a fully transparent band, as around a cut-out product
+  cutout = Image.fromarray(np.dstack([np.asarray(big), alpha]))
   images = [
       _encode(_photo(rng, 32, 32), "JPEG"),                 # no resize
       _encode(_photo(rng, 520, 700), "JPEG", quality=80),   # draft 1/8 at 32 px, 1/2 at 224 px
@@ -178,6 +194,13 @@ def test_image_decoding_is_pillow_exact():
       _encode(big.convert("RGBA"), "PNG"), _encode(big.convert("LA"), "PNG"), _encode(big.convert("P"), "PNG"),
       _encode(big.convert("P"), "GIF"), _encode(big, "BMP"), _encode(big, "WEBP", lossless=True),
       _encode(Image.fromarray((np.asarray(big.convert("L")).astype(np.uint16) * 257)), "PNG"),  # 16-bit gray
+      _encode(Image.fromarray(np.asarray(big.convert("L")).astype(np.uint16)), "PNG"),  # 16-bit, 8-bit values
+      # Transparency, composited on white as the importer does: alpha channels and transparent colours.
+      _encode(cutout, "PNG"), _encode(cutout.convert("LA"), "PNG"), _encode(cutout, "WEBP", lossless=True),
+      _encode(big.convert("P"), "PNG", transparency=3), _encode(big.convert("L"), "PNG", transparency=7),
+      _encode(big, "PNG", transparency=tuple(int(v) for v in np.asarray(big)[0, 0])),
+      # Phone photos: EXIF orientations 2-8, both byte orders, after the JFIF segment, drafted (1/4).
+      *(_with_exif(_encode(_photo(rng, 300, 200), "JPEG"), o, big_endian=o % 2 == 0) for o in range(2, 9)),
       _encode(np.full((1, 1, 3), 200, np.uint8), "PNG"), _encode(_photo(rng, 3, 1000), "JPEG"),
       b"", b"garbage bytes", _encode(_photo(rng, 64, 64), "JPEG")[:300],  # empty, junk, truncated
   ]

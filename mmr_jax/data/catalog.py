@@ -375,6 +375,30 @@ def resolve_image_path(src_dir: pathlib.Path, rel: str) -> pathlib.Path:
   return full
 
 
+def to_rgb(img):
+  """Returns a Pillow image as RGB the way the importer, the training pipeline and the exported product
+  tower agree on: transparency (alpha, or a PNG/GIF transparent colour) composited on white, as shop
+  cut-outs are shown; 16-bit/32-bit/float greyscale mapped to 8 bits by its type's range (Pillow's own
+  convert clips them to white or black); anything else by `convert("RGB")`.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    top = float(arr.max(initial=0.0))
+    if img.mode == "F":
+      hi = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else top
+      arr = (arr * (255.0 / hi)).round()
+    elif top > 255.0:  # (8-bit data in a wide container stays as it is)
+      arr = (arr + 128) // 257 if top <= 65535.0 else (arr * (255.0 / top)).round()  # round(v / 257), exact
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert("RGB")
+  if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    rgba = img.convert("RGBA")
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+  return img.convert("RGB")
+
+
 def load_image(src_dir: pathlib.Path, rel: str, max_side: int,
                jpeg_quality: int = 90) -> tuple[bytes, str | None, str]:
   """Returns (JPEG bytes or b"", skip reason or None, detail) for one product image.
@@ -398,23 +422,7 @@ def load_image(src_dir: pathlib.Path, rel: str, max_side: int,
       # draft() lets the JPEG decoder downscale by 1/2..1/8 while decoding: big photos cost far less.
       img.draft("RGB", (max_side, max_side))
       img = ImageOps.exif_transpose(img)
-      if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.new("RGB", rgba.size, (255, 255, 255))
-        img.paste(rgba, mask=rgba.getchannel("A"))
-      elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit integer or float greyscale: map the format's full range to 8 bits (Pillow's convert
-        # clips everything above 255 to white, and a float image in [0, 1] to black). The range is the
-        # type's, not the picture's own maximum, so a dark photo stays dark.
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        top = float(arr.max(initial=0.0))
-        if img.mode == "F":
-          hi = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else top
-        else:  # 8-bit data in a wide container stays as it is
-          hi = 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
-        img = Image.fromarray((arr * (255.0 / hi)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
-      else:
-        img = img.convert("RGB")
+      img = to_rgb(img)
       if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
       buf = io.BytesIO()

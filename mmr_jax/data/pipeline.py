@@ -53,8 +53,9 @@ from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from mmr_jax.data import catalog
 from mmr_jax.data.tokenizer import Tokenizer
 
 # Orbax checkpoint args for a grain iterator; checkpoint.py registers these in
@@ -164,7 +165,8 @@ def decode_image(data: bytes, size: int, *, augment: Augment | None = None,
   """Returns (uint8 [size, size, 3], ok); (zeros, False) if empty or corrupt.
 
   Without augmentation the whole image is resized to a square (what eval and
-  export see). Any mode (L, P, RGBA, CMYK) becomes RGB.
+  export see). Any mode (L, P, RGBA, CMYK, 16-bit) becomes RGB as the importer
+  converts it (`catalog.to_rgb`: transparency composited on white).
   """
   blank = np.zeros((size, size, 3), np.uint8)
   if not data:
@@ -177,7 +179,9 @@ def decode_image(data: bytes, size: int, *, augment: Augment | None = None,
     # Keep enough pixels for the smallest random crop to still fill `size`.
     need = size / math.sqrt(augment.crop_scale_min) if crop else size
     img.draft("RGB", (int(need) + 1, int(need) + 1))
-    img = img.convert("RGB")
+    if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation (phone photos): upright, as imported
+      img = ImageOps.exif_transpose(img)
+    img = catalog.to_rgb(img)  # as the importer converts: transparency on white, wide greyscale scaled
     box = (0, 0, img.width, img.height)
     if crop:
       box = _random_box(img.width, img.height, augment.crop_scale_min, rng)
