@@ -146,7 +146,8 @@ def exact_search(queries, db, k: int, *, query_batch: int = 256, db_chunk: int =
 
 
 def recall_vs_exact(approx_idx, exact_idx, k: int | None = None) -> float:
-  """Returns the fraction of the exact top-k found in the approximate top-k (mean over queries).
+  """Returns the fraction of the exact top-k found in the approximate top-k, pooled over all queries
+  (found / wanted summed over queries; the mean over queries whenever every exact row is full).
 
   Padding (-1) in `exact_idx` is not counted, so a database smaller than k still scores 1.0
   when everything is found.
