@@ -135,6 +135,11 @@ def train_command(config: str, workdir: str, overrides: Mapping[str, Any] = (), 
           *override_flags(dict(overrides)), *extra]
 
 
+def train_extra(args) -> list[str]:
+  """Returns the trainer flags a launcher's parsed args ask for beyond config and workdir."""
+  return ["--evaluate"] if getattr(args, "evaluate", False) else []
+
+
 def eval_command(workdir: str, *, python: str = sys.executable, module: str = EVAL_MODULE,
                  extra: Sequence[str] = ()) -> list[str]:
   """Returns the argv of `python -m mmr_jax.evaluate --workdir DIR [extra]`."""
@@ -295,11 +300,15 @@ def run_parallel(cmds: Sequence[Sequence[str]], *, names: Sequence[str], envs: S
 # ------------------------------------------------------------------------------------- CLI pieces
 
 
-def add_train_args(parser: argparse.ArgumentParser, *, workdir_help: str = "run directory", dry_run: bool = True):
-  """Adds --config, --workdir, --train_module (and --dry-run unless dry_run=False) to a launcher's parser."""
+def add_train_args(parser: argparse.ArgumentParser, *, workdir_help: str = "run directory", dry_run: bool = True,
+                   evaluate: bool = True):
+  """Adds --config, --workdir, --train_module (and --evaluate, --dry-run unless False) to a launcher's parser."""
   parser.add_argument("--config", required=True, help="config ref, e.g. configs/demo.py:stage=1")
   parser.add_argument("--workdir", required=True, help=workdir_help)
   parser.add_argument("--train_module", default=TRAIN_MODULE, help="python module run with -m (default %(default)s)")
+  if evaluate:
+    parser.add_argument("--evaluate", action="store_true",
+                        help="the job also evaluates after its last step (the trainer's --evaluate: metrics.json)")
   if dry_run:
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the exact commands / files and exit without running anything")

@@ -146,7 +146,7 @@ def add_backend_args(parser: argparse.ArgumentParser):
 def _train_argv(args, config: str, workdir: str, overrides) -> list[str]:
   common.require_bucket(workdir, args.allow_local_workdir)
   return common.train_command(common.repo_relative_config(config), workdir, overrides, python=args.python,
-                              module=args.train_module)
+                              module=args.train_module, extra=common.train_extra(args))
 
 
 def job_manifest(args, *, name: str, config: str, workdir: str, overrides) -> dict:

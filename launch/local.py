@@ -28,7 +28,7 @@ def job_commands(config: str, workdir: str, overrides, *, train_module: str = co
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = common.make_parser(__doc__, prog="python -m launch.local")
-  common.add_train_args(parser, workdir_help="run directory (local path or gs://)")
+  common.add_train_args(parser, workdir_help="run directory (local path or gs://)", evaluate=False)
   parser.add_argument("--eval", action="store_true", help="run mmr_jax.evaluate on the workdir after training")
   parser.add_argument("--eval_module", default=common.EVAL_MODULE)
   parser.add_argument("--eval_args", default="", metavar="ARGS",

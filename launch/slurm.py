@@ -114,7 +114,7 @@ def job_script(args, *, name: str, config: str, workdir: str, overrides) -> str:
   # The train command runs in --repo, so configs are given relative to it (or absolute: shared filesystem).
   cmd = common.train_command(common.repo_relative_config(config, args.repo, shared_fs=True), workdir, overrides,
                              python=python,
-                             module=args.train_module)
+                             module=args.train_module, extra=common.train_extra(args))
   output = os.path.join(args.log_dir, "%x-%j.out") if args.log_dir else "%x-%j.out"
   for flag in args.sbatch:
     if not flag.startswith("--"):

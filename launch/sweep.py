@@ -27,7 +27,9 @@ and the sweep goes on; a summary ends it, then `collect` writes ROOT/results.{md
 
 Backends tpu / gke / slurm print one job command per point (a shell script you can read or pipe
 to bash); --submit runs them (tpu: one after another on the same pod). Their flags are those of
-launch.tpu_pod run, launch.gke and launch.slurm.
+launch.tpu_pod run, launch.gke and launch.slurm. Each job trains and then evaluates (`mmr_jax.train
+--evaluate`), so its metrics.json marks the point done: rerunning the sweep skips it (with
+--check_remote for gs:// roots) and --collect tabulates it.
 """
 
 from __future__ import annotations
@@ -493,8 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--eval_module", default=common.EVAL_MODULE)
   parser.add_argument("--eval_args", default="", metavar="ARGS",
                       help="extra evaluator flags as one string, e.g. --eval_args='--split test'")
-  parser.add_argument("--no_eval", action="store_true", help="local: do not run the evaluator after training")
-  parser.add_argument("--python", default=sys.executable, help="local: interpreter for the runs")
+  parser.add_argument("--no_eval", action="store_true",
+                      help="do not evaluate after training (cluster points then never count as done)")
+  parser.add_argument("--python", default=None,
+                      help="interpreter of the runs (local/print: default this one; slurm/gke: their --python)")
   parser.add_argument("--check_remote", action="store_true",
                       help="skip finished points on a gs:// root too (needs credentials here)")
   parser.add_argument("--no_collect", action="store_true", help="local: skip the results table and plot")
@@ -518,7 +522,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.backend in BACKENDS:
     module, bparser = _backend_parser(args.backend)
     backend_args = bparser.parse_args(backend_tokens)
+    if args.python:  # parsed above as the sweep's own flag; the backend's launcher takes it too
+      if not hasattr(backend_args, "python"):
+        parser.error(f"--python: --backend {args.backend} runs the repo's own .venv/bin/python on every worker")
+      backend_args.python = args.python
     backend_args.train_module = args.train_module
+    # Each job evaluates after training (the trainer's --evaluate), so its metrics.json marks the point done
+    # for resuming and --collect.
+    backend_args.evaluate = not args.no_eval
   elif backend_tokens:
     parser.error(f"unrecognized arguments for --backend {args.backend}: {' '.join(backend_tokens)}")
 
@@ -536,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   points = resolve(points, args.workdir, common.parse_env(args.var), [p.name for p in all_points])
   check_done = not common.is_remote_path(args.workdir) or args.check_remote
 
+  args.python = args.python or sys.executable
   if args.backend == "local":
     if not args.dry_run:
       write_sweep_json(args.workdir, args.config, all_points, overrides)

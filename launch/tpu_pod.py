@@ -156,7 +156,7 @@ def remote_train_script(args, *, config: str, workdir: str, overrides, backgroun
                         log_name: str = "train") -> str:
   """Returns the shell text each worker runs: cd into the repo, export env, run the trainer."""
   cmd = common.train_command(common.repo_relative_config(config), workdir, overrides, python=".venv/bin/python",
-                             module=args.train_module)
+                             module=args.train_module, extra=common.train_extra(args))
   # Every worker must join one jax.distributed job; the TPU VM's metadata tells jax who its peers are.
   env = {"MMR_DISTRIBUTED": "auto", **common.parse_env(args.env)}
   cmd = ["env", *(f"{k}={v}" for k, v in env.items()), *cmd]

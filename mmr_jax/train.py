@@ -389,7 +389,8 @@ class _Preemption:
 
 
 def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics.
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics
+  and "step", the step it stopped at (below config.train.steps if preempted).
 
   `hooks`: callables hook(step, state) run after every step (tests use one to deliver SIGTERM).
   """
@@ -499,7 +500,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
     pbar.close()
   ckpt.close()
   writer.close()
-  return last
+  return dict(last, step=step)
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -536,6 +537,9 @@ def main(argv=None):
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
   flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
   flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+  flags.DEFINE_bool("evaluate", False, "After the last step, evaluate the workdir in the same job (what "
+                    "`python -m mmr_jax.evaluate --workdir DIR` does: retrieval metrics into metrics.json, on "
+                    "every host of a multi-host job); a preempted run skips it and evaluates when resumed.")
   flags.mark_flags_as_required(["config", "workdir"])
   FLAGS = flags.FLAGS
 
@@ -546,6 +550,11 @@ def main(argv=None):
     metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
       print(json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+    if FLAGS.evaluate and metrics["step"] >= FLAGS.config.train.steps:
+      from mmr_jax import evaluate  # pylint: disable=g-import-not-at-top
+      results = evaluate.evaluate_workdir(FLAGS.workdir)
+      if jax.process_index() == 0:
+        print(evaluate.markdown_report(results))
 
   app.run(_main, argv=argv)
 

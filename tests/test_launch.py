@@ -277,6 +277,15 @@ def test_sweep_cluster_backends_emit_one_job_per_point(fake_repo, capsys):
   assert sweep.main(base + ["--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "2"]) == 0
   out = capsys.readouterr().out
   assert out.count("sbatch <<'MMR_SBATCH_EOF'") == 5 and "#SBATCH --job-name=bad" in out
+  # Each job evaluates after training (its metrics.json marks the point done); --python reaches the job.
+  assert out.count(" --evaluate") == 5 and ssh[0].count("--evaluate") == 1
+  assert sweep.main(base + ["--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "2", "--no_eval",
+                            "--python", "/env/bin/python"]) == 0
+  out = capsys.readouterr().out
+  assert "--evaluate" not in out and out.count("exec /env/bin/python -m") == 5
+  with pytest.raises(SystemExit):
+    sweep.main(base + ["--workdir", "gs://bkt/sw", "--backend", "tpu", "--tpu", "mmr", "--zone", "z",
+                       "--python", "/env/bin/python"])
 
   with pytest.raises(SystemExit):  # tpu backend without its required flags
     sweep.main(base + ["--workdir", "gs://bkt/sw", "--backend", "tpu"])

@@ -202,6 +202,21 @@ def test_cli_rejects_unknown_config_key(tmp_path):
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+def test_cli_evaluate_after_the_last_step(tiny_data, tmp_path):
+  # What cluster jobs of a sweep run: train, then evaluate in the same job (metrics.json marks it done).
+  wd = tmp_path / "w"
+  cmd = [sys.executable, "-m", "mmr_jax.train", "--config", f"configs/demo.py:runlocal=True,data={tiny_data}",
+         "--workdir", str(wd), "--evaluate", "--config.train.eval_every=0", "--config.train.progress=False"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MMR_COMPILATION_CACHE="none")
+  r = subprocess.run(cmd + ["--config.train.steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                     env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  metrics = json.loads((wd / "metrics.json").read_text())
+  assert metrics["step"] == 2 and "test" in metrics["splits"]
+  assert "Retrieval metrics" in r.stdout
+
+
 def test_workdir_paths_are_made_absolute_for_orbax(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert str(ckpt_lib.absolute("workdirs/x")) == str(tmp_path / "workdirs" / "x")
