@@ -10,11 +10,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[venv] creating $VENV with $($PY --version)" >&2
   "$PY" -m venv "$VENV"
 fi
+# MMR_VENV_EXTRAS: optional extras of pyproject.toml, e.g. "cuda" on NVIDIA GPU machines, "bench,beam".
+EXTRAS="${MMR_VENV_EXTRAS:-}"
+TARGET="$ROOT${EXTRAS:+[$EXTRAS]}"
 STAMP="$VENV/.mmr_jax_installed"
-WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $EXTRAS"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "[venv] installing mmr_jax and its dependencies (a few minutes on a fresh machine)" >&2
+  echo "[venv] installing mmr_jax${EXTRAS:+[$EXTRAS]} and its dependencies (a few minutes on a fresh machine)" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-  "$VENV/bin/python" -m pip install -q -e "$ROOT" >&2
+  "$VENV/bin/python" -m pip install -q -e "$TARGET" >&2
   echo "$WANT" > "$STAMP"
 fi
