@@ -58,7 +58,8 @@ Measured parity (tests/test_export.py; `export_summary.json` records the numbers
 * product tower vs JAX on identical preprocessed inputs: ~1e-7 (asserted <= 1e-5);
 * in-graph image preprocessing vs `pipeline.decode_image`: 0 pixels differ on JPEG (baseline,
   progressive, grayscale, CMYK, every draft scale, EXIF orientations 2-8 in either byte order), PNG (RGB,
-  RGBA, LA, palette, transparent colours, 16-bit), GIF, BMP and WebP (with alpha too), 1x1 to 700x700 px,
+  RGBA, LA, palette, 1/2/4-bit palettes and greys, transparent colours, 16-bit grey and RGBA), GIF, BMP
+  and WebP (with alpha too), 1x1 to 700x700 px,
   so the end-to-end bytes->embedding test holds the same 1e-5. Raw images are turned upright and
   transparency is composited on white (`catalog.to_rgb`), as the importer does before training, so a
   cut-out PNG or a phone photo embeds like its imported copy (up to the importer's JPEG re-encoding).
@@ -348,6 +349,25 @@ def _on_white(rgba):
   return tf.cast(tf.bitwise.right_shift(tf.bitwise.right_shift(blend, 8) + blend, 8), tf.uint8)
 
 
+def _png_has_trns(data):
+  """Returns whether a PNG has a tRNS (transparent colour) chunk before its image data."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n = tf.strings.length(data)
+  padded = tf.strings.join([data, b"\0" * 8])
+
+  def chunk(i, pos, found, stop):
+    length = tf.io.decode_raw(tf.strings.substr(padded, pos, 4), tf.int32, little_endian=False)[0]
+    kind = tf.strings.substr(padded, pos + 4, 4)
+    return (i + 1, pos + 12 + tf.maximum(length, 0), tf.logical_or(found, tf.equal(kind, b"tRNS")),
+            tf.logical_or(tf.equal(kind, b"IDAT"), length < 0))
+
+  _, _, found, _ = tf.while_loop(
+      lambda i, pos, found, stop: tf.logical_and(tf.logical_and(i < 64, pos + 8 <= n),
+                                                 tf.logical_not(tf.logical_or(found, stop))),
+      chunk, (tf.constant(0), tf.constant(8), tf.constant(False), tf.constant(False)))
+  return found
+
+
 def tf_decode_image(data, size: int, vertical_first_rule: bool = True):
   """Returns uint8 [size, size, 3]: `pipeline.decode_image(data, size)`'s pixels; raises if undecodable."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -381,8 +401,12 @@ def tf_decode_image(data, size: int, vertical_first_rule: bool = True):
         g = tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16), tf.int32)
         g = tf.cond(tf.reduce_max(g) > 255, lambda: (g + 128) // 257, lambda: g)
         return tf.tile(tf.cast(g, tf.uint8), [1, 1, 3])
-      return tf.cond(tf.logical_and(depth == 16, color_type == 0), gray16,
-                     lambda: _on_white(tf.io.decode_png(data, channels=4)))
+      # Only images with transparency take the RGBA path: for palette/grey PNGs of 1-4 bits without a tRNS
+      # chunk, TF's 4-channel decode fills alpha with 2**depth - 1 instead of 255 (near-white results).
+      has_alpha = tf.logical_or(tf.logical_or(color_type == 4, color_type == 6), _png_has_trns(data))
+      return tf.case([(tf.logical_and(depth == 16, color_type == 0), gray16),
+                      (has_alpha, lambda: _on_white(tf.io.decode_png(data, channels=4)))],
+                     default=lambda: tf.io.decode_png(data, channels=3))
 
   def webp():
     img = tf.io.decode_image(data, expand_animations=False)  # its own channels: 3, or 4 with alpha

@@ -162,6 +162,19 @@ def _photo(rng, h, w):
   return np.clip(base * 100 + 128 + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
+def _png16_rgba(rgba: np.ndarray) -> bytes:
+  """Returns a 16-bit RGBA PNG of uint16 [H, W, 4] (Pillow cannot write one)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind, payload):
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+  h, w, _ = rgba.shape
+  rows = b"".join(b"\0" + rgba[y].astype(">u2").tobytes() for y in range(h))
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
 def _with_exif(jpeg: bytes, orientation: int, big_endian: bool) -> bytes:
   """Returns the JPEG with an EXIF APP1 segment (a Make entry, then Orientation) after its JFIF segment."""
   import struct  # pylint: disable=g-import-not-at-top
@@ -199,6 +212,11 @@ def test_image_decoding_is_pillow_exact():
       _encode(cutout, "PNG"), _encode(cutout.convert("LA"), "PNG"), _encode(cutout, "WEBP", lossless=True),
       _encode(big.convert("P"), "PNG", transparency=3), _encode(big.convert("L"), "PNG", transparency=7),
       _encode(big, "PNG", transparency=tuple(int(v) for v in np.asarray(big)[0, 0])),
+      # 1-4 bit palettes and greys, with and without a transparent colour; 16-bit RGBA.
+      *(_encode(big.quantize(c), "PNG", bits=b) for c, b in ((2, 1), (4, 2), (16, 4))),
+      _encode(big.quantize(16), "PNG", bits=4, transparency=2), _encode(big.convert("1"), "PNG"),
+      _encode(big.convert("1"), "PNG", transparency=0),
+      _png16_rgba(np.dstack([np.asarray(big), alpha]).astype(np.uint16) * 257 + 100),
       # Phone photos: EXIF orientations 2-8, both byte orders, after the JFIF segment, drafted (1/4).
       *(_with_exif(_encode(_photo(rng, 300, 200), "JPEG"), o, big_endian=o % 2 == 0) for o in range(2, 9)),
       _encode(np.full((1, 1, 3), 200, np.uint8), "PNG"), _encode(_photo(rng, 3, 1000), "JPEG"),
