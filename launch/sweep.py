@@ -352,9 +352,9 @@ def _lower_is_better(metric: str) -> bool:
 
 
 def headline_metrics(columns: Sequence[str]) -> list[str]:
-  """Returns the columns worth a table / plot: overall/* if present, else the top-level ones."""
-  head = [c for c in columns if c.startswith("overall/") and c.count("/") == 1]
-  return head or [c for c in columns if "/" not in c] or list(columns)
+  """Returns the columns worth a table / plot: the test split's overall metrics (metrics.headline_keys)."""
+  from mmr_jax import metrics  # pylint: disable=g-import-not-at-top
+  return metrics.headline_keys(columns) or list(columns)
 
 
 def _fmt(v) -> str:

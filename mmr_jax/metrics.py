@@ -246,3 +246,18 @@ def labels_from_arrays(relevant_index: Sequence, relevant_grade: Sequence) -> li
       raise ValueError(f"query {q}: relevant_index lists a product more than once")
     out.append(lab)
   return out
+
+
+def headline_keys(flat_keys: Sequence[str]) -> list[str]:
+  """Returns the keys of a flattened ("a/b/c") metrics.json worth a headline, in order.
+
+  evaluate.py writes `splits/<split>/overall/<metric>`: the test split's overall metrics first (else
+  another split's), then a top-level `overall/<metric>` layout, else the top-level scalars.
+  """
+  def under(prefix):
+    return [k for k in flat_keys if k.startswith(prefix) and "/" not in k[len(prefix):]]
+  splits = sorted({k.split("/")[1] for k in flat_keys if k.startswith("splits/") and k.count("/") == 3})
+  for prefix in [f"splits/{s}/overall/" for s in sorted(splits, key=lambda s: s != "test")] + ["overall/"]:
+    if under(prefix):
+      return under(prefix)
+  return [k for k in flat_keys if "/" not in k]

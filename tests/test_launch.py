@@ -57,8 +57,11 @@ FAKE_EVAL = r"""
 import json, os, sys
 wd = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--workdir=")][0]
 lr = json.load(open(os.path.join(wd, "trained.json")))["lr"]
-json.dump({"overall": {"recall@10": 0.5 + lr, "recall@100": 0.8 + lr, "ndcg@10": 0.3 + lr},
-           "by_tag": {"short": {"recall@10": lr}}}, open(os.path.join(wd, "metrics.json"), "w"))
+# The layout mmr_jax.evaluate writes (top-level scalars beside the per-split metrics).
+test = {"overall": {"recall@10": 0.5 + lr, "recall@100": 0.8 + lr, "ndcg@10": 0.3 + lr},
+        "by_tag": {"short": {"recall@10": lr}}}
+json.dump({"num_products": 300, "k": [10, 100], "splits": {"test": test, "validation": test}, "step": 3},
+          open(os.path.join(wd, "metrics.json"), "w"))
 """
 
 
@@ -210,10 +213,12 @@ def test_sweep_local_resumable(fakes, tmp_path, capsys):
   with open(os.path.join(root, "results.csv")) as f:
     rows = list(csv.DictReader(f))
   assert [r["run"] for r in rows] == names
-  assert rows[0]["optim.lr"] == "0.1" and float(rows[0]["overall/recall@10"]) == pytest.approx(0.6)
-  assert float(rows[1]["by_tag/short/recall@10"]) == pytest.approx(0.01)
+  assert rows[0]["optim.lr"] == "0.1" and float(rows[0]["splits/test/overall/recall@10"]) == pytest.approx(0.6)
+  assert float(rows[1]["splits/test/by_tag/short/recall@10"]) == pytest.approx(0.01)
   md = open(os.path.join(root, "results.md")).read()
-  assert "| run | model.variant | optim.lr | overall/recall@10 |" in md and "**0.6000**" in md
+  # The headline columns are the test split's overall metrics, not num_products and the other scalars.
+  assert "| run | model.variant | optim.lr | splits/test/overall/recall@10 |" in md and "**0.6000**" in md
+  assert "num_products" not in md.split("\n\n")[1]
   with open(os.path.join(root, "results.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

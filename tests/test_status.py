@@ -29,8 +29,8 @@ def make_run(path, *, steps=(100, 200), tmp_ckpt=None, metrics=True, partial_lin
   if tmp_ckpt:
     (path / "checkpoints" / f"{tmp_ckpt}.orbax-checkpoint-tmp-1700000000").mkdir()
   if metrics:
-    (path / "metrics.json").write_text(json.dumps(
-        {"overall": {"recall@100": 0.8, "ndcg@10": 0.35}, "by_tag": {"short": {"recall@100": 0.7}}}))
+    test = {"overall": {"recall@100": 0.8, "ndcg@10": 0.35}, "by_tag": {"short": {"recall@100": 0.7}}}
+    (path / "metrics.json").write_text(json.dumps({"num_products": 300, "splits": {"test": test}}))  # evaluate's layout
   if done:
     (path / "DONE").write_text("{}")
   return path
@@ -46,14 +46,16 @@ def test_summarize_run(tmp_path):
   assert (log["records"], log["bad_lines"], log["last_step"]) == (3, 1, 200)
   assert log["latest"]["loss"] == (1.25, 200) and log["latest"]["val/loss"] == (2.75, 100)
   assert s["checkpoints"] == {"steps": [100, 200], "incomplete": [300]}
-  assert s["metrics"] == {"overall/recall@100": 0.8, "overall/ndcg@10": 0.35, "by_tag/short/recall@100": 0.7}
+  assert s["metrics"] == {"num_products": 300, "splits/test/overall/recall@100": 0.8,
+                          "splits/test/overall/ndcg@10": 0.35, "splits/test/by_tag/short/recall@100": 0.7}
   assert s["problems"] == ["metrics.jsonl: 1 unreadable line(s)"]
 
   text = status.format_summary(s)
   assert "train:   step 200/300, 3 logged rows" in text
   assert "  latest: loss=1.25, val/loss=2.75 (step 100), lr=0.001 (step 100)" in text
   assert "ckpts:   100, 200  (+ unfinished: 300)" in text
-  assert "eval:    overall/recall@100=0.8, overall/ndcg@10=0.35" in text and "(+1 more in metrics.json)" in text
+  assert "eval:    splits/test/overall/recall@100=0.8, splits/test/overall/ndcg@10=0.35\n" in text
+  assert "(+2 more in metrics.json)" in text
   assert "model.variant=fusion" in text
 
   full = status.summarize(str(wd), full=True)
@@ -92,7 +94,7 @@ def test_sweep_root(tmp_path, capsys):
   rows = status.sweep_rows(str(tmp_path))
   assert [r["run"] for r in rows] == ["concat", "crashed", "fusion"]
   by = {r["run"]: r for r in rows}
-  assert by["fusion"]["state"] == "done" and by["fusion"]["metric"] == "overall/recall@100=0.8"
+  assert by["fusion"]["state"] == "done" and by["fusion"]["metric"] == "splits/test/overall/recall@100=0.8"
   assert by["concat"]["state"] == "running/stopped" and by["concat"]["ckpt"] == 100 and by["concat"]["loss"] == 1.25
   assert by["crashed"]["state"] == "no output (see train.log)"
   assert status.main([str(tmp_path)]) == 0

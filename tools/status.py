@@ -23,6 +23,8 @@ from typing import Any
 
 from etils import epath
 
+from mmr_jax import metrics as metrics_lib
+
 # Config fields worth a glance, in display order; any that the config lacks are left out.
 KEY_FIELDS = ("stage", "model.name", "model.variant", "loss.kind", "data.dir", "data.batch_size", "train.steps",
               "optim.lr", "init.workdir", "mesh.shape", "seed")
@@ -194,7 +196,7 @@ def format_summary(s: Mapping[str, Any], full: bool = False) -> str:
     lines.append(f"ckpts:   {txt}")
   m = s.get("metrics")
   if m:
-    head = {k: v for k, v in m.items() if k.startswith("overall/")} or m
+    head = {k: m[k] for k in metrics_lib.headline_keys(list(m))} or m
     lines.append("eval:    " + ", ".join(f"{k}={_num(v)}" for k, v in list(head.items())[:12]))
     if len(m) > len(head):
       lines.append(f"         (+{len(m) - len(head)} more in metrics.json)")
@@ -220,7 +222,8 @@ def sweep_rows(root: str) -> list[dict[str, Any]]:
       continue
     s = summarize(str(child))
     log, ck, m = s.get("log") or {}, s.get("checkpoints") or {}, s.get("metrics") or {}
-    headline = next((k for k in m if k.startswith("overall/recall")), next(iter(m), None))
+    head = metrics_lib.headline_keys(list(m))
+    headline = next((k for k in head if "recall" in k), next(iter(head or m), None))
     loss = (log.get("latest") or {}).get("loss")
     rows.append({
         "run": child.name,
