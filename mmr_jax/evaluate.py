@@ -164,6 +164,10 @@ def markdown_report(results: dict, title: str = "Retrieval metrics") -> str:
   n = results["num_products"]
   small = [c for c in cols if c.startswith("recall@") and int(c.split("@")[1]) >= n]
   note = f" Cutoffs at or past the catalogue size ({', '.join(small)}) rank every product." if small else ""
+  params = (results.get("index") or {}).get("params") or {}
+  if params.get("brute_force"):
+    note += (f" ScaNN searched by brute force (fewer than brute_force_below={params.get('brute_force_below')} "
+             "products), so it equals exact search; `--scann '{\"brute_force_below\": 0}'` builds a tree.")
   lines = [f"# {title}", "", f"{n} products; metrics in %; ScaNN recall vs exact at k={results['k']}.{note}",
            "", "| split | search | " + " | ".join(cols) + " | queries | ScaNN recall vs exact |",
            "|---|---|" + "---|" * (len(cols) + 2)]

@@ -37,6 +37,7 @@ def test_evaluate_embeddings_hand_built_case():
   assert res["sparse_words_threshold"] == pytest.approx(np.quantile(num_words, 0.25))
   md = evaluate.markdown_report(res)
   assert "| test | exact | 50.0 |" in md
+  assert "ScaNN searched by brute force (fewer than brute_force_below=2048 products)" in md
 
 
 def test_evaluate_workdir_writes_reports(tiny_workdir, tiny_data):
