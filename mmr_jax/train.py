@@ -89,7 +89,13 @@ def resolve_config(config):
   config = config.copy_and_resolve_references()
   with config.unlocked():
     if config.model.text.vocab_size <= 0:
-      tok = tok_lib.Tokenizer(os.path.join(config.data.dir, "tokenizer.model"))
+      try:
+        tok = tok_lib.Tokenizer(os.path.join(config.data.dir, "tokenizer.model"))
+      except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"config.data.dir={config.data.dir!r} is not an imported catalogue ({e}). Pass the DATA_DIR that "
+            "import_catalog / make_synthetic wrote: --config configs/demo.py:data=DATA_DIR or "
+            "--config.data.dir=DATA_DIR") from None
       config.model.text.vocab_size = tok.vocab_size
     config.model.contrastive = config.loss.kind
   config.lock()
@@ -388,6 +394,23 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _has_checkpoint(workdir) -> bool:
+  ckpts = epath.Path(workdir) / "checkpoints"
+  return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def _check_init_sources(init, workdir) -> None:
+  """Raises FileNotFoundError for a missing init.workdir / init.vit_npz before anything is compiled or written
+  (a run resuming from its own checkpoint does not read them)."""
+  if _has_checkpoint(workdir):
+    return
+  if init.workdir and not _has_checkpoint(init.workdir):
+    raise FileNotFoundError(f"init.workdir={init.workdir!r} holds no checkpoint (checkpoints/<step>/): give the "
+                            "stage-1 workdir, trained to at least one checkpoint")
+  if init.vit_npz and not epath.Path(init.vit_npz).is_file():
+    raise FileNotFoundError(f"init.vit_npz={init.vit_npz!r} is not a file")
+
+
 def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics
   and "step", the step it stopped at (below config.train.steps if preempted).
@@ -399,6 +422,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   workdir = ckpt_lib.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   tcfg = config.train
+  _check_init_sources(config.init, workdir)
   trainer = Trainer(config, str(workdir), mesh=mesh)
   log.info("mesh %s; %d params", dict(trainer.mesh.shape),
            sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params)))

@@ -192,6 +192,18 @@ def test_ablation_overrides_are_typed_like_the_config():
     ablation.apply_overrides(cfg, {"model.colour": "red"})
 
 
+def test_missing_inputs_are_named_before_any_work(tiny_data, tmp_path):
+  cfg = tiny_config(str(tmp_path / "no_data"))
+  with pytest.raises(FileNotFoundError, match=r"config.data.dir=.*no_data.* is not an imported catalogue.*:data="):
+    train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "checkpoints").exists()
+  cfg = tiny_config(tiny_data)
+  cfg.init.workdir = str(tmp_path / "typo_stage1")
+  with pytest.raises(FileNotFoundError, match="init.workdir=.*typo_stage1.* holds no checkpoint"):
+    train.train_and_evaluate(cfg, str(tmp_path / "w2"))
+  assert not (tmp_path / "w2").exists() or not any((tmp_path / "w2").iterdir())
+
+
 def test_cli_rejects_unknown_config_key(tmp_path):
   r = subprocess.run([sys.executable, "-m", "mmr_jax.train", "--config", "configs/demo.py:runlocal=True",
                       "--workdir", str(tmp_path / "w"), "--config.train.nonexistent_key=3"],
