@@ -178,6 +178,35 @@ def _plot_rows(fig, axes, rows: list[dict], groups: list[str], labels: list[str]
   fig.savefig(path, dpi=120)
 
 
+def _config_differences(saved: dict, wanted) -> list[str]:
+  """Returns "key: saved -> wanted" for settings that change what a row learns (not logging/checkpointing)."""
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
+  # Through JSON, as config.json was written: tuples become lists on both sides.
+  want = config_lib.flatten_dict(json.loads(json.dumps(train.resolve_config(wanted).to_dict(), default=str)))
+  have = config_lib.flatten_dict(saved)
+  norm = lambda k, v: os.path.abspath(v) if k in ("data.dir", "init.workdir") and v else v  # noqa: E731
+  out = []
+  for k in sorted(set(want) | set(have)):
+    if k.startswith("train.") and k != "train.steps":
+      continue
+    a, b = have.get(k), want.get(k)
+    if norm(k, a) != norm(k, b):
+      out.append(f"{k}: {a!r} -> {b!r}")
+  return out
+
+
+def _check_reuse(run_dir: epath.Path, cfg, what: str) -> None:
+  """Raises ValueError if a finished run in `run_dir` was trained with other settings than `cfg`."""
+  saved = run_dir / "config.json"
+  if not saved.exists():
+    return
+  diff = _config_differences(json.loads(saved.read_text()), cfg)
+  if diff:
+    raise ValueError(f"{what} in {run_dir} was trained with other settings than this command asks for "
+                     f"({'; '.join(diff[:8])}{'; ...' if len(diff) > 8 else ''}); its results would be reused "
+                     "as they are. Use another --workdir, or remove that folder to train it again.")
+
+
 def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0, stage1_steps: int = 0,
         batch: int = 0, config_arg: str = "", overrides: dict | None = None) -> list[dict]:
   """Trains and evaluates every row (skipping finished ones); returns the ablation.json rows."""
@@ -199,14 +228,18 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   if unknown:
     raise KeyError(f"rows {sorted(unknown)} are not in {config_path}'s get_sweep()")
   stage1_dir = root / "stage1"
-  timings = {}
+  margins_path = root / "ablation_margins.json"
+  # Rows reused from an earlier invocation keep the timings measured then.
+  timings = json.loads(margins_path.read_text()).get("timings_s", {}) if margins_path.exists() else {}
   if any("{stage1}" in str(v) for s in sweep for v in s.values()):
-    if not (stage1_dir / "DONE").exists():
+    cfg = mod.get_config(f"stage=1,steps={stage1_steps},batch={batch}{extra}")
+    cfg.data.dir = str(data_dir)
+    apply_overrides(cfg, overrides or {})
+    if (stage1_dir / "DONE").exists():
+      _check_reuse(stage1_dir, cfg, "stage 1")
+    else:
       log.info("== stage 1: image <-> title domain alignment")
       t0 = time.time()
-      cfg = mod.get_config(f"stage=1,steps={stage1_steps},batch={batch}{extra}")
-      cfg.data.dir = str(data_dir)
-      apply_overrides(cfg, overrides or {})
       train.train_and_evaluate(cfg, str(stage1_dir))
       (stage1_dir / "DONE").write_text("ok\n")
       timings["stage1_s"] = time.time() - t0
@@ -215,14 +248,16 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
     name = point["name"]
     row_dir = root / name
     metrics_path = row_dir / "metrics.json"
-    if not metrics_path.exists():
+    cfg = mod.get_config(f"stage=2,{base_arg}")
+    cfg.data.dir = str(data_dir)
+    ov = {k: (str(stage1_dir) if v == "{stage1}" else v) for k, v in point.items()}
+    apply_overrides(cfg, ov)
+    apply_overrides(cfg, overrides or {})
+    if metrics_path.exists():
+      _check_reuse(row_dir, cfg, f"row {name}")
+    else:
       log.info("== row %s", name)
       t0 = time.time()
-      cfg = mod.get_config(f"stage=2,{base_arg}")
-      cfg.data.dir = str(data_dir)
-      ov = {k: (str(stage1_dir) if v == "{stage1}" else v) for k, v in point.items()}
-      apply_overrides(cfg, ov)
-      apply_overrides(cfg, overrides or {})
       train.train_and_evaluate(cfg, str(row_dir))
       eval_lib.evaluate_workdir(str(row_dir), data_dir)
       timings[name] = time.time() - t0
@@ -239,7 +274,7 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
     md += ["", "fusion_ft minus text_only (points): " + "; ".join(
         f"{g}: R@100 {v['recall@100']:+.1f}, NDCG@10 {v['ndcg@10']:+.1f}" for g, v in gains.items())]
   (root / "ablation.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-  (root / "ablation_margins.json").write_text(json.dumps({"fusion_ft_minus_text_only": gains, "timings_s": timings},
+  margins_path.write_text(json.dumps({"fusion_ft_minus_text_only": gains, "timings_s": timings},
                                                          indent=2, default=float))
   plot_rows(out_rows, str(root / "ablation.png"))
   return out_rows

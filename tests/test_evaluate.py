@@ -85,3 +85,14 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
   again = ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
                        rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
   assert json.dumps(again, default=float) == json.dumps(rows, default=float)
+  timings = json.loads((tmp_path / "abl" / "ablation_margins.json").read_text())["timings_s"]
+  assert set(timings) == {"stage1_s", "text_only", "fusion_ft"}  # kept from the run that trained them
+  # Other settings on the same workdir would silently reuse rows trained differently: refused, nothing lost.
+  before = (tmp_path / "abl" / "ablation.json").read_text()
+  with pytest.raises(ValueError, match=r"stage 1 in .* other settings .*train.steps: 4 -> 5"):
+    ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
+                 rows=("text_only", "fusion_ft"), steps=6, stage1_steps=5, batch=16)
+  with pytest.raises(ValueError, match=r"row text_only .*data.batch_size: 16 -> 8"):
+    ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
+                 rows=("text_only",), steps=6, stage1_steps=4, batch=8)
+  assert (tmp_path / "abl" / "ablation.json").read_text() == before
