@@ -136,8 +136,10 @@ def setup_commands(args) -> list[common.Command]:
     archive = f"/tmp/{SRC_ARCHIVE}"
     repo = shlex.quote(str(common.REPO_ROOT))
     # What git sees (tracked + untracked-not-ignored): no .venv, data or workdirs in the upload.
-    cmds.append(f"git -C {repo} ls-files -z --cached --others --exclude-standard "
-                f"| tar -czf {archive} -C {repo} --null -T -")
+    # pipefail: outside a git checkout the upload must fail, not ship an empty archive; files deleted but
+    # not yet committed are listed by git and skipped by tar (--ignore-failed-read).
+    cmds.append(f"set -o pipefail; git -C {repo} ls-files -z --cached --others --exclude-standard "
+                f"| tar --ignore-failed-read -czf {archive} -C {repo} --null -T -")
     for node in nodes:
       scp = ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{node}:{SRC_ARCHIVE}", *_where(args),
              "--worker=all"]

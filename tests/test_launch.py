@@ -4,6 +4,7 @@ Cluster tools (gcloud, scontrol, srun) are replaced by small scripts on PATH tha
 are given locally, so the generated shell (quoting, env, coordinator) is really run, not just read.
 """
 
+import argparse
 import csv
 import json
 import os
@@ -349,6 +350,35 @@ def test_tpu_pod_dry_run_v4_32(capsys):
   assert "gs://" in capsys.readouterr().err
 
 
+def test_tpu_pod_source_archive(tmp_path, monkeypatch):
+  """The upload holds what git sees, skips a file deleted but not committed, and fails outside git."""
+  repo = tmp_path / "repo"
+  (repo / "pkg").mkdir(parents=True)
+  for name in ("pkg/a.py", "gone.txt", ".gitignore"):
+    (repo / name).write_text("x\n" if name != ".gitignore" else "ignored.log\n")
+  (repo / "ignored.log").write_text("no")
+  git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True)  # noqa: E731
+  git("init", "-q")
+  git("add", ".")
+  git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x")
+  (repo / "gone.txt").unlink()
+  (repo / "new.py").write_text("y")
+  archive = tmp_path / "src.tar.gz"
+  monkeypatch.setattr(common, "REPO_ROOT", repo)
+  monkeypatch.setattr(tpu_pod, "SRC_ARCHIVE", "unused")
+  args = argparse.Namespace(tpu="t", num_slices=1, source="copy", zone="z", project=None, internal_ip=False)
+  monkeypatch.setattr(tpu_pod, "setup_script", lambda a: "true")
+  monkeypatch.setattr(tpu_pod, "ssh_command", lambda a, node, script: ["true"])
+  pack = tpu_pod.setup_commands(args)[0].replace("/tmp/unused", str(archive))
+  assert subprocess.run(["bash", "-c", pack]).returncode == 0
+  names = subprocess.run(["tar", "-tzf", str(archive)], capture_output=True, text=True).stdout.split()
+  assert sorted(names) == [".gitignore", "new.py", "pkg/a.py"]
+  monkeypatch.setattr(common, "REPO_ROOT", tmp_path / "not_git")
+  (tmp_path / "not_git").mkdir()
+  pack = tpu_pod.setup_commands(args)[0].replace("/tmp/unused", str(archive))
+  assert subprocess.run(["bash", "-c", pack], capture_output=True).returncode != 0
+
+
 def test_tpu_pod_multislice_dry_run(capsys):
   assert tpu_pod.main(["create", "--tpu", "mmr", "--zone", "z", "--accelerator", "v4-32", "--num_slices", "2",
                        "--spot", "--dry-run"]) == 0
@@ -463,7 +493,8 @@ def test_slurm_script_2_nodes_8_gpus(capsys):
                "#SBATCH --partition=h100", "#SBATCH --time=04:00:00",
                'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
                'export MMR_COORDINATOR_ADDRESS="${head_node}:$((20000 + SLURM_JOB_ID % 20000))"',
-               'export MMR_NUM_PROCESSES="$SLURM_NTASKS"'):
+               'export MMR_NUM_PROCESSES="$SLURM_NTASKS"',
+               "export JAX_PLATFORMS=cuda"):  # a venv without the CUDA plugin fails instead of using CPUs
     assert line in script.splitlines(), line
   srun = [l for l in script.splitlines() if l.startswith("srun ")][0]
   assert "export MMR_PROCESS_ID=$SLURM_PROCID" in srun and "--kill-on-bad-exit=1" in srun
@@ -474,6 +505,16 @@ def test_slurm_script_2_nodes_8_gpus(capsys):
   assert 'MMR_COORDINATOR_ADDRESS="${head_node}:4444"' in script
   with pytest.raises(common.LaunchError, match="procs_per_node"):
     slurm.main(argv + ["--procs_per_node", "3"])
+  # A log folder with spaces is one #SBATCH value; sweep jobs create it before sbatch.
+  assert slurm.main(argv + ["--log_dir", "/shared/my logs", "--gpus_per_node", "0"]) == 0
+  script = capsys.readouterr().out
+  assert '#SBATCH --output="/shared/my logs/%x-%j.out"' in script and "JAX_PLATFORMS" not in script
+  args = common.make_parser(None)
+  slurm.add_backend_args(args)
+  args = args.parse_args(["--nodes", "1", "--log_dir", "/shared/my logs"])
+  args.train_module = common.TRAIN_MODULE
+  (cmd,) = slurm.job_commands(args, name="p", config="c.py", workdir="/w", overrides={})
+  assert cmd.startswith("mkdir -p '/shared/my logs' && sbatch <<")
 
 
 def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
