@@ -224,6 +224,15 @@ def _tail(path: str, n: int = 8) -> str:
   return "".join("      | " + l for l in lines)
 
 
+def _local_log_dir(root: str, name: str) -> str:
+  """Returns a local folder for a point's log when the sweep root is a bucket."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  d = os.path.join(os.path.expanduser("~/.cache/mmr_jax/sweep_logs"), hashlib.sha1(root.encode()).hexdigest()[:8],
+                   name)
+  os.makedirs(d, exist_ok=True)
+  return d
+
+
 def _run_logged(cmd: Sequence[str], log_path: str) -> int:
   with open(log_path, "a") as log:
     log.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')} $ {common.shell_text(cmd)}\n")
@@ -253,21 +262,26 @@ def run_local(points: Sequence[Point], *, root: str, config: str, overrides: Map
       if evaluate:
         print(common.shell_text(evaluate), file=out)
       continue
-    os.makedirs(wd, exist_ok=True)
-    log = os.path.join(wd, "train.log")
+    wd_path = _path(wd)
+    wd_path.mkdir(parents=True, exist_ok=True)
+    # The log is a local file (subprocess output); under a gs:// root it is copied up after the point.
+    remote = common.is_remote_path(wd)
+    log = os.path.join(_local_log_dir(root, p.name) if remote else wd, "train.log")
     print(f"[{i}/{n}] {p.name}: training (log: {log})", file=out, flush=True)
     t0 = time.time()
     rc = _run_logged(train, log)
     stage = "train"
-    if rc == 0 and evaluate and not os.path.exists(os.path.join(wd, "metrics.json")):
+    if rc == 0 and evaluate and not (wd_path / "metrics.json").exists():
       print(f"[{i}/{n}] {p.name}: evaluating", file=out, flush=True)
       stage = "eval"
       rc = _run_logged(evaluate, log)
     dt = time.time() - t0
+    if remote:
+      _path(log).copy(wd_path / "train.log", overwrite=True)
     if rc == 0:
-      with open(os.path.join(wd, "DONE"), "w") as f:
-        json.dump({"finished": datetime.datetime.now().isoformat(timespec="seconds"), "seconds": round(dt, 1),
-                   "command": train}, f)
+      (wd_path / "DONE").write_text(json.dumps({
+          "finished": datetime.datetime.now().isoformat(timespec="seconds"), "seconds": round(dt, 1),
+          "command": train}))
       print(f"[{i}/{n}] {p.name}: ok in {dt:.1f}s", file=out, flush=True)
       results.append(Result(p.name, "ok", dt, 0, log))
     else:
@@ -471,6 +485,15 @@ def _backend_parser(backend: str):
   return module, p
 
 
+def job_name(backend: str, point: str, root: str) -> str:
+  """Returns a point's job name: on GKE, where JobSet names must be unique in the namespace, it carries a
+  hash of the sweep root, so the same point of two sweeps does not collide."""
+  if backend != "gke":
+    return point
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return f"{point}-{hashlib.sha1(root.encode()).hexdigest()[:4]}"
+
+
 def write_sweep_json(root: str, config: str, points: Sequence[Point], overrides: Mapping[str, Any]):
   """Writes ROOT/sweep.json (what was swept; collect uses it for columns and row order)."""
   r = _path(root)
@@ -589,7 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      extra=shlex.split(args.eval_args))
       cmds = [train if args.no_eval else f"{train} && {common.shell_text(evaluate)}"]
     else:
-      cmds = module.job_commands(backend_args, name=p.name, config=args.config, workdir=wd, overrides=ov)
+      cmds = module.job_commands(backend_args, name=job_name(args.backend, p.name, args.workdir), config=args.config,
+                                 workdir=wd, overrides=ov)
     if not args.submit or args.dry_run or args.backend == "print":
       print(f"# [{i}/{len(points)}] {p.name}")
       for c in cmds:
@@ -598,7 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[{i}/{len(points)}] {p.name}: submitting", flush=True)
     t0 = time.time()
     if hasattr(module, "submit_job"):  # backends whose submission is more than running its commands (tpu_pod)
-      rc = module.submit_job(backend_args, name=p.name, config=args.config, workdir=wd, overrides=ov)
+      rc = module.submit_job(backend_args, name=job_name(args.backend, p.name, args.workdir), config=args.config,
+                             workdir=wd, overrides=ov)
     else:
       rc = common.run_commands(cmds, dry_run=False)
     results.append(Result(p.name, "ok" if rc == 0 else "FAILED", time.time() - t0, rc, None, "submit"))

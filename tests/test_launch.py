@@ -236,6 +236,21 @@ def test_sweep_local_resumable(fakes, tmp_path, capsys):
   assert "-m fake_train" in out and "-m fake_eval" in out and len(_calls(os.path.join(root, "bad"))) == 2
 
 
+def test_sweep_local_on_a_bucket_root_keeps_files_in_the_bucket(fakes, tmp_path, monkeypatch, capsys):
+  # Stand-in for a gs:// root: treated as remote, so the log is written locally and copied up; nothing
+  # lands in a local ./gs:/... folder.
+  monkeypatch.setattr(common, "is_remote_path", lambda p: True)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  root = str(tmp_path / "bucket")
+  argv = ["--config", fakes["config"] + ":x", "--workdir", root, "--train_module", "fake_train",
+          "--eval_module", "fake_eval", "--only", "^variant=a,lr=0.1$", "--check_remote"]
+  assert sweep.main(argv) == 0
+  wd = tmp_path / "bucket" / "variant=a,lr=0.1"
+  assert (wd / "DONE").exists() and (wd / "metrics.json").exists() and "fake_train" in (wd / "train.log").read_text()
+  assert str(tmp_path / "home" / ".cache" / "mmr_jax" / "sweep_logs") in capsys.readouterr().out
+
+
 def test_sweep_rejects_clashing_override(fakes, tmp_path):
   with pytest.raises(common.LaunchError, match="also set by the sweep"):
     sweep.main(["--config", fakes["config"], "--workdir", str(tmp_path), "--config.optim.lr=1"])
@@ -279,6 +294,11 @@ def test_sweep_cluster_backends_emit_one_job_per_point(fake_repo, capsys):
   assert len(docs) == 5
   manifest = yaml.safe_load(docs[0].split("\n", 1)[1])
   assert manifest["metadata"]["name"].startswith("variant-a-lr-0-1")
+  # The same point of another sweep root gets another JobSet name.
+  assert sweep.main(base + ["--workdir", "gs://bkt/sw2", "--backend", "gke", "--accelerator", "v4-32",
+                            "--image", "img:1"]) == 0
+  other = [d for d in capsys.readouterr().out.split("MMR_MANIFEST_EOF") if "kind: JobSet" in d]
+  assert yaml.safe_load(other[0].split("\n", 1)[1])["metadata"]["name"] != manifest["metadata"]["name"]
 
   assert sweep.main(base + ["--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "2"]) == 0
   out = capsys.readouterr().out
