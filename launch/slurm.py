@@ -91,7 +91,9 @@ def sbatch_script(*, job_name: str, nodes: int, gpus_per_node: int, train_cmd: S
       'echo "[slurm] job $SLURM_JOB_ID: $SLURM_NTASKS processes on $SLURM_JOB_NUM_NODES nodes, '
       'coordinator $MMR_COORDINATOR_ADDRESS"',
       # Single quotes: $SLURM_PROCID must expand inside each task, not here.
-      f"srun --kill-on-bad-exit=1 --ntasks-per-node={procs_per_node} bash -c {shlex.quote(task_script)}",
+      # --cpus-per-task again: since Slurm 22.05 srun no longer takes it from sbatch's allocation.
+      f"srun --kill-on-bad-exit=1 --ntasks-per-node={procs_per_node}"
+      + (f" --cpus-per-task={cpus_per_task}" if cpus_per_task else "") + f" bash -c {shlex.quote(task_script)}",
   ]
   return "\n".join(lines) + "\n"
 

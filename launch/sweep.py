@@ -563,7 +563,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "from get_sweep")
   all_points = points
   if args.only:
-    points = [p for p in points if re.search(args.only, p.name)]
+    try:
+      only = re.compile(args.only)
+    except re.error as e:
+      parser.error(f"--only {args.only!r} is not a regular expression: {e}")
+    points = [p for p in points if only.search(p.name)]
     if not points:
       raise common.LaunchError(f"--only {args.only!r} matches no point of the sweep")
   # Only the points that run need their placeholders filled; any run of the sweep may be named.

@@ -28,8 +28,10 @@ of slice 0), MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID and MEGASCALE_PORT (defaul
 resources publish these in each VM's `tpu-env` metadata, where jax reads them (jax numbers processes
 slice by slice), so `run --num_slices N` only has to start every worker of every slice at once: it
 runs one `ssh --worker=all` per slice in parallel, prefixes their output [s0], [s1], ... and stops
-the others if one fails. To join slices created separately, pass the four variables yourself with
---env (coordinator: `gcloud compute tpus tpu-vm describe NAME-0 --format='value(networkEndpoints[0].ipAddress)'`).
+the others if one fails. To join slices created separately, pass MEGASCALE_COORDINATOR_ADDRESS,
+MEGASCALE_NUM_SLICES (and MEGASCALE_PORT) yourself with --env; each slice then gets its own
+MEGASCALE_SLICE_ID (0 for NAME-0, ...) (coordinator: `gcloud compute tpus tpu-vm describe NAME-0
+--format='value(networkEndpoints[0].ipAddress)'`).
 The mesh's DCN axis (data parallel across slices) is a config matter, not a launcher one.
 
 If a run dies and the TPU stays busy ("TPU in use"), a stale process still holds /dev/accel*: find it
@@ -155,12 +157,12 @@ def setup_commands(args) -> list[common.Command]:
 
 
 def remote_train_script(args, *, config: str, workdir: str, overrides, background: bool = False,
-                        log_name: str = "train") -> str:
+                        log_name: str = "train", slice_env: dict | None = None) -> str:
   """Returns the shell text each worker runs: cd into the repo, export env, run the trainer."""
   cmd = common.train_command(common.repo_relative_config(config), workdir, overrides, python=".venv/bin/python",
                              module=args.train_module, extra=common.train_extra(args))
   # Every worker must join one jax.distributed job; the TPU VM's metadata tells jax who its peers are.
-  env = {"MMR_DISTRIBUTED": "auto", **common.parse_env(args.env)}
+  env = {"MMR_DISTRIBUTED": "auto", **common.parse_env(args.env), **(slice_env or {})}
   cmd = ["env", *(f"{k}={v}" for k, v in env.items()), *cmd]
   cd = f"cd {remote_path(args.remote_dir)}"
   if background:
@@ -173,9 +175,12 @@ def run_commands_for(args, *, name: str, config: str, workdir: str, overrides,
                      background: bool = False) -> list[list[str]]:
   """Returns one `ssh --worker=all` argv per slice, all running the same train command."""
   common.require_bucket(workdir, args.allow_local_workdir)
-  script = remote_train_script(args, config=config, workdir=workdir, overrides=overrides, background=background,
-                               log_name=name)
-  return [ssh_command(args, node, script) for node in node_names(args.tpu, args.num_slices)]
+  # Slices joined by hand (--env MEGASCALE_COORDINATOR_ADDRESS=...) differ only in their slice id.
+  by_hand = "MEGASCALE_COORDINATOR_ADDRESS" in common.parse_env(args.env)
+  return [ssh_command(args, node, remote_train_script(
+      args, config=config, workdir=workdir, overrides=overrides, background=background, log_name=name,
+      slice_env={"MEGASCALE_SLICE_ID": str(i)} if by_hand else None))
+          for i, node in enumerate(node_names(args.tpu, args.num_slices))]
 
 
 # --------------------------------------------------------------------------- sweep backend interface

@@ -409,6 +409,14 @@ def test_tpu_pod_multislice_dry_run(capsys):
                        "--workdir", "gs://b/r", "--dry-run"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert [l.split()[5] for l in lines] == ["mmr-0", "mmr-1"] and all("--worker=all" in l for l in lines)
+  assert "MEGASCALE_SLICE_ID" not in lines[0]  # queued resources: the TPU metadata has them
+  # Slices joined by hand: the same coordinator everywhere, each slice its own id.
+  assert tpu_pod.main(["run", "--tpu", "mmr", "--zone", "z", "--num_slices", "2", "--config", "configs/demo.py",
+                       "--workdir", "gs://b/r", "--env", "MEGASCALE_COORDINATOR_ADDRESS=10.0.0.2",
+                       "--env", "MEGASCALE_NUM_SLICES=2", "--dry-run"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert ["MEGASCALE_SLICE_ID=0" in lines[0], "MEGASCALE_SLICE_ID=1" in lines[1]] == [True, True]
+  assert all("MEGASCALE_COORDINATOR_ADDRESS=10.0.0.2" in l for l in lines)
   assert tpu_pod.main(["delete", "--tpu", "mmr", "--zone", "z", "--num_slices", "2", "--dry-run"]) == 0
   assert "queued-resources delete mmr --zone=z --force --quiet" in capsys.readouterr().out
   with pytest.raises(common.LaunchError, match="single host"):
@@ -519,8 +527,9 @@ def test_slurm_script_2_nodes_8_gpus(capsys):
   srun = [l for l in script.splitlines() if l.startswith("srun ")][0]
   assert "export MMR_PROCESS_ID=$SLURM_PROCID" in srun and "--kill-on-bad-exit=1" in srun
   assert "--config=configs/demo.py:stage=2 --workdir=/shared/mmr/s2 --config.train.steps=9" in srun
-  assert slurm.main(argv + ["--procs_per_node", "8", "--port", "4444"]) == 0
+  assert slurm.main(argv + ["--procs_per_node", "8", "--port", "4444", "--cpus_per_task", "12"]) == 0
   script = capsys.readouterr().out
+  assert "#SBATCH --cpus-per-task=12" in script and "srun --kill-on-bad-exit=1 --ntasks-per-node=8 --cpus-per-task=12 " in script
   assert "#SBATCH --ntasks-per-node=8" in script and "CUDA_VISIBLE_DEVICES=$SLURM_LOCALID" in script
   assert 'MMR_COORDINATOR_ADDRESS="${head_node}:4444"' in script
   with pytest.raises(common.LaunchError, match="procs_per_node"):
