@@ -208,9 +208,10 @@ def job_commands(args, *, name: str, config: str, workdir: str, overrides) -> li
   cmds = run_commands_for(args, name=name, config=config, workdir=workdir, overrides=overrides)
   if len(cmds) == 1:
     return cmds
-  # Slices must start together: background each slice's ssh and wait for all.
-  body = "\n".join(f"{shlex.join(c)} &" for c in cmds)
-  return [f"{body}\nwait"]
+  # Slices must start together: background each slice's ssh, wait for all, fail if any failed (in a
+  # subshell, so a printed sweep piped to bash goes on to its next point).
+  body = "\n".join(f"  {shlex.join(c)} &\n  pids=\"$pids $!\"" for c in cmds)
+  return [f"(\n  pids=\"\"\n{body}\n  rc=0\n  for p in $pids; do wait \"$p\" || rc=$?; done\n  exit $rc\n)"]
 
 
 def submit_job(args, *, name: str, config: str, workdir: str, overrides) -> int:

@@ -423,6 +423,14 @@ def test_tpu_pod_multislice_dry_run(capsys):
     tpu_pod.main(["create", "--tpu", "m", "--zone", "z", "--accelerator", "v4-8", "--num_slices", "2", "--dry-run"])
 
 
+def test_tpu_pod_multislice_sweep_script_fails_if_a_slice_fails(monkeypatch):
+  monkeypatch.setattr(tpu_pod, "run_commands_for",
+                      lambda a, **k: [["bash", "-c", "sleep 0.2"], ["bash", "-c", "exit 5"]])
+  (script,) = tpu_pod.job_commands(argparse.Namespace(), name="n", config="c", workdir="w", overrides={})
+  r = subprocess.run(["bash", "-c", script + "\necho next point after $?"], capture_output=True, text=True)
+  assert r.stdout.strip() == "next point after 5"
+
+
 def _fake_gcloud(bin_dir, home, log):
   """A gcloud that logs its argv and runs `ssh --command=...` locally with HOME=home."""
   return _write(bin_dir / "gcloud", f"""
