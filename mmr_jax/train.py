@@ -580,7 +580,20 @@ def main(argv=None):
       if jax.process_index() == 0:
         print(evaluate.markdown_report(results))
 
-  app.run(_main, argv=argv)
+  try:
+    app.run(_main, argv=argv)
+  except (AttributeError, KeyError) as e:
+    # A mistyped --config.key=value surfaces from ml_collections while absl parses the flags.
+    msg = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+    msg = msg.strip("'\" ")
+    if FLAGS.is_parsed():  # not a flag problem: an error of the run itself
+      raise
+    keys = [a.split("=", 1)[0] for a in (argv or sys.argv)[1:] if a.startswith("--config.")]
+    part = msg.split()[0].strip("'\"") if msg else ""  # ml_collections names the unknown part first
+    bad = next((k for k in keys if part in k[len("--config."):].split(".")), "a --config.key=value flag")
+    hint = msg[msg.index("Did you mean"):] if "Did you mean" in msg else f"(unknown: {part!r})"
+    print(f"error: {bad} names no config key. {hint}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
