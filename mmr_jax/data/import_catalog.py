@@ -426,7 +426,8 @@ def format_summary(summary: dict[str, Any], info: dict[str, Any], out: pathlib.P
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m mmr_jax.data.import_catalog",
-      description="Validate a catalogue folder and write DATA_DIR (TFDS tables, tokenizer, summary).")
+      description="Validate a catalogue folder and write DATA_DIR (TFDS tables, tokenizer, summary).",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("src_dir", metavar="SRC_DIR",
                       help="catalogue folder: products.jsonl, queries.jsonl, qrels.tsv, images/")
   parser.add_argument("--out", required=True, metavar="DATA_DIR", help="output directory")
