@@ -160,6 +160,15 @@ def test_positives_k_below_the_catalogues_most_positives_warns(data_dir, caplog)
   assert "config.data.positives_k=1" in caplog.text and "positives_k=2 to mask them all" in caplog.text
 
 
+def test_a_batch_larger_than_the_training_pairs_warns(data_dir, caplog):
+  n = len(_pairs(data_dir))
+  with caplog.at_level("WARNING", logger="mmr_jax.data.pipeline"):
+    pipeline.make_train_iterator(data_dir, 2, _config(batch_size=4), seed=0)
+    assert "batches repeat" not in caplog.text
+    pipeline.make_train_iterator(data_dir, 2, _config(batch_size=2 * n), seed=0)
+  assert f"pairs/train has {n} rows for a batch of {2 * n}: batches repeat" in caplog.text
+
+
 def test_order_depends_on_seed_and_shuffle_seed(data_dir):
   def order(**kw):
     seed = kw.pop("seed", 0)

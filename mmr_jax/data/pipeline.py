@@ -536,6 +536,13 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
     raise ValueError(f"{data_dir}: {table} has no rows (stage {stage} needs "
                      "some)")
 
+  global_batch = int(_cfg_require(config, "batch_size"))
+  if num_rows < global_batch and split == "train":
+    # Each batch then holds the same rows several times; repeats are masked out of the negatives, so
+    # the contrastive loss sees at most num_rows distinct pairs and, with one, learns nothing.
+    _log.warning("%s: %s has %d rows for a batch of %d: batches repeat the same examples, which leaves "
+                 "the contrastive loss few negatives (%s)", data_dir, table, num_rows, global_batch,
+                 "nothing to learn" if num_rows < 2 else "lower config.data.batch_size or add data")
   seed = int(seed) % 2**32
   order_seed = _cfg_get(config, "shuffle_seed")
   order_seed = _mix_seed(seed if order_seed is None else order_seed)
