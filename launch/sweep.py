@@ -308,16 +308,10 @@ def summary(results: Sequence[Result], root: str) -> str:
 # ------------------------------------------------------------------------------------------ collect
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any]) -> dict[str, Any]:
   """Returns a nested dict flattened to {"a/b": leaf}."""
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(flatten(v, key))
-    else:
-      out[key] = v
-  return out
+  from mmr_jax import metrics  # pylint: disable=g-import-not-at-top
+  return metrics.flatten(d)
 
 
 def gather(root: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:

@@ -29,6 +29,7 @@ from etils import epath
 
 from mmr_jax import config as config_lib
 from mmr_jax import evaluate as eval_lib
+from mmr_jax import metrics as metrics_lib
 
 log = logging.getLogger("mmr_jax.ablation")
 
@@ -182,8 +183,8 @@ def _config_differences(saved: dict, wanted) -> list[str]:
   """Returns "key: saved -> wanted" for settings that change what a row learns (not logging/checkpointing)."""
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
   # Through JSON, as config.json was written: tuples become lists on both sides.
-  want = config_lib.flatten_dict(json.loads(json.dumps(train.resolve_config(wanted).to_dict(), default=str)))
-  have = config_lib.flatten_dict(saved)
+  want = metrics_lib.flatten(json.loads(json.dumps(train.resolve_config(wanted).to_dict(), default=str)), sep=".")
+  have = metrics_lib.flatten(saved, sep=".")
   norm = lambda k, v: os.path.abspath(v) if k in ("data.dir", "init.workdir") and v else v  # noqa: E731
   out = []
   for k in sorted(set(want) | set(have)):

@@ -16,18 +16,6 @@ from mmr_jax.models import two_tower
 ConfigDict = ml_collections.ConfigDict
 
 
-def flatten_dict(d, prefix: str = "") -> dict:
-  """Returns a nested dict (e.g. config.to_dict() or config.json) as {"a.b.c": leaf}."""
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}.{k}" if prefix else str(k)
-    if isinstance(v, dict):
-      out.update(flatten_dict(v, key))
-    else:
-      out[key] = v
-  return out
-
-
 def parse_value(name: str, value: str, default):
   """Returns the command-line string `value` typed like `default` (bool, int, float, tuple or str).
 

@@ -261,3 +261,15 @@ def headline_keys(flat_keys: Sequence[str]) -> list[str]:
     if under(prefix):
       return under(prefix)
   return [k for k in flat_keys if "/" not in k]
+
+
+def flatten(d: Mapping, sep: str = "/", prefix: str = "") -> dict:
+  """Returns a nested dict (metrics.json, config.json) as {"a/b/c": leaf} (`sep` between the keys)."""
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{sep}{k}" if prefix else str(k)
+    if isinstance(v, Mapping):
+      out.update(flatten(v, sep, key))
+    else:
+      out[key] = v
+  return out
