@@ -68,8 +68,9 @@ def sbatch_script(*, job_name: str, nodes: int, gpus_per_node: int, train_cmd: S
   sb += list(extra_sbatch)
 
   if gpus_per_node and "JAX_PLATFORMS" not in (env or {}):
-    # Fail fast if the venv lacks the CUDA plugin (MMR_VENV_EXTRAS=cuda) instead of training on the CPUs.
-    env = {**(env or {}), "JAX_PLATFORMS": "cuda"}
+    # Fail fast if the venv lacks the CUDA plugin (MMR_VENV_EXTRAS=cuda) instead of training on the CPUs;
+    # cpu stays listed because checkpoint restores stage arrays on the host's CPU backend.
+    env = {**(env or {}), "JAX_PLATFORMS": "cuda,cpu"}
   per_task = ["export MMR_PROCESS_ID=$SLURM_PROCID"]
   if procs_per_node > 1:
     per_task.append("export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID")

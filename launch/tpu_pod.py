@@ -176,7 +176,8 @@ def run_commands_for(args, *, name: str, config: str, workdir: str, overrides,
   """Returns one `ssh --worker=all` argv per slice, all running the same train command."""
   common.require_bucket(workdir, args.allow_local_workdir)
   # Slices joined by hand (--env MEGASCALE_COORDINATOR_ADDRESS=...) differ only in their slice id.
-  by_hand = "MEGASCALE_COORDINATOR_ADDRESS" in common.parse_env(args.env)
+  user_env = common.parse_env(args.env)
+  by_hand = "MEGASCALE_COORDINATOR_ADDRESS" in user_env and "MEGASCALE_SLICE_ID" not in user_env
   return [ssh_command(args, node, remote_train_script(
       args, config=config, workdir=workdir, overrides=overrides, background=background, log_name=name,
       slice_env={"MEGASCALE_SLICE_ID": str(i)} if by_hand else None))

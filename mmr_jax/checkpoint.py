@@ -125,11 +125,10 @@ class Checkpointer:
       # Orbax writes a step into a temporary folder and renames it when complete, so a step that fails to
       # read was damaged afterwards (disk, a partial copy); say which one and how to go on without it.
       older = [s for s in self.manager.all_steps() if s < step]
-      hint = (f"move it away to resume from step {max(older)}" if older else
-              "move it away to start again from step 0")
+      hint = (f"resume from step {max(older)}" if older else "start again from step 0")
       raise CheckpointRestoreError(
-          f"checkpoint {self.directory / str(step)} could not be read ({type(e).__name__}: {str(e)[:300]}); "
-          f"{hint}") from e
+          f"checkpoint {self.directory / str(step)} could not be read ({type(e).__name__}: {str(e)[:300]}). "
+          f"If the storage is reachable and this persists, the step is damaged: move it away to {hint}") from e
     return restored["state"], restored.get("data", data_iter) if data_iter is not None else None
 
   def wait(self):

@@ -238,7 +238,7 @@ def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence
   from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   tm = inference.load_trained(workdir, data_dir)
-  if int(tm.config.stage) == 1:
+  if int(getattr(tm.config, "stage", 2)) == 1:
     log.warning("%s is a stage-1 run (image <-> title): its query tower was never trained, so these numbers "
                 "say little; evaluate the stage-2 workdir", workdir)
   data_dir = tm.config.data.dir

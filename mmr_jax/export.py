@@ -290,44 +290,53 @@ def _png_header(data):
 
 def _jpeg_orientation(data):
   """Returns the EXIF orientation (int32, 1..8; 1 if none) of JPEG bytes, as Pillow's getexif() reads it:
-  IFD0's tag 0x0112 (a SHORT) in the first "Exif" APP1 segment before the scan data."""
+  the first IFD0 tag 0x0112 (SHORT, SSHORT or LONG) of the first "Exif" APP1 segment before the scan data,
+  read only within that segment. (Pillow also reads an XMP orientation; that is not done here.)"""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n = tf.strings.length(data)
   padded = tf.strings.join([data, b"\0" * 16])  # reads past the end see zeros, never an error
 
-  def byte(pos):
-    return tf.cast(tf.io.decode_raw(tf.strings.substr(padded, tf.clip_by_value(pos, 0, n), 1), tf.uint8)[0],
-                   tf.int32)
+  def byte(pos, end=None):
+    v = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, tf.clip_by_value(pos, 0, n), 1), tf.uint8)[0],
+                tf.int32)
+    return v if end is None else tf.where(tf.logical_and(pos >= 0, pos < end), v, 0)
 
-  def read(pos, size, little):  # unsigned 16/32-bit integer at pos (fits int32 for the offsets used)
-    b = [byte(pos + i) for i in range(size)]
-    b = b if little is True else b[::-1] if little is False else None
+  def read(pos, size, little, end=None):  # unsigned 16/32-bit integer at pos (bytes past `end` read as 0)
+    b = [byte(pos + i, end) for i in range(size)]
+    b = b if little else b[::-1]
     return sum(v * (1 << (8 * i)) for i, v in enumerate(b))
 
-  def segment(i, pos, tiff, stop):
+  def segment(i, pos, tiff, end, stop):
     marker, length = byte(pos + 1), read(pos + 2, 2, False)
+    fill = tf.equal(marker, 0xFF)  # 0xFF fill bytes may precede a marker
     exif = tf.logical_and(tf.equal(marker, 0xE1), tf.equal(tf.strings.substr(padded, pos + 4, 6), b"Exif\0\0"))
     stop = tf.logical_or(tf.not_equal(byte(pos), 0xFF), tf.logical_or(tf.equal(marker, 0xDA), marker == 0xD9))
     found = tf.logical_and(exif, tf.logical_not(stop))
-    return i + 1, pos + 2 + length, tf.where(found, pos + 10, tiff), tf.logical_or(stop, found)
+    return (i + 1, tf.where(fill, pos + 1, pos + 2 + length), tf.where(found, pos + 10, tiff),
+            tf.where(found, tf.minimum(pos + 2 + length, n), end), tf.logical_or(stop, found))
 
-  _, _, tiff, _ = tf.while_loop(lambda i, pos, tiff, stop: tf.logical_and(
-      tf.logical_and(i < 64, pos + 4 <= n), tf.logical_not(stop)), segment,
-      (tf.constant(0), tf.constant(2), tf.constant(-1), tf.constant(False)))
+  _, _, tiff, end, _ = tf.while_loop(lambda i, pos, tiff, end, stop: tf.logical_and(
+      tf.logical_and(i < 256, pos + 4 <= n), tf.logical_not(stop)), segment,
+      (tf.constant(0), tf.constant(2), tf.constant(-1), tf.constant(0), tf.constant(False)))
   order = tf.strings.substr(padded, tf.maximum(tiff, 0), 2)
   little = tf.equal(order, b"II")
-  valid = tf.logical_and(tiff >= 0, tf.logical_or(little, tf.equal(order, b"MM")))
-  r16 = lambda pos: tf.where(little, read(pos, 2, True), read(pos, 2, False))  # noqa: E731
-  r32 = lambda pos: tf.where(little, read(pos, 4, True), read(pos, 4, False))  # noqa: E731
+  r16 = lambda pos: tf.where(little, read(pos, 2, True, end), read(pos, 2, False, end))  # noqa: E731
+  r32 = lambda pos: tf.where(little, read(pos, 4, True, end), read(pos, 4, False, end))  # noqa: E731
+  valid = tf.logical_and(tf.logical_and(tiff >= 0, tf.logical_or(little, tf.equal(order, b"MM"))),
+                         tf.equal(r16(tiff + 2), 42))  # TIFF magic
   ifd = tiff + r32(tiff + 4)
   count = tf.where(valid, tf.minimum(r16(ifd), 512), 0)
 
-  def entry(k, orientation):
+  def entry(k, orientation, found):
     e = ifd + 2 + 12 * k
-    hit = tf.logical_and(tf.equal(r16(e), 0x0112), tf.equal(r16(e + 2), 3))  # Orientation, type SHORT
-    return k + 1, tf.where(tf.logical_and(hit, orientation == 1), r16(e + 8), orientation)
+    kind = r16(e + 2)  # 3 SHORT, 8 SSHORT (the same two bytes), 4 LONG
+    hit = tf.logical_and(tf.logical_and(tf.equal(r16(e), 0x0112), tf.logical_not(found)),
+                         tf.logical_or(tf.logical_or(kind == 3, kind == 8), kind == 4))
+    value = tf.where(kind == 4, r32(e + 8), r16(e + 8))
+    return k + 1, tf.where(hit, value, orientation), tf.logical_or(found, hit)  # the first entry wins
 
-  _, orientation = tf.while_loop(lambda k, o: k < count, entry, (tf.constant(0), tf.constant(1)))
+  _, orientation, _ = tf.while_loop(lambda k, o, f: k < count, entry,
+                                    (tf.constant(0), tf.constant(1), tf.constant(False)))
   return tf.where(tf.logical_and(orientation >= 1, orientation <= 8), orientation, 1)
 
 
@@ -362,7 +371,7 @@ def _png_has_trns(data):
             tf.logical_or(tf.equal(kind, b"IDAT"), length < 0))
 
   _, _, found, _ = tf.while_loop(
-      lambda i, pos, found, stop: tf.logical_and(tf.logical_and(i < 64, pos + 8 <= n),
+      lambda i, pos, found, stop: tf.logical_and(tf.logical_and(i < 1024, pos + 8 <= n),
                                                  tf.logical_not(tf.logical_or(found, stop))),
       chunk, (tf.constant(0), tf.constant(8), tf.constant(False), tf.constant(False)))
   return found
@@ -419,8 +428,15 @@ def tf_decode_image(data, size: int, vertical_first_rule: bool = True):
       return tf.identity(img)
 
   is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
-  is_webp = tf.logical_and(tf.equal(tf.strings.substr(data, 0, 4), b"RIFF"),
-                           tf.equal(tf.strings.substr(data, 8, 4), b"WEBP"))
+  # A still WebP (an animated one, VP8X with the animation flag, crashes TF's decoder unless channels=3 is
+  # asked for, which refuses it cleanly: other() does).
+  head = tf.strings.join([data, b"\0" * 21])  # header reads never run past the end
+  vp8x_flags = tf.io.decode_raw(tf.strings.substr(head, 20, 1), tf.uint8)[0]
+  animated = tf.logical_and(tf.equal(tf.strings.substr(head, 12, 4), b"VP8X"),
+                            tf.not_equal(tf.bitwise.bitwise_and(vp8x_flags, 2), 0))
+  is_webp = tf.logical_and(tf.logical_and(tf.equal(tf.strings.substr(head, 0, 4), b"RIFF"),
+                                          tf.equal(tf.strings.substr(head, 8, 4), b"WEBP")),
+                           tf.logical_not(animated))
   img = tf.case([(tf.io.is_jpeg(data), jpeg), (is_png, png), (is_webp, webp)], default=other)
   img = tf.ensure_shape(img, [None, None, 3])
   return tf_pil_resize(img, size, vertical_first_rule)

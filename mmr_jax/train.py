@@ -404,10 +404,10 @@ def _check_init_sources(init, workdir) -> None:
   (a run resuming from its own checkpoint does not read them)."""
   if _has_checkpoint(workdir):
     return
-  if init.workdir and not _has_checkpoint(init.workdir):
+  if init.workdir and not _has_checkpoint(ckpt_lib.absolute(init.workdir)):
     raise FileNotFoundError(f"init.workdir={init.workdir!r} holds no checkpoint (checkpoints/<step>/): give the "
                             "stage-1 workdir, trained to at least one checkpoint")
-  if init.vit_npz and not epath.Path(init.vit_npz).is_file():
+  if init.vit_npz and not ckpt_lib.absolute(init.vit_npz).is_file():
     raise FileNotFoundError(f"init.vit_npz={init.vit_npz!r} is not a file")
 
 
@@ -590,9 +590,12 @@ def main(argv=None):
       raise
     keys = [a.split("=", 1)[0] for a in (argv or sys.argv)[1:] if a.startswith("--config.")]
     part = msg.split()[0].strip("'\"") if msg else ""  # ml_collections names the unknown part first
-    bad = next((k for k in keys if part in k[len("--config."):].split(".")), "a --config.key=value flag")
-    hint = msg[msg.index("Did you mean"):] if "Did you mean" in msg else f"(unknown: {part!r})"
-    print(f"error: {bad} names no config key. {hint}", file=sys.stderr)
+    bad = next((k for k in keys if part in k[len("--config."):].split(".")), None)
+    if bad is None:  # e.g. an unknown `configs/x.py:key=value` argument: its own message says it
+      print(f"error: {msg}", file=sys.stderr)
+    else:
+      hint = msg[msg.index("Did you mean"):] if "Did you mean" in msg else f"(unknown: {part!r})"
+      print(f"error: {bad} names no config key. {hint}", file=sys.stderr)
     sys.exit(2)
 
 

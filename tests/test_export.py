@@ -232,6 +232,51 @@ def test_image_decoding_is_pillow_exact():
   assert not any(has[-3:]) and all(has[:-3])
 
 
+def test_exif_edge_cases_and_animated_webp_decode_like_pillow():
+  """Odd EXIF segments turn the image as Pillow does (or not at all, as Pillow does); an animated WebP is
+  refused cleanly (has_image=False) instead of crashing TF's decoder."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  photo = _photo(rng, 60, 40)
+  photo[:20, :30] = 0  # asymmetric: every turn shows
+  base = _encode(photo, "JPEG", quality=95)
+
+  def seg(payload, marker=0xE1):
+    return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+  def exif(entries, e="<", magic=42, ifd=8):
+    t = (b"II" if e == "<" else b"MM") + struct.pack(e + "HIH", magic, ifd, len(entries))
+    for tag, kind, value in entries:
+      v = struct.pack(e + "I", value) if kind == 4 else struct.pack(e + "H", value) + b"\0\0"
+      t += struct.pack(e + "HHI", tag, kind, 1) + v
+    return b"Exif\0\0" + t + struct.pack(e + "I", 0)
+
+  six = exif([(0x0112, 3, 6)])
+  fake_ifd = struct.pack("<HHHI", 1, 0x0112, 3, 1) + struct.pack("<HH", 8, 0) + b"\0" * 4
+  cases = {
+      "LONG": seg(exif([(0x0112, 4, 6)])), "SSHORT": seg(exif([(0x0112, 8, 3)])),
+      "first entry wins": seg(exif([(0x0112, 3, 1), (0x0112, 3, 6)])), "big endian": seg(exif([(0x0112, 3, 5)], ">")),
+      "bad TIFF magic": seg(exif([(0x0112, 3, 6)], magic=43)), "after another APP1": seg(b"XMPish\0") + seg(six),
+      "fill byte": b"\xff" + seg(six), "truncated IFD": seg(six[:22]), "orientation 9": seg(exif([(0x0112, 3, 9)])),
+      "huge entry count": seg(b"Exif\0\0II*\0\x08\0\0\0\xff\xff" + six[16:]),
+      "IFD past its segment": seg(b"Exif\0\0II*\0" + struct.pack("<I", 48)) + seg(b"\0" * 32 + fake_ifd, 0xE2),
+  }
+  images = [base[:2] + extra + base[2:] for extra in cases.values()]
+  frames = [Image.fromarray(_photo(rng, 20, 20)) for _ in range(2)]
+  buf = io.BytesIO()
+  frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
+  images.append(buf.getvalue())
+  pixels, has = export.tf_decode_images(tf.constant(_strings(images)), 32, export._pillow_vertical_first())  # pylint: disable=protected-access
+  for i, name in enumerate(cases):
+    ref, ok = pipeline.decode_image(images[i], 32)
+    assert ok and bool(has[i]), name
+    np.testing.assert_array_equal(pixels[i].numpy(), ref, err_msg=name)
+  assert not bool(has[-1])  # animated WebP: refused, and the process is still here
+
+
 def _png_of_zeros(width, height):
   """Returns a valid 8-bit grayscale PNG of zeros (a few hundred KB for 200 megapixels)."""
   import struct  # pylint: disable=g-import-not-at-top

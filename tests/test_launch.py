@@ -417,6 +417,12 @@ def test_tpu_pod_multislice_dry_run(capsys):
   lines = capsys.readouterr().out.strip().splitlines()
   assert ["MEGASCALE_SLICE_ID=0" in lines[0], "MEGASCALE_SLICE_ID=1" in lines[1]] == [True, True]
   assert all("MEGASCALE_COORDINATOR_ADDRESS=10.0.0.2" in l for l in lines)
+  # One launch per slice with its own id given: kept.
+  assert tpu_pod.main(["run", "--tpu", "mmr", "--zone", "z", "--config", "configs/demo.py", "--workdir", "gs://b/r",
+                       "--env", "MEGASCALE_COORDINATOR_ADDRESS=10.0.0.2", "--env", "MEGASCALE_SLICE_ID=1",
+                       "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "MEGASCALE_SLICE_ID=1" in out and "MEGASCALE_SLICE_ID=0" not in out
   assert tpu_pod.main(["delete", "--tpu", "mmr", "--zone", "z", "--num_slices", "2", "--dry-run"]) == 0
   assert "queued-resources delete mmr --zone=z --force --quiet" in capsys.readouterr().out
   with pytest.raises(common.LaunchError, match="single host"):
@@ -530,7 +536,7 @@ def test_slurm_script_2_nodes_8_gpus(capsys):
                'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
                'export MMR_COORDINATOR_ADDRESS="${head_node}:$((20000 + SLURM_JOB_ID % 20000))"',
                'export MMR_NUM_PROCESSES="$SLURM_NTASKS"',
-               "export JAX_PLATFORMS=cuda"):  # a venv without the CUDA plugin fails instead of using CPUs
+               "export JAX_PLATFORMS=cuda,cpu"):  # a venv without the CUDA plugin fails instead of using CPUs
     assert line in script.splitlines(), line
   srun = [l for l in script.splitlines() if l.startswith("srun ")][0]
   assert "export MMR_PROCESS_ID=$SLURM_PROCID" in srun and "--kill-on-bad-exit=1" in srun

@@ -192,7 +192,7 @@ def test_ablation_overrides_are_typed_like_the_config():
     ablation.apply_overrides(cfg, {"model.colour": "red"})
 
 
-def test_missing_inputs_are_named_before_any_work(tiny_data, tmp_path):
+def test_missing_inputs_are_named_before_any_work(tiny_data, tmp_path, monkeypatch):
   cfg = tiny_config(str(tmp_path / "no_data"))
   with pytest.raises(FileNotFoundError, match=r"config.data.dir=.*no_data.* is not an imported catalogue.*:data="):
     train.train_and_evaluate(cfg, str(tmp_path / "w"))
@@ -202,6 +202,10 @@ def test_missing_inputs_are_named_before_any_work(tiny_data, tmp_path):
   with pytest.raises(FileNotFoundError, match="init.workdir=.*typo_stage1.* holds no checkpoint"):
     train.train_and_evaluate(cfg, str(tmp_path / "w2"))
   assert not (tmp_path / "w2").exists() or not any((tmp_path / "w2").iterdir())
+  (tmp_path / "home" / "s1" / "checkpoints" / "4").mkdir(parents=True)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  cfg.init.workdir = "~/s1"  # expanded, as the restore itself does
+  train._check_init_sources(cfg.init, tmp_path / "w3")  # pylint: disable=protected-access
 
 
 def test_cli_rejects_unknown_config_key(tmp_path):
@@ -214,6 +218,11 @@ def test_cli_rejects_unknown_config_key(tmp_path):
   assert r.stderr.strip().splitlines()[-1] == (
       'error: --config.train.step names no config key. Did you mean "steps" instead of "step"?')
   assert "Traceback" not in r.stderr
+  r = subprocess.run([sys.executable, "-m", "mmr_jax.train", "--config", "configs/demo.py:runlocal=True,dat=x",
+                      "--workdir", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+      "error: unknown config argument 'dat'; known: [")
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
