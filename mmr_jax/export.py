@@ -66,7 +66,9 @@ Measured parity (tests/test_export.py; `export_summary.json` records the numbers
   Known differences: TIFF and other formats TF cannot decode give has_image=False here (Pillow would
   decode them; the importer re-encodes every catalogue image to JPEG, so catalogue embeddings are
   unaffected); a GIF's transparent colour is not composited (TF's GIF decoder has no alpha); EXIF
-  orientation is read from JPEGs only; lossy WebP may differ by libwebp version.
+  orientation is read from JPEGs only, and not from XMP; a 16-bit RGB PNG's tRNS colour is applied here
+  (Pillow never matches it); an animated WebP gives has_image=False (Pillow takes its first frame); lossy
+  WebP may differ by libwebp version.
 * cuda: the exported module's cuda lowering, run with jax.export on an H100, gives the CPU embeddings
   within 1.6e-4 (f32 matmuls in TF32 there, XLA's default; CPU-to-CPU parity is the 1e-5 above).
 
