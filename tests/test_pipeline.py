@@ -152,12 +152,13 @@ def test_stage2_batches_match_pairs(data_dir):
 
 
 def test_positives_k_below_the_catalogues_most_positives_warns(data_dir, caplog):
-  assert tfds_builder.catalog_info(data_dir)["max_positives"] == 2  # every query: two E labels
+  assert tfds_builder.catalog_info(data_dir)["max_positives"] == {"train": 2, "validation": 2}  # two E labels each
   with caplog.at_level("WARNING", logger="mmr_jax.data.pipeline"):
     pipeline.make_train_iterator(data_dir, 2, _config(positives_k=2), seed=0)
     assert "positives_k" not in caplog.text
     pipeline.make_train_iterator(data_dir, 2, _config(positives_k=1), seed=0)
-  assert "config.data.positives_k=1" in caplog.text and "positives_k=2 to mask them all" in caplog.text
+  assert "a train query has 2 E-labelled products but config.data.positives_k=1" in caplog.text
+  assert "positives_k=2 to mask them all" in caplog.text
 
 
 def test_a_batch_larger_than_the_training_pairs_warns(data_dir, caplog):

@@ -367,9 +367,10 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         "pair_grades": list(plan.pair_grades),
         "num_heldout": int(plan.heldout.sum()),
         "num_with_image": num_with_image,
-        # The most E-labelled products of one train/validation query (config.data.positives_k is compared
+        # Per pairs split, the most E-labelled products of one query (config.data.positives_k is compared
         # to it: positives past k would count as in-batch negatives).
-        "max_positives": max((len(q.positives) for s in catalog.PAIR_SPLITS for q in plan.queries[s]), default=0),
+        "max_positives": {s: max((len(q.positives) for q in plan.queries[s]), default=0)
+                          for s in catalog.PAIR_SPLITS},
         "vocab_size": int(tokenizer_vocab),
         "requested_vocab_size": int(vocab_size),
         "jpeg_quality": int(jpeg_quality),

@@ -69,6 +69,7 @@ TOKENIZER_FILE = "tokenizer.model"
 PAD_INDEX = -1  # product/query index (and positives) of padding rows
 
 _log = logging.getLogger(__name__)
+_WARNED: set = set()  # (data_dir, split, positives_k) already warned about
 
 # Random access: len(src), src[i] -> dict. grain pickles sources into each
 # worker process, which reopens the array_record files there.
@@ -525,11 +526,13 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   else:
     pairs = open_source(data_dir, "pairs", split)
     num_rows = len(pairs)
-    most = int(_catalog_info(data_dir).get("max_positives", 0))
-    if most > lens.positives_k and split == "train":
-      _log.warning("%s: a query has %d E-labelled products but config.data.positives_k=%d; the ones past %d "
-                   "count as in-batch negatives of their query. Set config.data.positives_k=%d to mask them all.",
-                   data_dir, most, lens.positives_k, lens.positives_k, most)
+    most = int((_catalog_info(data_dir).get("max_positives") or {}).get(split, 0))
+    if most > lens.positives_k and (data_dir, split, lens.positives_k) not in _WARNED:
+      _WARNED.add((data_dir, split, lens.positives_k))  # validation iterators are made at every evaluation
+      _log.warning("%s: a %s query has %d E-labelled products but config.data.positives_k=%d; the ones past %d "
+                   "count as in-batch negatives of their query%s. Set config.data.positives_k=%d to mask them all.",
+                   data_dir, split, most, lens.positives_k, lens.positives_k,
+                   "" if split == "train" else " (in the validation loss and accuracy)", most)
     example = _Stage2Example(pairs, products, tok, lens, aug)
     table = f"pairs/{split}"
   if num_rows == 0:
