@@ -162,7 +162,10 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
   directory = absolute(workdir) / "checkpoints"
   if not directory.exists():
     raise FileNotFoundError(f"no checkpoints under {directory} (init.workdir={workdir!r})")
-  mngr = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+  handlers = {"state": ocp.PyTreeCheckpointHandler()}
+  if grain_ckpt is not None:  # known, though not read: else Orbax warns on every restore that it cannot
+    handlers["data"] = grain_ckpt.CheckpointHandler()
+  mngr = ocp.CheckpointManager(directory, item_handlers=handlers,
                                options=ocp.CheckpointManagerOptions(read_only=True))
   step = mngr.latest_step() if step is None else step
   if step is None:
