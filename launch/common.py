@@ -425,15 +425,20 @@ def _prod(xs) -> int:
   return p
 
 
+def short_hash(text: str, n: int = 6) -> str:
+  """Returns the first `n` hex digits of `text`'s SHA-1: a stable tag telling similar names apart."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return hashlib.sha1(text.encode()).hexdigest()[:n]
+
+
 def k8s_name(name: str, max_len: int = 40) -> str:
   """Returns `name` as a Kubernetes object name (lowercase RFC 1123 label, short enough for pod names)."""
-  import hashlib  # pylint: disable=g-import-not-at-top
   s = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
   s = re.sub(r"-{2,}", "-", s) or "run"
   if not s[0].isalpha():
     s = "r-" + s
   if len(s) > max_len or s != name:
     # Distinct inputs must stay distinct after lossy sanitising: keep a short hash of the original.
-    h = hashlib.sha1(name.encode()).hexdigest()[:6]
+    h = short_hash(name)
     s = s[:max_len - 7].rstrip("-") + "-" + h
   return s

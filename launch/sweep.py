@@ -119,8 +119,7 @@ def _auto_names(dicts: Sequence[Mapping[str, Any]]) -> list[str]:
     name = ",".join(f"{short[k]}={_value_text(v)}" for k, v in d.items()) or "default"
     name = re.sub(r"[^A-Za-z0-9._=,+@-]+", "_", name).strip("._") or "run"
     if len(name) > 96:
-      import hashlib  # pylint: disable=g-import-not-at-top
-      name = name[:88] + "-" + hashlib.sha1(name.encode()).hexdigest()[:7]
+      name = name[:88] + "-" + common.short_hash(name, 7)
     names.append(name)
   return names
 
@@ -226,9 +225,7 @@ def _tail(path: str, n: int = 8) -> str:
 
 def _local_log_dir(root: str, name: str) -> str:
   """Returns a local folder for a point's log when the sweep root is a bucket."""
-  import hashlib  # pylint: disable=g-import-not-at-top
-  d = os.path.join(os.path.expanduser("~/.cache/mmr_jax/sweep_logs"), hashlib.sha1(root.encode()).hexdigest()[:8],
-                   name)
+  d = os.path.join(os.path.expanduser("~/.cache/mmr_jax/sweep_logs"), common.short_hash(root, 8), name)
   os.makedirs(d, exist_ok=True)
   return d
 
@@ -482,10 +479,7 @@ def _backend_parser(backend: str):
 def job_name(backend: str, point: str, root: str) -> str:
   """Returns a point's job name: on GKE, where JobSet names must be unique in the namespace, it carries a
   hash of the sweep root, so the same point of two sweeps does not collide."""
-  if backend != "gke":
-    return point
-  import hashlib  # pylint: disable=g-import-not-at-top
-  return f"{point}-{hashlib.sha1(root.encode()).hexdigest()[:4]}"
+  return point if backend != "gke" else f"{point}-{common.short_hash(root, 4)}"
 
 
 def write_sweep_json(root: str, config: str, points: Sequence[Point], overrides: Mapping[str, Any]):

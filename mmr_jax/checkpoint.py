@@ -153,6 +153,13 @@ def _as_dict(tree):
   return tree
 
 
+def has_checkpoint(workdir) -> bool:
+  """Returns whether `workdir` holds a finished checkpoint (checkpoints/<step>/; Orbax's unfinished ones
+  are named <step>.orbax-checkpoint-tmp-...)."""
+  ckpts = absolute(workdir) / "checkpoints"
+  return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
 def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """Returns (params as host numpy arrays, step) from another run's latest (or given) checkpoint.
 

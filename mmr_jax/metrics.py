@@ -254,12 +254,12 @@ def headline_keys(flat_keys: Sequence[str]) -> list[str]:
   evaluate.py writes `splits/<split>/overall/<metric>`: the test split's overall metrics first (else
   another split's), then a top-level `overall/<metric>` layout, else the top-level scalars.
   """
-  def under(prefix):
-    return [k for k in flat_keys if k.startswith(prefix) and "/" not in k[len(prefix):]]
-  splits = sorted({k.split("/")[1] for k in flat_keys if k.startswith("splits/") and k.count("/") == 3})
-  for prefix in [f"splits/{s}/overall/" for s in sorted(splits, key=lambda s: s != "test")] + ["overall/"]:
-    if under(prefix):
-      return under(prefix)
+  splits = sorted({k.split("/")[1] for k in flat_keys if k.startswith("splits/") and k.count("/") == 3},
+                  key=lambda s: (s != "test", s))
+  for prefix in [f"splits/{s}/overall/" for s in splits] + ["overall/"]:
+    head = [k for k in flat_keys if k.startswith(prefix) and "/" not in k[len(prefix):]]
+    if head:
+      return head
   return [k for k in flat_keys if "/" not in k]
 
 

@@ -16,6 +16,9 @@ import os
 from typing import Any
 
 import jax
+from etils import epath
+
+from mmr_jax import checkpoint as ckpt_lib
 
 
 def latest_run(log_dir: str) -> str:
@@ -112,7 +115,6 @@ class StepProfiler:
   """
 
   def __init__(self, out_dir, first: int, num: int, local_dir: str | None = None):
-    from etils import epath  # pylint: disable=g-import-not-at-top
     if num < 0 or first < 0:
       raise ValueError(f"profile steps must be >= 0, got first={first} num={num}")
     self.out_dir = epath.Path(out_dir)
@@ -151,18 +153,15 @@ class StepProfiler:
     if not self._traced:
       return None
     self.summary = summarize(local, self._traced)
-    from etils import epath  # pylint: disable=g-import-not-at-top
     if local != str(self.out_dir):  # copy the trace up to the remote workdir
-      run = epath.Path(latest_run(local))
+      run = epath.Path(self.summary["run"])
       dest = self.out_dir / "plugins" / "profile" / run.name
       dest.mkdir(parents=True, exist_ok=True)
       for f in run.iterdir():
         f.copy(dest / f.name, overwrite=True)
       self.summary["run"] = str(dest)
     self.out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = self.out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(self.summary, indent=1))
-    tmp.replace(self.out_dir / "summary.json")
+    ckpt_lib.write_json(self.out_dir / "summary.json", self.summary)
     return self.summary
 
   close = stop

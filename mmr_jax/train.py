@@ -394,17 +394,12 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _has_checkpoint(workdir) -> bool:
-  ckpts = epath.Path(workdir) / "checkpoints"
-  return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
-
-
 def _check_init_sources(init, workdir) -> None:
   """Raises FileNotFoundError for a missing init.workdir / init.vit_npz before anything is compiled or written
   (a run resuming from its own checkpoint does not read them)."""
-  if _has_checkpoint(workdir):
+  if ckpt_lib.has_checkpoint(workdir):
     return
-  if init.workdir and not _has_checkpoint(ckpt_lib.absolute(init.workdir)):
+  if init.workdir and not ckpt_lib.has_checkpoint(init.workdir):
     raise FileNotFoundError(f"init.workdir={init.workdir!r} holds no checkpoint (checkpoints/<step>/): give the "
                             "stage-1 workdir, trained to at least one checkpoint")
   if init.vit_npz and not ckpt_lib.absolute(init.vit_npz).is_file():

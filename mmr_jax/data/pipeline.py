@@ -507,8 +507,8 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   if stage not in (1, 2):
     raise ValueError(f"stage={stage} must be 1 or 2")
   host, hosts = _host(process_index, process_count)
-  per_host_batch = _per_host(int(_cfg_require(config, "batch_size")), hosts,
-                             "config.data.batch_size")
+  global_batch = int(_cfg_require(config, "batch_size"))
+  per_host_batch = _per_host(global_batch, hosts, "config.data.batch_size")
   lens = _lens(config)
   aug = Augment.from_config(_cfg_get(config, "augment"))
   if augment is False:
@@ -539,7 +539,6 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
     raise ValueError(f"{data_dir}: {table} has no rows (stage {stage} needs "
                      "some)")
 
-  global_batch = int(_cfg_require(config, "batch_size"))
   if num_rows < global_batch and split == "train":
     # Each batch then holds the same rows several times; repeats are masked out of the negatives, so
     # the contrastive loss sees at most num_rows distinct pairs and, with one, learns nothing.
