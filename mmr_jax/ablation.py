@@ -81,6 +81,40 @@ def row_summary(name: str, results: dict, split: str = "test") -> dict:
   }
 
 
+def keyword_rows(results: dict[str, dict], split: str = "test") -> list[dict]:
+  """Returns the `bm25` and `hybrid` ablation rows from the rows' metrics.json ({row name: results}).
+
+  BM25 needs no model, so every row's results hold the same BM25 ranking. The hybrid fuses BM25 with
+  the learned row that ranks best (NDCG@10) on the validation queries, where its fusion weight was
+  tuned too; without validation queries, with the last row.
+  """
+  scored = {n: r for n, r in results.items() if "bm25" in r["splits"].get(split, {})}
+  if not scored:
+    return []
+  val = lambda n: scored[n]["splits"].get(eval_lib.FUSION_SPLIT, {}).get("overall", {}).get("ndcg@10", np.nan)  # noqa: E731
+  candidates = [n for n in scored if not np.isnan(val(n))]
+  best = max(candidates, key=val) if candidates else list(scored)[-1]
+  out = []
+  source = scored[best]
+  for key in ("bm25", "hybrid"):
+    r = source["splits"][split][key]
+    keep = lambda m: {k: v for k, v in m.items() if not k.startswith("num_")} | {"num_queries": m.get("num_queries")}  # noqa: E731
+    row = {
+        "row": key,
+        "overall": keep(r["overall"]),
+        "exact": keep(r["overall"]),
+        "by_tag": {t: keep(m) for t, m in r["by_tag"].items()},
+        "by_sparsity": {t: keep(m) for t, m in r["by_sparsity"].items()},
+        "scann_recall_vs_exact": None,
+        "splits": {s: {"overall": keep(v[key]["overall"]), "scann_recall_vs_exact": None}
+                   for s, v in source["splits"].items() if key in v},
+    }
+    if key == "hybrid":
+      row.update(learned_row=best, fusion=source.get("fusion"))
+    out.append(row)
+  return out
+
+
 def markdown_table(rows: list[dict]) -> str:
   pct = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
   tags = sorted({t for r in rows for t in r["by_tag"]})
@@ -89,7 +123,8 @@ def markdown_table(rows: list[dict]) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     o = r["overall"]
-    cells = [r["row"], pct(o.get("recall@100")), pct(o.get("ndcg@10"))]
+    label = f"hybrid ({r['learned_row']} + bm25)" if r.get("learned_row") else r["row"]
+    cells = [label, pct(o.get("recall@100")), pct(o.get("ndcg@10"))]
     for t in tags:
       m = r["by_tag"].get(t, {})
       cells.append(f"{pct(m.get('recall@100'))} / {pct(m.get('ndcg@10'))}")
@@ -102,15 +137,15 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def margins(rows: list[dict]) -> dict:
-  """Returns the fusion_ft minus text_only gains (points of recall@100 / ndcg@10), overall and per tag."""
+def margins(rows: list[dict], row: str = "fusion_ft", baseline: str = "text_only") -> dict:
+  """Returns `row` minus `baseline` (points of recall@100 / ndcg@10), overall and per tag; {} if either is missing."""
   by = {r["row"]: r for r in rows}
-  if "fusion_ft" not in by or "text_only" not in by:
+  if row not in by or baseline not in by:
     return {}
   out = {}
-  for group in ["overall"] + [f"tag:{t}" for t in by["fusion_ft"]["by_tag"]]:
+  for group in ["overall"] + [f"tag:{t}" for t in by[row]["by_tag"]]:
     get = (lambda r: r["overall"]) if group == "overall" else (lambda r, t=group[4:]: r["by_tag"].get(t, {}))
-    a, b = get(by["fusion_ft"]), get(by["text_only"])
+    a, b = get(by[row]), get(by[baseline])
     out[group] = {m: 100 * (a.get(m, np.nan) - b.get(m, np.nan)) for m in ("recall@100", "ndcg@10")}
   return out
 
@@ -208,9 +243,16 @@ def _check_reuse(run_dir: epath.Path, cfg, what: str) -> None:
                      "as they are. Use another --workdir, or remove that folder to train it again.")
 
 
+BUDGETS = {"default": 1, "long": 5}  # multiplier of the config's (or --steps') step counts
+
+
 def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0, stage1_steps: int = 0,
-        batch: int = 0, config_arg: str = "", overrides: dict | None = None) -> list[dict]:
-  """Trains and evaluates every row (skipping finished ones); returns the ablation.json rows."""
+        batch: int = 0, config_arg: str = "", overrides: dict | None = None, budget: str = "default") -> list[dict]:
+  """Trains and evaluates every row (skipping finished ones); returns the ablation.json rows.
+
+  Every row gets the same number of optimiser steps in total: a row without stage 1 trains stage 2 for
+  stage 1's steps longer. `budget` ("long": 5x) multiplies every step count.
+  """
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   # Checked before hours of training: every row is scored on the test queries.
@@ -222,6 +264,11 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   extra = "," + config_arg if config_arg else ""
+  if budget not in BUDGETS:
+    raise ValueError(f"budget {budget!r}; expected one of {sorted(BUDGETS)}")
+  mult = BUDGETS[budget]
+  stage1_steps = (stage1_steps or mod.get_config(f"stage=1{extra}").train.steps) * mult
+  steps = (steps or mod.get_config(f"stage=2{extra}").train.steps) * mult
   # DATA_DIR is set on the config, not passed in the "k=v,..." argument, where a comma in the path would split it.
   base_arg = f"steps={steps},batch={batch}{extra}"
   sweep = [s for s in mod.get_sweep(config_arg) if s["name"] in rows]
@@ -232,7 +279,8 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   margins_path = root / "ablation_margins.json"
   # Rows reused from an earlier invocation keep the timings measured then.
   timings = json.loads(margins_path.read_text()).get("timings_s", {}) if margins_path.exists() else {}
-  if any("{stage1}" in str(v) for s in sweep for v in s.values()):
+  uses_stage1 = lambda point: any("{stage1}" in str(v) for v in point.values())  # noqa: E731
+  if any(uses_stage1(s) for s in sweep):
     cfg = mod.get_config(f"stage=1,steps={stage1_steps},batch={batch}{extra}")
     cfg.data.dir = str(data_dir)
     apply_overrides(cfg, overrides or {})
@@ -244,13 +292,15 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
       train.train_and_evaluate(cfg, str(stage1_dir))
       (stage1_dir / "DONE").write_text("ok\n")
       timings["stage1_s"] = time.time() - t0
-  out_rows = []
+  out_rows, results = [], {}
   for point in sweep:
     name = point["name"]
     row_dir = root / name
     metrics_path = row_dir / "metrics.json"
     cfg = mod.get_config(f"stage=2,{base_arg}")
     cfg.data.dir = str(data_dir)
+    if any(uses_stage1(s) for s in sweep) and not uses_stage1(point):
+      cfg.train.steps = steps + stage1_steps  # the optimiser steps stage 1 gives the other rows
     ov = {k: (str(stage1_dir) if v == "{stage1}" else v) for k, v in point.items()}
     apply_overrides(cfg, ov)
     apply_overrides(cfg, overrides or {})
@@ -262,8 +312,9 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
       train.train_and_evaluate(cfg, str(row_dir))
       eval_lib.evaluate_workdir(str(row_dir), data_dir)
       timings[name] = time.time() - t0
-    results = json.loads(metrics_path.read_text())
-    out_rows.append(row_summary(name, results))
+    results[name] = json.loads(metrics_path.read_text())
+    out_rows.append(row_summary(name, results[name]))
+  out_rows += keyword_rows(results)
   (root / "ablation.json").write_text(json.dumps(out_rows, indent=2, default=float))
   md = ["# Ablation", "", f"Data: `{data_dir}`; config: `{config_path}`; test split, ScaNN ranking; metrics in %.", "",
         markdown_table(out_rows)]
@@ -271,12 +322,24 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
     md += ["", f"The catalogue has {info['num_products']} products, so R@100 ranks all of them (1.0 for every "
            "judged query by construction): compare the rows by NDCG@10 and the per-row metrics.json (recall@10)."]
   gains = margins(out_rows)
+  fmt_gains = lambda g: "; ".join(  # noqa: E731
+      f"{k}: R@100 {v['recall@100']:+.1f}, NDCG@10 {v['ndcg@10']:+.1f}" for k, v in g.items())
   if gains:
-    md += ["", "fusion_ft minus text_only (points): " + "; ".join(
-        f"{g}: R@100 {v['recall@100']:+.1f}, NDCG@10 {v['ndcg@10']:+.1f}" for g, v in gains.items())]
+    md += ["", "fusion_ft minus text_only (points): " + fmt_gains(gains)]
+  learned = [r["row"] for r in out_rows if r["row"] not in ("bm25", "hybrid")]
+  vs_bm25 = {name: margins(out_rows, name, "bm25") for name in learned + ["hybrid"]}
+  vs_bm25 = {k: v for k, v in vs_bm25.items() if v}
+  hybrid = next((r for r in out_rows if r["row"] == "hybrid"), None)
+  if vs_bm25:
+    md += ["", "BM25: keyword search over title + description + attributes (no model; `mmr_jax/keyword.py`). "
+           f"hybrid: {hybrid['learned_row']} (the learned row with the best validation NDCG@10) fused with BM25 per "
+           f"query ({hybrid['fusion']['method']}, learned-ranking weight {hybrid['fusion']['weight']:g}, "
+           + ("chosen on the validation queries)." if hybrid["fusion"].get("tuned_on") else
+              "not tuned: the catalogue has no validation queries).") + "", "", "Minus bm25 (points):"]
+    md += [f"- {name}: {fmt_gains(g)}" for name, g in vs_bm25.items()]
   (root / "ablation.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-  margins_path.write_text(json.dumps({"fusion_ft_minus_text_only": gains, "timings_s": timings},
-                                                         indent=2, default=float))
+  margins_path.write_text(json.dumps({"fusion_ft_minus_text_only": gains, "minus_bm25": vs_bm25,
+                                      "timings_s": timings}, indent=2, default=float))
   plot_rows(out_rows, str(root / "ablation.png"))
   return out_rows
 
@@ -292,6 +355,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=0, help="stage-2 steps per row (0: the config's)")
   p.add_argument("--stage1_steps", type=int, default=0, help="stage-1 steps (0: the config's)")
   p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
+  p.add_argument("--budget", choices=sorted(BUDGETS), default="default",
+                 help="long: 5x every step count (how far each row goes with more training)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for every run, e.g. --set optim.lr=1e-3 (repeatable)")
   args = p.parse_args(argv)
@@ -305,9 +370,10 @@ def main(argv=None):
     k, v = item.split("=", 1)
     overrides[k] = v
   rows = run(args.workdir, args.data, args.config, tuple(r for r in args.rows.split(",") if r), args.steps,
-             args.stage1_steps, args.batch, args.config_arg, overrides)
+             args.stage1_steps, args.batch, args.config_arg, overrides, args.budget)
   print(markdown_table(rows))
-  print((epath.Path(args.workdir) / "ablation.md").read_text().splitlines()[-1])
+  md = (epath.Path(args.workdir) / "ablation.md").read_text().splitlines()
+  print("\n".join(line for line in md if line.startswith(("fusion_ft minus", "- "))))
 
 
 if __name__ == "__main__":

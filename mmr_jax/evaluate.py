@@ -25,11 +25,13 @@ import numpy as np
 from etils import epath
 
 from mmr_jax import index as index_lib
+from mmr_jax import keyword
 from mmr_jax import metrics as metrics_lib
 
 log = logging.getLogger("mmr_jax.evaluate")
 
 EVAL_SPLITS = ("test", "test_novel_query", "test_novel_product")
+FUSION_SPLIT = "validation"  # where the hybrid's fusion weight is chosen
 K_MAX = 100
 
 
@@ -98,14 +100,28 @@ def sparse_threshold(num_words: np.ndarray, quantile: float = 0.25) -> float:
   return float(np.quantile(num_words, quantile))
 
 
+def score_ranking(ranked: np.ndarray, labels, tag_groups: Mapping[str, np.ndarray],
+                  sparsity_groups: Mapping[str, np.ndarray], ks: Sequence[int], ndcg_k: int) -> dict:
+  """Returns {"overall", "by_tag", "by_sparsity"} metrics of one ranking [Q, K] (any search system)."""
+  per_q = metrics_lib.per_query_metrics(ranked, labels, ks=ks, ndcg_ks=(ndcg_k,))
+  return {"overall": metrics_lib.aggregate(per_q), "by_tag": metrics_lib.breakdown(per_q, tag_groups),
+          "by_sparsity": metrics_lib.breakdown(per_q, sparsity_groups)}
+
+
 def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], product_num_words: np.ndarray,
                         *, k: int = K_MAX, scann_params: Mapping | None = None, index=None,
-                        sparse_quantile: float = 0.25) -> dict:
+                        sparse_quantile: float = 0.25, keyword_rankings: Mapping[str, tuple] | None = None,
+                        fusion_split: str = FUSION_SPLIT) -> dict:
   """Returns metrics for every split in `queries` ({split: {"emb", "labels", "tags"}}).
 
   `index`: a prebuilt ScannIndex over product_emb (else one is built). Per split: "overall" (ScaNN
   ranking), "exact" (exact ranking), "by_tag", "by_sparsity" (ScaNN ranking) and
   "scann_recall_vs_exact" (recall@k of ScaNN's top k against exact top k).
+
+  `keyword_rankings` ({split: (idx [Q, k], scores [Q, k])}, e.g. `keyword.BM25.search`): each split also
+  gets "bm25" (that ranking) and "hybrid" (ScaNN's ranking fused with it, `keyword.fuse`), each with
+  "overall", "by_tag" and "by_sparsity". The fusion is tuned on `fusion_split` when it is among the
+  queries (recorded as results["fusion"]), else z-score fusion with weight 0.5.
   """
   n = product_emb.shape[0]
   if index is None:
@@ -119,30 +135,47 @@ def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], pr
   out = {"num_products": int(n), "k": int(k_found), "sparse_words_threshold": thr, "index": index.config(),
          "splits": {}}
   ks = tuple(x for x in (10, 50, 100) if x <= k) or (k,)
+  ndcg_k = min(10, k)
+  searched = {}
   for split, q in queries.items():
     if len(q["labels"]) == 0:
       log.warning("split %s has no queries; skipped", split)
       continue
-    emb = q["emb"]
     t0 = time.time()
-    approx_idx, _ = index.search(emb, k)
-    t_scann = time.time() - t0
+    idx, scores = index.search(q["emb"], k)
+    searched[split] = (idx, scores, time.time() - t0)
+  if keyword_rankings is not None:
+    if fusion_split in searched:
+      a_idx, a_scores, _ = searched[fusion_split]
+      out["fusion"] = dict(keyword.tune_fusion(a_idx, a_scores, *keyword_rankings[fusion_split],
+                                               queries[fusion_split]["labels"]), tuned_on=fusion_split)
+    else:
+      log.warning("no %s queries to tune the hybrid's fusion on: z-score fusion with weight 0.5", fusion_split)
+      out["fusion"] = {"method": "zscore", "weight": 0.5, "tuned_on": None}
+  for split, (approx_idx, approx_scores, t_scann) in searched.items():
+    q = queries[split]
     t0 = time.time()
-    exact_idx, _ = index_lib.exact_search(emb, product_emb, k)
+    exact_idx, _ = index_lib.exact_search(q["emb"], product_emb, k)
     t_exact = time.time() - t0
-    per_q = metrics_lib.per_query_metrics(approx_idx, q["labels"], ks=ks, ndcg_ks=(min(10, k),))
-    per_q_exact = metrics_lib.per_query_metrics(exact_idx, q["labels"], ks=ks, ndcg_ks=(min(10, k),))
     tags, bins = query_groups(q["tags"], q["labels"], product_sparse)
-    out["splits"][split] = {
-        "overall": metrics_lib.aggregate(per_q),
-        "exact": metrics_lib.aggregate(per_q_exact),
-        "by_tag": metrics_lib.breakdown(per_q, tags),
-        "by_tag_exact": metrics_lib.breakdown(per_q_exact, tags),
-        "by_sparsity": metrics_lib.breakdown(per_q, bins),
+    approx = score_ranking(approx_idx, q["labels"], tags, bins, ks, ndcg_k)
+    exact = score_ranking(exact_idx, q["labels"], tags, bins, ks, ndcg_k)
+    r = out["splits"][split] = {
+        "overall": approx["overall"],
+        "exact": exact["overall"],
+        "by_tag": approx["by_tag"],
+        "by_tag_exact": exact["by_tag"],
+        "by_sparsity": approx["by_sparsity"],
         "scann_recall_vs_exact": index_lib.recall_vs_exact(approx_idx, exact_idx, k_found),
         "search_s": {"scann": t_scann, "exact": t_exact},
         "recall_curve": _recall_curve(approx_idx, exact_idx, q["labels"], k_found),
     }
+    if keyword_rankings is not None:
+      kw_idx, kw_scores = keyword_rankings[split]
+      r["bm25"] = score_ranking(kw_idx, q["labels"], tags, bins, ks, ndcg_k)
+      fused = keyword.fuse(approx_idx, approx_scores, kw_idx, kw_scores, weight=out["fusion"]["weight"],
+                           method=out["fusion"]["method"], k=k)
+      r["hybrid"] = score_ranking(fused, q["labels"], tags, bins, ks, ndcg_k)
   return out
 
 
@@ -152,6 +185,30 @@ def _recall_curve(approx_idx, exact_idx, labels, k) -> dict:
   pe = metrics_lib.per_query_metrics(exact_idx, labels, ks=ks, ndcg_ks=(1,))
   return {"k": ks, "scann": [metrics_lib.aggregate(pa)[f"recall@{x}"] for x in ks],
           "exact": [metrics_lib.aggregate(pe)[f"recall@{x}"] for x in ks]}
+
+
+def retrieval_metrics(embed_queries: Callable[[dict], np.ndarray], embed_products: Callable[[dict], np.ndarray],
+                      data_dir: str, data_config, split: str = FUSION_SPLIT, batch_size: int = 256,
+                      k: int = K_MAX) -> dict[str, float]:
+  """Returns {"recall@10", "recall@50", "recall@100", "ndcg@10", "mrr"} of `split`'s queries over the whole
+  catalogue, by exact search: the retrieval evaluator the trainer runs every `train.eval_every` steps.
+
+  Works on any embedding functions (batch dict -> [B, D]), like `evaluate_embeddings`.
+  """
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  q = load_queries(data_dir, split)
+  if not q["num"]:
+    raise ValueError(f"{data_dir} has no {split} queries to score retrieval on")
+  prod_emb, _ = embed_table(embed_products, pipeline.make_eval_iterator(data_dir, "products", "all", data_config,
+                                                                        batch_size),
+                            desc=f"{split} retrieval: embed products")
+  q_emb, _ = embed_table(embed_queries, pipeline.make_eval_iterator(data_dir, "queries", split, data_config,
+                                                                    batch_size), desc=f"{split} queries")
+  k = min(k, prod_emb.shape[0])
+  ranked, _ = index_lib.exact_search(q_emb, prod_emb, k)
+  ks = tuple(x for x in (10, 50, 100) if x <= k) or (k,)
+  m = metrics_lib.compute_metrics(ranked, q["labels"], ks=ks, ndcg_ks=(min(10, k),))
+  return {key: v for key, v in m.items() if not key.startswith("num_")}
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -171,18 +228,30 @@ def markdown_report(results: dict, title: str = "Retrieval metrics") -> str:
   lines = [f"# {title}", "", f"{n} products; metrics in %; ScaNN recall vs exact at k={results['k']}.{note}",
            "", "| split | search | " + " | ".join(cols) + " | queries | ScaNN recall vs exact |",
            "|---|---|" + "---|" * (len(cols) + 2)]
+  fusion = results.get("fusion")
+  systems = [("overall", "ScaNN"), ("exact", "exact")]
+  if fusion:
+    systems += [("bm25", "BM25"), ("hybrid", f"hybrid ({fusion['method']}, learned weight {fusion['weight']:g})")]
   for split, r in results["splits"].items():
-    for name in ("overall", "exact"):
-      m = r[name]
-      lines.append(f"| {split} | {'ScaNN' if name == 'overall' else 'exact'} | " +
-                   " | ".join(fmt(m.get(c)) for c in cols) +
+    for name, label in systems:
+      m = r[name]["overall"] if name in ("bm25", "hybrid") else r[name]
+      lines.append(f"| {split} | {label} | " + " | ".join(fmt(m.get(c)) for c in cols) +
                    f" | {m['num_queries']} | {fmt(r['scann_recall_vs_exact']) if name == 'overall' else ''} |")
+  if fusion:
+    tuned = (f"tuned on the {fusion['tuned_on']} queries by NDCG@10" if fusion.get("tuned_on") else
+             "not tuned (no validation queries)")
+    lines += ["", f"BM25: keyword search over title + description + attributes (`mmr_jax/keyword.py`). Hybrid: "
+              f"the learned ranking fused with BM25's per query, {tuned}."]
   for split, r in results["splits"].items():
     lines += ["", f"## {split}: by query tag and product-text sparsity (ScaNN)", "",
               "| group | " + " | ".join(cols) + " | queries |", "|---|" + "---|" * (len(cols) + 1)]
-    for gname, groups in (("tag", r["by_tag"]), ("sparsity", r["by_sparsity"])):
-      for g, m in groups.items():
+    for gname, key in (("tag", "by_tag"), ("sparsity", "by_sparsity")):
+      for g, m in r[key].items():
         lines.append(f"| {gname}: {g} | " + " | ".join(fmt(m.get(c)) for c in cols) + f" | {m['num_queries']} |")
+        for name, label in systems[2:]:
+          mm = r[name][key].get(g, {})
+          lines.append(f"| {gname}: {g} ({label.split()[0]}) | " + " | ".join(fmt(mm.get(c)) for c in cols) +
+                       f" | {mm.get('num_queries', 0)} |")
   return "\n".join(lines) + "\n"
 
 
@@ -210,29 +279,47 @@ def plot_recall(results: dict, path: str) -> None:
 # ------------------------------------------------------------------------------------- whole workdir
 
 
+def _str(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def load_queries(data_dir: str, split: str) -> dict:
-  """Returns {"labels": [{product_index: gain}], "tags": [[str]], "num": Q} for a queries split."""
+  """Returns {"labels": [{product_index: gain}], "tags": [[str]], "text": [str], "num": Q} for a queries split."""
   from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   src = tfds_builder.load_source(data_dir, "queries", split)
-  idx, grades, tags = [], [], []
+  idx, grades, tags, texts = [], [], [], []
   for i in range(len(src)):
     row = src[i]
     idx.append(np.asarray(row["relevant_index"]))
     grades.append(np.asarray(row["relevant_grade"]))
-    tags.append([t.decode() if isinstance(t, bytes) else str(t) for t in row["tags"]])
-  return {"labels": metrics_lib.labels_from_arrays(idx, grades), "tags": tags, "num": len(src)}
+    tags.append([_str(t) for t in row["tags"]])
+    texts.append(_str(row["text"]))
+  return {"labels": metrics_lib.labels_from_arrays(idx, grades), "tags": tags, "text": texts, "num": len(src)}
 
 
-def product_num_words(data_dir: str) -> np.ndarray:
+def load_products(data_dir: str) -> tuple[np.ndarray, list[str]]:
+  """Returns (num_words int64 [N], product texts [N]) of the catalogue, in product-index order."""
   from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   src = tfds_builder.load_source(data_dir, "products", "all")
-  return np.asarray([int(src[i]["num_words"]) for i in range(len(src))], np.int64)
+  rows = [src[i] for i in range(len(src))]
+  return np.asarray([int(r["num_words"]) for r in rows], np.int64), [_str(r["text"]) for r in rows]
+
+
+def bm25_rankings(product_texts: Sequence[str], queries: Mapping[str, dict], k: int = K_MAX
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Returns {split: BM25 (idx [Q, k], scores [Q, k])} for queries carrying "text"."""
+  bm25 = keyword.BM25(product_texts)
+  return {split: bm25.search(q["text"], k) for split, q in queries.items()}
 
 
 def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence[str] = EVAL_SPLITS,
                      batch_size: int = 256, scann_params: Mapping | None = None, save_index: bool = True,
-                     out_name: str = "metrics") -> dict:
-  """Evaluates a trained workdir end to end; writes metrics.json/.md, recall_at_k.png and index/; returns results."""
+                     out_name: str = "metrics", keyword_search: bool = True) -> dict:
+  """Evaluates a trained workdir end to end; writes metrics.json/.md, recall_at_k.png and index/; returns results.
+
+  `keyword_search`: also score BM25 and the hybrid (learned + BM25, fused with a weight tuned on the
+  validation queries, which are then evaluated too) on the same queries.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from mmr_jax import inference  # pylint: disable=g-import-not-at-top
   from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
@@ -249,7 +336,11 @@ def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence
   if not queries:
     raise ValueError(f"{data_dir} has no queries in the split(s) {', '.join(splits)}: nothing to score "
                      "(give queries.jsonl lines with \"split\": \"test\" and their qrels, then re-import)")
-  num_words = product_num_words(data_dir)
+  if keyword_search and FUSION_SPLIT not in queries:
+    from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+    if tfds_builder.catalog_info(data_dir)["num_queries"].get(FUSION_SPLIT):
+      queries[FUSION_SPLIT] = load_queries(data_dir, FUSION_SPLIT)
+  num_words, product_texts = load_products(data_dir)
   t0 = time.time()
   prod_emb, prod_idx = embed_table(
       tm.embed_products,
@@ -263,7 +354,9 @@ def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence
                               total=q["num"], desc=f"embed {split}")
   embed_s = time.time() - t0
   index = index_lib.ScannIndex.build(prod_emb, scann_params)
-  results = evaluate_embeddings(prod_emb, queries, num_words, index=index)
+  kw = bm25_rankings(product_texts, queries) if keyword_search else None
+  results = evaluate_embeddings(prod_emb, queries, num_words, index=index, keyword_rankings=kw,
+                                fusion_split=FUSION_SPLIT)
   results.update(step=tm.step, embed_s=embed_s, workdir=str(workdir), data_dir=str(data_dir))
   if jax.process_index() == 0:
     out = epath.Path(workdir)
@@ -286,12 +379,14 @@ def main(argv=None):
                  help=f"queries split(s) to evaluate (repeatable; default: {', '.join(EVAL_SPLITS)})")
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--scann", default=None, help='JSON dict of ScaNN parameter overrides, e.g. \'{"num_leaves": 100}\'')
+  p.add_argument("--no_keyword", action="store_true",
+                 help="skip the BM25 and hybrid (learned + BM25) rows scored beside the model")
   args = p.parse_args(argv)
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
   train.setup_logging()
   train.enable_compilation_cache()
   res = evaluate_workdir(args.workdir, args.data, tuple(args.split or EVAL_SPLITS), args.batch_size,
-                         json.loads(args.scann) if args.scann else None)
+                         json.loads(args.scann) if args.scann else None, keyword_search=not args.no_keyword)
   print(markdown_report(res))
 
 

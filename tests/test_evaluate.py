@@ -44,8 +44,11 @@ def test_evaluate_workdir_writes_reports(tiny_workdir, tiny_data):
   res = evaluate.evaluate_workdir(tiny_workdir, tiny_data, splits=("test", "test_novel_product"))
   wd = pathlib.Path(tiny_workdir)
   saved = json.loads((wd / "metrics.json").read_text())
-  assert set(saved["splits"]) == {"test", "test_novel_product"}
+  # Validation is scored too: the hybrid (learned + BM25) tunes its fusion weight there.
+  assert set(saved["splits"]) == {"test", "test_novel_product", "validation"}
+  assert saved["fusion"]["tuned_on"] == "validation"
   for split in saved["splits"].values():
+    assert split["bm25"]["overall"]["num_queries"] == split["overall"]["num_queries"]
     for k in ("recall@10", "recall@100", "ndcg@10", "mrr"):
       assert 0.0 <= split["overall"][k] <= 1.0
     assert 0.0 <= split["scann_recall_vs_exact"] <= 1.0
@@ -71,8 +74,18 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
   rows = ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
                       rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
   out = json.loads((tmp_path / "abl" / "ablation.json").read_text())
-  assert [r["row"] for r in out] == ["text_only", "fusion_ft"] == [r["row"] for r in rows]
-  for r in out:
+  assert [r["row"] for r in out] == ["text_only", "fusion_ft", "bm25", "hybrid"] == [r["row"] for r in rows]
+  by = {r["row"]: r for r in out}
+  # BM25 and the hybrid are scored on the same test queries, with the same breakdowns.
+  assert by["bm25"]["by_tag"].keys() == by["text_only"]["by_tag"].keys()
+  assert by["bm25"]["overall"]["num_queries"] == by["text_only"]["overall"]["num_queries"]
+  assert by["hybrid"]["learned_row"] in ("text_only", "fusion_ft")
+  assert by["hybrid"]["fusion"]["tuned_on"] == "validation"
+  minus = json.loads((tmp_path / "abl" / "ablation_margins.json").read_text())["minus_bm25"]
+  assert minus["fusion_ft"]["overall"]["ndcg@10"] == pytest.approx(
+      100 * (by["fusion_ft"]["overall"]["ndcg@10"] - by["bm25"]["overall"]["ndcg@10"]))
+  assert "| hybrid (" in (tmp_path / "abl" / "ablation.md").read_text()
+  for r in out[:2]:
     assert 0 <= r["overall"]["recall@100"] <= 1 and 0 <= r["overall"]["ndcg@10"] <= 1
     assert 0 <= r["scann_recall_vs_exact"] <= 1
     assert r["by_tag"]

@@ -166,9 +166,9 @@ def product_text(title: str, description: str = "",
 # Scripts written without spaces between words: each character counts as a word (Han ideographs, kana,
 # Thai, Lao, Khmer, Myanmar; Hangul is spaced). A CJK title of 8 characters is as informative as an
 # 8-word English one, not one word.
-_UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
-             "\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
-_WORD = re.compile(f"[{_UNSPACED}]|[^\\s{_UNSPACED}]+")
+UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
+            "\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
+_WORD = re.compile(f"[{UNSPACED}]|[^\\s{UNSPACED}]+")
 
 
 def count_words(*texts: str) -> int:
