@@ -69,15 +69,21 @@ def base_config() -> ConfigDict:
       batch_size=64,  # global batch (all hosts).
       image_size=32,
       query_len=16,
-      product_len=48,
+      # Title | description | attributes, cut from the end: attributes (material, care, size) are lost first.
+      # Training logs how many products this cuts, by field (product_truncation.json in the workdir).
+      product_len=96,
       title_len=16,
       num_workers=0,  # grain worker processes per host (0: in-process).
       positives_k=8,
+      # Fraction of stage-2 training examples replaced by pseudo-queries sampled from a random product's own
+      # title words and attribute values (mmr_jax/data/pseudo_queries.py): lexical supervision for every
+      # product, beyond the labelled pairs. 0 trains on the labelled pairs only.
+      pseudo_queries=0.0,
       augment=ConfigDict(dict(random_crop=True, crop_scale_min=0.6, flip=True)),
   ))
 
   # Model sizes come from the model package's presets; see mmr_jax/models/two_tower.get_config.
-  c.model = two_tower.get_config("fusion", "mu", patch_size=8, vocab_size=-1, max_len=64, embed_dim=64)
+  c.model = two_tower.get_config("fusion", "mu", patch_size=8, vocab_size=-1, max_len=96, embed_dim=64)
   c.model.name = "two_tower"  # key of mmr_jax.models.MODELS
   # contrastive (the logit-param init) is set from loss.kind when the run starts.
 
@@ -103,7 +109,10 @@ def base_config() -> ConfigDict:
       grad_accum=1,  # micro-batches per step (each micro-batch has its own in-batch negatives)
       # Per-tower learning-rate multipliers, by top-level parameter name; 0.0 freezes the tower.
       lr_mult=ConfigDict(dict(image_tower=1.0, query_tower=1.0, product_text_tower=1.0, text_tower=1.0,
-                              fusion=1.0, heads=1.0, loss=1.0)),
+                              fusion=1.0, heads=1.0, loss=1.0, lexical=1.0, lexical_mix=1.0)),
+      # Extra multiplier for the towers this run initialises from init.workdir (init.load) or init.vit_npz
+      # (image_tower): weights that already learnt move slowly; the same tower trained from scratch does not.
+      init_lr_mult=1.0,
   ))
 
   c.init = ConfigDict(dict(
@@ -115,13 +124,18 @@ def base_config() -> ConfigDict:
   c.train = ConfigDict(dict(
       steps=200,
       log_every=10,
-      eval_every=100,  # validation (in-batch retrieval accuracy + loss); 0 disables
+      eval_every=100,  # validation (in-batch accuracy + loss, and retrieval metrics); 0 disables
       eval_batches=4,
+      # Stage 2: every validation also embeds the catalogue and scores the validation queries over all of it
+      # (val/recall@K, val/ndcg@10, val/mrr by exact search), so quality is seen while training.
+      eval_retrieval=True,
       ckpt_every=100,
       keep=2,  # latest checkpoints kept
       keep_best=1,  # best checkpoints by best_metric kept besides
-      best_metric="val/loss",
-      best_mode="min",
+      # auto: val/ndcg@10 when retrieval is evaluated, else the objective's validation loss; a named metric
+      # must be one the run logs (checked at start). best_mode auto: min for losses, max otherwise.
+      best_metric="auto",
+      best_mode="auto",
       nan_policy="stop",  # stop | skip
       async_checkpoint=True,
       progress=True,
@@ -186,6 +200,7 @@ def shrink_for_cpu(c: ConfigDict) -> ConfigDict:
   base = base_config()
   for key in ("image_size", "query_len", "product_len", "title_len"):
     c.data[key] = base.data[key]
+  c.data.product_len = 48  # a smoke run needs the code path, not every attribute
   c.data.batch_size = 16
   c.data.num_workers = 0
   c.model.vit = base.model.vit

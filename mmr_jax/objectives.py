@@ -86,7 +86,9 @@ def _stage1_loss(model, params, batch, config, train, rng):
   weights = batch["has_image"].astype(jnp.float32)
   pos = (batch["product_index"], None)
   loss, m = _contrastive(config, out["image_emb"], out["title_emb"], logit, pos, weights)
-  return loss, {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
+  metrics = {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
+  metrics["i2t/loss"] = loss
+  return loss, metrics
 
 
 def _stage2_example(config, b):
@@ -113,7 +115,8 @@ def _stage2_loss(model, params, batch, config, train, rng):
   for name, key, weight in (("q2i", "image_emb", config.loss.aux_query_image),
                             ("q2t", "text_emb", config.loss.aux_query_text)):
     if weight > 0 and key in p:
-      qa = q["emb"] if q["emb"].shape[-1] == p[key].shape[-1] else _segment(q, key)
+      qd = q.get("dense_emb", q["emb"])  # the lexical segment has no counterpart in one modality
+      qa = qd if qd.shape[-1] == p[key].shape[-1] else _segment(q, key)
       aux, am = _contrastive(config, qa, p[key], logit, pos, weights)
       loss = loss + weight * aux
       metrics[f"{name}/loss"] = aux

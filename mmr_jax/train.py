@@ -109,6 +109,12 @@ def create_model(config):
   return MODELS[name](config.model)
 
 
+def initialised_towers(init) -> tuple[str, ...]:
+  """Returns the top-level parameter names a run takes from init.workdir / init.vit_npz."""
+  names = tuple(init.load) if init.workdir else ()
+  return names + (("image_tower",) if init.vit_npz and "image_tower" not in names else ())
+
+
 def _host_batch_size(global_batch: int) -> int:
   if global_batch % jax.process_count():
     raise ValueError(f"data.batch_size={global_batch} does not divide by {jax.process_count()} hosts")
@@ -139,7 +145,8 @@ class Trainer:
       boxed = jax.eval_shape(lambda r: self.model.init(r, init_batch, train=False)["params"], rng)
     self.param_shardings = shd.logical_to_shardings(boxed, self.mesh, self.rules)
     abstract_params = nn.meta.unbox(boxed)
-    self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.train.steps, abstract_params)
+    self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.train.steps, abstract_params,
+                                                      initialised_towers(config.init))
     # Optimizer-state shardings follow the parameters' by path (mu/nu of each param, also inside
     # multi_transform's masked states); XLA's propagation through tx.init would replicate them.
     rep = shd.replicated(self.mesh)
@@ -164,6 +171,7 @@ class Trainer:
                          out_shardings=rep)
     self._example = example
     self._compiled = None
+    self._embedder = None
 
   def _context(self):
     return _Context(self.mesh, self.rules)
@@ -283,6 +291,27 @@ class Trainer:
     batch = shd.host_batch_to_global(host_batch, self.mesh)
     return self.compiled_step()(state, batch)
 
+  def validation_metric_names(self) -> set[str]:
+    """Returns the val/ metric names `evaluate` logs (from the objective's metrics, without running it)."""
+    batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in self._example.items()}
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.abstract_state.params)
+    with self._context():
+      out = jax.eval_shape(self._eval_step, params, batch)
+    return {f"val/{k}" for k in out}
+
+  def retrieval(self, params, split: str) -> dict:
+    """Returns val/ retrieval metrics (Recall@K, NDCG@10, MRR) of `split`'s queries over the whole catalogue."""
+    from mmr_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+    from mmr_jax import inference  # pylint: disable=g-import-not-at-top
+    if self._embedder is None:  # one embedder: its jitted functions compile once per run
+      self._embedder = inference.TrainedModel(self.config, self.model, params, 0, self.mesh)
+    self._embedder.params = params
+    dp = shd.data_parallel_size(self.mesh)
+    with self._context():
+      m = eval_lib.retrieval_metrics(self._embedder.embed_queries, self._embedder.embed_products,
+                                     self.config.data.dir, self.config.data, split, max(dp, 256 // dp * dp))
+    return {f"val/{k}": v for k, v in m.items()}
+
   def evaluate(self, params, batches) -> dict:
     """Returns the mean of the objective's metrics over `batches` (host numpy dicts), prefixed val/."""
     sums, n = {}, 0
@@ -394,6 +423,32 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+RETRIEVAL_METRICS = ("val/recall@10", "val/recall@50", "val/recall@100", "val/ndcg@10", "val/mrr")
+
+
+def resolve_best_metric(tcfg, logged: set[str]) -> tuple[str, str]:
+  """Returns (best_metric, best_mode) for keep_best, given the validation metrics this run logs.
+
+  "auto" picks validation NDCG@10 when retrieval is evaluated, else the objective's validation loss; a
+  named metric must be one the run logs (else keep_best would silently keep nothing).
+  """
+  metric, mode = tcfg.best_metric, tcfg.best_mode
+  if mode not in ("auto", "min", "max"):
+    raise ValueError(f"train.best_mode={mode!r}; expected 'auto', 'min' or 'max'")
+  if metric == "auto":
+    losses = sorted(k for k in logged if k.endswith("/loss"))
+    metric = "val/ndcg@10" if "val/ndcg@10" in logged else (losses[0] if losses else "")
+    if not metric:
+      raise ValueError(f"train.best_metric=auto found no validation metric to rank checkpoints by among "
+                       f"{sorted(logged)}; name one, or set train.keep_best=0")
+  elif metric not in logged:
+    raise ValueError(f"train.best_metric={metric!r} is not a metric this run's validation logs ({sorted(logged)}); "
+                     "name one of them, or set train.keep_best=0")
+  if mode == "auto":
+    mode = "min" if metric.endswith("loss") else "max"
+  return metric, mode
+
+
 def _check_init_sources(init, workdir) -> None:
   """Raises FileNotFoundError for a missing init.workdir / init.vit_npz before anything is compiled or written
   (a run resuming from its own checkpoint does not read them)."""
@@ -404,6 +459,40 @@ def _check_init_sources(init, workdir) -> None:
                             "stage-1 workdir, trained to at least one checkpoint")
   if init.vit_npz and not ckpt_lib.absolute(init.vit_npz).is_file():
     raise FileNotFoundError(f"init.vit_npz={init.vit_npz!r} is not a file")
+
+
+def _report_truncation(config, workdir) -> None:
+  """Logs (a warning when any is cut) and writes product_truncation.json: how data.product_len cuts product text."""
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  rep = pipeline.product_truncation(config.data.dir, config.data.product_len)
+  ckpt_lib.write_json(workdir / "product_truncation.json", rep)
+  tokens = rep["tokens"]
+  if rep["truncated"]:
+    fields = ", ".join(f"{k} {100 * v:.0f}%" for k, v in rep["by_field"].items() if v)
+    log.warning("config.data.product_len=%d cuts the text of %.0f%% of products (fields losing tokens: %s); "
+                "product text is %d tokens at the median, %d at p95, %d at most: raise data.product_len to "
+                "keep it", rep["product_len"], 100 * rep["truncated"], fields, tokens["p50"], tokens["p95"],
+                tokens["max"])
+  else:
+    log.info("product text fits data.product_len=%d (at most %d tokens in a sample of %d products)",
+             rep["product_len"], tokens["max"], rep["sampled"])
+
+
+def _validation_plan(config) -> tuple[int, str | None]:
+  """Returns (eval_every, retrieval split or None): 0 when the catalogue has nothing to validate on."""
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  eval_every = config.train.eval_every
+  if not eval_every:
+    return 0, None
+  try:
+    pipeline.make_train_iterator(config.data.dir, config.stage, config.data, seed=0, split="validation")
+  except ValueError as e:  # e.g. a catalogue without validation queries or held-out products
+    log.warning("validation disabled: %s", e)
+    return 0, None
+  queries = tfds_builder.catalog_info(config.data.dir).get("num_queries", {}).get("validation", 0)
+  retrieval = config.stage == 2 and config.train.eval_retrieval and queries > 0
+  return eval_every, ("validation" if retrieval else None)
 
 
 def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
@@ -428,8 +517,18 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
 
   train_iter = pipeline.make_train_iterator(config.data.dir, config.stage, config.data, seed=config.seed,
                                             split="train")
-  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=tcfg.keep, keep_best=tcfg.keep_best,
-                               best_metric=tcfg.best_metric, best_mode=tcfg.best_mode,
+  eval_every, retrieval_split = _validation_plan(config)
+  keep_best, best_metric, best_mode = tcfg.keep_best, tcfg.best_metric, tcfg.best_mode
+  if keep_best and eval_every:
+    logged = trainer.validation_metric_names() | (set(RETRIEVAL_METRICS) if retrieval_split else set())
+    best_metric, best_mode = resolve_best_metric(tcfg, logged)
+    log.info("keeping the best %d checkpoint(s) by %s (%s)", keep_best, best_metric, best_mode)
+  elif keep_best:
+    log.warning("train.keep_best=%d needs validation, which this run does not have: keeping the latest "
+                "checkpoints only", keep_best)
+    keep_best = 0
+  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=tcfg.keep, keep_best=keep_best,
+                               best_metric=best_metric, best_mode=best_mode,
                                async_save=tcfg.async_checkpoint)
   writer = _MetricWriter(workdir)
   latest = ckpt.latest_step()
@@ -440,6 +539,8 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
     state = trainer.init_state()
   writer.truncate_after(latest or 0)  # rows of a run that died after its last checkpoint (or before any)
   start = int(jax.device_get(state.step))
+  if start == 0 and jax.process_index() == 0:
+    _report_truncation(config, workdir)
   # Written only once the state exists: a run refused for a mismatching checkpoint leaves the workdir as it was.
   if jax.process_index() == 0:
     ckpt_lib.write_json(workdir / "config.json", config.to_dict())
@@ -449,14 +550,6 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
                                       split="validation", augment=False)
     for _ in range(tcfg.eval_batches):
       yield next(it)
-
-  eval_every = tcfg.eval_every
-  if eval_every:
-    try:
-      pipeline.make_train_iterator(config.data.dir, config.stage, config.data, seed=0, split="validation")
-    except ValueError as e:  # e.g. a catalogue without validation queries
-      log.warning("validation disabled: %s", e)
-      eval_every = 0
 
   last = {}
   pbar = None
@@ -506,6 +599,8 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
       val = None
       if eval_every and (step % eval_every == 0 or step == tcfg.steps):
         val = trainer.evaluate(state.params, val_batches())
+        if retrieval_split:
+          val.update(trainer.retrieval(state.params, retrieval_split))
         writer.write(step, val)
         last.update(val)
       preempted = preempt.requested or ckpt.reached_preemption(step)
@@ -528,7 +623,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
 def setup_logging(level=logging.INFO):
   """Our INFO logs on stderr; library chatter (Orbax, TFDS, absl) only from WARNING up."""
   logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-  for name in ("absl", "orbax", "tensorflow", "jax"):
+  for name in ("absl", "orbax", "tensorflow", "jax", "bm25s"):
     logging.getLogger(name).setLevel(logging.WARNING)
   try:
     from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top

@@ -488,3 +488,28 @@ def test_text_npz_round_trip_and_merge_subtree(tmp_path):
   assert "image_tower/cls: missing in subtree" in str(e.value)
   with pytest.raises(ValueError, match="'image_towr' not in params"):
     pretrained.merge_subtree(params, bad, "image_towr")
+
+
+def test_lexical_segment_counts_shared_terms_in_the_one_inner_product():
+  toks = jnp.array([[5, 6, 0, 0], [6, 5, 5, 0], [7, 8, 9, 0], [0, 0, 0, 0]])
+  for vocab, scale in ((50, 1), (5000, 100)):  # exact bag (dim >= vocab) and signed hashing
+    seg = two_tower.LexicalSegment(vocab, 64)
+    params = seg.init(jax.random.PRNGKey(0), toks * scale)
+    v = np.asarray(seg.apply(params, toks * scale))
+    # At init every token weighs 1: cosine of term-count vectors ({5, 6} vs {6, 5, 5}: 3 / sqrt(2 * 5)).
+    np.testing.assert_allclose(v[0] @ v[1], 3 / np.sqrt(10), rtol=1e-5)
+    assert abs(v[0] @ v[2]) < 1e-6 and np.all(v[3] == 0)  # no shared term; empty text
+  cfg = two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8, embed_dim=16, lexical_dim=32)
+  model = two_tower.TwoTower(cfg)
+  batch = two_tower.dummy_batch(cfg, image_size=16)
+  params = model.init(jax.random.PRNGKey(0), batch)["params"]
+  q = model.apply({"params": params}, batch["query_tokens"], method="embed_query")
+  p = model.apply({"params": params}, batch["product_tokens"], None, None, method="embed_product")
+  assert q["emb"].shape == p["emb"].shape == (2, two_tower.embedding_dim(cfg)) == (2, 48)
+  # mix a = 1/2 at init: <q, p> = (<q_dense, p_dense> + <q_lex, p_lex>) / 2, and every embedding is unit norm.
+  want = 0.5 * np.sum(q["dense_emb"] * p["dense_emb"], -1) + 0.5 * 1.0  # identical token bags
+  np.testing.assert_allclose(np.sum(q["emb"] * p["emb"], -1), want, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(p["emb"], axis=-1), 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match="lexical_dim=32 needs a product text tower"):
+    bad = two_tower.TwoTower(two_tower.get_config("fusion_qw", "pico", vocab_size=100, max_len=8, lexical_dim=32))
+    bad.init(jax.random.PRNGKey(0), two_tower.dummy_batch(bad.config, image_size=16))

@@ -106,6 +106,10 @@ def test_stage1_batches(data_dir):
   assert not heldout & set(seen.tolist())
   # 80 examples over 10 epochs' worth of candidates: every kept product shows.
   assert set(seen.tolist()) == set(range(NUM_PRODUCTS)) - heldout
+  # Stage-1 validation scores the held-out products only: products no stage trains on.
+  val = _take(pipeline.make_train_iterator(data_dir, 1, cfg, seed=0, process_index=0, process_count=1,
+                                           split="validation", augment=False), 3)
+  assert set(np.concatenate([b["product_index"] for b in val]).tolist()) == heldout
   tok = pipeline.load_tokenizer(data_dir)
   b = batches[0]
   for row, idx in enumerate(b["product_index"]):
@@ -394,3 +398,57 @@ def test_validation_split_without_augmentation(data_dir):
       if b["has_image"][row]:
         expected, _ = pipeline.decode_image(products[p]["image"], IMAGE_SIZE)
         np.testing.assert_array_equal(b["image"][row], expected)
+
+
+def test_pseudo_query_terms_come_from_the_products_own_title_and_attributes():
+  from mmr_jax.data import pseudo_queries  # pylint: disable=g-import-not-at-top
+  assert pseudo_queries.attribute_values("color: navy blue; size: M, L; care: machine washable") == [
+      "navy blue", "M", "L", "machine washable"]
+  terms = pseudo_queries.candidate_terms("Men's T-Shirt Navy", "color: navy blue; material: cotton")
+  assert terms == ["men's", "t-shirt", "navy", "navy blue", "cotton"]
+  assert pseudo_queries.candidate_terms("", "", "soft wool scarf") == ["soft", "wool", "scarf"]
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    q = pseudo_queries.sample("Men's T-Shirt Navy", "color: navy blue; material: cotton", "", rng)
+    parts = q.split(" ")
+    assert 1 <= len(parts) <= 2 * pseudo_queries.MAX_TERMS and set(parts) <= {"men's", "t-shirt", "navy",
+                                                                              "blue", "cotton"}
+  assert pseudo_queries.sample("", "", "", rng) == ""
+
+
+def test_stage2_pseudo_queries_pair_products_with_their_own_terms(data_dir):
+  from mmr_jax.data import pseudo_queries  # pylint: disable=g-import-not-at-top
+  cfg = _config(pseudo_queries=0.5, batch_size=16, query_len=32)  # long enough for any pseudo-query
+  b = next(pipeline.make_train_iterator(data_dir, 2, cfg, seed=3, process_index=0, process_count=1))
+  pseudo = b["query_index"] == pipeline.PAD_INDEX
+  assert 0 < pseudo.sum() < 16  # about half the rows
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  tok = pipeline.load_tokenizer(data_dir)
+  for row in np.flatnonzero(pseudo):
+    p = products[int(b["product_index"][row])]
+    assert not bool(p["heldout"])  # the novel-product split stays unseen
+    assert list(b["positives"][row]) == [b["product_index"][row]] + [pipeline.PAD_INDEX] * 2
+    words = tok.decode(b["query_tokens"][row:row + 1])[0].split(" ")
+    allowed = " ".join(pseudo_queries.candidate_terms(p["title"].decode(), p["attributes"].decode(),
+                                                      p["description"].decode())).split(" ")
+    assert words and set(words) <= set(allowed)
+  # Validation batches score the labelled pairs only.
+  v = next(pipeline.make_train_iterator(data_dir, 2, cfg, seed=3, process_index=0, process_count=1,
+                                        split="validation"))
+  assert np.all(v["query_index"] != pipeline.PAD_INDEX)
+  with pytest.raises(ValueError, match="pseudo_queries=1.0"):
+    pipeline.make_train_iterator(data_dir, 2, _config(pseudo_queries=1.0), seed=0, process_index=0,
+                                 process_count=1)
+
+
+def test_product_truncation_names_the_fields_cut(data_dir):
+  tok = pipeline.load_tokenizer(data_dir)
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  lengths = [tok.num_tokens(products[i]["text"].decode()) for i in range(len(products))]
+  full = pipeline.product_truncation(data_dir, max(lengths))
+  assert full["truncated"] == 0 and full["tokens"]["max"] == max(lengths)
+  assert full["sampled"] == len(products)
+  short = pipeline.product_truncation(data_dir, 4)
+  assert short["truncated"] == pytest.approx(np.mean(np.asarray(lengths) > 4))
+  # Titles ("<word> item <i>") fit 4 tokens or not; attributes are last, so every cut product loses them.
+  assert short["by_field"]["attributes"] == pytest.approx(short["truncated"])

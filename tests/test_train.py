@@ -250,3 +250,52 @@ def test_workdir_paths_are_made_absolute_for_orbax(tmp_path, monkeypatch):
   ck = ckpt_lib.Checkpointer("rel_run", async_save=False)
   assert str(ck.directory).startswith(str(tmp_path))
   ck.close()
+
+
+def test_best_metric_is_resolved_against_what_validation_logs():
+  tcfg = config_lib.base_config().train
+  logged = {"val/q2p/loss", "val/q2p/acc_a2b"} | set(train.RETRIEVAL_METRICS)
+  assert train.resolve_best_metric(tcfg, logged) == ("val/ndcg@10", "max")
+  assert train.resolve_best_metric(tcfg, {"val/i2t/loss", "val/i2t/acc_a2b"}) == ("val/i2t/loss", "min")
+  with tcfg.unlocked():
+    tcfg.best_metric = "val/loss"  # logged by no stage: keep_best would keep nothing
+  with pytest.raises(ValueError, match=r"train.best_metric='val/loss' is not a metric .*val/i2t/loss"):
+    train.resolve_best_metric(tcfg, {"val/i2t/loss"})
+  with tcfg.unlocked():
+    tcfg.best_metric, tcfg.best_mode = "val/mrr", "Max"
+  with pytest.raises(ValueError, match=r"train.best_mode='Max'"):
+    train.resolve_best_metric(tcfg, logged)
+
+
+def test_init_lr_mult_slows_only_the_towers_loaded_from_init():
+  import optax  # pylint: disable=g-import-not-at-top
+  from mmr_jax import optimizer as optim_lib  # pylint: disable=g-import-not-at-top
+  ocfg = config_lib.base_config().optim
+  with ocfg.unlocked():
+    ocfg.init_lr_mult, ocfg.weight_decay, ocfg.warmup_steps, ocfg.grad_clip = 0.25, 0.0, 0, 0.0
+  params = {"image_tower": {"w": np.zeros((2, 2), np.float32)}, "heads": {"w": np.zeros((2, 2), np.float32)}}
+  grads = jax.tree.map(np.ones_like, params)
+  for initialised, ratio in (((), 1.0), (("image_tower",), 0.25)):
+    tx, _ = optim_lib.make_optimizer(ocfg, 10, params, initialised)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    u = jax.device_get(updates)
+    np.testing.assert_allclose(u["image_tower"]["w"], ratio * u["heads"]["w"], rtol=1e-6)
+  assert train.initialised_towers(config_lib.ConfigDict(dict(workdir="", load=("image_tower",), vit_npz=""))) == ()
+  assert train.initialised_towers(config_lib.ConfigDict(dict(workdir="s1", load=("image_tower", "heads"),
+                                                             vit_npz="v.npz"))) == ("image_tower", "heads")
+
+
+def test_validation_logs_retrieval_metrics_and_keeps_the_best(tiny_data, tmp_path):
+  cfg = _quiet(tiny_config(tiny_data, variant="text_only"), steps=4, log_every=2, eval_every=2, ckpt_every=2,
+               keep=1, keep_best=1)
+  train.train_and_evaluate(cfg, str(tmp_path / "r"))
+  rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+  val = [r for r in rows if "val/ndcg@10" in r]
+  assert [r["step"] for r in val] == [2, 4]
+  for r in val:
+    assert 0.0 <= r["val/ndcg@10"] <= 1.0 and 0.0 <= r["val/recall@10"] <= r["val/recall@100"] <= 1.0
+  # The catalogue's validation queries over the whole catalogue: the same numbers evaluate computes.
+  from mmr_jax import evaluate  # pylint: disable=g-import-not-at-top
+  res = evaluate.evaluate_workdir(str(tmp_path / "r"), splits=("validation",), keyword_search=False,
+                                  save_index=False, out_name="val_metrics")
+  assert res["splits"]["validation"]["exact"]["ndcg@10"] == pytest.approx(val[-1]["val/ndcg@10"], abs=1e-5)

@@ -56,6 +56,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mmr_jax.data import catalog
+from mmr_jax.data import pseudo_queries
 from mmr_jax.data.tokenizer import Tokenizer
 
 # Orbax checkpoint args for a grain iterator; checkpoint.py registers these in
@@ -229,17 +230,22 @@ def _product_features(product: Mapping[str, Any], tok: Tokenizer, lens: _Lens,
 
 
 class _Stage1Example(grain.transforms.RandomMap):
-  """Product index -> stage-1 example, None for skipped products."""
+  """Product index -> stage-1 example, None for skipped products.
+
+  Training takes the products that are not held out; validation (`heldout=True`) the held-out ones,
+  which no stage trains on, so the stage-1 validation loss is measured on unseen products.
+  """
 
   def __init__(self, products: _Source, tok: Tokenizer, lens: _Lens,
-               augment: Augment, skip_no_image: bool):
+               augment: Augment, skip_no_image: bool, heldout: bool = False):
     self._products, self._tok, self._lens = products, tok, lens
     self._augment, self._skip_no_image = augment, skip_no_image
+    self._heldout = heldout
 
   def random_map(self, index, rng: np.random.Generator):
     index = int(index)
     product = self._products[index]
-    if bool(np.asarray(product["heldout"])):
+    if bool(np.asarray(product["heldout"])) != self._heldout:
       return None
     if self._skip_no_image and not bool(np.asarray(product["has_image"])):
       return None
@@ -258,15 +264,43 @@ def _pad_positives(values: Any, k: int) -> np.ndarray:
 
 
 class _Stage2Example(grain.transforms.RandomMap):
-  """Pair index -> stage-2 example (the product row fetched by index)."""
+  """Pair index -> stage-2 example (the product row fetched by index).
+
+  With probability `pseudo_rate` the pair is replaced by a pseudo-query of a
+  random product that is not held out (`pseudo_queries.sample`; query_index
+  PAD_INDEX, the product its only positive).
+  """
 
   def __init__(self, pairs: _Source, products: _Source, tok: Tokenizer,
-               lens: _Lens, augment: Augment):
+               lens: _Lens, augment: Augment, pseudo_rate: float = 0.0):
     self._pairs, self._products, self._tok = pairs, products, tok
     self._lens, self._augment = lens, augment
     self._num_products = len(products)
+    self._pseudo_rate = pseudo_rate
+
+  def _pseudo_pair(self, rng: np.random.Generator):
+    # Rejection sampling: held-out products are a small fraction of any catalogue that trains.
+    for _ in range(64):
+      index = int(rng.integers(self._num_products))
+      product = self._products[index]
+      if bool(np.asarray(product["heldout"])):
+        continue
+      text = pseudo_queries.sample(_text(product, "title"), _text(product, "attributes"),
+                                   _text(product, "description"), rng)
+      if text:
+        return index, product, text
+    return None
 
   def random_map(self, index, rng: np.random.Generator):
+    if self._pseudo_rate and rng.random() < self._pseudo_rate:
+      pseudo = self._pseudo_pair(rng)
+      if pseudo is not None:
+        product_index, product, text = pseudo
+        out = _product_features(product, self._tok, self._lens, self._augment, rng, with_title=True)
+        out.update(query_tokens=self._tok.encode([text], self._lens.query_len)[0],
+                   product_index=np.int32(product_index), query_index=np.int32(PAD_INDEX),
+                   grade=np.float32(1.0), positives=_pad_positives([product_index], self._lens.positives_k))
+        return out
     pair = self._pairs[int(index)]
     product_index = int(np.asarray(pair["product_index"]))
     if not 0 <= product_index < self._num_products:
@@ -433,18 +467,19 @@ def _finish(ds: grain.MapDataset, per_host_batch: int, config: Any, *,
 
 
 def _check_stage1_rows(data_dir: str, products: _Source, skip_no_image: bool,
-                       warn: bool = True) -> None:
+                       warn: bool = True, heldout: bool = False) -> None:
   """Raises ValueError if stage 1 would skip every product (it would wait forever for a batch).
 
   Reads products in index order up to the first usable one: one row on any
   ordinary catalogue, all of them only when none is usable. `warn`: log when
   no product has an image (once per run, not per validation iterator).
+  `heldout`: check the held-out products (stage-1 validation) instead.
   """
   if len(products) == 0:
     return  # Reported by the caller as an empty table.
   for i in range(len(products)):
     row = products[i]
-    if bool(np.asarray(row["heldout"])):
+    if bool(np.asarray(row["heldout"])) != heldout:
       continue
     if skip_no_image and not bool(np.asarray(row["has_image"])):
       continue
@@ -452,6 +487,9 @@ def _check_stage1_rows(data_dir: str, products: _Source, skip_no_image: bool,
   else:
     why = ("held out for the novel-product split (import with a smaller "
            "--novel_product_fraction)")
+    if heldout:
+      why = ("in training: none is held out to validate stage 1 on (import with "
+             "--novel_product_fraction > 0)")
     if skip_no_image:
       why += " or have no image (config.data.stage1_skip_no_image=True)"
     raise ValueError(f"{data_dir}: stage 1 has no product to train on: all "
@@ -494,8 +532,8 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
     seed: base seed (order and augmentation).
     process_index, process_count: default to jax.process_index/count().
     split: pairs split for stage 2 ("train" or "validation", e.g. for a
-      validation loss). Stage 1 reads the products table, which has one split,
-      whatever this says.
+      validation loss). Stage 1 reads the products table: "train" the
+      products that are not held out, any other split the held-out ones.
     augment: False turns config.augment off (validation batches); None keeps
       the config.
 
@@ -518,10 +556,11 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   if stage == 1:
     num_rows = len(products)
     skip_no_image = bool(_cfg_get(config, "stage1_skip_no_image", False))
+    heldout = split != "train"
     _check_stage1_rows(data_dir, products, skip_no_image,
-                       warn=split == "train")
+                       warn=split == "train", heldout=heldout)
     example = _Stage1Example(products, tok, lens, aug,
-                             skip_no_image=skip_no_image)
+                             skip_no_image=skip_no_image, heldout=heldout)
     table = "products/all"
   else:
     pairs = open_source(data_dir, "pairs", split)
@@ -533,7 +572,11 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
                    "count as in-batch negatives of their query%s. Set config.data.positives_k=%d to mask them all.",
                    data_dir, split, most, lens.positives_k, lens.positives_k,
                    "" if split == "train" else " (in the validation loss and accuracy)", most)
-    example = _Stage2Example(pairs, products, tok, lens, aug)
+    # Validation batches score the labelled pairs only.
+    pseudo_rate = float(_cfg_get(config, "pseudo_queries", 0.0) or 0.0) if split == "train" else 0.0
+    if not 0.0 <= pseudo_rate < 1.0:
+      raise ValueError(f"config.data.pseudo_queries={pseudo_rate} must be in [0, 1)")
+    example = _Stage2Example(pairs, products, tok, lens, aug, pseudo_rate)
     table = f"pairs/{split}"
   if num_rows == 0:
     raise ValueError(f"{data_dir}: {table} has no rows (stage {stage} needs "
@@ -556,6 +599,42 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   ds = ds.random_map(example, seed=seed)
   ds = ds[host::hosts].repeat(None)
   return _finish(ds, per_host_batch, config, train=True)
+
+
+def product_truncation(data_dir: str, product_len: int, sample: int = 2000,
+                       seed: int = 0) -> dict[str, Any]:
+  """Returns how `product_len` cuts the product text (title | description | attributes), on a sample.
+
+  {"product_len", "sampled", "truncated" (fraction of products cut), "by_field": {field: fraction
+  of products that lose part of that field}, "tokens": {"p50", "p95", "max"}}. Fields are cut from
+  the end, so attributes go first: what textual queries (material, care, size) ask for.
+  """
+  products = open_source(data_dir, "products", "all")
+  tok = load_tokenizer(data_dir)
+  n = len(products)
+  rows = (np.arange(n) if n <= sample else
+          np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)))
+  cut = {"title": 0, "description": 0, "attributes": 0}
+  totals = []
+  count = tok.num_tokens
+  for i in rows:
+    row = products[int(i)]
+    title, desc, attrs = (_text(row, k) for k in ("title", "description", "attributes"))
+    total = count(_text(row, "text"))
+    totals.append(total)
+    if total <= product_len:
+      continue
+    before_attrs = count(catalog.product_text(title, desc, ""))
+    cut["attributes"] += bool(attrs)  # the last field: any cut reaches it
+    cut["description"] += bool(desc) and before_attrs > product_len
+    cut["title"] += count(catalog.product_text(title, "", "")) > product_len
+  totals = np.asarray(totals or [0])
+  m = max(len(rows), 1)
+  return {"product_len": int(product_len), "sampled": int(len(rows)),
+          "truncated": float(np.mean(totals > product_len)),
+          "by_field": {k: v / m for k, v in cut.items()},
+          "tokens": {"p50": float(np.percentile(totals, 50)), "p95": float(np.percentile(totals, 95)),
+                     "max": int(totals.max())}}
 
 
 def eval_host_slice(num_rows: int, batch_size: int, process_index: int,

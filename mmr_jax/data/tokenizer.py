@@ -148,6 +148,9 @@ def _train(sentences: Iterator[str], out_prefix: str, vocab_size: int,
       byte_fallback=True,
       # Sizes like "128gb" or "10.5" should not become single rare pieces.
       split_digits=True,
+      # NFKC + case folding: queries are typed in any case ("red dress" for a "Red Dress" title), and a
+      # cased vocabulary would make the towers learn every word twice from few pairs.
+      normalization_rule_name="nmt_nfkc_cf",
       pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
       pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
       input_sentence_size=int(input_sentence_size),
@@ -226,6 +229,10 @@ class Tokenizer:
     else:
       ids = self._sp.encode(texts, out_type=int)
     return _ids_to_array(ids, max_len)
+
+  def num_tokens(self, text: str) -> int:
+    """Returns how many ids `text` encodes to, before any truncation."""
+    return len(self._sp.encode(text, out_type=int)) if text else 0
 
   def decode(self, ids: np.ndarray) -> list[str]:
     """Returns the texts for int ids [B, L] (pads dropped), for debugging."""

@@ -47,6 +47,10 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
       variant=variant,
       embed_dim=embed_dim,
       share_text_towers=False,  # one `text_tower` for queries and products
+      # >0: append a lexical segment of this size to query and product embeddings (LexicalSegment): a
+      # hashed bag of the text's tokens with a learned weight per token, so exact term matches count
+      # in the one inner product an ANN index serves. 0: the embeddings are the dense vectors alone.
+      lexical_dim=0,
       vit=vit_lib.get_config(f"{size}/{patch_size}"),
       text=txt,
       fusion=fusion_lib.get_config(width=txt.width, num_heads=txt.num_heads),
@@ -60,7 +64,55 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
 
 def embedding_dim(config: ml_collections.ConfigDict) -> int:
   """Returns the size of the `emb` vectors (query and product) the model outputs."""
-  return config.embed_dim * (NUM_SEGMENTS if config.variant == "fusion_qw" else 1)
+  dense = config.embed_dim * (NUM_SEGMENTS if config.variant == "fusion_qw" else 1)
+  return dense + int(config.get("lexical_dim", 0))
+
+
+_HASH_MULT = np.uint32(2654435761)  # Knuth's multiplicative hash (odd, so the map is a bijection of uint32)
+
+
+class LexicalSegment(nn.Module):
+  """Returns the lexical segment [B, dim] (unit norm, zeros for empty text) of token ids [B, L].
+
+  A bag of the text's tokens: token t adds w_t * sign(t) to bucket(t), where w_t = softplus(a learned
+  weight per token id, 1 at init) and, with dim >= vocab, bucket(t) = t and sign +1 (an exact bag of
+  tokens); otherwise a fixed signed hash (the count-sketch trick). Queries and products share the
+  weights, so <q_lex, p_lex> is a learned, length-normalised count of the terms they share - what
+  keyword search ranks by - inside the same inner product as the dense towers. Dense and sparse
+  scores in one vector follow Luan et al. 2021 (hybrid dense-sparse single-vector retrieval).
+  """
+  vocab_size: int
+  dim: int
+
+  @nn.compact
+  def __call__(self, tokens):
+    raw = self.param("token_weight", vit_lib.logical(nn.initializers.constant(math.log(math.e - 1.0)), ("vocab",)),
+                     (self.vocab_size,), jnp.float32)
+    tokens = jnp.asarray(tokens)
+    mask = (tokens != text_lib.PAD_ID).astype(jnp.float32)  # [B, L]
+    values = jax.nn.softplus(raw)[jnp.clip(tokens, 0, self.vocab_size - 1)] * mask  # [B, L]
+    if self.dim >= self.vocab_size:
+      bucket = tokens
+    else:
+      h = tokens.astype(jnp.uint32) * _HASH_MULT
+      bucket = (h % np.uint32(self.dim)).astype(jnp.int32)
+      values = values * jnp.where((h >> 31) == 1, -1.0, 1.0)
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    bag = jnp.zeros((tokens.shape[0], self.dim), jnp.float32).at[rows, bucket].add(values)  # [B, dim]
+    return vit_lib.l2_normalize(bag)
+
+
+class LexicalMix(nn.Module):
+  """Returns concat(sqrt(1 - a) dense, sqrt(a) lexical): inner products add (1 - a) dense + a lexical similarity.
+
+  `a` = sigmoid(a learned logit, 0 at init): one weight shared by queries and products, so both sides of
+  the inner product use the same mix and a unit dense and a unit lexical segment give a unit embedding.
+  """
+
+  @nn.compact
+  def __call__(self, dense, lexical):
+    a = jax.nn.sigmoid(self.param("mix_logit", vit_lib.logical(nn.initializers.zeros, ()), (), jnp.float32))
+    return jnp.concatenate([jnp.sqrt(1.0 - a) * dense.astype(jnp.float32), jnp.sqrt(a) * lexical], axis=-1)
 
 
 def dummy_batch(config: ml_collections.ConfigDict, *, batch_size: int = 2,
@@ -151,6 +203,12 @@ class TwoTower(nn.Module):
     # the many negatives start near p = 0, the imbalance SigLIP's paper discusses).
     scale_init = math.log(1 / 0.07) if cfg.contrastive == "softmax" else math.log(10.0)
     self.loss = ContrastiveParams(scale_init, -10.0)
+    if cfg.get("lexical_dim", 0):
+      if cfg.variant in ("image_only", "fusion_qw"):
+        raise ValueError(f"config.model.lexical_dim={cfg.lexical_dim} needs a product text tower and one query "
+                         f"segment; variant {cfg.variant!r} has {'no text' if cfg.variant == 'image_only' else 'three'}")
+      self.lexical = LexicalSegment(cfg.text.vocab_size, int(cfg.lexical_dim))
+      self.lexical_mix = LexicalMix()
 
   def _query_encoder(self):
     return self.text_tower if self.config.share_text_towers else self.query_tower
@@ -189,7 +247,10 @@ class TwoTower(nn.Module):
     pooled = pooled.astype(jnp.float32)
     h = self.heads
     if self.config.variant != "fusion_qw":
-      return {"emb": vit_lib.l2_normalize(h.query(pooled))}
+      dense = vit_lib.l2_normalize(h.query(pooled))
+      if not self.config.get("lexical_dim", 0):
+        return {"emb": dense}
+      return {"emb": self.lexical_mix(dense, self.lexical(query_tokens)), "dense_emb": dense}
     segments = [vit_lib.l2_normalize(p(pooled))
                 for p in (h.query_fused, h.query_text, h.query_image)]
     w = jax.nn.softmax(h.segment_weights(pooled), axis=-1)  # [B, 3]
@@ -233,6 +294,9 @@ class TwoTower(nn.Module):
       else:
         out["emb"] = jnp.concatenate(
             [fused, out["text_emb"], out["image_emb"]], -1) / math.sqrt(NUM_SEGMENTS)
+    if self.config.get("lexical_dim", 0):
+      out["dense_emb"] = out["emb"]
+      out["emb"] = self.lexical_mix(out["emb"], self.lexical(product_tokens))
     out["emb"] = nn.with_logical_constraint(out["emb"], ("batch", None))
     return out
 

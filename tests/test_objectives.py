@@ -1,0 +1,64 @@
+"""Stage objectives: the auxiliary query<->modality terms and grade weighting add what they say."""
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from mmr_jax import losses
+from mmr_jax import objectives
+from mmr_jax import train
+
+
+@pytest.fixture(scope="module")
+def model_and_batch(tiny_data):
+  cfg = train.resolve_config(tiny_config(tiny_data, variant="fusion"))
+  model = train.create_model(cfg)
+  params = model.init(jax.random.PRNGKey(0), objectives.init_batch(cfg), train=False)["params"]
+  rng = np.random.default_rng(0)
+  batch = objectives.get(2).example_batch(cfg, 8)
+  batch["query_tokens"] = rng.integers(4, 50, batch["query_tokens"].shape).astype(np.int32)
+  batch["product_tokens"] = rng.integers(4, 50, batch["product_tokens"].shape).astype(np.int32)
+  batch["image"] = rng.integers(0, 256, batch["image"].shape).astype(np.uint8)
+  batch["grade"] = np.asarray([1.0, 0.1, 1.0, 0.01, 1.0, 1.0, 0.1, 1.0], np.float32)
+  return cfg, model, jax.tree.map(lambda x: x, params), batch
+
+
+def _loss(cfg, model, params, batch, **loss_cfg):
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    for k, v in loss_cfg.items():
+      cfg.loss[k] = v
+  return objectives.get(2).loss(model, params, batch, cfg, train=False, rng=jax.random.PRNGKey(0))
+
+
+def test_aux_terms_add_their_weighted_query_modality_losses(model_and_batch):
+  cfg, model, params, batch = model_and_batch
+  base, m0 = _loss(cfg, model, params, batch)
+  assert "q2i/loss" not in m0 and "q2t/loss" not in m0  # off by default
+  both, m = _loss(cfg, model, params, batch, aux_query_image=0.5, aux_query_text=0.25)
+  assert float(m["q2i/loss"]) > 0 and float(m["q2t/loss"]) > 0
+  np.testing.assert_allclose(float(both), float(base) + 0.5 * float(m["q2i/loss"]) + 0.25 * float(m["q2t/loss"]),
+                             rtol=1e-5)
+  # Each aux term is the plain contrastive loss of the query against that modality's own embedding.
+  v = {"params": params}
+  q = model.apply(v, batch["query_tokens"], method="embed_query")["emb"]
+  p = model.apply(v, batch["product_tokens"], batch["image"], batch["has_image"], method="embed_product")
+  scale = model.apply(v, method="logit_params")["logit_scale"]
+  pos = (batch["product_index"], batch["positives"])
+  want, _ = losses.softmax_contrastive(q, p["image_emb"], scale, pos)
+  np.testing.assert_allclose(float(m["q2i/loss"]), float(want), rtol=1e-5)
+
+
+def test_grade_weighting_weighs_each_pair_by_its_gain(model_and_batch):
+  cfg, model, params, batch = model_and_batch
+  plain, _ = _loss(cfg, model, params, batch)
+  weighted, _ = _loss(cfg, model, params, batch, grade_weighted=True)
+  v = {"params": params}
+  q = model.apply(v, batch["query_tokens"], method="embed_query")["emb"]
+  p = model.apply(v, batch["product_tokens"], batch["image"], batch["has_image"], method="embed_product")["emb"]
+  scale = model.apply(v, method="logit_params")["logit_scale"]
+  pos = (batch["product_index"], batch["positives"])
+  want, _ = losses.softmax_contrastive(q, p, scale, pos, batch["grade"])
+  np.testing.assert_allclose(float(weighted), float(want), rtol=1e-5)
+  assert abs(float(weighted) - float(plain)) > 1e-4  # the grades change the loss
