@@ -25,6 +25,7 @@ from mmr_jax import config as config_lib
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, stage=2, variant="fusion", loss="sigmoid", runlocal=False,
+                           init="", ckpt="", tokenizer="",
                            data="gs://BUCKET/mmr/data", steps=0, batch=0, slices=1)
   c = config_lib.base_config()
   c.stage = a.stage
@@ -49,7 +50,14 @@ def get_config(arg=None):
   c.mesh.shape.dcn = a.slices
   c.mesh.shape.data = 1
   c.mesh.shape.fsdp = -1
-  return config_lib.apply_budget(c, a)
+  config_lib.apply_budget(c, a)
+  if a.init == "siglip":  # After apply_budget: runlocal keeps SigLIP's structure at the smoke-test size.
+    size = config_lib.SIGLIP_RUNLOCAL if a.runlocal else dict(
+        variant="B/16", image_size=224, text_len=64, remat=True, scan_layers=True)
+    config_lib.set_siglip(c, a.ckpt, a.tokenizer, **size)
+  elif a.init:
+    raise ValueError(f"init={a.init!r}; expected '' (from scratch) or 'siglip'")
+  return c
 
 
 def get_sweep(arg=None):
