@@ -16,6 +16,19 @@ batch: the contrastive loss is computed over the whole global batch, sharded, se
 host (a gs:// path or a shared disk). Pretrained ViT weights: --config.init.vit_npz=/path/ViT-B_16.npz
 (big_vision layout, local path).
 
+SigLIP B/16 init (`init=siglip`, config.set_siglip): image tower, both text towers and the sigmoid
+temperature / bias from big_vision's SigLIP B/16 224 px checkpoint; texts tokenised with its c4_en SentencePiece
+model (lowercased, sticky eos, padded with id 1, 64 tokens for queries, titles and products). Download both
+first (nothing here downloads; the files must be on a local path on every host), then:
+
+  gsutil cp gs://big_vision/siglip/webli_en_b16_224_63724782.npz .       # SigLIP B/16 224 ("SigLIP B/16 224")
+  gsutil cp gs://t5-data/vocabs/cc_en.32000/sentencepiece.model c4_en.model   # big_vision's "c4_en"
+  python -m launch.tpu_pod run --tpu mmr --zone us-central2-b --workdir gs://BUCKET/mmr/siglip/stage1 \
+      --config configs/vit_b16_pod.py:stage=1,init=siglip,ckpt=/mnt/ckpt/webli_en_b16_224_63724782.npz,tokenizer=/mnt/ckpt/c4_en.model
+
+Stage 2 with `init=siglip` and `--config.init.workdir=<stage 1>` starts the query tower from SigLIP and takes
+`init.load` (image tower, product text tower) from stage 1.
+
 Expected result: not measured yet on TPU (this repository's CI has no TPU). `runlocal=True` shrinks the
 config so the same file runs on one CPU in a minute, which the tests do.
 """

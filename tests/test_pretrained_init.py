@@ -325,3 +325,37 @@ def test_train_from_siglip_checkpoint(tiny_data, c4_tok, tmp_path):
   assert recorded == {"path": c4_tok, **config_lib.SIGLIP_TOKENIZER}
   tm = inference.load_trained(str(wd), tiny_data)  # evaluation checks the vocabulary of the same model file
   assert pipeline.tokenizer_path(tiny_data, tm.config.data) == c4_tok
+  # The exported query tower tokenises in its graph exactly as the pipeline did, then embeds the same.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mmr_jax import export  # pylint: disable=g-import-not-at-top
+  qt = export._make_query_tower(tm, pipeline.tokenizer_path(tiny_data, tm.config.data), ("cpu",))  # pylint: disable=protected-access
+  queries = ["Red COTTON shirt", "", "wool scarf for women " * 8]
+  ids = pipeline.load_tokenizer(tiny_data, tm.config.data).encode(queries, int(tm.config.data.query_len))
+  assert ids[1].tolist() == [1] * len(ids[1])  # the empty query is all eos
+  graph_ids = qt.tokenize(tf.constant(queries))["query_tokens"].numpy()
+  np.testing.assert_array_equal(graph_ids, ids)
+  np.testing.assert_allclose(qt.serve(tf.constant(queries))["embedding"].numpy(),
+                             tm.embed_queries({"query_tokens": ids}), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["vit_b16_pod", "vit_b16_gpu"])
+def test_siglip_b16_configs(name):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("stage=1,init=siglip,ckpt=/c/webli_en_b16_224_63724782.npz,tokenizer=/c/c4_en.model")
+  assert (c.model.vit.width, c.model.vit.depth, c.model.vit.patch_size, c.model.vit.pool_type) == (768, 12, 16, "map")
+  assert c.model.vit.head_dim == 0 and c.data.image_size == 224
+  t = c.model.text
+  assert (t.width, t.depth, t.num_heads, t.mlp_ratio, t.max_len) == (768, 12, 12, 4.0, 64)
+  assert (t.pool, t.pad_mask, t.head_dim, t.vocab_size) == ("last", False, 768, -1)
+  assert (c.data.query_len, c.data.product_len, c.data.title_len, c.model.embed_dim) == (64, 64, 64, 768)
+  assert c.model.vit.scan_layers and t.scan_layers and c.model.fusion.width == 768
+  assert dict(c.data.tokenizer) == {"path": "/c/c4_en.model", **config_lib.SIGLIP_TOKENIZER}
+  assert c.init.two_tower_npz == "/c/webli_en_b16_224_63724782.npz" and c.loss.kind == "sigmoid"
+  with pytest.raises(ValueError, match="init=siglip needs ckpt=PATH"):
+    mod.get_config("init=siglip")
+  with pytest.raises(ValueError, match="init='lit'"):
+    mod.get_config("init=lit")
