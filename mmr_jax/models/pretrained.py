@@ -442,7 +442,7 @@ def load_two_tower(params: Params, arrays: Mapping[str, np.ndarray], *, what: st
     elif k not in TWO_TOWER_SCALARS:
       problems.append(f"  {k}: not a two-tower parameter (checkpoint shape {tuple(np.shape(v))}); "
                       f"expected img/..., txt/..., t, b")
-  root = {k: v for k, v in flax.core.unfreeze(params).items()}
+  root = flax.core.unfreeze(params)
   out_flat = _flat(root)
   keep = [p.rstrip("/") for p in keep_init]
 
