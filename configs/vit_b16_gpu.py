@@ -9,6 +9,19 @@ Hardware: 8x H100 80 GB per node; bf16 compute, f32 params; data parallel over G
   python -m launch.slurm --nodes 2 --gpus_per_node 8 --config configs/vit_b16_gpu.py:stage=2,nodes=2 \
       --workdir /shared/mmr/b16/fusion --config.init.workdir=/shared/mmr/b16/stage1 --submit
 
+SigLIP B/16 init (`init=siglip`, config.set_siglip): image tower, both text towers and the sigmoid
+temperature / bias from big_vision's SigLIP B/16 224 px checkpoint; texts tokenised with its c4_en SentencePiece
+model (lowercased, sticky eos, padded with id 1, 64 tokens for queries, titles and products). Download both
+first (nothing here downloads; the files must be on a local path on every host), then:
+
+  gsutil cp gs://big_vision/siglip/webli_en_b16_224_63724782.npz .       # SigLIP B/16 224 ("SigLIP B/16 224")
+  gsutil cp gs://t5-data/vocabs/cc_en.32000/sentencepiece.model c4_en.model   # big_vision's "c4_en"
+  python -m mmr_jax.train --workdir /shared/mmr/siglip/stage1 \
+      --config configs/vit_b16_gpu.py:stage=1,init=siglip,ckpt=/shared/ckpt/webli_en_b16_224_63724782.npz,tokenizer=/shared/ckpt/c4_en.model
+
+Stage 2 with `init=siglip` and `--config.init.workdir=<stage 1>` starts the query tower from SigLIP and takes
+`init.load` (image tower, product text tower) from stage 1.
+
 Expected result: throughput on one H100 is measured by tools/bench_train.py (see README, "Benchmarks");
 a full multi-node run has not been made from this repository.
 """
@@ -18,6 +31,7 @@ from mmr_jax import config as config_lib
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, stage=2, variant="fusion", loss="sigmoid", runlocal=False,
+                           init="", ckpt="", tokenizer="",
                            data="/shared/mmr/data", steps=0, batch=0, nodes=1)
   c = config_lib.base_config()
   c.stage = a.stage
@@ -43,4 +57,12 @@ def get_config(arg=None):
   c.mesh.shape.dcn = a.nodes
   c.mesh.shape.data = 1
   c.mesh.shape.fsdp = -1
-  return config_lib.apply_budget(c, a)
+  config_lib.apply_budget(c, a)
+  if a.init == "siglip":  # After apply_budget: runlocal keeps SigLIP's structure at the smoke-test size.
+    size = config_lib.SIGLIP_RUNLOCAL if a.runlocal else dict(
+        variant="B/16", image_size=224, text_len=64, remat=True, scan_layers=True,
+        remat_policy="dots_with_no_batch_dims_saveable", attention_impl="xla")
+    config_lib.set_siglip(c, a.ckpt, a.tokenizer, **size)
+  elif a.init:
+    raise ValueError(f"init={a.init!r}; expected '' (from scratch) or 'siglip'")
+  return c

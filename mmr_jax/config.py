@@ -80,6 +80,10 @@ def base_config() -> ConfigDict:
       # product, beyond the labelled pairs. 0 trains on the labelled pairs only.
       pseudo_queries=0.0,
       augment=ConfigDict(dict(random_crop=True, crop_scale_min=0.6, flip=True)),
+      # The SentencePiece model every text goes through (pipeline, evaluation, exported graphs):
+      # path "" is DATA_DIR/tokenizer.model; a pretrained two-tower needs the .model it was trained
+      # with, and its conventions (mmr_jax.data.tokenizer.Conventions; set_siglip sets SigLIP's).
+      tokenizer=ConfigDict(dict(path="", eos="none", pad_id=0, bos=False, lower=False)),
   ))
 
   # Model sizes come from the model package's presets; see mmr_jax/models/two_tower.get_config.
@@ -119,6 +123,10 @@ def base_config() -> ConfigDict:
       workdir="",  # stage 2: stage-1 workdir to initialise from (latest checkpoint)
       load=("image_tower",),  # top-level parameter subtrees taken from init.workdir
       vit_npz="",  # big_vision-layout ViT .npz on a local path, loaded into image_tower
+      # big_vision SigLIP / LiT two-tower .npz on a local path: img -> image_tower, txt -> both text
+      # towers, t / b -> loss/logit_scale / logit_bias (models/pretrained.load_two_tower_npz_into).
+      # Loaded first; init.workdir and init.vit_npz then overwrite what they name.
+      two_tower_npz="",
   ))
 
   c.train = ConfigDict(dict(
@@ -192,6 +200,41 @@ def set_text_tower(c: ConfigDict, size: str, *, max_len: int, **overrides) -> Co
   c.model.text = text_lib.get_config(size, vocab_size=-1, max_len=max_len, **overrides)
   c.model.fusion.width = c.model.text.width
   c.model.fusion.num_heads = c.model.text.num_heads
+  return c
+
+
+# big_vision's `tokenize(max_len=64, eos="sticky", pad_value=1)` of the SigLIP checkpoints (lower=True is the
+# op's default): lowercased ASCII, eos appended and kept when truncating, rows padded with the eos id 1.
+SIGLIP_TOKENIZER = dict(eos="sticky", pad_id=1, bos=False, lower=True)
+# `set_siglip` sizes for `runlocal`: the same structure as SigLIP B/16 at the smoke-test size.
+SIGLIP_RUNLOCAL = dict(variant="mu/8", image_size=32, text_len=16)
+
+
+def set_siglip(c: ConfigDict, ckpt: str, tokenizer: str, *, variant: str = "B/16", image_size: int = 224,
+               text_len: int = 64, **stack) -> ConfigDict:
+  """Sets the towers to mirror a big_vision SigLIP two-tower checkpoint, initialised from it.
+
+  SigLIP (arXiv 2303.15343; big_vision's SigLIP_demo.ipynb): a ViT `variant` with MAP pooling and no head;
+  a text transformer of the same size with `pool="last"` (the sticky eos), no padding mask and a `head` Dense
+  to the embedding width; the vocabulary of its SentencePiece model (c4_en, 32k pieces, for the English
+  checkpoints). Query, title and product texts all get the checkpoint's `text_len` (64; 16 for So400m/14 224)
+  tokens: its pos_embedding is that long and "last" pools the final position. `embed_dim` is the width, so
+  the identity projection heads (models/pretrained.load_two_tower) start from SigLIP's own embeddings.
+  `stack`: remat / scan_layers / remat_policy / attention_impl for every tower.
+  """
+  from mmr_jax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
+  if not ckpt or not tokenizer:
+    raise ValueError("init=siglip needs ckpt=PATH (the two-tower .npz) and tokenizer=PATH (its SentencePiece "
+                     f".model), got ckpt={ckpt!r}, tokenizer={tokenizer!r}")
+  size = variant.split("/")[0]
+  c.data.image_size = image_size
+  c.data.query_len = c.data.product_len = c.data.title_len = text_len
+  c.data.tokenizer = ConfigDict(dict(path=tokenizer, **SIGLIP_TOKENIZER))
+  c.model.vit = vit_lib.get_config(variant, pool_type="map", **stack)
+  width = c.model.vit.width
+  set_text_tower(c, size, max_len=text_len, pool="last", pad_mask=False, head_dim=width, **stack)
+  c.model.embed_dim = width
+  c.init.two_tower_npz = ckpt
   return c
 
 

@@ -33,9 +33,11 @@ costs a copy per call (see PACK_MAX_BYTES); the JSON `m.param_layout` names them
 happens to an input before the model runs happens inside the graph, so a client sends the raw strings
 and bytes:
 
-* Text: SentencePiece (tensorflow-text) with the catalogue's `tokenizer.model` (also shipped as the
-  SavedModel asset `assets/tokenizer.model`); ids truncated to `config.data.query_len` / `product_len` and padded
-  with 0, exactly as `Tokenizer.encode` does in training and evaluation. Invalid UTF-8 bytes become
+* Text: SentencePiece (tensorflow-text) with the run's tokenizer (`pipeline.tokenizer_path`: the catalogue's
+  `tokenizer.model`, or `config.data.tokenizer.path` for a pretrained checkpoint's; also shipped as a SavedModel
+  asset under `assets/`); ids truncated to `config.data.query_len` / `product_len` and padded with 0 (or with
+  `config.data.tokenizer`'s eos / pad / lowercase conventions), exactly as `Tokenizer.encode` does in training
+  and evaluation. Invalid UTF-8 bytes become
   U+FFFD first (what Python's `bytes.decode("utf-8", errors="replace")` gives); valid strings are
   unchanged. Empty strings are valid input (all-padding tokens).
 * Product text: `title`, `description`, `attributes` are combined in the graph the way
@@ -468,7 +470,7 @@ def tf_decode_images(images, size: int, vertical_first_rule: bool = True):
   return out, has_image
 
 
-def tf_tokenizer(tokenizer_path: str, max_len: int):
+def tf_tokenizer(tokenizer_path: str, max_len: int, conventions=None):
   """Returns `tokenizer.tf_encode`'s module for the model file, with the file tracked as a SavedModel asset.
 
   tensorflow-text's SentencePiece op takes the model proto as an op attribute, so the graph always
@@ -479,7 +481,7 @@ def tf_tokenizer(tokenizer_path: str, max_len: int):
   from mmr_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   with open(tokenizer_path, "rb") as f:
     proto = f.read()
-  enc = tok_lib.tf_encode(proto, max_len)
+  enc = tok_lib.tf_encode(proto, max_len, conventions)
   enc.model_file = tf.saved_model.Asset(tokenizer_path)
   return enc
 
@@ -668,6 +670,12 @@ def _run_bucketed(fn, buckets: Sequence[int], *inputs):
   return fn(*padded)[:n]
 
 
+def _conventions(tm):
+  """Returns the eos / pad / lowercase conventions the workdir's model was trained with."""
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.tokenizer_conventions(tm.config.data)
+
+
 def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str], buckets: Sequence[int] = BATCH_BUCKETS):
   """Returns a tf.Module: raw query strings -> L2-normalised embeddings (see module doc)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -683,7 +691,7 @@ def _make_query_tower(tm, tokenizer_path: str, platforms: Sequence[str], buckets
       super().__init__(name="query_tower")
       self.params = conv.variables
       self.param_layout = tf.Variable(json.dumps(conv.layout), trainable=False)
-      self.tokenizer = tf_tokenizer(tokenizer_path, q_len)
+      self.tokenizer = tf_tokenizer(tokenizer_path, q_len, _conventions(tm))
       self.query_len, self.dim = q_len, dim
 
     @tf.function(jit_compile=True, autograph=False)
@@ -746,7 +754,7 @@ def _make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str],
       super().__init__(name="product_tower")
       self.params = conv.variables
       self.param_layout = tf.Variable(json.dumps(conv.layout), trainable=False)
-      self.tokenizer = tf_tokenizer(tokenizer_path, p_len)
+      self.tokenizer = tf_tokenizer(tokenizer_path, p_len, _conventions(tm))
       self.product_len, self.image_size, self.dim = p_len, size, dim
 
     def _preprocess(self, title, description, attributes, image):
@@ -1214,7 +1222,7 @@ def measure_parity(out: str, tm, data_dir: str, sample: int = 32) -> dict:
   from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   text, raw = pipeline._text, pipeline._bytes  # pylint: disable=protected-access
   cfg = tm.config.data
-  tok = pipeline.load_tokenizer(data_dir)
+  tok = pipeline.load_tokenizer(data_dir, cfg)
   qsrc = tfds_builder.load_source(data_dir, "queries", "test")
   queries = [text(qsrc[i], "text") for i in range(min(sample, len(qsrc)))] + list(UNUSUAL_QUERIES)
   qt = load_saved_model(os.path.join(out, "query_tower"))
@@ -1286,9 +1294,11 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
   step(f"loading {workdir}")
   tm = inference.load_trained(workdir, data_dir)
   data_dir = tm.config.data.dir
-  tokenizer_path = os.path.join(data_dir, TOKENIZER_ASSET)
-  if not os.path.isfile(tokenizer_path):
-    raise FileNotFoundError(f"{tokenizer_path} not found: --data must be the DATA_DIR the model was trained on")
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    tokenizer_path = pipeline.tokenizer_path(data_dir, tm.config.data)  # the run's own (config.json)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}: --data must be the DATA_DIR the model was trained on") from None
   os.makedirs(out, exist_ok=True)
   emb_dir = os.path.join(out, "embeddings")
   os.makedirs(emb_dir, exist_ok=True)

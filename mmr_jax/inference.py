@@ -73,10 +73,12 @@ def load_trained(workdir: str, data_dir: str | None = None, mesh=None) -> Traine
   # The tokenizer of the data the model was trained on must match the one used now.
   trained_vocab = config.model.text.vocab_size
   if data_dir and trained_vocab > 0:
+    from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     from mmr_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-    now = tok_lib.Tokenizer(os.path.join(data_dir, "tokenizer.model")).vocab_size
+    path = pipeline.tokenizer_path(data_dir, config.data)  # config.data.tokenizer.path when the run set one
+    now = tok_lib.Tokenizer(path).vocab_size
     if now != trained_vocab:
-      raise ValueError(f"{data_dir}/tokenizer.model has vocab {now} but {workdir} was trained with {trained_vocab}: "
+      raise ValueError(f"{path} has vocab {now} but {workdir} was trained with {trained_vocab}: "
                        "evaluate with the DATA_DIR the model was trained on")
   model = train.create_model(config)
   params, step = ckpt_lib.restore_params(workdir)

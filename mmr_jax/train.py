@@ -84,14 +84,28 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
 
 
 def resolve_config(config):
-  """Fills run-time values (vocab size from the data's tokenizer); returns a locked copy."""
+  """Fills run-time values (vocab size from the run's tokenizer); returns a locked copy.
+
+  A configured tokenizer path becomes absolute, so the workdir's config.json names the file that
+  evaluation and export must tokenise with.
+  """
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   with config.unlocked():
+    tok_cfg = config.data.get("tokenizer")
+    if tok_cfg is not None and tok_cfg.get("path"):
+      tok_cfg.path = os.path.abspath(os.path.expanduser(tok_cfg.path))
+    conventions = pipeline.tokenizer_conventions(config.data)
+    if config.model.text.get("pool") == "last" and conventions.eos != "sticky":
+      raise ValueError(f"model.text.pool='last' embeds each row's last position, which is padding unless "
+                       f"data.tokenizer.eos='sticky' (it is {conventions.eos!r})")
     if config.model.text.vocab_size <= 0:
       try:
-        tok = tok_lib.Tokenizer(os.path.join(config.data.dir, "tokenizer.model"))
+        tok = tok_lib.Tokenizer(pipeline.tokenizer_path(config.data.dir, config.data), conventions=conventions)
       except FileNotFoundError as e:
+        if tok_cfg is not None and tok_cfg.get("path"):
+          raise
         raise FileNotFoundError(
             f"config.data.dir={config.data.dir!r} is not an imported catalogue ({e}). Pass the DATA_DIR that "
             "import_catalog / make_synthetic wrote: --config configs/demo.py:data=DATA_DIR or "
@@ -237,10 +251,17 @@ class Trainer:
     return self._load_init_weights(state)
 
   def _load_init_weights(self, state: TrainState) -> TrainState:
-    """Overwrites parameter subtrees from a stage-1 workdir and/or a big_vision ViT .npz."""
+    """Overwrites parameters from a big_vision two-tower .npz, a stage-1 workdir and/or a ViT .npz."""
     cfg = self.config.init
     params = jax.device_get(state.params)
     changed = False
+    if cfg.get("two_tower_npz"):
+      from mmr_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+      params, report = pretrained.load_two_tower_npz_into(params, os.path.expanduser(cfg.two_tower_npz))
+      log.info("initialised %d arrays from %s; identity heads %s; %d arrays kept at init: %s",
+               len(report["loaded"]), cfg.two_tower_npz, report["identity"], len(report["kept_init"]),
+               sorted({"/".join(k.split("/")[:2]) for k in report["kept_init"]}))
+      changed = True
     if cfg.workdir:
       from mmr_jax.models import pretrained  # pylint: disable=g-import-not-at-top
       src, step = ckpt_lib.restore_params(cfg.workdir)
@@ -450,21 +471,23 @@ def resolve_best_metric(tcfg, logged: set[str]) -> tuple[str, str]:
 
 
 def _check_init_sources(init, workdir) -> None:
-  """Raises FileNotFoundError for a missing init.workdir / init.vit_npz before anything is compiled or written
+  """Raises FileNotFoundError for a missing init.workdir / .npz before anything is compiled or written
   (a run resuming from its own checkpoint does not read them)."""
   if ckpt_lib.has_checkpoint(workdir):
     return
   if init.workdir and not ckpt_lib.has_checkpoint(init.workdir):
     raise FileNotFoundError(f"init.workdir={init.workdir!r} holds no checkpoint (checkpoints/<step>/): give the "
                             "stage-1 workdir, trained to at least one checkpoint")
-  if init.vit_npz and not ckpt_lib.absolute(init.vit_npz).is_file():
-    raise FileNotFoundError(f"init.vit_npz={init.vit_npz!r} is not a file")
+  for key in ("vit_npz", "two_tower_npz"):
+    path = init.get(key)
+    if path and not ckpt_lib.absolute(path).is_file():
+      raise FileNotFoundError(f"init.{key}={path!r} is not a file")
 
 
 def _report_truncation(config, workdir) -> None:
   """Logs (a warning when any is cut) and writes product_truncation.json: how data.product_len cuts product text."""
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  rep = pipeline.product_truncation(config.data.dir, config.data.product_len)
+  rep = pipeline.product_truncation(config.data.dir, config.data)
   ckpt_lib.write_json(workdir / "product_truncation.json", rep)
   tokens = rep["tokens"]
   if rep["truncated"]:

@@ -445,10 +445,10 @@ def test_product_truncation_names_the_fields_cut(data_dir):
   tok = pipeline.load_tokenizer(data_dir)
   products = tfds_builder.load_source(data_dir, "products", "all")
   lengths = [tok.num_tokens(products[i]["text"].decode()) for i in range(len(products))]
-  full = pipeline.product_truncation(data_dir, max(lengths))
+  full = pipeline.product_truncation(data_dir, _config(product_len=max(lengths)))
   assert full["truncated"] == 0 and full["tokens"]["max"] == max(lengths)
   assert full["sampled"] == len(products)
-  short = pipeline.product_truncation(data_dir, 4)
+  short = pipeline.product_truncation(data_dir, _config(product_len=4))
   assert short["truncated"] == pytest.approx(np.mean(np.asarray(lengths) > 4))
   # Titles ("<word> item <i>") fit 4 tokens or not; attributes are last, so every cut product loses them.
   assert short["by_field"]["attributes"] == pytest.approx(short["truncated"])

@@ -74,7 +74,7 @@ def _jax_pipeline(workdir: str, out: str, data_dir: str, k: int):
   from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   tm = inference.load_trained(workdir, data_dir)
-  tok = pipeline.load_tokenizer(data_dir)
+  tok = pipeline.load_tokenizer(data_dir, tm.config.data)
   q_len = int(tm.config.data.query_len)
   index = index_lib.ScannIndex.load(os.path.join(out, "embeddings", "index"))
   with open(os.path.join(out, "embeddings", "ids.txt"), encoding="utf-8") as f:

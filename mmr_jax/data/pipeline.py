@@ -57,7 +57,7 @@ from PIL import Image, ImageOps
 
 from mmr_jax.data import catalog
 from mmr_jax.data import pseudo_queries
-from mmr_jax.data.tokenizer import Tokenizer
+from mmr_jax.data.tokenizer import Conventions, Tokenizer
 
 # Orbax checkpoint args for a grain iterator; checkpoint.py registers these in
 # its CheckpointManager (item name e.g. "data"). Each host writes
@@ -83,14 +83,36 @@ def open_source(data_dir: str, table: str, split: str) -> _Source:
   return tfds_builder.load_source(data_dir, table, split)
 
 
-def load_tokenizer(data_dir: str) -> Tokenizer:
-  """Returns the Tokenizer of DATA_DIR/tokenizer.model."""
+def tokenizer_path(data_dir: str, config: Any = None) -> str:
+  """Returns the SentencePiece model a run tokenises with (every reader of text ids asks here).
+
+  `config` is `config.data`: its `tokenizer.path` (the model shipped with a pretrained checkpoint,
+  e.g. SigLIP's c4_en) wins; without one it is the catalogue's own DATA_DIR/tokenizer.model.
+  """
+  tok_cfg = _cfg_get(config, "tokenizer") if config is not None else None
+  path = _cfg_get(tok_cfg, "path") if tok_cfg is not None else None
+  if path:
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"config.data.tokenizer.path={path!r} is not a file (the SentencePiece "
+                              ".model that goes with the pretrained checkpoint)")
+    return path
   path = os.path.join(data_dir, TOKENIZER_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"{path} not found: DATA_DIR must be written by import_catalog / "
         "make_synthetic")
-  return Tokenizer(path)
+  return path
+
+
+def tokenizer_conventions(config: Any = None) -> Conventions:
+  """Returns the eos / pad / bos / lowercase conventions of `config.data.tokenizer` (defaults: ours)."""
+  return Conventions.from_config(_cfg_get(config, "tokenizer") if config is not None else None)
+
+
+def load_tokenizer(data_dir: str, config: Any = None) -> Tokenizer:
+  """Returns the run's Tokenizer: `tokenizer_path(data_dir, config)` with its conventions."""
+  return Tokenizer(tokenizer_path(data_dir, config), conventions=tokenizer_conventions(config))
 
 
 # ----------------------------------------------------------------------------
@@ -551,7 +573,7 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   aug = Augment.from_config(_cfg_get(config, "augment"))
   if augment is False:
     aug = Augment()
-  tok = load_tokenizer(data_dir)
+  tok = load_tokenizer(data_dir, config)
   products = open_source(data_dir, "products", "all")
   if stage == 1:
     num_rows = len(products)
@@ -601,16 +623,18 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   return _finish(ds, per_host_batch, config, train=True)
 
 
-def product_truncation(data_dir: str, product_len: int, sample: int = 2000,
+def product_truncation(data_dir: str, config: Any, sample: int = 2000,
                        seed: int = 0) -> dict[str, Any]:
-  """Returns how `product_len` cuts the product text (title | description | attributes), on a sample.
+  """Returns how `config.product_len` cuts the product text (title | description | attributes), on a sample.
 
+  `config` is `config.data` (its tokenizer and product_len).
   {"product_len", "sampled", "truncated" (fraction of products cut), "by_field": {field: fraction
   of products that lose part of that field}, "tokens": {"p50", "p95", "max"}}. Fields are cut from
   the end, so attributes go first: what textual queries (material, care, size) ask for.
   """
   products = open_source(data_dir, "products", "all")
-  tok = load_tokenizer(data_dir)
+  tok = load_tokenizer(data_dir, config)
+  product_len = int(_cfg_require(config, "product_len"))
   n = len(products)
   rows = (np.arange(n) if n <= sample else
           np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)))
@@ -667,7 +691,7 @@ def make_eval_iterator(data_dir: str, table: str, split: str, config: Any,
   """
   host, hosts = _host(process_index, process_count)
   lens = _lens(config)
-  tok = load_tokenizer(data_dir)
+  tok = load_tokenizer(data_dir, config)
   if table == "products":
     source = open_source(data_dir, "products", split or "all")
     fn_cls = _EvalProduct

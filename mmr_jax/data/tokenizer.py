@@ -2,9 +2,13 @@
 
 One model serves both towers. The numpy side (`Tokenizer.encode`) runs in the
 training input pipeline, which is kept free of TensorFlow; the TF side
-(`tf_encode`) runs inside the exported SavedModel. Both return the same ids:
-no bos/eos, truncated to `max_len`, right-padded with pad id 0 (so the model's
-token mask is simply `ids != 0`). `tests/test_tokenizer.py` holds them to that.
+(`tf_encode`) runs inside the exported SavedModel. Both return the same ids.
+With a catalogue's own model (the default `Conventions()`): no bos/eos,
+truncated to `max_len`, right-padded with pad id 0 (so the model's token mask
+is simply `ids != 0`). A pretrained checkpoint's model is used with the
+conventions it was trained with (`Conventions`, big_vision's `tokenize` op:
+SigLIP lowercases ASCII, appends a "sticky" eos and pads with the eos id 1).
+`tests/test_tokenizer.py` and `tests/test_pretrained_init.py` hold them to that.
 
 The model is a unigram LM with byte fallback: a catalogue in a script the model
 never saw (or an emoji in a title) still maps to byte pieces instead of a single
@@ -13,6 +17,7 @@ never saw (or an emoji in a title) still maps to byte pieces instead of a single
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -25,6 +30,47 @@ PAD_ID = 0
 UNK_ID = 1
 BOS_ID = 2
 EOS_ID = 3
+
+EOS_MODES = ("none", "yes", "sticky")
+
+
+@dataclasses.dataclass(frozen=True)
+class Conventions:
+  """How texts become ids around the SentencePiece pieces (big_vision's `tokenize` op arguments).
+
+  eos: "none" (no eos), "yes" (eos appended, lost when the text is truncated) or "sticky" (eos
+    appended and kept as the last id of a truncated text: the contrastive text towers of SigLIP /
+    LiT pool that last position).
+  pad_id: the id filling the row after the text (big_vision SigLIP: 1, the eos id).
+  bos: prepend the model's bos id.
+  lower: lowercase ASCII letters first (what `tf.strings.lower` does, as big_vision's op).
+  """
+  eos: str = "none"
+  pad_id: int = PAD_ID
+  bos: bool = False
+  lower: bool = False
+
+  def __post_init__(self):
+    if self.eos not in EOS_MODES:
+      raise ValueError(f"tokenizer eos={self.eos!r}; expected one of {EOS_MODES}")
+    if int(self.pad_id) < 0:
+      raise ValueError(f"tokenizer pad_id={self.pad_id} must be >= 0")
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "Conventions":
+    """Returns the conventions of a `config.data.tokenizer`-style mapping (missing keys: defaults)."""
+    if cfg is None:
+      return cls()
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d: getattr(cfg, k, d)
+    d = cls()
+    return cls(eos=str(get("eos", d.eos)), pad_id=int(get("pad_id", d.pad_id)),
+               bos=bool(get("bos", d.bos)), lower=bool(get("lower", d.lower)))
+
+
+def lower_ascii(text: str) -> str:
+  """Returns `text` with A-Z lowercased and every other character kept (as `tf.strings.lower`)."""
+  return text.encode("utf-8").lower().decode("utf-8")
+
 
 # SentencePiece drops (not truncates) training sentences longer than this many
 # bytes; the encoders only ever read the first `max_len` tokens of a text, so
@@ -161,12 +207,18 @@ def _train(sentences: Iterator[str], out_prefix: str, vocab_size: int,
   )
 
 
-def _ids_to_array(ids: Sequence[Sequence[int]], max_len: int) -> np.ndarray:
-  """Returns int32 [B, max_len]: `ids` truncated and right-padded with PAD_ID."""
-  out = np.full((len(ids), max_len), PAD_ID, dtype=np.int32)
+def _ids_to_array(ids: Sequence[Sequence[int]], max_len: int, pad_id: int = PAD_ID,
+                  sticky_eos: int | None = None) -> np.ndarray:
+  """Returns int32 [B, max_len]: `ids` truncated and right-padded with `pad_id`.
+
+  With `sticky_eos`, a truncated row ends in that id (the row's own last id, its eos).
+  """
+  out = np.full((len(ids), max_len), pad_id, dtype=np.int32)
   for row, seq in enumerate(ids):
     n = min(len(seq), max_len)
     out[row, :n] = seq[:n]
+    if sticky_eos is not None and len(seq) > max_len:
+      out[row, -1] = sticky_eos
   return out
 
 
@@ -174,7 +226,8 @@ class Tokenizer:
   """Numpy-side SentencePiece encoder (picklable, for grain worker processes)."""
 
   def __init__(self, model_path: str | os.PathLike[str] | None = None, *,
-               model_proto: bytes | None = None):
+               model_proto: bytes | None = None, conventions: Conventions | None = None):
+    self.conventions = conventions or Conventions()
     if (model_path is None) == (model_proto is None):
       raise ValueError("Tokenizer: pass exactly one of model_path, model_proto")
     if model_path is not None:
@@ -194,12 +247,19 @@ class Tokenizer:
     if self._sp.pad_id() != PAD_ID:
       raise ValueError(f"Tokenizer: model pad_id is {self._sp.pad_id()}, the "
                        f"pipeline's token masks need pad_id={PAD_ID}")
+    c = self.conventions
+    for flag, name, i in ((c.eos != "none", "eos", self._sp.eos_id()), (c.bos, "bos", self._sp.bos_id())):
+      if flag and i < 0:
+        raise ValueError(f"Tokenizer: conventions {c} add {name}, but the model has no {name} piece")
+    if c.pad_id >= self._sp.get_piece_size():
+      raise ValueError(f"Tokenizer: pad_id={c.pad_id} is not an id of this {self._sp.get_piece_size()}-piece model")
 
   # SentencePieceProcessor is a SWIG object: pickle the proto and rebuild.
   def __getstate__(self) -> dict[str, Any]:
-    return {"proto": self._proto}
+    return {"proto": self._proto, "conventions": dataclasses.asdict(self.conventions)}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
+    self.conventions = Conventions(**state.get("conventions", {}))
     self._init_from_proto(state["proto"])
 
   @property
@@ -212,41 +272,59 @@ class Tokenizer:
     """Returns the serialized ModelProto (what `tf_encode` and export need)."""
     return self._proto
 
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
   def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
-    """Returns int32 [B, max_len] ids, truncated, padded with 0, no bos/eos."""
+    """Returns int32 [B, max_len] ids, truncated and padded as `self.conventions` say.
+
+    Default conventions: no bos/eos, padded with 0.
+    """
     if isinstance(texts, (str, bytes)):
       raise TypeError("Tokenizer.encode expects a sequence of strings, got a "
                       "single string")
     if max_len <= 0:
       raise ValueError(f"max_len={max_len} must be positive")
+    c = self.conventions
     texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
+    if c.lower:
+      texts = [lower_ascii(t) for t in texts]
     if not texts:
       return np.zeros((0, max_len), np.int32)
+    kw = dict(out_type=int, add_bos=c.bos, add_eos=c.eos != "none")
     if len(texts) < 32:
       # The list overload starts a thread pool per call (~50 us); the
       # pipeline encodes one text at a time.
-      ids = [self._sp.encode(t, out_type=int) for t in texts]
+      ids = [self._sp.encode(t, **kw) for t in texts]
     else:
-      ids = self._sp.encode(texts, out_type=int)
-    return _ids_to_array(ids, max_len)
+      ids = self._sp.encode(texts, **kw)
+    return _ids_to_array(ids, max_len, c.pad_id, self.eos_id if c.eos == "sticky" else None)
 
   def num_tokens(self, text: str) -> int:
-    """Returns how many ids `text` encodes to, before any truncation."""
-    return len(self._sp.encode(text, out_type=int)) if text else 0
+    """Returns how many ids `text` encodes to under `self.conventions`, before any truncation."""
+    c = self.conventions
+    text = lower_ascii(text) if c.lower else text
+    return len(self._sp.encode(text, out_type=int, add_bos=c.bos, add_eos=c.eos != "none")) if text else 0
 
   def decode(self, ids: np.ndarray) -> list[str]:
     """Returns the texts for int ids [B, L] (pads dropped), for debugging."""
-    return [self._sp.decode([int(i) for i in row if i != PAD_ID])
+    drop = {PAD_ID, self.conventions.pad_id}
+    return [self._sp.decode([int(i) for i in row if i not in drop])
             for row in np.asarray(ids)]
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
 
-def tf_encode(model_proto: Any, max_len: int):
+def tf_encode(model_proto: Any, max_len: int, conventions: Conventions | None = None):
   """Returns a tf.Module `f` with `f(strings [B] tf.string) -> int32 [B, max_len]`.
 
-  Same ids as `Tokenizer.encode`. `f.__call__` is a `tf.function` with a
+  Same ids as `Tokenizer.encode` with the same `conventions`. `f.__call__` is a `tf.function` with a
   polymorphic batch dimension (`[None]` string input; an empty batch gives
   `[0, max_len]`), and `f` tracks the tokenizer resource, so it can be attached
   to a module and saved with `tf.saved_model.save`. `model_proto` may be bytes
@@ -258,6 +336,13 @@ def tf_encode(model_proto: Any, max_len: int):
 
   if max_len <= 0:
     raise ValueError(f"max_len={max_len} must be positive")
+  c = conventions or Conventions()
+  eos_id = None
+  if c.eos == "sticky":
+    proto = model_proto if isinstance(model_proto, bytes) else None
+    if proto is None:
+      raise ValueError("tf_encode: eos='sticky' needs the model proto as bytes (to read its eos id)")
+    eos_id = Tokenizer(model_proto=proto, conventions=c).eos_id
 
   class TFEncoder(tf.Module):
     """SentencePiece ids padded/truncated to a fixed length, in TF ops."""
@@ -266,14 +351,21 @@ def tf_encode(model_proto: Any, max_len: int):
       super().__init__(name="sentencepiece_encoder")
       self.max_len = int(max_len)
       self.tokenizer = tf_text.SentencepieceTokenizer(
-          model=model_proto, out_type=tf.int32, add_bos=False, add_eos=False)
+          model=model_proto, out_type=tf.int32, add_bos=c.bos, add_eos=c.eos != "none")
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def __call__(self, texts):
+      if c.lower:
+        texts = tf.strings.lower(texts)  # ASCII only, as lower_ascii
       ragged = self.tokenizer.tokenize(texts)  # [B, (n)]
       # to_tensor with an explicit shape both truncates and pads.
-      return ragged.to_tensor(default_value=PAD_ID,
-                              shape=[None, self.max_len])  # [B, max_len]
+      ids = ragged.to_tensor(default_value=c.pad_id,
+                             shape=[None, self.max_len])  # [B, max_len]
+      if eos_id is None:
+        return ids
+      cut = ragged.row_lengths() > self.max_len  # [B]
+      last = tf.where(cut, tf.constant(eos_id, tf.int32), ids[:, -1])
+      return tf.concat([ids[:, :-1], last[:, None]], axis=1)
 
   return TFEncoder()
 

@@ -6,6 +6,7 @@
     old-posemb variants, scanned or unrolled layers. Position embeddings are resampled when
     the patch grid differs (fine-tuning at another resolution).
     `load_vit_npz_into` / `load_text_npz_into` do it for a whole model's params at a prefix.
+    `load_two_tower_npz_into` loads a whole SigLIP / LiT checkpoint into a TwoTower (below).
 (b) `merge_subtree`: put a params subtree from any pytree (e.g. stage 1's `image_tower`
     restored by the trainer with Orbax) into a model's params, checking names and shapes.
 
@@ -25,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import flax
 from flax import traverse_util
+import ml_dtypes
 from flax.core import meta
 import numpy as np
 import scipy.ndimage
@@ -57,12 +59,18 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(np.shape(_value(x)))
 
 
+def _recover_dtype(a: np.ndarray) -> np.ndarray:
+  if a.dtype.type is np.void and a.dtype.itemsize == 2:  # np.savez writes bfloat16 as void.
+    return a.view(ml_dtypes.bfloat16)
+  return a
+
+
 def read_npz(path: str | os.PathLike, key_prefix: str = "") -> dict[str, np.ndarray]:
   """Returns the flat {"a/b/c": array} params of a big_vision .npz, below `key_prefix`."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"Pretrained checkpoint {path} does not exist")
   with np.load(path, allow_pickle=False) as z:
-    flat = {k: z[k] for k in z.files}
+    flat = {k: _recover_dtype(z[k]) for k in z.files}
   if key_prefix:
     pre = key_prefix.rstrip("/") + "/"
     sub = {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)}
@@ -183,9 +191,13 @@ def resample_posemb(old: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
   return grid.reshape(1, n_new, -1)
 
 
-def _load_flat(target: Params, source: dict[str, np.ndarray], *, what: str,
-               keep_init: Sequence[str], convert) -> Params:
-  """Returns `target` with every leaf replaced by `source[name]` (converted), else errors."""
+def _match_flat(target: Params, source: dict[str, np.ndarray], *, keep_init: Sequence[str],
+                convert) -> tuple[dict[str, Any], list[str], dict[str, tuple[int, ...]]]:
+  """Returns (flat target with leaves replaced by converted `source[name]`, problems, unused).
+
+  Problems are one line per missing or mis-shaped parameter; unused maps the checkpoint arrays
+  the target has no place for (in the target's layer layout) to their shapes.
+  """
   tflat = _flat(target)
   scanned = {m["pre"] for k in tflat if (m := _SCANNED.match(k))}
   source = _stack_layers(_unstack_layers(source), scanned)
@@ -206,12 +218,32 @@ def _load_flat(target: Params, source: dict[str, np.ndarray], *, what: str,
       continue
     dtype = getattr(_value(leaf), "dtype", value.dtype)
     out[name] = _rebox(leaf, value.astype(dtype))
+  return out, problems, {k: tuple(np.shape(source[k])) for k in sorted(set(source) - used)}
+
+
+def _load_flat(target: Params, source: dict[str, np.ndarray], *, what: str,
+               keep_init: Sequence[str], convert) -> Params:
+  """Returns `target` with every leaf replaced by `source[name]` (converted), else errors."""
+  out, problems, unused = _match_flat(target, source, keep_init=keep_init, convert=convert)
   if problems:
     raise ValueError(f"Cannot load {what}:\n" + "\n".join(problems))
-  unused = sorted(set(source) - used)
   if unused:
-    logging.info("%s: checkpoint parameters not used by the model: %s", what, unused)
+    logging.info("%s: checkpoint parameters not used by the model: %s", what, sorted(unused))
   return _nested(out)
+
+
+def _convert_vit(name, value, tshape):
+  if name == "embedding/kernel" and value.ndim == 4:  # Conv [p, p, C, W] -> [p*p*C, W].
+    value = value.reshape(-1, value.shape[-1])
+  if name == "pos_embedding" and value.shape != tshape and _resamplable(value.shape, tshape):
+    value = resample_posemb(value, tshape)
+  return value  # Anything still mis-shaped is reported with all other mismatches.
+
+
+def _convert_text(name, value, tshape):
+  if name == "pos_embedding" and value.ndim == 3 and value.shape[1] > tshape[1]:
+    value = value[:, :tshape[1]]
+  return value
 
 
 def load_vit_npz(path: str | os.PathLike, target: Params, *, key_prefix: str = "",
@@ -227,16 +259,8 @@ def load_vit_npz(path: str | os.PathLike, target: Params, *, key_prefix: str = "
       `target` value when the checkpoint lacks them, e.g. a MAP head on a class-token ViT.
   """
   source = _fix_old_layouts(read_npz(path, key_prefix))
-
-  def convert(name, value, tshape):
-    if name == "embedding/kernel" and value.ndim == 4:  # Conv [p, p, C, W] -> [p*p*C, W].
-      value = value.reshape(-1, value.shape[-1])
-    if name == "pos_embedding" and value.shape != tshape and _resamplable(value.shape, tshape):
-      value = resample_posemb(value, tshape)
-    return value  # Anything still mis-shaped is reported with all other mismatches.
-
   return _load_flat(target, source, what=f"ViT weights from {path}", keep_init=keep_init,
-                    convert=convert)
+                    convert=_convert_vit)
 
 
 def load_text_npz(path: str | os.PathLike, target: Params, *, key_prefix: str = "txt",
@@ -244,17 +268,11 @@ def load_text_npz(path: str | os.PathLike, target: Params, *, key_prefix: str = 
   """Returns text-tower params shaped like `target` from a big_vision text_transformer npz.
 
   A longer checkpoint `pos_embedding` is truncated to the model's max_len. The vocabulary must
-  be the checkpoint's (use its SentencePiece model as DATA_DIR/tokenizer.model).
+  be the checkpoint's (its SentencePiece model as config.data.tokenizer.path).
   """
   source = _fix_old_layouts(read_npz(path, key_prefix))
-
-  def convert(name, value, tshape):
-    if name == "pos_embedding" and value.ndim == 3 and value.shape[1] > tshape[1]:
-      value = value[:, :tshape[1]]
-    return value
-
   return _load_flat(target, source, what=f"text weights from {path}", keep_init=keep_init,
-                    convert=convert)
+                    convert=_convert_text)
 
 
 def _subtree(params: Params, prefix: str) -> Params:
@@ -363,3 +381,137 @@ def merge_subtree(params: Params, subtree: Params, prefix: str) -> Params:
     merged[name] = _rebox(leaf, value)
   node[path[-1]] = merged[""] if "" in merged else _nested(merged)
   return root
+
+
+# ------------------------------------------------------------------------------ two-tower checkpoints
+
+# big_vision's `proj/image_text/two_towers.Model` names its parts `img` (models/vit.py), `txt`
+# (proj/image_text/text_transformer.py), `t` (log temperature, [1]) and `b` (sigmoid bias, [1];
+# SigLIP only). Where each goes in a TwoTower:
+TWO_TOWER_TEXT_TOWERS = ("text_tower", "query_tower", "product_text_tower")
+TWO_TOWER_SCALARS = {"t": "loss/logit_scale", "b": "loss/logit_bias"}
+# Projection heads that the checkpoint's embeddings pass through unchanged when set to identity.
+IDENTITY_HEADS = ("heads/query", "heads/product_text", "heads/image")
+
+
+def two_tower_arrays(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Returns a big_vision checkpoint's parameter arrays without the container prefix.
+
+  Trainer checkpoints keep params under `params/` (optax state) or `opt/target/` (old flax
+  optimizer), next to optimizer state; released ones are often the bare params (as big_vision's
+  `utils.load_params` reads them).
+  """
+  for prefix in ("params/", "opt/target/"):
+    sub = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    if sub:
+      rest = len(flat) - len(sub)
+      if rest:
+        logging.info("two-tower checkpoint: %d non-parameter arrays (optimizer state) not read", rest)
+      return sub
+  return dict(flat)
+
+
+def load_two_tower(params: Params, arrays: Mapping[str, np.ndarray], *, what: str = "checkpoint",
+                   identity_heads: bool = True, keep_init: Sequence[str] = ()
+                   ) -> tuple[Params, dict[str, list[str]]]:
+  """Returns (TwoTower params with a SigLIP / LiT checkpoint loaded, report).
+
+  `img/...` goes into `image_tower`, `txt/...` into every text tower the model has (query and
+  product towers both start from it), `t` / `b` into `loss/logit_scale` / `loss/logit_bias`
+  (both log-scale temperature and additive bias, as big_vision's sigmoid logits
+  `z_img . z_txt * exp(t) + b`). A checkpoint without `b` (LiT) leaves the bias at init.
+  With `identity_heads`, the square projections `heads/{query,product_text,image}` become the
+  identity, so the initial query, product-text and image embeddings are the checkpoint's own.
+  Everything else (fusion, other heads) keeps its init.
+
+  Raises one ValueError listing every model parameter missing from the checkpoint, every
+  checkpoint array the model has no place for, and every shape mismatch (both shapes).
+  `keep_init`: model parameter names or prefixes (e.g. "image_tower/MAPHead_0") allowed to stay
+  at init when the checkpoint lacks them.
+
+  The report: {"loaded": model names from the checkpoint, "identity": heads set to identity,
+  "kept_init": model names left at init}.
+  """
+  arrays = two_tower_arrays(arrays)
+  groups: dict[str, dict[str, np.ndarray]] = {"img": {}, "txt": {}}
+  problems, loaded = [], []
+  for k, v in arrays.items():
+    head, _, rest = k.partition("/")
+    if head in groups and rest:
+      groups[head][rest] = v
+    elif k not in TWO_TOWER_SCALARS:
+      problems.append(f"  {k}: not a two-tower parameter (checkpoint shape {tuple(np.shape(v))}); "
+                      f"expected img/..., txt/..., t, b")
+  root = flax.core.unfreeze(params)
+  out_flat = _flat(root)
+  keep = [p.rstrip("/") for p in keep_init]
+
+  def load_tower(prefix: str, ckpt: str, convert) -> None:
+    tflat = _flat(root[prefix])
+    local_keep = [p[len(prefix) + 1:] for p in keep if p.startswith(prefix + "/")]
+    got, probs, unused = _match_flat(tflat, _fix_old_layouts(groups[ckpt]), keep_init=local_keep,
+                                     convert=convert)
+    problems.extend(p.replace("  ", f"  {prefix}/", 1) for p in probs)
+    for u, shape in unused.items():
+      hint = (f" (a head: set model.{'vit' if ckpt == 'img' else 'text'}.head_dim)"
+              if u.startswith("head/") else "")
+      problems.append(f"  {ckpt}/{u}: in checkpoint, not in model {prefix} (checkpoint shape {shape}){hint}")
+    for name, leaf in got.items():
+      out_flat[f"{prefix}/{name}"] = leaf
+      if leaf is not tflat[name]:
+        loaded.append(f"{prefix}/{name}")
+
+  if "image_tower" not in root:
+    problems.append("  image_tower: not in model params")
+  elif not groups["img"]:
+    problems.append("  img/...: no image tower in checkpoint")
+  else:
+    load_tower("image_tower", "img", _convert_vit)
+  text_towers = [t for t in TWO_TOWER_TEXT_TOWERS if t in root]
+  if not text_towers:
+    problems.append(f"  {'/'.join(TWO_TOWER_TEXT_TOWERS)}: no text tower in model params")
+  elif not groups["txt"]:
+    problems.append("  txt/...: no text tower in checkpoint")
+  else:
+    for t in text_towers:
+      load_tower(t, "txt", _convert_text)
+  for ckpt, name in TWO_TOWER_SCALARS.items():
+    if name not in out_flat:
+      problems.append(f"  {name}: not in model params")
+      continue
+    tshape = _shape(out_flat[name])
+    if ckpt not in arrays:
+      if ckpt == "t" and name not in keep:
+        problems.append(f"  {name}: missing in checkpoint as {ckpt!r} (model shape {tshape})")
+      continue
+    value = np.asarray(arrays[ckpt])
+    if value.size != int(np.prod(tshape)):
+      problems.append(f"  {name}: checkpoint {ckpt!r} shape {value.shape} != model shape {tshape}")
+      continue
+    leaf = out_flat[name]
+    out_flat[name] = _rebox(leaf, value.reshape(tshape).astype(getattr(_value(leaf), "dtype", value.dtype)))
+    loaded.append(name)
+  if problems:
+    raise ValueError(f"Cannot load two-tower {what} (big_vision img/txt/t/b layout):\n" + "\n".join(problems))
+
+  identity = []
+  if identity_heads:
+    for head in IDENTITY_HEADS:
+      name = f"{head}/kernel"
+      if name in out_flat and len(set(_shape(out_flat[name]))) == 1:
+        leaf = out_flat[name]
+        eye = np.eye(_shape(leaf)[0], dtype=getattr(_value(leaf), "dtype", np.float32))
+        out_flat[name] = _rebox(leaf, eye)
+        identity.append(name)
+  done = set(loaded) | set(identity)
+  report = {"loaded": sorted(loaded), "identity": identity,
+            "kept_init": sorted(k for k in out_flat if k not in done)}
+  logging.info("two-tower %s: %d arrays loaded into %s; identity %s; kept at init: %s", what,
+               len(loaded), ["image_tower", *text_towers], identity, report["kept_init"])
+  return _nested(out_flat), report
+
+
+def load_two_tower_npz_into(params: Params, path: str | os.PathLike, **kw
+                            ) -> tuple[Params, dict[str, list[str]]]:
+  """Returns `load_two_tower(params, arrays of the local .npz at path, **kw)`."""
+  return load_two_tower(params, read_npz(path), what=os.fspath(path), **kw)

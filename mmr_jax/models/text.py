@@ -1,9 +1,12 @@
 """Text Transformer encoder (query tower and product text tower).
 
 Layout follows big_vision's `proj/image_text/text_transformer.py` (`Embed_0/embedding`,
-`pos_embedding`, `Encoder_0/encoderblock_{i}`, `Encoder_0/encoder_norm`) so LiT/SigLIP text
-towers load through `models/pretrained.py`. Unlike big_vision it masks padding (id 0) in
-attention and pooling, because catalogue texts vary from 3 to hundreds of tokens.
+`pos_embedding`, `Encoder_0/encoderblock_{i}`, `Encoder_0/encoder_norm`, `MAPHead_0`, `head`)
+so LiT/SigLIP text towers load through `models/pretrained.py`. Unlike big_vision it masks padding
+(id 0) in attention and pooling by default, because catalogue texts vary from 3 to hundreds of
+tokens. A tower initialised from SigLIP/LiT sets `pad_mask=False`, `pool="last"` and `head_dim`:
+those checkpoints attend to every position of a row padded with the eos id, and embed the last
+one through a `head` Dense (big_vision's `num_classes` / `out_dim`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from mmr_jax.models import vit
 
 Dtype = Any
 PAD_ID = 0
-POOL_TYPES = ("mean", "first")
+POOL_TYPES = ("mean", "first", "last", "map")
 
 
 def get_config(variant: str = "mu", *, vocab_size: int = 32_000, max_len: int = 64,
@@ -34,7 +37,9 @@ def get_config(variant: str = "mu", *, vocab_size: int = 32_000, max_len: int = 
   cfg = ml_collections.ConfigDict(dict(
       vocab_size=vocab_size, width=d["width"], depth=d["depth"], num_heads=d["num_heads"],
       mlp_ratio=d["mlp_ratio"], max_len=max_len,
-      pool="mean",           # "mean" over non-pad tokens | "first" token
+      pool="mean",           # "mean" over non-pad tokens | "first" | "last" token | "map" head
+      pad_mask=True,         # False: attend to and pool every position (big_vision/SigLIP)
+      head_dim=0,            # > 0: a `head` Dense (with bias) after pooling, as big_vision's
       dropout=0.0, remat=False, remat_policy="nothing_saveable", scan_layers=False,
       attention_impl="flax"))  # see vit.attention
   cfg.update(overrides)
@@ -50,6 +55,8 @@ class TextEncoder(nn.Module):
   mlp_ratio: float = 4.0
   max_len: int = 64
   pool: str = "mean"
+  pad_mask: bool = True
+  head_dim: int = 0
   dropout: float = 0.0
   remat: bool = False
   remat_policy: str = "nothing_saveable"
@@ -60,7 +67,10 @@ class TextEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, *, train=False):
-    """Returns (pooled [B, W], encoded tokens [B, L, W], mask [B, L] bool: id != 0)."""
+    """Returns (pooled [B, W or head_dim], encoded tokens [B, L, W], mask [B, L] bool).
+
+    The mask is `id != 0`, or all True when `pad_mask` is False.
+    """
     if self.pool not in POOL_TYPES:
       raise ValueError(f"text.pool={self.pool!r}; expected one of {POOL_TYPES}")
     if tokens.ndim != 2:
@@ -71,7 +81,7 @@ class TextEncoder(nn.Module):
     if length > self.max_len:
       raise ValueError(f"Token sequence length {length} exceeds text.max_len={self.max_len}; "
                        "raise max_len or truncate in the input pipeline")
-    mask = tokens != PAD_ID  # [B, L]
+    mask = tokens != PAD_ID if self.pad_mask else jnp.ones(tokens.shape, bool)  # [B, L]
     x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                  embedding_init=vit.logical(nn.initializers.normal(stddev=0.02),
                                             ("vocab", "embed")),
@@ -92,8 +102,17 @@ class TextEncoder(nn.Module):
                     dtype=self.dtype, param_dtype=self.param_dtype, name="Encoder_0")(x, attn_mask, not train)
     if self.pool == "mean":
       pooled = masked_mean(x, mask)
-    else:
+    elif self.pool == "first":
       pooled = x[:, 0]
+    elif self.pool == "last":
+      pooled = x[:, -1]  # The eos of big_vision's "sticky" tokenisation: the row's last position.
+    else:
+      pooled = vit.MAPHead(self.num_heads, int(round(self.width * self.mlp_ratio)), self.dtype,
+                           self.param_dtype, self.attention_impl, name="MAPHead_0")(x, attn_mask)
+    if self.head_dim:
+      pooled = nn.Dense(self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=vit.logical(nn.initializers.lecun_normal(), ("embed", None)),
+                        bias_init=vit.logical(nn.initializers.zeros, (None,)), name="head")(pooled)
     return pooled, x, mask
 
 

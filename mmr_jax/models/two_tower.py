@@ -198,7 +198,8 @@ class TwoTower(nn.Module):
       self.product_text_tower = text_lib.from_config(cfg.text, **kw)
     self.image_tower = vit_lib.from_config(cfg.vit, **kw)
     self.fusion = fusion_lib.from_config(cfg.fusion, gate=cfg.variant == "fusion", **kw)
-    self.heads = Heads(cfg.embed_dim, cfg.vit.width, param_dtype=kw["param_dtype"])
+    self.heads = Heads(cfg.embed_dim, cfg.vit.get("head_dim") or cfg.vit.width,
+                       param_dtype=kw["param_dtype"])
     # CLIP's 1/0.07 for softmax; SigLIP's t' = log 10, b = -10 for sigmoid (the bias makes
     # the many negatives start near p = 0, the imbalance SigLIP's paper discusses).
     scale_init = math.log(1 / 0.07) if cfg.contrastive == "softmax" else math.log(10.0)

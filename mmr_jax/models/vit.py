@@ -63,6 +63,7 @@ def get_config(variant: str = "mu/16", **overrides) -> ml_collections.ConfigDict
       **decode_variant(variant),
       posemb="learn",        # "learn" | "sincos2d"
       pool_type="tok",       # "tok" (class token) | "map" (attention pooling) | "gap"
+      head_dim=0,            # > 0: a `head` Dense (with bias) after pooling (big_vision's num_classes)
       dropout=0.0,
       remat=False,           # nn.remat each block (recompute activations in backward)
       remat_policy="nothing_saveable",
@@ -333,6 +334,7 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   posemb: str = "learn"
   pool_type: str = "tok"
+  head_dim: int = 0
   dropout: float = 0.0
   remat: bool = False
   remat_policy: str = "nothing_saveable"
@@ -390,6 +392,10 @@ class ViT(nn.Module):
       tokens = x
     else:
       pooled, tokens = jnp.mean(x, axis=1), x
+    if self.head_dim:
+      pooled = nn.Dense(self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=logical(nn.initializers.lecun_normal(), ("embed", None)),
+                        bias_init=logical(nn.initializers.zeros, (None,)), name="head")(pooled)
     return pooled, tokens
 
 
