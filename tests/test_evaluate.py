@@ -62,6 +62,23 @@ def test_evaluate_workdir_writes_reports(tiny_workdir, tiny_data):
   idx = index_lib.ScannIndex.load(str(wd / "index"))
   got, _ = idx.search(emb[:3], 1)
   np.testing.assert_array_equal(got[:, 0], [0, 1, 2])  # each product is its own nearest neighbour
+  # The reported numbers are the model's: re-embed the test queries, search the saved product embeddings
+  # exactly and score with the labels; BM25's are keyword.BM25's on the catalogue text.
+  from mmr_jax import inference, keyword, metrics  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  tm = inference.load_trained(tiny_workdir, tiny_data)
+  q = evaluate.load_queries(tiny_data, "test")
+  q_emb, _ = evaluate.embed_table(tm.embed_queries, pipeline.make_eval_iterator(tiny_data, "queries", "test",
+                                                                                 tm.config.data, 8))
+  ranked, _ = index_lib.exact_search(q_emb, emb, 100)
+  want = metrics.compute_metrics(ranked, q["labels"])
+  for k in ("recall@10", "recall@100", "ndcg@10", "mrr"):
+    assert saved["splits"]["test"]["exact"][k] == pytest.approx(want[k], abs=1e-6), k
+  _, texts = evaluate.load_products(tiny_data)
+  bm25_ranked, _ = keyword.BM25(texts).search(q["text"], 100)
+  assert saved["splits"]["test"]["bm25"]["overall"]["ndcg@10"] == pytest.approx(
+      metrics.compute_metrics(bm25_ranked, q["labels"])["ndcg@10"])
+  assert saved["splits"]["test"]["bm25"]["overall"]["ndcg@10"] > 0.2  # keyword search finds the products
 
 
 def test_evaluate_cli_help():
