@@ -35,8 +35,6 @@ import yaml
 
 from launch import common
 
-HEREDOC = "MMR_MANIFEST_EOF"
-
 
 def jobset_manifest(*, name: str, slice_: common.TpuSlice, image: str, command: Sequence[str], num_slices: int = 1,
                     env: dict[str, str] | None = None, container_dir: str = "/app", max_restarts: int = 0,
@@ -96,6 +94,11 @@ def jobset_manifest(*, name: str, slice_: common.TpuSlice, image: str, command: 
           }],
       },
   }
+
+
+def apply_stdin_command(text: str) -> str:
+  """Returns shell text piping `text` into `kubectl apply -f -` as one quoted word (no heredoc to end early)."""
+  return f"printf '%s' {shlex.quote(text)} | kubectl apply -f -"
 
 
 def manifest_yaml(manifest: dict) -> str:
@@ -171,7 +174,7 @@ def job_commands(args, *, name: str, config: str, workdir: str, overrides) -> li
                         num_slices=args.num_slices, env=common.parse_env(args.env), zone=args.zone,
                         project=args.project, container_dir=args.container_dir)]
   text = manifest_yaml(job_manifest(args, name=name, config=config, workdir=workdir, overrides=overrides))
-  return [f"kubectl apply -f - <<'{HEREDOC}'\n{text}{HEREDOC}"]
+  return [apply_stdin_command(text)]
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -199,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.dry_run:
     sys.stdout.write(text)
     if args.submit:
-      print("---\n# would run: " + (shlex.join(apply) if args.out else f"kubectl apply -f - <<'{HEREDOC}' ..."))
+      print("---\n# would run: " + (shlex.join(apply) if args.out else "kubectl apply -f - (the manifest above)"))
     return 0
   if args.out:
     with open(args.out, "w") as f:
@@ -211,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   if args.out:
     return common.run_commands([apply], dry_run=False)
-  return common.run_commands([f"kubectl apply -f - <<'{HEREDOC}'\n{text}{HEREDOC}"], dry_run=False)
+  return common.run_commands([apply_stdin_command(text)], dry_run=False)
 
 
 if __name__ == "__main__":

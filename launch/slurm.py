@@ -29,11 +29,13 @@ from collections.abc import Sequence
 
 from launch import common
 
-HEREDOC = "MMR_SBATCH_EOF"
 
 
 def _sbatch_quote(flag: str) -> str:
   """Returns `--name=value` as sbatch reads it from a #SBATCH line: a value with spaces double-quoted."""
+  if re.search(r"[\x00-\x1f\x7f]", flag):
+    # A newline would end the #SBATCH comment and run the rest as shell on the node.
+    raise common.LaunchError(f"#SBATCH {flag!r}: values may not contain newlines or other control characters")
   name, eq, value = flag.partition("=")
   if not eq or not re.search(r"\s", value):
     return flag
@@ -143,11 +145,12 @@ def job_script(args, *, name: str, config: str, workdir: str, overrides) -> str:
 
 
 def job_commands(args, *, name: str, config: str, workdir: str, overrides) -> list[common.Command]:
-  """Returns the command submitting one job: sbatch reading the script from a heredoc."""
+  """Returns the command submitting one job: the script piped into sbatch as one shell-quoted word."""
   script = job_script(args, name=name, config=config, workdir=workdir, overrides=overrides)
   # sbatch does not create the output file's folder: a missing one loses the job's whole log.
   mkdir = f"mkdir -p {shlex.quote(args.log_dir)} && " if args.log_dir else ""
-  return [f"{mkdir}sbatch <<'{HEREDOC}'\n{script}{HEREDOC}"]
+  # Not a heredoc: a value holding the terminator line would end it and run the rest here.
+  return [f"{mkdir}printf '%s' {shlex.quote(script)} | sbatch"]
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -83,6 +84,16 @@ def fakes(tmp_path, monkeypatch):
   cfg = _write(tmp_path / "cfgs" / "fake.py", FAKE_CONFIG)
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(mods), REPO]))
   return {"mods": mods, "config": str(cfg)}
+
+
+def _piped_documents(printed, consumer):
+  """Returns the texts a printed sweep pipes into `consumer` (`printf '%s' TEXT | consumer` per point)."""
+  docs = []
+  for block in re.split(r"^# \[\d+/\d+\] .*$", printed, flags=re.M)[1:]:
+    words = shlex.split(block)
+    if words[:2] == ["printf", "%s"] and " ".join(words[4:]) == consumer and words[3] == "|":
+      docs.append(words[2])
+  return docs
 
 
 def _calls(workdir):
@@ -290,19 +301,19 @@ def test_sweep_cluster_backends_emit_one_job_per_point(fake_repo, capsys):
   assert sweep.main(base + ["--workdir", "gs://bkt/sw", "--backend", "gke", "--accelerator", "v4-32",
                             "--image", "img:1"]) == 0
   out = capsys.readouterr().out
-  docs = [d for d in out.split("MMR_MANIFEST_EOF") if "kind: JobSet" in d]
+  docs = _piped_documents(out, "kubectl apply -f -")
   assert len(docs) == 5
-  manifest = yaml.safe_load(docs[0].split("\n", 1)[1])
+  manifest = yaml.safe_load(docs[0])
   assert manifest["metadata"]["name"].startswith("variant-a-lr-0-1")
   # The same point of another sweep root gets another JobSet name.
   assert sweep.main(base + ["--workdir", "gs://bkt/sw2", "--backend", "gke", "--accelerator", "v4-32",
                             "--image", "img:1"]) == 0
-  other = [d for d in capsys.readouterr().out.split("MMR_MANIFEST_EOF") if "kind: JobSet" in d]
-  assert yaml.safe_load(other[0].split("\n", 1)[1])["metadata"]["name"] != manifest["metadata"]["name"]
+  other = _piped_documents(capsys.readouterr().out, "kubectl apply -f -")
+  assert yaml.safe_load(other[0])["metadata"]["name"] != manifest["metadata"]["name"]
 
   assert sweep.main(base + ["--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "2"]) == 0
   out = capsys.readouterr().out
-  assert out.count("sbatch <<'MMR_SBATCH_EOF'") == 5 and "#SBATCH --job-name=bad" in out
+  assert len(_piped_documents(out, "sbatch")) == 5 and "#SBATCH --job-name=bad" in out
   # Each job evaluates after training (its metrics.json marks the point done); --python reaches the job.
   assert out.count(" --evaluate") == 5 and ssh[0].count("--evaluate") == 1
   assert sweep.main(base + ["--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "2", "--no_eval",
@@ -557,12 +568,11 @@ def test_slurm_script_2_nodes_8_gpus(capsys):
   args = args.parse_args(["--nodes", "1", "--log_dir", "/shared/my logs"])
   args.train_module = common.TRAIN_MODULE
   (cmd,) = slurm.job_commands(args, name="p", config="c.py", workdir="/w", overrides={})
-  assert cmd.startswith("mkdir -p '/shared/my logs' && sbatch <<")
+  assert cmd.startswith("mkdir -p '/shared/my logs' && printf ") and cmd.endswith(" | sbatch")
 
 
-def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
-  """Runs the generated script with scontrol/srun stand-ins: coordinator, ranks and overrides reach the trainer."""
-  bin_dir = tmp_path / "bin"
+def _fake_slurm(bin_dir):
+  """scontrol and srun stand-ins on `bin_dir`: srun starts SLURM_NTASKS local tasks with their ranks."""
   # A big job's node list is long: the tail makes a reader that exits after the first line (`head -n 1`)
   # fail the script with SIGPIPE under `set -o pipefail` every time, not only when the race goes badly.
   _write(bin_dir / "scontrol", """
@@ -579,6 +589,12 @@ def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
       done
       rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
       """, executable=True)
+
+
+def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
+  """Runs the generated script with scontrol/srun stand-ins: coordinator, ranks and overrides reach the trainer."""
+  bin_dir = tmp_path / "bin"
+  _fake_slurm(bin_dir)
   script_path = tmp_path / "job.sbatch"
   wd = str(tmp_path / "shared" / "run")
   assert slurm.main(["--nodes", "2", "--config", fakes["config"] + ":x", "--workdir", wd, "--train_module",
@@ -594,6 +610,47 @@ def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
     assert c["env"]["MMR_COORDINATOR_ADDRESS"] == f"gpu-node-07:{20000 + 123456 % 20000}"
     assert c["env"]["MMR_NUM_PROCESSES"] == "2" and c["env"]["FAKE_Y"] == "a b"
     assert "--config.optim.lr=0.5" in c["argv"] and "--config=cfgs/fake.py:x" in c["argv"]  # relative to --repo
+
+
+# Values that would run as shell if any layer left them unquoted: the old heredoc terminator on a line
+# of its own, command substitution, backticks, quotes and a `;`.
+HOSTILE = ["x\nMMR_SBATCH_EOF\ntouch {p}/heredoc\n", "$(touch {p}/subst)", "`touch {p}/backtick`",
+           "a'b\"c; touch {p}/semi", "line1\nline2 $HOME \\ end"]
+
+
+def test_slurm_hostile_values_reach_the_trainer_verbatim(fakes, tmp_path, monkeypatch):
+  """Submitting (sbatch stand-in) and running the job (srun stand-in) never executes an override or --env value."""
+  pwned = tmp_path / "pwned"
+  pwned.mkdir()
+  values = [v.format(p=pwned) for v in HOSTILE]
+  bin_dir = tmp_path / "bin"
+  _fake_slurm(bin_dir)
+  _write(bin_dir / "sbatch", """
+      #!/bin/bash
+      cat > "$SBATCH_SCRIPT"
+      bash "$SBATCH_SCRIPT"
+      """, executable=True)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  for k, v in dict(SBATCH_SCRIPT=str(tmp_path / "job.sh"), SLURM_JOB_NODELIST="n1", SLURM_NTASKS="1",
+                   SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="1").items():
+    monkeypatch.setenv(k, v)
+  parser = common.make_parser(None)
+  slurm.add_backend_args(parser)
+  wd = str(tmp_path / "run")
+  for i, value in enumerate(values):
+    args = parser.parse_args(["--nodes", "1", "--gpus_per_node", "0", "--python", PY, "--repo", str(tmp_path),
+                              "--env", f"FAKE_V={value}"])
+    args.train_module, args.evaluate = "fake_train", False
+    (cmd,) = slurm.job_commands(args, name="p", config=fakes["config"], workdir=wd, overrides={"data.dir": value})
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    call = _calls(wd)[i]
+    assert f"--config.data.dir={value}" in call["argv"] and call["env"]["FAKE_V"] == value
+  assert not list(pwned.iterdir())
+  # A newline in an #SBATCH value would end the comment line and run the rest on the node.
+  with pytest.raises(common.LaunchError, match="newlines"):
+    slurm.main(["--nodes", "1", "--partition", f"gpu\ntouch {pwned}/sbatch", "--config", fakes["config"],
+                "--workdir", wd, "--dry-run"])
 
 
 # ----------------------------------------------------------------------------------- multiprocess
