@@ -45,16 +45,20 @@ def split_config_ref(ref: str) -> tuple[str, str | None]:
   return path, (arg if sep else None)
 
 
+def _make_repo_importable():
+  # Configs import helpers such as `from launch.sweep import product`: make the repo importable.
+  for p in (str(REPO_ROOT), os.getcwd()):
+    if p not in sys.path:
+      sys.path.insert(0, p)
+
+
 def load_config_module(ref: str):
   """Returns the imported Python module of a config ref ("configs/x.py:arg" or a path)."""
   path, _ = split_config_ref(ref)
   file = Path(path)
   if not file.is_file():
     raise LaunchError(f"--config: no such config file {path!r} (from {ref!r})")
-  # Configs import helpers such as `from launch.sweep import product`: make the repo importable.
-  for p in (str(REPO_ROOT), os.getcwd()):
-    if p not in sys.path:
-      sys.path.insert(0, p)
+  _make_repo_importable()
   name = "_mmr_launch_config_" + re.sub(r"\W", "_", str(file.resolve()))
   spec = importlib.util.spec_from_file_location(name, file)
   module = importlib.util.module_from_spec(spec)
@@ -80,6 +84,40 @@ def repo_relative_config(ref: str, repo_root: Path | None = None, *, shared_fs: 
                           "get the repository, so move the config under configs/") from None
       path = str(p.resolve())
   return path if arg is None else f"{path}:{arg}"
+
+
+def build_config(ref: str, overrides: Mapping[str, Any] = ()):
+  """Returns the locked ConfigDict the trainer builds from `ref` and `overrides`, parsed the trainer's way.
+
+  Nothing is read from the config's DATA_DIR (the vocabulary size stays unresolved), so a submitting
+  machine that cannot reach the data still catches a mistyped key or value before any job is queued.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  path, _ = split_config_ref(ref)
+  if not Path(path).is_file():
+    raise LaunchError(f"--config: no such config file {path!r} (from {ref!r})")
+  _make_repo_importable()
+  given = override_flags(dict(overrides))
+  argv = ["mmr_jax.train", f"--config={ref}", *given]
+  # A private FlagValues: the same parsing as `python -m mmr_jax.train`, without touching absl's global flags.
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv)
+  try:
+    fv(argv)
+  except (AttributeError, KeyError) as e:
+    # ml_collections' message is a repr: escaped quotes and newlines.
+    msg = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+    msg = msg.strip("'\" ")
+    part = msg.split()[0].strip("'\"") if msg else ""
+    bad = next((g.split("=", 1)[0] for g in given if part in g.split("=", 1)[0][len("--config."):].split(".")), None)
+    if bad is None:  # an unknown `configs/x.py:key=value` argument names itself
+      raise LaunchError(f"--config {ref!r}: {msg}") from None
+    hint = msg[msg.index("Did you mean"):] if "Did you mean" in msg else f"(unknown: {part!r})"
+    raise LaunchError(f"{bad} names no config key. {hint}") from None
+  except (flags.Error, ValueError, TypeError) as e:
+    raise LaunchError(f"--config {ref!r}: {e}") from None
+  return fv.config
 
 
 # -------------------------------------------------------------------------------------- overrides
@@ -416,6 +454,45 @@ def tpu_slice(accelerator_type: str, topology: str | None = None) -> TpuSlice:
     hosts, per_host = chips // chips_per_host, chips_per_host
   machine = f"{gke_machine}-{per_host}t" if gke_machine else None
   return TpuSlice(f"{gen}-{count}", gen, chips, hosts, per_host, topology, runtime, gke_acc, machine)
+
+
+GiB = 1024**3
+# Ahead-of-time compilation targets (tools/aot_compile.py): generation -> (libtpu topology prefix, chip
+#   config, HBM per device). One JAX device per chip on all four: v4 and v5p chips run their two
+#   TensorCores as one "megacore" device, v5e and v6e chips have one TensorCore. HBM per chip from
+#   Google's TPU system-architecture pages: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB (the compiler
+#   keeps a little for itself: it reports 30.75 GiB usable on v4).
+TPU_AOT = {
+    "v4": ("v4", "megacore", 32 * GiB),
+    "v5p": ("v5", "megacore", 95 * GiB),
+    "v5litepod": ("v5e", "default", 16 * GiB),
+    "v6e": ("v6e", "default", 32 * GiB),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+  """What `jax.experimental.topologies.get_topology_desc` needs to compile for a slice without a TPU."""
+  slice_: TpuSlice
+  topology_name: str  # e.g. "v4:2x2x4"
+  chip_config_name: str
+  chips_per_host_bounds: tuple[int, int, int]
+  hbm_bytes_per_device: int
+
+
+def tpu_target(accelerator_type: str, topology: str | None = None) -> TpuTarget:
+  """Returns the TpuTarget of an accelerator type, e.g. v4-32 -> 16 megacore devices on "v4:2x2x4"."""
+  sl = tpu_slice(accelerator_type, topology)
+  if sl.generation not in TPU_AOT:
+    raise LaunchError(f"--topology {accelerator_type!r}: ahead-of-time compilation knows "
+                      f"{', '.join(sorted(TPU_AOT))} (v5e is v5litepod), not {sl.generation}")
+  prefix, chip_config, hbm = TPU_AOT[sl.generation]
+  dims = [int(d) for d in sl.topology.split("x")]
+  # A host holds a 2x2 block of chips (v5e/v6e single-host slices of 8: 2x4); smaller slices are one host.
+  per_host = [min(d, b) for d, b in zip(dims + [1] * (3 - len(dims)), (2, 2, 1))]
+  if sl.hosts == 1:
+    per_host = dims + [1] * (3 - len(dims))
+  return TpuTarget(sl, f"{prefix}:{sl.topology}", chip_config, tuple(per_host), hbm)
 
 
 def _prod(xs) -> int:

@@ -191,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if common.k8s_name(args.name) != args.name:
     parser.error(f"--name {args.name!r} is not a Kubernetes name (lowercase letters, digits and '-', starting with a "
                  f"letter, at most 40 characters so pod names fit); e.g. {common.k8s_name(args.name)!r}")
+  # Built here first: a mistyped key fails now, not in every pod of the slice.
+  common.build_config(args.config, args.overrides)
   if args.xpk:
     cmds = job_commands(args, name=args.name, config=args.config, workdir=args.workdir, overrides=args.overrides)
     if args.dry_run or not args.submit:

@@ -164,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", default=None, help="write the script here (default: stdout, or a temp name with --submit)")
   parser.add_argument("--submit", action="store_true", help="run sbatch on the script")
   args = common.parse_with_overrides(parser, argv)
+  common.build_config(args.config, args.overrides)  # a mistyped key fails here, not after the queue
   script = job_script(args, name=args.job_name, config=args.config, workdir=args.workdir, overrides=args.overrides)
   path = args.out or (f"{args.job_name}.sbatch" if args.submit else None)
   if args.dry_run:

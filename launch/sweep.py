@@ -560,6 +560,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise common.LaunchError(f"--only {args.only!r} matches no point of the sweep")
   # Only the points that run need their placeholders filled; any run of the sweep may be named.
   points = resolve(points, args.workdir, common.parse_env(args.var), [p.name for p in all_points])
+  # Every point's config is built here first: a mistyped key would otherwise fail N jobs, one by one, on the cluster.
+  for p in points:
+    try:
+      common.build_config(args.config, {**p.overrides, **overrides})
+    except common.LaunchError as e:
+      raise common.LaunchError(f"sweep point {p.name!r}: {e}") from None
   check_done = not common.is_remote_path(args.workdir) or args.check_remote
 
   args.python = args.python or sys.executable

@@ -294,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmds = [ssh_command(args, n, shlex.join(remote), worker=args.worker)
             for n in node_names(args.tpu, args.num_slices)]
     return common.run_commands(cmds, dry_run=args.dry_run)
-  # run
+  # run: the config is built here first, so a mistyped key fails now, not on every worker.
+  common.build_config(args.config, args.overrides)
   cmds = run_commands_for(args, name=args.name, config=args.config, workdir=args.workdir, overrides=args.overrides,
                           background=args.background)
   if args.dry_run or len(cmds) == 1 or args.background:

@@ -25,11 +25,15 @@ from launch import common, gke, local, multiprocess, slurm, sweep, tpu_pod
 REPO = str(common.REPO_ROOT)
 PY = sys.executable
 
+# Launchers build the config locally before submitting (a mistyped key fails there, once), so it has the keys
+# the tests override; it reads no data.
 FAKE_CONFIG = """
+import ml_collections
 from launch.sweep import cross, product, zip_
 
 def get_config(arg=None):
-  raise RuntimeError("the launcher must not build the config")
+  return ml_collections.ConfigDict({"model": {"variant": "a"}, "optim": {"lr": 0.1}, "train": {"steps": 1},
+                                    "data": {"dir": ""}})
 
 def get_sweep(arg=None):
   pts = cross(product({"model.variant": ["a", "b"]}), zip_({"optim.lr": [0.1, 0.01]}))
@@ -356,6 +360,46 @@ def test_sweep_submits_each_point_through_sbatch(fake_repo, tmp_path, monkeypatc
   assert len(re.findall(r"\n  variant=\S+ +ok ", out)) == 4
 
 
+def test_mistyped_config_key_fails_before_any_job_is_submitted(fake_repo, tmp_path, monkeypatch, capsys):
+  """A typo in a --config.key (or in one sweep point) stops the launcher once, locally; nothing is submitted."""
+  bin_dir, log = tmp_path / "bin", tmp_path / "submitted"
+  _write(bin_dir / "sbatch", f"""
+      #!/bin/bash
+      echo job >> {log}
+      """, executable=True)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  base = ["--config", "configs/fake.py:x", "--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "2", "--submit"]
+  with pytest.raises(common.LaunchError, match=r"--config.optim.lrr names no config key. Did you mean \"lr\""):
+    sweep.main(base + ["--config.optim.lrr=0.1"])
+  with pytest.raises(common.LaunchError, match="train.steps=many"):
+    sweep.main(base + ["--config.train.steps=many"])
+  _write(fake_repo / "configs" / "typo.py", FAKE_CONFIG + """
+def get_sweep(arg=None):
+  return [{"name": "ok", "optim.lr": 0.1}, {"name": "typo", "model.varient": "b"}]
+""")
+  with pytest.raises(common.LaunchError, match="sweep point 'typo': --config.model.varient names no config key"):
+    sweep.main(["--config", "configs/typo.py"] + base[2:])
+  assert not log.exists()
+  with pytest.raises(common.LaunchError, match="--config.train.stpes names no config key"):
+    gke.main(["--name", "m", "--accelerator", "v4-32", "--image", "i", "--config", "configs/fake.py",
+              "--workdir", "gs://b/r", "--config.train.stpes=5", "--dry-run"])
+  with pytest.raises(common.LaunchError, match="--config.train.stpes names no config key"):
+    tpu_pod.main(["run", "--tpu", "t", "--zone", "z", "--config", "configs/fake.py", "--workdir", "gs://b/r",
+                  "--config.train.stpes=5", "--dry-run"])
+  with pytest.raises(common.LaunchError, match="--config.train.stpes names no config key"):
+    slurm.main(["--nodes", "1", "--config", "configs/fake.py", "--workdir", "/w", "--config.train.stpes=5",
+                "--dry-run"])
+  capsys.readouterr()
+
+
+def test_launcher_builds_the_real_config_without_reading_its_data(capsys):
+  """The pod config names an unreachable bucket as DATA_DIR: building it locally must not read it."""
+  assert gke.main(["--name", "m", "--accelerator", "v4-32", "--image", "i", "--config",
+                   "configs/vit_b16_pod.py:stage=2,data=gs://no-such-bucket-here/data", "--workdir", "gs://b/r",
+                   "--config.optim.lr=0.001", "--dry-run"]) == 0
+  assert "kind: JobSet" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------ TPU pods
 
 
@@ -376,7 +420,7 @@ def test_tpu_pod_dry_run_v4_32(capsys):
                  "exec env MMR_DISTRIBUTED=auto FOO=1 .venv/bin/python -m mmr_jax.train --config=configs/demo.py:stage=1 "
                  "--workdir=gs://bkt/mmr/s1 --config.train.steps=10'")
   # A worker's local disk is not shared: refuse it.
-  assert common.main_guard(tpu_pod.main, ["run", "--tpu", "mmr", "--zone", "z", "--config", "c.py",
+  assert common.main_guard(tpu_pod.main, ["run", "--tpu", "mmr", "--zone", "z", "--config", "configs/demo.py",
                                           "--workdir", "/tmp/x", "--dry-run"]) == 2
   assert "gs://" in capsys.readouterr().err
 
