@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -200,6 +201,60 @@ def parse_env(items: Sequence[str] | None) -> dict[str, str]:
   return env
 
 
+# Environment names whose values are secrets: masked wherever a launcher prints, kept out of written files.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.I)
+MASK = "***"
+
+
+def add_secret_args(parser: argparse.ArgumentParser):
+  """Adds --secret_env and --env_file (what every cluster launcher offers for secrets)."""
+  parser.add_argument("--secret_env", action="append", default=[], metavar="NAME",
+                      help="treat --env NAME as a secret (names matching TOKEN|SECRET|KEY|PASSWORD|CREDENTIAL "
+                           "already are): masked in printed commands, never written into a script or manifest")
+  parser.add_argument("--env_file", default=None, metavar="PATH",
+                      help="NAME=VALUE lines, read at submit time and loaded on the nodes instead of being inlined")
+
+
+def is_secret(name: str, args=None) -> bool:
+  """Returns True when env var `name` holds a secret (by its name, or named with --secret_env)."""
+  return bool(SECRET_NAME.search(name)) or name in (getattr(args, "secret_env", None) or ())
+
+
+def split_secret_env(args) -> tuple[dict[str, str], dict[str, str]]:
+  """Returns (plain, secret) from a launcher's --env flags."""
+  env = parse_env(getattr(args, "env", None))
+  secret = {k: v for k, v in env.items() if is_secret(k, args)}
+  return {k: v for k, v in env.items() if k not in secret}, secret
+
+
+def mask_text(text: str, secrets) -> str:
+  """Returns `text` with every secret value (also as shell quoting splits it at single quotes) replaced by ***."""
+  for v in sorted((v for v in secrets if v), key=len, reverse=True):
+    text = text.replace(v, MASK)
+    for part in v.split("'"):
+      if len(part) >= 4:
+        text = text.replace(part, MASK)
+  return text
+
+
+def read_env_file(path: str) -> dict[str, str]:
+  """Returns {NAME: VALUE} of an env file (NAME=VALUE lines; blank lines, # comments and `export ` allowed)."""
+  try:
+    lines = Path(path).read_text().splitlines()
+  except OSError as e:
+    raise LaunchError(f"--env_file {path!r}: {e.strerror or e}") from None
+  out = {}
+  for i, line in enumerate(lines, 1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    k, sep, v = line.removeprefix("export ").partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*", k.strip()):
+      raise LaunchError(f"--env_file {path}:{i}: expected NAME=VALUE")
+    out[k.strip()] = v
+  return out
+
+
 def is_remote_path(path: str) -> bool:
   """Returns True for URLs such as gs://bucket/dir (what every host of a pod can reach)."""
   return "://" in str(path)
@@ -213,11 +268,12 @@ def require_bucket(workdir: str, allow_local: bool, flag: str = "--workdir"):
 
 
 def run_commands(cmds: Sequence[Command], *, dry_run: bool, out: TextIO | None = None, env=None,
-                 cwd=None) -> int:
-  """Returns the first non-zero exit code (0 if all succeed); prints each command, runs it unless dry_run."""
+                 cwd=None, secrets=()) -> int:
+  """Returns the first non-zero exit code (0 if all succeed); prints each command (`secrets` masked), runs it
+  unless dry_run."""
   out = out or sys.stdout
   for cmd in cmds:
-    print(("" if dry_run else "+ ") + shell_text(cmd), file=out, flush=True)
+    print(("" if dry_run else "+ ") + mask_text(shell_text(cmd), secrets), file=out, flush=True)
     if dry_run:
       continue
     argv = ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
@@ -227,7 +283,8 @@ def run_commands(cmds: Sequence[Command], *, dry_run: bool, out: TextIO | None =
       print(f"[launch] cannot run {argv[0]!r}: {e}", file=sys.stderr)
       return 127
     if rc != 0:
-      print(f"[launch] command failed with exit code {rc}: {shell_text(cmd)[:300]}", file=sys.stderr)
+      print(f"[launch] command failed with exit code {rc}: {mask_text(shell_text(cmd), secrets)[:300]}",
+            file=sys.stderr)
       return rc
   return 0
 
@@ -493,6 +550,38 @@ def tpu_target(accelerator_type: str, topology: str | None = None) -> TpuTarget:
   if sl.hosts == 1:
     per_host = dims + [1] * (3 - len(dims))
   return TpuTarget(sl, f"{prefix}:{sl.topology}", chip_config, tuple(per_host), hbm)
+
+
+AOT_TOOL = REPO_ROOT / "tools" / "aot_compile.py"
+
+
+def aot_check(config: str, overrides: Mapping[str, Any], accelerator: str, *, topology: str | None = None,
+              num_slices: int = 1, python: str = sys.executable) -> dict:
+  """Returns tools/aot_compile.py's report for the job; raises LaunchError unless its step fits the slice.
+
+  Runs in a subprocess: the compile needs libtpu and JAX on the CPU platform, which the launcher's own
+  process should not pin.
+  """
+  cmd = [python, str(AOT_TOOL), f"--config={config}", f"--topology={accelerator}", f"--num_slices={num_slices}",
+         *([f"--chip_topology={topology}"] if topology else []), *override_flags(dict(overrides))]
+  print(f"[aot_check] compiling the train step for {accelerator} on this machine (minutes for a large model)",
+        file=sys.stderr, flush=True)
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.getcwd())
+  try:
+    report = json.loads(r.stdout)
+  except ValueError:
+    tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    raise LaunchError(f"--aot_check: tools/aot_compile.py failed (exit code {r.returncode}): {tail}") from None
+  need = report.get("per_device_bytes", {})
+  need = need.get("total", need.get("temp", 0))
+  summary = (f"{need / GiB:.2f} GiB per device of {report['hbm_bytes_per_device'] / GiB:.2f} GiB HBM on "
+             f"{report['devices']} {report.get('device_kind', 'TPU')} devices")
+  if not report.get("fits"):
+    raise LaunchError(f"--aot_check: the train step does not fit {accelerator}: {summary}"
+                      + (f" ({report['error']})" if report.get("error") else "") +
+                      "; lower data.batch_size, turn on model.*.remat, or take a larger slice")
+  print(f"[aot_check] fits: {summary} (compiled in {report.get('compile_s', '?')} s)", file=sys.stderr, flush=True)
+  return report
 
 
 def _prod(xs) -> int:

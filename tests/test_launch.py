@@ -400,6 +400,37 @@ def test_launcher_builds_the_real_config_without_reading_its_data(capsys):
   assert "kind: JobSet" in capsys.readouterr().out
 
 
+# Stands in for tools/aot_compile.py (the real compile: tests/test_aot_compile.py): fits unless the batch is huge.
+FAKE_AOT = r"""
+import json, sys
+big = any(a.startswith("--config.data.batch_size=") and int(a.split("=")[1]) > 10000 for a in sys.argv)
+print(json.dumps({"topology": "v4-32", "devices": 16, "device_kind": "TPU v4", "fits": not big,
+                  "per_device_bytes": {"total": (800 if big else 10) * 2**30}, "hbm_bytes_per_device": 32 * 2**30}))
+sys.exit(1 if big else 0)
+"""
+
+
+def test_aot_check_refuses_to_submit_a_step_that_does_not_fit(fake_repo, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(common, "AOT_TOOL", _write(tmp_path / "aot.py", FAKE_AOT))
+  gke_argv = ["--name", "m", "--accelerator", "v4-32", "--image", "i", "--config", "configs/fake.py",
+              "--workdir", "gs://b/r", "--aot_check", "--dry-run"]
+  assert gke.main(gke_argv) == 0
+  assert "kind: JobSet" in capsys.readouterr().out
+  _write(fake_repo / "configs" / "big.py", FAKE_CONFIG.replace('"data": {"dir": ""}', '"data": {"dir": "", "batch_size": 8}'))
+  big = ["--config", "configs/big.py", "--config.data.batch_size=32768"]
+  with pytest.raises(common.LaunchError, match=r"does not fit v4-32: 800.00 GiB per device of 32.00 GiB"):
+    gke.main(gke_argv[:6] + big + gke_argv[8:])
+  with pytest.raises(common.LaunchError, match="does not fit"):
+    tpu_pod.main(["run", "--tpu", "t", "--zone", "z", "--accelerator", "v4-32", "--aot_check", "--workdir",
+                  "gs://b/r", "--dry-run"] + big)
+  with pytest.raises(SystemExit):  # run --aot_check without the slice type
+    tpu_pod.main(["run", "--tpu", "t", "--zone", "z", "--aot_check", "--workdir", "gs://b/r", "--dry-run"] + big)
+  with pytest.raises(common.LaunchError, match="sweep point 'variant=a,lr=0.1': --aot_check: the train step does not"):
+    sweep.main(["--config", "configs/big.py:x", "--workdir", "gs://b/sw", "--backend", "gke", "--accelerator", "v4-32",
+                "--image", "i", "--aot_check", "--config.data.batch_size=32768", "--submit"])
+  capsys.readouterr()
+
+
 # ------------------------------------------------------------------------------------------ TPU pods
 
 
@@ -695,6 +726,54 @@ def test_slurm_hostile_values_reach_the_trainer_verbatim(fakes, tmp_path, monkey
   with pytest.raises(common.LaunchError, match="newlines"):
     slurm.main(["--nodes", "1", "--partition", f"gpu\ntouch {pwned}/sbatch", "--config", fakes["config"],
                 "--workdir", wd, "--dry-run"])
+
+
+def test_secrets_are_masked_and_never_written(fakes, fake_repo, tmp_path, monkeypatch, capsys):
+  secret, other = "s3cr3t-'tok$en", "hunter2-pass"
+  base = ["--config", "configs/fake.py", "--config.train.steps=2"]
+  # TPU pods: the value rides in the ssh command; every printed form masks it.
+  assert tpu_pod.main(["run", "--tpu", "t", "--zone", "z", "--workdir", "gs://b/r", "--env", f"HF_TOKEN={secret}",
+                       "--env", f"MINE={other}", "--secret_env", "MINE", "--env", "PLAIN=visible", "--dry-run"]
+                      + base) == 0
+  out = capsys.readouterr().out
+  assert "HF_TOKEN=***" in out and "MINE=***" in out and "PLAIN=visible" in out
+  assert "s3cr3t" not in out and "tok$en" not in out and other not in out
+  # GKE: a secret --env would sit in the manifest: refused; Kubernetes secrets and env files are referenced.
+  gke_argv = ["--name", "m", "--accelerator", "v4-32", "--image", "i", "--workdir", "gs://b/r", *base]
+  with pytest.raises(common.LaunchError, match="--env HF_TOKEN=... is a secret"):
+    gke.main(gke_argv + ["--env", f"HF_TOKEN={secret}", "--dry-run"])
+  env_file = _write(tmp_path / "job.env", f"# comment\nexport DB_PASSWORD={other}\nX=1\n")
+  assert gke.main(gke_argv + ["--k8s_secret", "HF_TOKEN=hf:token", "--env_file", str(env_file), "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  c = yaml.safe_load(out)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
+  assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in c["env"]
+  assert c["envFrom"] == [{"secretRef": {"name": "m-env"}}] and other not in out
+  parser = common.make_parser(None)
+  gke.add_backend_args(parser)
+  args, _ = parser.parse_known_args(gke_argv + ["--env_file", str(env_file)])
+  args.train_module, args.evaluate = common.TRAIN_MODULE, False
+  (create, apply) = gke.job_commands(args, name="m", config="configs/fake.py", workdir="gs://b/r", overrides={})
+  assert create.startswith("kubectl create secret generic m-env --from-env-file=") and other not in apply
+  with pytest.raises(common.LaunchError, match="job.env:1: expected NAME=VALUE"):
+    _write(tmp_path / "job.env", "not a line\n")
+    gke.main(gke_argv + ["--env_file", str(env_file), "--dry-run"])
+  # SLURM: secrets reach the job through sbatch's environment, not the script.
+  bin_dir = tmp_path / "bin"
+  _write(bin_dir / "sbatch", f"""
+      #!/bin/bash
+      cat "$1" > {tmp_path}/script.sh
+      printf '%s' "$HF_TOKEN" > {tmp_path}/token
+      """, executable=True)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  assert slurm.main(["--nodes", "1", "--workdir", "/w", "--env", f"HF_TOKEN={secret}", "--submit",
+                     "--out", str(tmp_path / "job.sbatch")] + base) == 0
+  script = (tmp_path / "script.sh").read_text()
+  assert "s3cr3t" not in script and "#SBATCH --export=ALL" in script and ': "${HF_TOKEN:?' in script
+  assert (tmp_path / "token").read_text() == secret
+  assert "s3cr3t" not in capsys.readouterr().out
+  assert sweep.main(["--config", "configs/fake.py:x", "--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "1",
+                     "--env", f"WANDB_API_KEY={secret}"]) == 0
+  assert "s3cr3t" not in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------- multiprocess
