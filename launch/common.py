@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -45,16 +46,20 @@ def split_config_ref(ref: str) -> tuple[str, str | None]:
   return path, (arg if sep else None)
 
 
+def _make_repo_importable():
+  # Configs import helpers such as `from launch.sweep import product`: make the repo importable.
+  for p in (str(REPO_ROOT), os.getcwd()):
+    if p not in sys.path:
+      sys.path.insert(0, p)
+
+
 def load_config_module(ref: str):
   """Returns the imported Python module of a config ref ("configs/x.py:arg" or a path)."""
   path, _ = split_config_ref(ref)
   file = Path(path)
   if not file.is_file():
     raise LaunchError(f"--config: no such config file {path!r} (from {ref!r})")
-  # Configs import helpers such as `from launch.sweep import product`: make the repo importable.
-  for p in (str(REPO_ROOT), os.getcwd()):
-    if p not in sys.path:
-      sys.path.insert(0, p)
+  _make_repo_importable()
   name = "_mmr_launch_config_" + re.sub(r"\W", "_", str(file.resolve()))
   spec = importlib.util.spec_from_file_location(name, file)
   module = importlib.util.module_from_spec(spec)
@@ -80,6 +85,40 @@ def repo_relative_config(ref: str, repo_root: Path | None = None, *, shared_fs: 
                           "get the repository, so move the config under configs/") from None
       path = str(p.resolve())
   return path if arg is None else f"{path}:{arg}"
+
+
+def build_config(ref: str, overrides: Mapping[str, Any] = ()):
+  """Returns the locked ConfigDict the trainer builds from `ref` and `overrides`, parsed the trainer's way.
+
+  Nothing is read from the config's DATA_DIR (the vocabulary size stays unresolved), so a submitting
+  machine that cannot reach the data still catches a mistyped key or value before any job is queued.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  path, _ = split_config_ref(ref)
+  if not Path(path).is_file():
+    raise LaunchError(f"--config: no such config file {path!r} (from {ref!r})")
+  _make_repo_importable()
+  given = override_flags(dict(overrides))
+  argv = ["mmr_jax.train", f"--config={ref}", *given]
+  # A private FlagValues: the same parsing as `python -m mmr_jax.train`, without touching absl's global flags.
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv)
+  try:
+    fv(argv)
+  except (AttributeError, KeyError) as e:
+    # ml_collections' message is a repr: escaped quotes and newlines.
+    msg = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+    msg = msg.strip("'\" ")
+    part = msg.split()[0].strip("'\"") if msg else ""
+    bad = next((g.split("=", 1)[0] for g in given if part in g.split("=", 1)[0][len("--config."):].split(".")), None)
+    if bad is None:  # an unknown `configs/x.py:key=value` argument names itself
+      raise LaunchError(f"--config {ref!r}: {msg}") from None
+    hint = msg[msg.index("Did you mean"):] if "Did you mean" in msg else f"(unknown: {part!r})"
+    raise LaunchError(f"{bad} names no config key. {hint}") from None
+  except (flags.Error, ValueError, TypeError) as e:
+    raise LaunchError(f"--config {ref!r}: {e}") from None
+  return fv.config
 
 
 # -------------------------------------------------------------------------------------- overrides
@@ -162,6 +201,60 @@ def parse_env(items: Sequence[str] | None) -> dict[str, str]:
   return env
 
 
+# Environment names whose values are secrets: masked wherever a launcher prints, kept out of written files.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.I)
+MASK = "***"
+
+
+def add_secret_args(parser: argparse.ArgumentParser):
+  """Adds --secret_env and --env_file (what every cluster launcher offers for secrets)."""
+  parser.add_argument("--secret_env", action="append", default=[], metavar="NAME",
+                      help="treat --env NAME as a secret (names matching TOKEN|SECRET|KEY|PASSWORD|CREDENTIAL "
+                           "already are): masked in printed commands, never written into a script or manifest")
+  parser.add_argument("--env_file", default=None, metavar="PATH",
+                      help="NAME=VALUE lines, read at submit time and loaded on the nodes instead of being inlined")
+
+
+def is_secret(name: str, args=None) -> bool:
+  """Returns True when env var `name` holds a secret (by its name, or named with --secret_env)."""
+  return bool(SECRET_NAME.search(name)) or name in (getattr(args, "secret_env", None) or ())
+
+
+def split_secret_env(args) -> tuple[dict[str, str], dict[str, str]]:
+  """Returns (plain, secret) from a launcher's --env flags."""
+  env = parse_env(getattr(args, "env", None))
+  secret = {k: v for k, v in env.items() if is_secret(k, args)}
+  return {k: v for k, v in env.items() if k not in secret}, secret
+
+
+def mask_text(text: str, secrets) -> str:
+  """Returns `text` with every secret value (also as shell quoting splits it at single quotes) replaced by ***."""
+  for v in sorted((v for v in secrets if v), key=len, reverse=True):
+    text = text.replace(v, MASK)
+    for part in v.split("'"):
+      if len(part) >= 4:
+        text = text.replace(part, MASK)
+  return text
+
+
+def read_env_file(path: str) -> dict[str, str]:
+  """Returns {NAME: VALUE} of an env file (NAME=VALUE lines; blank lines, # comments and `export ` allowed)."""
+  try:
+    lines = Path(path).read_text().splitlines()
+  except OSError as e:
+    raise LaunchError(f"--env_file {path!r}: {e.strerror or e}") from None
+  out = {}
+  for i, line in enumerate(lines, 1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    k, sep, v = line.removeprefix("export ").partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*", k.strip()):
+      raise LaunchError(f"--env_file {path}:{i}: expected NAME=VALUE")
+    out[k.strip()] = v
+  return out
+
+
 def is_remote_path(path: str) -> bool:
   """Returns True for URLs such as gs://bucket/dir (what every host of a pod can reach)."""
   return "://" in str(path)
@@ -175,11 +268,12 @@ def require_bucket(workdir: str, allow_local: bool, flag: str = "--workdir"):
 
 
 def run_commands(cmds: Sequence[Command], *, dry_run: bool, out: TextIO | None = None, env=None,
-                 cwd=None) -> int:
-  """Returns the first non-zero exit code (0 if all succeed); prints each command, runs it unless dry_run."""
+                 cwd=None, secrets=()) -> int:
+  """Returns the first non-zero exit code (0 if all succeed); prints each command (`secrets` masked), runs it
+  unless dry_run."""
   out = out or sys.stdout
   for cmd in cmds:
-    print(("" if dry_run else "+ ") + shell_text(cmd), file=out, flush=True)
+    print(("" if dry_run else "+ ") + mask_text(shell_text(cmd), secrets), file=out, flush=True)
     if dry_run:
       continue
     argv = ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
@@ -189,7 +283,8 @@ def run_commands(cmds: Sequence[Command], *, dry_run: bool, out: TextIO | None =
       print(f"[launch] cannot run {argv[0]!r}: {e}", file=sys.stderr)
       return 127
     if rc != 0:
-      print(f"[launch] command failed with exit code {rc}: {shell_text(cmd)[:300]}", file=sys.stderr)
+      print(f"[launch] command failed with exit code {rc}: {mask_text(shell_text(cmd), secrets)[:300]}",
+            file=sys.stderr)
       return rc
   return 0
 
@@ -416,6 +511,77 @@ def tpu_slice(accelerator_type: str, topology: str | None = None) -> TpuSlice:
     hosts, per_host = chips // chips_per_host, chips_per_host
   machine = f"{gke_machine}-{per_host}t" if gke_machine else None
   return TpuSlice(f"{gen}-{count}", gen, chips, hosts, per_host, topology, runtime, gke_acc, machine)
+
+
+GiB = 1024**3
+# Ahead-of-time compilation targets (tools/aot_compile.py): generation -> (libtpu topology prefix, chip
+#   config, HBM per device). One JAX device per chip on all four: v4 and v5p chips run their two
+#   TensorCores as one "megacore" device, v5e and v6e chips have one TensorCore. HBM per chip from
+#   Google's TPU system-architecture pages: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB (the compiler
+#   keeps a little for itself: it reports 30.75 GiB usable on v4).
+TPU_AOT = {
+    "v4": ("v4", "megacore", 32 * GiB),
+    "v5p": ("v5", "megacore", 95 * GiB),
+    "v5litepod": ("v5e", "default", 16 * GiB),
+    "v6e": ("v6e", "default", 32 * GiB),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+  """What `jax.experimental.topologies.get_topology_desc` needs to compile for a slice without a TPU."""
+  slice_: TpuSlice
+  topology_name: str  # e.g. "v4:2x2x4"
+  chip_config_name: str
+  chips_per_host_bounds: tuple[int, int, int]
+  hbm_bytes_per_device: int
+
+
+def tpu_target(accelerator_type: str, topology: str | None = None) -> TpuTarget:
+  """Returns the TpuTarget of an accelerator type, e.g. v4-32 -> 16 megacore devices on "v4:2x2x4"."""
+  sl = tpu_slice(accelerator_type, topology)
+  if sl.generation not in TPU_AOT:
+    raise LaunchError(f"--topology {accelerator_type!r}: ahead-of-time compilation knows "
+                      f"{', '.join(sorted(TPU_AOT))} (v5e is v5litepod), not {sl.generation}")
+  prefix, chip_config, hbm = TPU_AOT[sl.generation]
+  dims = [int(d) for d in sl.topology.split("x")]
+  # A host holds a 2x2 block of chips (v5e/v6e single-host slices of 8: 2x4); smaller slices are one host.
+  per_host = [min(d, b) for d, b in zip(dims + [1] * (3 - len(dims)), (2, 2, 1))]
+  if sl.hosts == 1:
+    per_host = dims + [1] * (3 - len(dims))
+  return TpuTarget(sl, f"{prefix}:{sl.topology}", chip_config, tuple(per_host), hbm)
+
+
+AOT_TOOL = REPO_ROOT / "tools" / "aot_compile.py"
+
+
+def aot_check(config: str, overrides: Mapping[str, Any], accelerator: str, *, topology: str | None = None,
+              num_slices: int = 1, python: str = sys.executable) -> dict:
+  """Returns tools/aot_compile.py's report for the job; raises LaunchError unless its step fits the slice.
+
+  Runs in a subprocess: the compile needs libtpu and JAX on the CPU platform, which the launcher's own
+  process should not pin.
+  """
+  cmd = [python, str(AOT_TOOL), f"--config={config}", f"--topology={accelerator}", f"--num_slices={num_slices}",
+         *([f"--chip_topology={topology}"] if topology else []), *override_flags(dict(overrides))]
+  print(f"[aot_check] compiling the train step for {accelerator} on this machine (minutes for a large model)",
+        file=sys.stderr, flush=True)
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.getcwd())
+  try:
+    report = json.loads(r.stdout)
+  except ValueError:
+    tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    raise LaunchError(f"--aot_check: tools/aot_compile.py failed (exit code {r.returncode}): {tail}") from None
+  need = report.get("per_device_bytes", {})
+  need = need.get("total", need.get("temp", 0))
+  summary = (f"{need / GiB:.2f} GiB per device of {report['hbm_bytes_per_device'] / GiB:.2f} GiB HBM on "
+             f"{report['devices']} {report.get('device_kind', 'TPU')} devices")
+  if not report.get("fits"):
+    raise LaunchError(f"--aot_check: the train step does not fit {accelerator}: {summary}"
+                      + (f" ({report['error']})" if report.get("error") else "") +
+                      "; lower data.batch_size, turn on model.*.remat, or take a larger slice")
+  print(f"[aot_check] fits: {summary} (compiled in {report.get('compile_s', '?')} s)", file=sys.stderr, flush=True)
+  return report
 
 
 def _prod(xs) -> int:

@@ -29,11 +29,13 @@ from collections.abc import Sequence
 
 from launch import common
 
-HEREDOC = "MMR_SBATCH_EOF"
 
 
 def _sbatch_quote(flag: str) -> str:
   """Returns `--name=value` as sbatch reads it from a #SBATCH line: a value with spaces double-quoted."""
+  if re.search(r"[\x00-\x1f\x7f]", flag):
+    # A newline would end the #SBATCH comment and run the rest as shell on the node.
+    raise common.LaunchError(f"#SBATCH {flag!r}: values may not contain newlines or other control characters")
   name, eq, value = flag.partition("=")
   if not eq or not re.search(r"\s", value):
     return flag
@@ -46,8 +48,13 @@ def sbatch_script(*, job_name: str, nodes: int, gpus_per_node: int, train_cmd: S
                   procs_per_node: int = 1, partition: str | None = None, account: str | None = None,
                   time: str | None = None, cpus_per_task: int | None = None, mem: str | None = None,
                   port: int | None = None, env: dict[str, str] | None = None, setup: Sequence[str] = (),
-                  output: str = "%x-%j.out", exclusive: bool = True, extra_sbatch: Sequence[str] = ()) -> str:
-  """Returns the text of an sbatch script running `train_cmd` as nodes x procs_per_node processes."""
+                  output: str = "%x-%j.out", exclusive: bool = True, extra_sbatch: Sequence[str] = (),
+                  secret_names: Sequence[str] = (), env_file: str | None = None) -> str:
+  """Returns the text of an sbatch script running `train_cmd` as nodes x procs_per_node processes.
+
+  Secrets are not in the text: `secret_names` reach the job through sbatch's environment (--export=ALL),
+  and `env_file` (on the shared filesystem) is sourced on the node.
+  """
   if nodes < 1 or gpus_per_node < 0:
     raise common.LaunchError(f"--nodes must be >= 1 and --gpus_per_node >= 0 (got {nodes}, {gpus_per_node})")
   if procs_per_node not in (1, gpus_per_node):
@@ -65,6 +72,8 @@ def sbatch_script(*, job_name: str, nodes: int, gpus_per_node: int, train_cmd: S
     sb.append("--exclusive")
   # SIGTERM 5 minutes before the time limit: the trainer checkpoints and exits cleanly.
   sb.append("--signal=TERM@300")
+  if secret_names:
+    sb.append("--export=ALL")
   sb += list(extra_sbatch)
 
   if gpus_per_node and "JAX_PLATFORMS" not in (env or {}):
@@ -84,6 +93,9 @@ def sbatch_script(*, job_name: str, nodes: int, gpus_per_node: int, train_cmd: S
       f"cd {shlex.quote(repo)}",
       *setup,
       *(f"export {k}={shlex.quote(str(v))}" for k, v in (env or {}).items()),
+      *([f"set -a; . {shlex.quote(env_file)}; set +a"] if env_file else []),
+      *(f': "${{{k}:?secret {k} must come from the submitting environment (sbatch --export)}}"'
+        for k in secret_names),
       # sed reads all of scontrol's output: `| head -n 1` under pipefail fails the job with SIGPIPE (141)
       # whenever scontrol is still writing the other hostnames when head exits.
       'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
@@ -116,6 +128,7 @@ def add_backend_args(parser: argparse.ArgumentParser):
   parser.add_argument("--repo", default=str(common.REPO_ROOT), help="repo path on the shared filesystem")
   parser.add_argument("--python", default=None, help="interpreter (default: REPO/.venv/bin/python)")
   parser.add_argument("--env", action="append", metavar="NAME=VALUE", help="exported before srun (repeatable)")
+  common.add_secret_args(parser)
   parser.add_argument("--setup", action="append", default=[], metavar="LINE",
                       help="shell line run before srun, e.g. 'module load cuda/12' (repeatable)")
   parser.add_argument("--log_dir", default=None, help="directory for the job's output file (default: submit dir)")
@@ -135,19 +148,31 @@ def job_script(args, *, name: str, config: str, workdir: str, overrides) -> str:
   for flag in args.sbatch:
     if not flag.startswith("--"):
       raise common.LaunchError(f"--sbatch {flag!r}: give a long flag such as --qos=high")
+  plain, secret = common.split_secret_env(args)
+  env_file = None
+  if args.env_file:
+    common.read_env_file(args.env_file)  # read at submit time: a missing or malformed file fails here
+    env_file = os.path.abspath(args.env_file)
   return sbatch_script(job_name=re.sub(r"\s+", "_", name), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                        train_cmd=cmd, repo=args.repo, procs_per_node=args.procs_per_node, partition=args.partition,
                        account=args.account, time=args.time, cpus_per_task=args.cpus_per_task, mem=args.mem,
-                       port=args.port, env=common.parse_env(args.env), setup=args.setup, output=output,
-                       exclusive=not args.no_exclusive, extra_sbatch=args.sbatch)
+                       port=args.port, env=plain, setup=args.setup, output=output,
+                       exclusive=not args.no_exclusive, extra_sbatch=args.sbatch, secret_names=sorted(secret),
+                       env_file=env_file)
 
 
 def job_commands(args, *, name: str, config: str, workdir: str, overrides) -> list[common.Command]:
-  """Returns the command submitting one job: sbatch reading the script from a heredoc."""
+  """Returns the command submitting one job: the script piped into sbatch as one shell-quoted word."""
   script = job_script(args, name=name, config=config, workdir=workdir, overrides=overrides)
   # sbatch does not create the output file's folder: a missing one loses the job's whole log.
   mkdir = f"mkdir -p {shlex.quote(args.log_dir)} && " if args.log_dir else ""
-  return [f"{mkdir}sbatch <<'{HEREDOC}'\n{script}{HEREDOC}"]
+  # Not a heredoc: a value holding the terminator line would end it and run the rest here.
+  return [f"{mkdir}printf '%s' {shlex.quote(script)} | sbatch"]
+
+
+def job_env(args) -> dict[str, str]:
+  """Returns the secret --env values: given to sbatch's environment, never written into the script."""
+  return common.split_secret_env(args)[1]
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -161,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", default=None, help="write the script here (default: stdout, or a temp name with --submit)")
   parser.add_argument("--submit", action="store_true", help="run sbatch on the script")
   args = common.parse_with_overrides(parser, argv)
+  common.build_config(args.config, args.overrides)  # a mistyped key fails here, not after the queue
   script = job_script(args, name=args.job_name, config=args.config, workdir=args.workdir, overrides=args.overrides)
   path = args.out or (f"{args.job_name}.sbatch" if args.submit else None)
   if args.dry_run:
@@ -180,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(args.log_dir, exist_ok=True)
   print(f"+ sbatch {shlex.quote(path)}", flush=True)
   try:
-    return subprocess.call(["sbatch", path])
+    return subprocess.call(["sbatch", path], env={**os.environ, **job_env(args)})
   except FileNotFoundError:
     print("error: sbatch not found: run this on a SLURM login node", file=sys.stderr)
     return 127

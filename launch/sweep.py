@@ -560,6 +560,21 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise common.LaunchError(f"--only {args.only!r} matches no point of the sweep")
   # Only the points that run need their placeholders filled; any run of the sweep may be named.
   points = resolve(points, args.workdir, common.parse_env(args.var), [p.name for p in all_points])
+  # Every point's config is built here first: a mistyped key would otherwise fail N jobs, one by one, on the cluster.
+  for p in points:
+    try:
+      common.build_config(args.config, {**p.overrides, **overrides})
+    except common.LaunchError as e:
+      raise common.LaunchError(f"sweep point {p.name!r}: {e}") from None
+  if getattr(backend_args, "aot_check", False):
+    if not getattr(backend_args, "accelerator", None):
+      parser.error("--aot_check needs --accelerator (the slice's type, e.g. v4-32)")
+    for p in points:
+      try:
+        common.aot_check(args.config, {**p.overrides, **overrides}, backend_args.accelerator,
+                         topology=getattr(backend_args, "topology", None), num_slices=backend_args.num_slices)
+      except common.LaunchError as e:
+        raise common.LaunchError(f"sweep point {p.name!r}: {e}") from None
   check_done = not common.is_remote_path(args.workdir) or args.check_remote
 
   args.python = args.python or sys.executable
@@ -606,10 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       cmds = module.job_commands(backend_args, name=job_name(args.backend, p.name, args.workdir), config=args.config,
                                  workdir=wd, overrides=ov)
+    secrets = common.split_secret_env(backend_args)[1].values() if backend_args is not None else ()
     if not args.submit or args.dry_run or args.backend == "print":
       print(f"# [{i}/{len(points)}] {p.name}")
       for c in cmds:
-        print(common.shell_text(c))
+        print(common.mask_text(common.shell_text(c), secrets))
       continue
     print(f"[{i}/{len(points)}] {p.name}: submitting", flush=True)
     t0 = time.time()
@@ -617,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       rc = module.submit_job(backend_args, name=job_name(args.backend, p.name, args.workdir), config=args.config,
                              workdir=wd, overrides=ov)
     else:
-      rc = common.run_commands(cmds, dry_run=False)
+      env = {**os.environ, **module.job_env(backend_args)} if hasattr(module, "job_env") else None
+      rc = common.run_commands(cmds, dry_run=False, env=env, secrets=secrets)
     results.append(Result(p.name, "ok" if rc == 0 else "FAILED", time.time() - t0, rc, None, "submit"))
   if results and args.submit and not args.dry_run:
     print(summary(results, args.workdir))

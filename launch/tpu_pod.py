@@ -200,8 +200,15 @@ def add_run_args(parser: argparse.ArgumentParser):
   """Adds the flags shaping the remote train command (not --train_module: callers own that one)."""
   parser.add_argument("--remote_dir", default="mmr_jax", help="repo directory on the workers (relative to ~)")
   parser.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment for the trainer (repeatable)")
+  parser.add_argument("--secret_env", action="append", default=[], metavar="NAME",
+                      help="treat --env NAME as a secret (names matching TOKEN|SECRET|KEY|PASSWORD|CREDENTIAL "
+                           "already are): masked wherever a command is printed")
   parser.add_argument("--allow_local_workdir", action="store_true",
                       help="accept a non-bucket --workdir (only for a filesystem every worker mounts)")
+  parser.add_argument("--aot_check", action="store_true",
+                      help="first compile the train step for --accelerator on this machine (tools/aot_compile.py) "
+                           "and refuse to run when it does not fit the chips' HBM")
+  parser.add_argument("--accelerator", default=None, help="the slice's type, e.g. v4-32 (for --aot_check)")
 
 
 def job_commands(args, *, name: str, config: str, workdir: str, overrides) -> list[common.Command]:
@@ -218,10 +225,11 @@ def job_commands(args, *, name: str, config: str, workdir: str, overrides) -> li
 def submit_job(args, *, name: str, config: str, workdir: str, overrides) -> int:
   """Returns the exit code of running one sweep point on the pod (blocking)."""
   cmds = run_commands_for(args, name=name, config=config, workdir=workdir, overrides=overrides)
+  secrets = common.split_secret_env(args)[1].values()
   if len(cmds) == 1:
-    return common.run_commands(cmds, dry_run=False)
+    return common.run_commands(cmds, dry_run=False, secrets=secrets)
   for c in cmds:
-    print("+ " + shlex.join(c), flush=True)
+    print("+ " + common.mask_text(shlex.join(c), secrets), flush=True)
   return common.run_parallel(cmds, names=[f"s{i}" for i in range(len(cmds))], tag="tpu_pod")
 
 
@@ -294,14 +302,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmds = [ssh_command(args, n, shlex.join(remote), worker=args.worker)
             for n in node_names(args.tpu, args.num_slices)]
     return common.run_commands(cmds, dry_run=args.dry_run)
-  # run
+  # run: the config is built here first, so a mistyped key fails now, not on every worker.
+  common.build_config(args.config, args.overrides)
+  if args.aot_check:
+    if not args.accelerator:
+      parser.error("run --aot_check needs --accelerator (the slice's type, e.g. v4-32)")
+    common.aot_check(args.config, args.overrides, args.accelerator, num_slices=args.num_slices)
   cmds = run_commands_for(args, name=args.name, config=args.config, workdir=args.workdir, overrides=args.overrides,
                           background=args.background)
+  secrets = common.split_secret_env(args)[1].values()
   if args.dry_run or len(cmds) == 1 or args.background:
-    rc = common.run_commands(cmds, dry_run=args.dry_run)
+    rc = common.run_commands(cmds, dry_run=args.dry_run, secrets=secrets)
   else:
     for c in cmds:
-      print("+ " + shlex.join(c), flush=True)
+      print("+ " + common.mask_text(shlex.join(c), secrets), flush=True)
     rc = common.run_parallel(cmds, names=[f"s{i}" for i in range(len(cmds))], tag="tpu_pod")
   if args.background and rc == 0 and not args.dry_run:
     print(f"started in the background; follow with:\n  python -m launch.tpu_pod ssh --tpu {args.tpu} "

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -24,11 +25,15 @@ from launch import common, gke, local, multiprocess, slurm, sweep, tpu_pod
 REPO = str(common.REPO_ROOT)
 PY = sys.executable
 
+# Launchers build the config locally before submitting (a mistyped key fails there, once), so it has the keys
+# the tests override; it reads no data.
 FAKE_CONFIG = """
+import ml_collections
 from launch.sweep import cross, product, zip_
 
 def get_config(arg=None):
-  raise RuntimeError("the launcher must not build the config")
+  return ml_collections.ConfigDict({"model": {"variant": "a"}, "optim": {"lr": 0.1}, "train": {"steps": 1},
+                                    "data": {"dir": ""}})
 
 def get_sweep(arg=None):
   pts = cross(product({"model.variant": ["a", "b"]}), zip_({"optim.lr": [0.1, 0.01]}))
@@ -83,6 +88,16 @@ def fakes(tmp_path, monkeypatch):
   cfg = _write(tmp_path / "cfgs" / "fake.py", FAKE_CONFIG)
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(mods), REPO]))
   return {"mods": mods, "config": str(cfg)}
+
+
+def _piped_documents(printed, consumer):
+  """Returns the texts a printed sweep pipes into `consumer` (`printf '%s' TEXT | consumer` per point)."""
+  docs = []
+  for block in re.split(r"^# \[\d+/\d+\] .*$", printed, flags=re.M)[1:]:
+    words = shlex.split(block)
+    if words[:2] == ["printf", "%s"] and " ".join(words[4:]) == consumer and words[3] == "|":
+      docs.append(words[2])
+  return docs
 
 
 def _calls(workdir):
@@ -290,19 +305,19 @@ def test_sweep_cluster_backends_emit_one_job_per_point(fake_repo, capsys):
   assert sweep.main(base + ["--workdir", "gs://bkt/sw", "--backend", "gke", "--accelerator", "v4-32",
                             "--image", "img:1"]) == 0
   out = capsys.readouterr().out
-  docs = [d for d in out.split("MMR_MANIFEST_EOF") if "kind: JobSet" in d]
+  docs = _piped_documents(out, "kubectl apply -f -")
   assert len(docs) == 5
-  manifest = yaml.safe_load(docs[0].split("\n", 1)[1])
+  manifest = yaml.safe_load(docs[0])
   assert manifest["metadata"]["name"].startswith("variant-a-lr-0-1")
   # The same point of another sweep root gets another JobSet name.
   assert sweep.main(base + ["--workdir", "gs://bkt/sw2", "--backend", "gke", "--accelerator", "v4-32",
                             "--image", "img:1"]) == 0
-  other = [d for d in capsys.readouterr().out.split("MMR_MANIFEST_EOF") if "kind: JobSet" in d]
-  assert yaml.safe_load(other[0].split("\n", 1)[1])["metadata"]["name"] != manifest["metadata"]["name"]
+  other = _piped_documents(capsys.readouterr().out, "kubectl apply -f -")
+  assert yaml.safe_load(other[0])["metadata"]["name"] != manifest["metadata"]["name"]
 
   assert sweep.main(base + ["--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "2"]) == 0
   out = capsys.readouterr().out
-  assert out.count("sbatch <<'MMR_SBATCH_EOF'") == 5 and "#SBATCH --job-name=bad" in out
+  assert len(_piped_documents(out, "sbatch")) == 5 and "#SBATCH --job-name=bad" in out
   # Each job evaluates after training (its metrics.json marks the point done); --python reaches the job.
   assert out.count(" --evaluate") == 5 and ssh[0].count("--evaluate") == 1
   assert sweep.main(base + ["--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "2", "--no_eval",
@@ -345,6 +360,77 @@ def test_sweep_submits_each_point_through_sbatch(fake_repo, tmp_path, monkeypatc
   assert len(re.findall(r"\n  variant=\S+ +ok ", out)) == 4
 
 
+def test_mistyped_config_key_fails_before_any_job_is_submitted(fake_repo, tmp_path, monkeypatch, capsys):
+  """A typo in a --config.key (or in one sweep point) stops the launcher once, locally; nothing is submitted."""
+  bin_dir, log = tmp_path / "bin", tmp_path / "submitted"
+  _write(bin_dir / "sbatch", f"""
+      #!/bin/bash
+      echo job >> {log}
+      """, executable=True)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  base = ["--config", "configs/fake.py:x", "--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "2", "--submit"]
+  with pytest.raises(common.LaunchError, match=r"--config.optim.lrr names no config key. Did you mean \"lr\""):
+    sweep.main(base + ["--config.optim.lrr=0.1"])
+  with pytest.raises(common.LaunchError, match="train.steps=many"):
+    sweep.main(base + ["--config.train.steps=many"])
+  _write(fake_repo / "configs" / "typo.py", FAKE_CONFIG + """
+def get_sweep(arg=None):
+  return [{"name": "ok", "optim.lr": 0.1}, {"name": "typo", "model.varient": "b"}]
+""")
+  with pytest.raises(common.LaunchError, match="sweep point 'typo': --config.model.varient names no config key"):
+    sweep.main(["--config", "configs/typo.py"] + base[2:])
+  assert not log.exists()
+  with pytest.raises(common.LaunchError, match="--config.train.stpes names no config key"):
+    gke.main(["--name", "m", "--accelerator", "v4-32", "--image", "i", "--config", "configs/fake.py",
+              "--workdir", "gs://b/r", "--config.train.stpes=5", "--dry-run"])
+  with pytest.raises(common.LaunchError, match="--config.train.stpes names no config key"):
+    tpu_pod.main(["run", "--tpu", "t", "--zone", "z", "--config", "configs/fake.py", "--workdir", "gs://b/r",
+                  "--config.train.stpes=5", "--dry-run"])
+  with pytest.raises(common.LaunchError, match="--config.train.stpes names no config key"):
+    slurm.main(["--nodes", "1", "--config", "configs/fake.py", "--workdir", "/w", "--config.train.stpes=5",
+                "--dry-run"])
+  capsys.readouterr()
+
+
+def test_launcher_builds_the_real_config_without_reading_its_data(capsys):
+  """The pod config names an unreachable bucket as DATA_DIR: building it locally must not read it."""
+  assert gke.main(["--name", "m", "--accelerator", "v4-32", "--image", "i", "--config",
+                   "configs/vit_b16_pod.py:stage=2,data=gs://no-such-bucket-here/data", "--workdir", "gs://b/r",
+                   "--config.optim.lr=0.001", "--dry-run"]) == 0
+  assert "kind: JobSet" in capsys.readouterr().out
+
+
+# Stands in for tools/aot_compile.py (the real compile: tests/test_aot_compile.py): fits unless the batch is huge.
+FAKE_AOT = r"""
+import json, sys
+big = any(a.startswith("--config.data.batch_size=") and int(a.split("=")[1]) > 10000 for a in sys.argv)
+print(json.dumps({"topology": "v4-32", "devices": 16, "device_kind": "TPU v4", "fits": not big,
+                  "per_device_bytes": {"total": (800 if big else 10) * 2**30}, "hbm_bytes_per_device": 32 * 2**30}))
+sys.exit(1 if big else 0)
+"""
+
+
+def test_aot_check_refuses_to_submit_a_step_that_does_not_fit(fake_repo, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(common, "AOT_TOOL", _write(tmp_path / "aot.py", FAKE_AOT))
+  gke_argv = ["--name", "m", "--accelerator", "v4-32", "--image", "i", "--config", "configs/fake.py",
+              "--workdir", "gs://b/r", "--aot_check", "--dry-run"]
+  assert gke.main(gke_argv) == 0
+  assert "kind: JobSet" in capsys.readouterr().out
+  _write(fake_repo / "configs" / "big.py", FAKE_CONFIG.replace('"data": {"dir": ""}', '"data": {"dir": "", "batch_size": 8}'))
+  big = ["--config", "configs/big.py", "--config.data.batch_size=32768"]
+  with pytest.raises(common.LaunchError, match=r"does not fit v4-32: 800.00 GiB per device of 32.00 GiB"):
+    gke.main(gke_argv[:6] + big + gke_argv[8:])
+  with pytest.raises(common.LaunchError, match="does not fit"):
+    tpu_pod.main(["run", "--tpu", "t", "--zone", "z", "--accelerator", "v4-32", "--aot_check", "--workdir",
+                  "gs://b/r", "--dry-run"] + big)
+  with pytest.raises(SystemExit):  # run --aot_check without the slice type
+    tpu_pod.main(["run", "--tpu", "t", "--zone", "z", "--aot_check", "--workdir", "gs://b/r", "--dry-run"] + big)
+  with pytest.raises(common.LaunchError, match="sweep point 'variant=a,lr=0.1': --aot_check: the train step does not"):
+    sweep.main(["--config", "configs/big.py:x", "--workdir", "gs://b/sw", "--backend", "gke", "--accelerator", "v4-32",
+                "--image", "i", "--aot_check", "--config.data.batch_size=32768", "--submit"])
+  capsys.readouterr()
+
+
 # ------------------------------------------------------------------------------------------ TPU pods
 
 
@@ -365,7 +451,7 @@ def test_tpu_pod_dry_run_v4_32(capsys):
                  "exec env MMR_DISTRIBUTED=auto FOO=1 .venv/bin/python -m mmr_jax.train --config=configs/demo.py:stage=1 "
                  "--workdir=gs://bkt/mmr/s1 --config.train.steps=10'")
   # A worker's local disk is not shared: refuse it.
-  assert common.main_guard(tpu_pod.main, ["run", "--tpu", "mmr", "--zone", "z", "--config", "c.py",
+  assert common.main_guard(tpu_pod.main, ["run", "--tpu", "mmr", "--zone", "z", "--config", "configs/demo.py",
                                           "--workdir", "/tmp/x", "--dry-run"]) == 2
   assert "gs://" in capsys.readouterr().err
 
@@ -557,12 +643,11 @@ def test_slurm_script_2_nodes_8_gpus(capsys):
   args = args.parse_args(["--nodes", "1", "--log_dir", "/shared/my logs"])
   args.train_module = common.TRAIN_MODULE
   (cmd,) = slurm.job_commands(args, name="p", config="c.py", workdir="/w", overrides={})
-  assert cmd.startswith("mkdir -p '/shared/my logs' && sbatch <<")
+  assert cmd.startswith("mkdir -p '/shared/my logs' && printf ") and cmd.endswith(" | sbatch")
 
 
-def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
-  """Runs the generated script with scontrol/srun stand-ins: coordinator, ranks and overrides reach the trainer."""
-  bin_dir = tmp_path / "bin"
+def _fake_slurm(bin_dir):
+  """scontrol and srun stand-ins on `bin_dir`: srun starts SLURM_NTASKS local tasks with their ranks."""
   # A big job's node list is long: the tail makes a reader that exits after the first line (`head -n 1`)
   # fail the script with SIGPIPE under `set -o pipefail` every time, not only when the race goes badly.
   _write(bin_dir / "scontrol", """
@@ -579,6 +664,12 @@ def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
       done
       rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
       """, executable=True)
+
+
+def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
+  """Runs the generated script with scontrol/srun stand-ins: coordinator, ranks and overrides reach the trainer."""
+  bin_dir = tmp_path / "bin"
+  _fake_slurm(bin_dir)
   script_path = tmp_path / "job.sbatch"
   wd = str(tmp_path / "shared" / "run")
   assert slurm.main(["--nodes", "2", "--config", fakes["config"] + ":x", "--workdir", wd, "--train_module",
@@ -594,6 +685,95 @@ def test_slurm_script_runs_under_fake_slurm(fakes, tmp_path, monkeypatch):
     assert c["env"]["MMR_COORDINATOR_ADDRESS"] == f"gpu-node-07:{20000 + 123456 % 20000}"
     assert c["env"]["MMR_NUM_PROCESSES"] == "2" and c["env"]["FAKE_Y"] == "a b"
     assert "--config.optim.lr=0.5" in c["argv"] and "--config=cfgs/fake.py:x" in c["argv"]  # relative to --repo
+
+
+# Values that would run as shell if any layer left them unquoted: the old heredoc terminator on a line
+# of its own, command substitution, backticks, quotes and a `;`.
+HOSTILE = ["x\nMMR_SBATCH_EOF\ntouch {p}/heredoc\n", "$(touch {p}/subst)", "`touch {p}/backtick`",
+           "a'b\"c; touch {p}/semi", "line1\nline2 $HOME \\ end"]
+
+
+def test_slurm_hostile_values_reach_the_trainer_verbatim(fakes, tmp_path, monkeypatch):
+  """Submitting (sbatch stand-in) and running the job (srun stand-in) never executes an override or --env value."""
+  pwned = tmp_path / "pwned"
+  pwned.mkdir()
+  values = [v.format(p=pwned) for v in HOSTILE]
+  bin_dir = tmp_path / "bin"
+  _fake_slurm(bin_dir)
+  _write(bin_dir / "sbatch", """
+      #!/bin/bash
+      cat > "$SBATCH_SCRIPT"
+      bash "$SBATCH_SCRIPT"
+      """, executable=True)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  for k, v in dict(SBATCH_SCRIPT=str(tmp_path / "job.sh"), SLURM_JOB_NODELIST="n1", SLURM_NTASKS="1",
+                   SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="1").items():
+    monkeypatch.setenv(k, v)
+  parser = common.make_parser(None)
+  slurm.add_backend_args(parser)
+  wd = str(tmp_path / "run")
+  for i, value in enumerate(values):
+    args = parser.parse_args(["--nodes", "1", "--gpus_per_node", "0", "--python", PY, "--repo", str(tmp_path),
+                              "--env", f"FAKE_V={value}"])
+    args.train_module, args.evaluate = "fake_train", False
+    (cmd,) = slurm.job_commands(args, name="p", config=fakes["config"], workdir=wd, overrides={"data.dir": value})
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    call = _calls(wd)[i]
+    assert f"--config.data.dir={value}" in call["argv"] and call["env"]["FAKE_V"] == value
+  assert not list(pwned.iterdir())
+  # A newline in an #SBATCH value would end the comment line and run the rest on the node.
+  with pytest.raises(common.LaunchError, match="newlines"):
+    slurm.main(["--nodes", "1", "--partition", f"gpu\ntouch {pwned}/sbatch", "--config", fakes["config"],
+                "--workdir", wd, "--dry-run"])
+
+
+def test_secrets_are_masked_and_never_written(fakes, fake_repo, tmp_path, monkeypatch, capsys):
+  secret, other = "s3cr3t-'tok$en", "hunter2-pass"
+  base = ["--config", "configs/fake.py", "--config.train.steps=2"]
+  # TPU pods: the value rides in the ssh command; every printed form masks it.
+  assert tpu_pod.main(["run", "--tpu", "t", "--zone", "z", "--workdir", "gs://b/r", "--env", f"HF_TOKEN={secret}",
+                       "--env", f"MINE={other}", "--secret_env", "MINE", "--env", "PLAIN=visible", "--dry-run"]
+                      + base) == 0
+  out = capsys.readouterr().out
+  assert "HF_TOKEN=***" in out and "MINE=***" in out and "PLAIN=visible" in out
+  assert "s3cr3t" not in out and "tok$en" not in out and other not in out
+  # GKE: a secret --env would sit in the manifest: refused; Kubernetes secrets and env files are referenced.
+  gke_argv = ["--name", "m", "--accelerator", "v4-32", "--image", "i", "--workdir", "gs://b/r", *base]
+  with pytest.raises(common.LaunchError, match="--env HF_TOKEN=... is a secret"):
+    gke.main(gke_argv + ["--env", f"HF_TOKEN={secret}", "--dry-run"])
+  env_file = _write(tmp_path / "job.env", f"# comment\nexport DB_PASSWORD={other}\nX=1\n")
+  assert gke.main(gke_argv + ["--k8s_secret", "HF_TOKEN=hf:token", "--env_file", str(env_file), "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  c = yaml.safe_load(out)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
+  assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in c["env"]
+  assert c["envFrom"] == [{"secretRef": {"name": "m-env"}}] and other not in out
+  parser = common.make_parser(None)
+  gke.add_backend_args(parser)
+  args, _ = parser.parse_known_args(gke_argv + ["--env_file", str(env_file)])
+  args.train_module, args.evaluate = common.TRAIN_MODULE, False
+  (create, apply) = gke.job_commands(args, name="m", config="configs/fake.py", workdir="gs://b/r", overrides={})
+  assert create.startswith("kubectl create secret generic m-env --from-env-file=") and other not in apply
+  with pytest.raises(common.LaunchError, match="job.env:1: expected NAME=VALUE"):
+    _write(tmp_path / "job.env", "not a line\n")
+    gke.main(gke_argv + ["--env_file", str(env_file), "--dry-run"])
+  # SLURM: secrets reach the job through sbatch's environment, not the script.
+  bin_dir = tmp_path / "bin"
+  _write(bin_dir / "sbatch", f"""
+      #!/bin/bash
+      cat "$1" > {tmp_path}/script.sh
+      printf '%s' "$HF_TOKEN" > {tmp_path}/token
+      """, executable=True)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  assert slurm.main(["--nodes", "1", "--workdir", "/w", "--env", f"HF_TOKEN={secret}", "--submit",
+                     "--out", str(tmp_path / "job.sbatch")] + base) == 0
+  script = (tmp_path / "script.sh").read_text()
+  assert "s3cr3t" not in script and "#SBATCH --export=ALL" in script and ': "${HF_TOKEN:?' in script
+  assert (tmp_path / "token").read_text() == secret
+  assert "s3cr3t" not in capsys.readouterr().out
+  assert sweep.main(["--config", "configs/fake.py:x", "--workdir", "/shared/sw", "--backend", "slurm", "--nodes", "1",
+                     "--env", f"WANDB_API_KEY={secret}"]) == 0
+  assert "s3cr3t" not in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------- multiprocess

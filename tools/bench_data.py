@@ -3,12 +3,17 @@
   python tools/bench_data.py                              # 2k products, 64 px, in-process
   python tools/bench_data.py --num_workers 2 --batch_size 512
   python tools/bench_data.py --data_dir DATA_DIR          # time the pipeline on an existing import
+  python tools/bench_data.py --beam_runner DirectRunner   # also import with Apache Beam (the `beam` extra)
 
 Prints one JSON object:
   {"examples_per_s": stage-2 training examples per second (this host, after warm-up),
    "products_per_s_generate": products per second to write the catalogue folder,
    "products_per_s_import": products per second for import_catalog (folder -> DATA_DIR),
-   "generate_s_per_1k_products", "import_s_per_1k_products", "config": {...}}
+   "generate_s_per_1k_products", "import_s_per_1k_products",
+   "products_per_s_import_beam": the same import with its products table written by Beam on
+     --beam_runner (--beam_options, e.g. "--direct_num_workers=2 --direct_running_mode=multi_processing"),
+     timed after the in-process import in the same run (null without --beam_runner),
+   "config": {...}}
 Generation is `mmr_jax.data.synthetic.generate_folder` (rendered PNGs, --source_image_size px),
 then `import_catalog` (re-encodes JPEGs, trains the tokenizer, writes TFDS). With --data_dir
 nothing is generated and the generate/import keys are null.
@@ -74,11 +79,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--read_threads", type=int, default=8, help="grain read threads/process")
   parser.add_argument("--augment", action="store_true", help="random crop + flip on")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--beam_runner", default=None, help="also time the import with Apache Beam on this runner")
+  parser.add_argument("--beam_options", default=None, help="Beam pipeline flags for --beam_runner, one string")
   parser.add_argument("--out", default=None, help="also write the JSON here")
   args = parser.parse_args(argv)
 
   result: dict[str, Any] = {"products_per_s_generate": None, "products_per_s_import": None,
-                            "generate_s_per_1k_products": None, "import_s_per_1k_products": None}
+                            "generate_s_per_1k_products": None, "import_s_per_1k_products": None,
+                            "products_per_s_import_beam": None}
   config: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "out"}
   with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
     data_dir = args.data_dir
@@ -101,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                     products_per_s_import=args.num_products / imp_s,
                     generate_s_per_1k_products=1000 * gen_s / args.num_products,
                     import_s_per_1k_products=1000 * imp_s / args.num_products)
+      if args.beam_runner:
+        _log(f"importing again with Beam ({args.beam_runner})")
+        t = time.perf_counter()
+        import_lib.import_catalog(folder, os.path.join(tmp, "data_beam"), seed=args.seed, progress=False,
+                                  verbose=False, beam_runner=args.beam_runner, beam_options=args.beam_options)
+        result["products_per_s_import_beam"] = args.num_products / (time.perf_counter() - t)
     _log(f"timing stage-2 pipeline: {args.batches} x {args.batch_size} examples")
     examples_per_s, data_config = time_pipeline(data_dir, args)
   config["data"] = data_config
