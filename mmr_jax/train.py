@@ -394,6 +394,19 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+# Allowed values of train options that are strings: a typo ("Stop") would otherwise act as another value.
+TRAIN_CHOICES = {"nan_policy": ("stop", "skip"), "best_mode": ("min", "max")}
+
+
+def check_train_options(tcfg) -> None:
+  """Raises ValueError naming `train.<key>` and its allowed values when a choice option has another value."""
+  for key, allowed in TRAIN_CHOICES.items():
+    value = tcfg[key]
+    if value not in allowed:
+      raise ValueError(f"train.{key}={value!r} is not one of {', '.join(allowed)}: set --config.train.{key}="
+                       f"{allowed[0]} (or {', '.join(allowed[1:])})")
+
+
 def _check_init_sources(init, workdir) -> None:
   """Raises FileNotFoundError for a missing init.workdir / init.vit_npz before anything is compiled or written
   (a run resuming from its own checkpoint does not read them)."""
@@ -414,6 +427,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   """
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = resolve_config(config)
+  check_train_options(config.train)
   workdir = ckpt_lib.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   tcfg = config.train

@@ -250,3 +250,11 @@ def test_workdir_paths_are_made_absolute_for_orbax(tmp_path, monkeypatch):
   ck = ckpt_lib.Checkpointer("rel_run", async_save=False)
   assert str(ck.directory).startswith(str(tmp_path))
   ck.close()
+
+
+@pytest.mark.parametrize("key,value", [("nan_policy", "Stop"), ("best_mode", "maximum")])
+def test_bad_choice_options_are_refused_before_any_work(tiny_data, tmp_path, key, value):
+  cfg = _quiet(tiny_config(tiny_data), **{key: value})
+  with pytest.raises(ValueError, match=rf"train.{key}='{value}' is not one of"):
+    train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # refused before the workdir, the compile or a checkpoint
