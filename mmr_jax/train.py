@@ -472,6 +472,22 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
       log.warning("validation disabled: %s", e)
       eval_every = 0
 
+  # The count is cumulative and saved; the stop policy acts on steps since the resume, since those before it
+  # were reported (or allowed under train.nan_policy=skip) by the run that had them.
+  nonfinite_at_start = int(jax.device_get(state.nonfinite))
+
+  def stop_on_new_nonfinite(step: int, state) -> int:
+    """Returns the cumulative non-finite count; raises NonFiniteLossError on new ones under nan_policy=stop."""
+    nonfinite = int(jax.device_get(state.nonfinite))
+    if nonfinite > nonfinite_at_start and tcfg.nan_policy == "stop":
+      good = ckpt.latest_step()
+      ckpt.close()
+      raise NonFiniteLossError(
+          f"loss or gradients became NaN/Inf ({nonfinite - nonfinite_at_start} step(s) between steps {start} and "
+          f"{step}); those updates were dropped. Last good checkpoint: step {good} in {workdir / 'checkpoints'}. "
+          "Lower optim.lr, check the data, or set train.nan_policy=skip.")
+    return nonfinite
+
   last = {}
   pbar = None
   if tcfg.progress and jax.process_index() == 0 and start < tcfg.steps:
@@ -500,14 +516,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
         hook(step, state)
       if step % tcfg.log_every == 0 or step == tcfg.steps:
         m = jax.device_get(metrics)
-        nonfinite = int(jax.device_get(state.nonfinite))
-        if nonfinite and tcfg.nan_policy == "stop":
-          good = ckpt.latest_step()
-          ckpt.close()
-          raise NonFiniteLossError(
-              f"loss or gradients became NaN/Inf ({nonfinite} step(s) up to step {step}); those updates were "
-              f"dropped. Last good checkpoint: step {good} in {workdir / 'checkpoints'}. Lower optim.lr, check "
-              f"the data, or set train.nan_policy=skip.")
+        nonfinite = stop_on_new_nonfinite(step, state)
         dt = time.time() - t0
         m = {k: float(v) for k, v in m.items()}
         m.update(steps_per_s=steps_timed / max(dt, 1e-9),
@@ -524,6 +533,9 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
         last.update(val)
       preempted = preempt.requested or ckpt.reached_preemption(step)
       if step % tcfg.ckpt_every == 0 or step == tcfg.steps or preempted:
+        # Checked before every save too, so no checkpoint holds a non-finite step the stop policy has not seen:
+        # the step named "last good" resumes cleanly.
+        stop_on_new_nonfinite(step, state)
         ckpt.save(step, state, train_iter, metrics=val, force=True)
       if preempted:
         log.warning("preempted at step %d: checkpoint written, exiting", step)

@@ -258,3 +258,40 @@ def test_bad_choice_options_are_refused_before_any_work(tiny_data, tmp_path, key
   with pytest.raises(ValueError, match=rf"train.{key}='{value}' is not one of"):
     train.train_and_evaluate(cfg, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()  # refused before the workdir, the compile or a checkpoint
+
+
+def _report_nonfinite_at(monkeypatch, steps):
+  """Makes the trainer's step count the given steps as non-finite (dropped), as the compiled step does on a NaN."""
+  orig = train.Trainer.step
+
+  def step(self, state, host_batch):
+    state, metrics = orig(self, state, host_batch)
+    if int(jax.device_get(state.step)) in steps:
+      state = state.replace(nonfinite=jax.device_put(state.nonfinite + 1, self.state_shardings.nonfinite))
+    return state, metrics
+
+  monkeypatch.setattr(train.Trainer, "step", step)
+
+
+def test_nan_stop_last_good_checkpoint_resumes(tiny_data, tmp_path, monkeypatch):
+  # ckpt_every is not a multiple of log_every: checkpoints fall between a NaN step and the next log step.
+  cfg = lambda policy: _quiet(tiny_config(tiny_data), steps=6, log_every=4, eval_every=0, ckpt_every=1,  # noqa: E731
+                              nan_policy=policy)
+  wd = tmp_path / "w"
+  bad = {2}
+  _report_nonfinite_at(monkeypatch, bad)
+  with pytest.raises(train.NonFiniteLossError, match=r"1 step\(s\) between steps 0 and 2.*Last good checkpoint: step 1"):
+    train.train_and_evaluate(cfg("stop"), str(wd))
+  assert ckpt_lib.Checkpointer(str(wd)).all_steps() == [1]  # nothing saved past the NaN step
+  bad.clear()
+  assert train.train_and_evaluate(cfg("stop"), str(wd))["step"] == 6  # the named checkpoint resumes
+
+  # A checkpoint that carries non-finite steps allowed under nan_policy=skip resumes under stop.
+  wd2 = tmp_path / "w2"
+  bad.add(2)
+  c = cfg("skip")
+  c.train.steps = 4
+  assert train.train_and_evaluate(c, str(wd2))["nonfinite_steps"] == 1
+  bad.clear()
+  last = train.train_and_evaluate(cfg("stop"), str(wd2))
+  assert last["step"] == 6 and last["nonfinite_steps"] == 1
