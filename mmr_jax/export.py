@@ -102,7 +102,9 @@ Embeddings (OUT/embeddings/):
   index/           ScaNN searcher (`mmr_jax.index.ScannIndex.save` format; `ScannIndex.load`), built with
                    the evaluation's parameters when WORKDIR/index/ exists (reused as is when its
                    embeddings are identical), else `index.SCANN_DEFAULTS`
-  info.json        {"num_products", "dim", "dtype", "step", "workdir", "data_dir", "index": {...}}
+  info.json        {"num_products", "dim", "dtype", "step", "workdir", "data_dir", "index": {...},
+                   "fingerprint": export_fingerprint(...)}: a rerun into the same OUT keeps embeddings.npy and
+                   index/ only when step, data_dir and the fingerprint of the weights and config all match
 The embedding pass is resumable and multi-host: every process embeds its contiguous slice of the
 catalogue (`pipeline.make_eval_iterator`) and writes `shards/process_{p}-of-{P}/shard_{j}.npz` (plus the
 grain iterator state after it); a rerun skips finished shards (all processes restart from the shard
@@ -152,6 +154,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -505,6 +508,22 @@ def _host_params(params):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   return jax.tree.map(to_host, params)
+
+
+def export_fingerprint(host_params, config) -> dict:
+  """Returns sha256 digests of the weights (each leaf's path, dtype, shape and bytes) and of the config.
+
+  Step and data_dir do not identify an export: another run, variant or seed at the same step embeds the
+  catalogue differently, so OUT/embeddings is reused only when these match exactly.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  for path, x in jax.tree_util.tree_flatten_with_path(host_params)[0]:
+    x = np.ascontiguousarray(x)
+    h.update(f"{jax.tree_util.keystr(path)}|{x.dtype.str}|{x.shape}\n".encode())
+    h.update(x.reshape(-1).view(np.uint8))
+  config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  return {"params_sha256": h.hexdigest(), "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()}
 
 
 def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
@@ -1080,11 +1099,12 @@ def product_ids(data_dir: str) -> list[str]:
 
 
 def embed_catalogue(tm, data_dir: str, out_dir: str, *, batch_size: int = 256, shard_batches: int = 16,
-                    progress: bool = True) -> np.ndarray | None:
+                    progress: bool = True, fingerprint: Mapping[str, str] | None = None) -> np.ndarray | None:
   """Embeds every product, resumably; returns embeddings [N, D] on process 0 (None elsewhere).
 
   Each process embeds its contiguous slice of the catalogue and writes shards under
   out_dir/shards/process_{p}-of-{P}/ (see module doc); process 0 merges them in product-index order.
+  Shards left by an export with another `fingerprint` (export_fingerprint) are discarded, not resumed.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -1106,7 +1126,8 @@ def embed_catalogue(tm, data_dir: str, out_dir: str, *, batch_size: int = 256, s
   shard_dir = os.path.join(shards_root, f"process_{p}-of-{num_p}")
   os.makedirs(shard_dir, exist_ok=True)
   manifest = {"num_products": n, "batch_size": batch_size, "shard_batches": shard_batches,
-              "process_count": num_p, "step": int(tm.step), "data_dir": os.path.abspath(data_dir)}
+              "process_count": num_p, "step": int(tm.step), "data_dir": os.path.abspath(data_dir),
+              "fingerprint": dict(fingerprint or {})}
   man_path = os.path.join(shard_dir, "manifest.json")
   if os.path.isfile(man_path):
     with open(man_path) as f:
@@ -1293,27 +1314,28 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
   emb_dir = os.path.join(out, "embeddings")
   os.makedirs(emb_dir, exist_ok=True)
 
+  # The SavedModels are written by process 0 from whole (gathered) parameters; gathering is collective.
+  tm_host = dataclasses.replace(tm, params=_host_params(tm.params))
+  fingerprint = export_fingerprint(tm_host.params, tm.config)
   t0 = time.time()
   info_path = os.path.join(emb_dir, "info.json")
   info = json.loads(epath.Path(info_path).read_text()) if os.path.isfile(info_path) else None
   up_to_date = (info is not None and info.get("step") == int(tm.step) and info.get("data_dir") ==
-                os.path.abspath(data_dir) and os.path.isfile(os.path.join(emb_dir, "embeddings.npy"))
+                os.path.abspath(data_dir) and info.get("fingerprint") == fingerprint
+                and os.path.isfile(os.path.join(emb_dir, "embeddings.npy"))
                 and not rebuild_index and not scann_overrides)
   # Every process must take the same branch (embedding is collective).
   up_to_date = bool(_min_over_processes(int(up_to_date)))
   emb = None
   if up_to_date:
-    step("embeddings: up to date, kept")
+    step("embeddings: up to date (same weights, config and data), kept")
     if jax.process_index() == 0:
       emb = np.load(os.path.join(emb_dir, "embeddings.npy"))
   else:
     step("embedding the catalogue (resumable)")
     emb = embed_catalogue(tm, data_dir, emb_dir, batch_size=batch_size, shard_batches=shard_batches,
-                          progress=progress)
+                          progress=progress, fingerprint=fingerprint)
   timings["embed_s"] = time.time() - t0
-
-  # The SavedModels are written by process 0 from whole (gathered) parameters; gathering is collective.
-  tm_host = dataclasses.replace(tm, params=_host_params(tm.params))
   summary = None
   if jax.process_index() == 0:
     ids = product_ids(data_dir)
@@ -1326,7 +1348,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
       timings["index_s"] = time.time() - t0
       info = {"num_products": int(emb.shape[0]), "dim": int(emb.shape[1]), "dtype": "float32",
               "step": int(tm.step), "workdir": os.path.abspath(workdir), "data_dir": os.path.abspath(data_dir),
-              "normalised": True, "index": index_info}
+              "normalised": True, "index": index_info, "fingerprint": fingerprint}
       epath.Path(info_path).write_text(json.dumps(info, indent=2, default=float))
       shutil.rmtree(os.path.join(emb_dir, "shards"), ignore_errors=True)
 
