@@ -52,7 +52,9 @@ and bytes:
   Empty bytes, bytes that do not decode, and images over Pillow's decompression-bomb limit give a zero
   image and has_image=False, like training; the rest of the batch is unaffected.
 
-Measured parity (tests/test_export.py; `export_summary.json` records the numbers of each export):
+Measured parity (tests/test_export.py; `export_summary.json` records the numbers of each export; an export
+whose embeddings differ by more than `--parity_tol`, default PARITY_TOL, or whose in-graph tokens or has_image
+differ, exits with status 1 naming the model, unless `--allow_parity_mismatch`):
 * query tower vs jitted JAX on the same strings (empty, emoji, CJK/Arabic/Cyrillic, 100 KB): max |diff|
   ~1e-7 (asserted <= 1e-5, float32);
 * product tower vs JAX on identical preprocessed inputs: ~1e-7 (asserted <= 1e-5);
@@ -1267,6 +1269,31 @@ def measure_parity(out: str, tm, data_dir: str, sample: int = 32) -> dict:
   }
 
 
+# Largest |SavedModel - JAX| embedding difference an export accepts (measured ~1e-7 on CPU; GPUs computing
+# f32 matmuls in TF32 may need --parity_tol). A wrong tokenizer or preprocessing differs by ~1e-1.
+PARITY_TOL = 1e-4
+_PARITY_MODELS = {"query_max_abs_diff": "query_tower",
+                  "product_preprocessed_max_abs_diff": "product_tower (embed_preprocessed)",
+                  "product_end_to_end_max_abs_diff": "product_tower (serving_default, raw bytes)"}
+
+
+class ParityError(RuntimeError):
+  """Raised when an exported SavedModel's outputs differ from the JAX model's beyond the tolerance."""
+
+
+def parity_failures(parity: Mapping[str, Any] | None, tol: float) -> list[str]:
+  """Returns one line per SavedModel whose measured parity (measure_parity's dict) is outside `tol`."""
+  if not parity or "skipped" in parity:
+    return []
+  out = [f"{model}: max |SavedModel - JAX| {parity[key]:.3g} > tolerance {tol:g}"
+         for key, model in _PARITY_MODELS.items() if not parity[key] <= tol]  # NaN fails too
+  if not parity["product_tokens_equal"]:
+    out.append("product_tower (preprocess): product tokens differ from the training tokenizer's")
+  if not parity["has_image_equal"]:
+    out.append("product_tower (preprocess): has_image differs from the training pipeline's decoding")
+  return out
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 
@@ -1285,9 +1312,13 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
                    platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_size: int = 256,
                    shard_batches: int = 16, scann_overrides: Mapping[str, Any] | None = None,
                    rebuild_index: bool = False, parity: bool = True, progress: bool = True,
-                   batch_buckets: Sequence[int] = BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH
-                   ) -> dict | None:
-  """Exports a trained workdir into `out` (layout in the module doc); returns the summary on process 0."""
+                   batch_buckets: Sequence[int] = BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH,
+                   parity_tol: float = PARITY_TOL, allow_parity_mismatch: bool = False) -> dict | None:
+  """Exports a trained workdir into `out` (layout in the module doc); returns the summary on process 0.
+
+  Raises ParityError (after writing everything, the summary included) when the measured parity is outside
+  `parity_tol`, unless `allow_parity_mismatch`, which logs a warning instead.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from mmr_jax import inference  # pylint: disable=g-import-not-at-top
   from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
@@ -1372,6 +1403,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
       parity_res = measure_parity(out, tm, data_dir)
       timings["parity_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
+    mismatches = parity_failures(parity_res, parity_tol)
     summary = {
         "workdir": os.path.abspath(workdir), "data_dir": os.path.abspath(data_dir), "step": int(tm.step),
         "variant": tm.config.model.variant, "embedding_dim": int(two_tower.embedding_dim(tm.config.model)),
@@ -1382,11 +1414,18 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
                    "image_size": int(tm.config.data.image_size)},
         "paths": {name: os.path.join(os.path.abspath(out), name)
                   for name in ("query_tower", "product_tower", "serving", "embeddings")},
-        "index": info["index"], "parity": parity_res, "pillow_vertical_first": _pillow_vertical_first(),
+        "index": info["index"], "parity": parity_res, "parity_tolerance": parity_tol,
+        "parity_failures": mismatches, "pillow_vertical_first": _pillow_vertical_first(),
         "timings": timings, "versions": _versions()}
     epath.Path(os.path.join(out, SUMMARY_FILE)).write_text(json.dumps(summary, indent=2, default=float))
     step(f"done in {timings['total_s']:.0f} s: {out}")
   _barrier("mmr_export_done")
+  if summary is not None and summary["parity_failures"]:
+    msg = (f"{out}: the SavedModels do not match the JAX model: " + "; ".join(summary["parity_failures"]) +
+           f" (details in {SUMMARY_FILE})")
+    if not allow_parity_mismatch:
+      raise ParityError(msg + "; --allow_parity_mismatch keeps the export with a warning")
+    log.warning("%s; kept because of --allow_parity_mismatch", msg)
   return summary
 
 
@@ -1409,6 +1448,11 @@ def main(argv=None):
   p.add_argument("--rebuild_index", action="store_true",
                  help="re-embed and rebuild the index even if OUT/embeddings or WORKDIR/index can be reused")
   p.add_argument("--no_parity", action="store_true", help="skip the SavedModel vs JAX parity measurement")
+  p.add_argument("--parity_tol", type=float, default=PARITY_TOL,
+                 help=f"largest |SavedModel - JAX| embedding difference accepted (default {PARITY_TOL:g}); above it "
+                      "the export exits with status 1")
+  p.add_argument("--allow_parity_mismatch", action="store_true",
+                 help="a parity above --parity_tol is a warning, not an error (exit status 0)")
   p.add_argument("--no_progress", action="store_true", help="no progress output")
   p.add_argument("--batch_buckets", default=",".join(map(str, BATCH_BUCKETS)),
                  help="comma-separated increasing batch sizes the towers' XLA programs are compiled for; a "
@@ -1429,12 +1473,17 @@ def main(argv=None):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
   train.maybe_initialize_distributed()
-  summary = export_workdir(args.workdir, args.out, args.data, k=args.k, platforms=args.platforms.split(","),
-                           batch_size=args.batch_size, shard_batches=args.shard_batches,
-                           scann_overrides=json.loads(args.scann) if args.scann else None,
-                           rebuild_index=args.rebuild_index, parity=not args.no_parity,
-                           progress=not args.no_progress, batch_buckets=buckets,
-                           warmup_max_batch=args.warmup_max_batch)
+  try:
+    summary = export_workdir(args.workdir, args.out, args.data, k=args.k, platforms=args.platforms.split(","),
+                             batch_size=args.batch_size, shard_batches=args.shard_batches,
+                             scann_overrides=json.loads(args.scann) if args.scann else None,
+                             rebuild_index=args.rebuild_index, parity=not args.no_parity,
+                             progress=not args.no_progress, batch_buckets=buckets,
+                             warmup_max_batch=args.warmup_max_batch, parity_tol=args.parity_tol,
+                             allow_parity_mismatch=args.allow_parity_mismatch)
+  except ParityError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   if summary is not None:
     print(json.dumps({k: summary[k] for k in ("paths", "num_products", "k", "parity", "timings")},
                      indent=2, default=float))

@@ -692,3 +692,25 @@ def test_export_reuses_embeddings_only_of_the_same_weights(tiny_workdir, tiny_da
   assert not np.allclose(first, second)
   np.testing.assert_array_equal(run(other), second)
   assert len(embedded) == 2  # the same weights and config: kept
+
+
+def test_parity_mismatch_fails_the_export(tiny_workdir, tiny_data, tmp_path, monkeypatch, capsys, caplog):
+  _without_saved_models(monkeypatch)
+  bad = {"queries": 1, "products": 1, "query_max_abs_diff": 3e-7, "product_preprocessed_max_abs_diff": 2e-7,
+         "product_end_to_end_max_abs_diff": 0.02, "product_tokens_equal": True, "has_image_equal": True,
+         "image_pixels_differing": 0.0, "image_max_abs_diff": 0}
+  monkeypatch.setattr(export, "measure_parity", lambda *a, **kw: dict(bad))
+  argv = ["--workdir", tiny_workdir, "--out", str(tmp_path / "out"), "--data", tiny_data, "--platforms", "cpu",
+          "--no_progress"]
+  with pytest.raises(SystemExit) as e:
+    export.main(argv)
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("error: ") and "product_tower (serving_default, raw bytes): max |SavedModel - JAX| 0.02 " \
+      "> tolerance 0.0001" in err and "query_tower" not in err
+  summary = json.loads((tmp_path / "out" / export.SUMMARY_FILE).read_text())
+  assert summary["parity_failures"] and summary["parity"]["product_end_to_end_max_abs_diff"] == 0.02
+  export.main(argv + ["--parity_tol", "0.05"])  # within a looser tolerance
+  with caplog.at_level("WARNING", logger="mmr_jax.export"):
+    export.main(argv + ["--allow_parity_mismatch"])  # a warning only
+  assert "SavedModels do not match" in caplog.text
