@@ -50,6 +50,13 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
+class DataDirMismatchError(ValueError):
+  """Raised when a workdir is used with a DATA_DIR other than the one it was trained on."""
+
+
+DATA_FINGERPRINT_FILE = "data_fingerprint.json"
+
+
 # --------------------------------------------------------------------------------------------- setup
 
 
@@ -407,6 +414,34 @@ def check_train_options(tcfg) -> None:
                        f"{allowed[0]} (or {', '.join(allowed[1:])})")
 
 
+def check_data_dir(workdir, data_dir: str) -> None:
+  """Raises DataDirMismatchError when `data_dir` differs from the DATA_DIR `workdir` recorded at training.
+
+  A re-import (import_catalog --overwrite) keeps the path and often the vocabulary size, but changes the
+  tokenizer's pieces and the product order the checkpoint and its data-iterator position refer to.
+  """
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / DATA_FINGERPRINT_FILE
+  if not path.exists():  # a workdir trained before fingerprints were recorded: nothing to compare
+    return
+  recorded = json.loads(path.read_text())
+  now = tfds_builder.data_fingerprint(data_dir)
+  changed = [k for k in now if recorded.get(k) != now[k]]
+  if changed:
+    short = lambda v: v[:12] if isinstance(v, str) else v  # noqa: E731
+    diffs = ", ".join(f"{k} {short(recorded.get(k))} -> {short(now[k])}" for k in changed)
+    raise DataDirMismatchError(
+        f"{data_dir} is not the DATA_DIR {workdir} was trained on ({recorded.get('data_dir')}): {diffs} (trained "
+        f"-> now). Use the catalogue it was trained on (re-import the same source with the same options), or "
+        f"train a new workdir on this one; to accept this DATA_DIR anyway, delete {path}.")
+
+
+def _record_data_dir(workdir, data_dir: str) -> None:
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  ckpt_lib.write_json(epath.Path(workdir) / DATA_FINGERPRINT_FILE,
+                      dict(tfds_builder.data_fingerprint(data_dir), data_dir=str(ckpt_lib.absolute(data_dir))))
+
+
 def _check_init_sources(init, workdir) -> None:
   """Raises FileNotFoundError for a missing init.workdir / init.vit_npz before anything is compiled or written
   (a run resuming from its own checkpoint does not read them)."""
@@ -429,6 +464,8 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   config = resolve_config(config)
   check_train_options(config.train)
   workdir = ckpt_lib.absolute(workdir)
+  if ckpt_lib.has_checkpoint(workdir):  # the restored state and iterator position refer to the recorded data
+    check_data_dir(workdir, config.data.dir)
   workdir.mkdir(parents=True, exist_ok=True)
   tcfg = config.train
   _check_init_sources(config.init, workdir)
@@ -457,6 +494,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   # Written only once the state exists: a run refused for a mismatching checkpoint leaves the workdir as it was.
   if jax.process_index() == 0:
     ckpt_lib.write_json(workdir / "config.json", config.to_dict())
+    _record_data_dir(workdir, config.data.dir)
 
   def val_batches():
     it = pipeline.make_train_iterator(config.data.dir, config.stage, config.data, seed=config.seed + 1,

@@ -295,3 +295,25 @@ def test_nan_stop_last_good_checkpoint_resumes(tiny_data, tmp_path, monkeypatch)
   bad.clear()
   last = train.train_and_evaluate(cfg("stop"), str(wd2))
   assert last["step"] == 6 and last["nonfinite_steps"] == 1
+
+
+def test_workdir_refuses_a_reimported_data_dir(tiny_data, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
+  data = tmp_path / "data"
+  shutil.copytree(tiny_data, data)
+  cfg = lambda steps: _quiet(tiny_config(str(data)), steps=steps, log_every=1, eval_every=0, ckpt_every=1)  # noqa: E731
+  wd = tmp_path / "w"
+  train.train_and_evaluate(cfg(2), str(wd))
+  inference.load_trained(str(wd))  # the same data: accepted
+  # As `import_catalog --overwrite` of a catalogue whose products come in another order leaves it: same path,
+  # same vocabulary size, another product order.
+  info = json.loads((data / "catalog_info.json").read_text())
+  assert info["products_sha256"]
+  info["products_sha256"] = "0" * 64
+  (data / "catalog_info.json").write_text(json.dumps(info))
+  with pytest.raises(train.DataDirMismatchError, match=r"is not the DATA_DIR .* was trained on.*products_sha256"):
+    train.train_and_evaluate(cfg(3), str(wd))  # resume
+  with pytest.raises(train.DataDirMismatchError, match=r"products_sha256 .* -> 000000000000"):
+    inference.load_trained(str(wd))  # evaluate and export
+  assert ckpt_lib.Checkpointer(str(wd)).all_steps() == [1, 2]
