@@ -484,7 +484,19 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
                                async_save=tcfg.async_checkpoint)
   writer = _MetricWriter(workdir)
   latest = ckpt.latest_step()
-  if latest is not None:
+  saved_hosts = ckpt.data_process_count(latest) if latest is not None else None
+  if latest is not None and saved_hosts not in (None, jax.process_count()):
+    # grain saves one iterator state per process; with another process count there is none for some
+    # processes, so the position is derived from the step instead (the same global stream, up to rounding).
+    state, _ = ckpt.restore(latest, trainer.abstract_state)
+    position = latest * config.data.batch_size // jax.process_count()
+    moved = pipeline.move_train_iterator(train_iter, position)
+    log.warning("resumed from step %d, written by %d process(es), on %d: model and optimizer state restored; "
+                "the data iterator %s", latest, saved_hosts, jax.process_count(),
+                f"restarts at example {position} of each process's slice (step x data.batch_size / processes: "
+                "the global stream continues up to rounding)" if moved else
+                "restarts from the beginning of the data (its worker processes' positions cannot be derived)")
+  elif latest is not None:
     state, train_iter = ckpt.restore(latest, trainer.abstract_state, train_iter)
     log.info("resumed from step %d", latest)
   else:

@@ -317,3 +317,23 @@ def test_workdir_refuses_a_reimported_data_dir(tiny_data, tmp_path):
   with pytest.raises(train.DataDirMismatchError, match=r"products_sha256 .* -> 000000000000"):
     inference.load_trained(str(wd))  # evaluate and export
   assert ckpt_lib.Checkpointer(str(wd)).all_steps() == [1, 2]
+
+
+def test_resume_on_another_process_count_restarts_the_data_at_the_step(tiny_data, tmp_path, caplog):
+  # A checkpoint written by 2 processes (grain's process_0-of-2 / process_1-of-2 iterator states),
+  # resumed by one: there is no process_0-of-1 state to restore.
+  cfg = lambda steps: _quiet(tiny_config(tiny_data), steps=steps, log_every=1, eval_every=0, ckpt_every=2)  # noqa: E731
+  wd = tmp_path / "w"
+  train.train_and_evaluate(cfg(2), str(wd))
+  data = wd / "checkpoints" / "2" / "data"
+  batch = tiny_config(tiny_data).data.batch_size
+  assert json.loads((data / "process_0-of-1.json").read_text()) == {"next_index": 2 * batch}
+  (data / "process_0-of-1.json").unlink()
+  for p in range(2):
+    (data / f"process_{p}-of-2.json").write_text(json.dumps({"next_index": batch}))
+  with caplog.at_level("WARNING", logger="mmr_jax.train"):
+    assert train.train_and_evaluate(cfg(4), str(wd))["step"] == 4
+  assert "written by 2 process(es), on 1" in caplog.text and f"restarts at example {2 * batch}" in caplog.text
+  # Two steps after position 2 * batch of the one stream, as if one process had trained all along.
+  state = json.loads((wd / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
+  assert state == {"next_index": 4 * batch}
