@@ -97,6 +97,12 @@ class Checkpointer:
         metrics = None  # BestN only ranks checkpoints that carry the metric.
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
+  def data_process_count(self, step: int) -> int | None:
+    """Returns how many processes wrote `step`'s data-iterator state (None: the step has none)."""
+    names = [p.stem for p in (self.directory / str(step) / "data").glob("process_*-of-*.json")]
+    counts = {int(n.rsplit("-of-", 1)[1]) for n in names if n.rsplit("-of-", 1)[1].isdigit()}
+    return max(counts) if counts else None
+
   def check_shapes(self, step: int, abstract_state) -> None:
     """Raises CheckpointShapeError naming every parameter whose saved shape differs from the config's."""
     meta = self.manager.item_metadata(step)

@@ -54,7 +54,9 @@ and bytes:
   Empty bytes, bytes that do not decode, and images over Pillow's decompression-bomb limit give a zero
   image and has_image=False, like training; the rest of the batch is unaffected.
 
-Measured parity (tests/test_export.py; `export_summary.json` records the numbers of each export):
+Measured parity (tests/test_export.py; `export_summary.json` records the numbers of each export; an export
+whose embeddings differ by more than `--parity_tol`, default PARITY_TOL, or whose in-graph tokens or has_image
+differ, exits with status 1 naming the model, unless `--allow_parity_mismatch`):
 * query tower vs jitted JAX on the same strings (empty, emoji, CJK/Arabic/Cyrillic, 100 KB): max |diff|
   ~1e-7 (asserted <= 1e-5, float32);
 * product tower vs JAX on identical preprocessed inputs: ~1e-7 (asserted <= 1e-5);
@@ -104,7 +106,9 @@ Embeddings (OUT/embeddings/):
   index/           ScaNN searcher (`mmr_jax.index.ScannIndex.save` format; `ScannIndex.load`), built with
                    the evaluation's parameters when WORKDIR/index/ exists (reused as is when its
                    embeddings are identical), else `index.SCANN_DEFAULTS`
-  info.json        {"num_products", "dim", "dtype", "step", "workdir", "data_dir", "index": {...}}
+  info.json        {"num_products", "dim", "dtype", "step", "workdir", "data_dir", "index": {...},
+                   "fingerprint": export_fingerprint(...)}: a rerun into the same OUT keeps embeddings.npy and
+                   index/ only when step, data_dir and the fingerprint of the weights and config all match
 The embedding pass is resumable and multi-host: every process embeds its contiguous slice of the
 catalogue (`pipeline.make_eval_iterator`) and writes `shards/process_{p}-of-{P}/shard_{j}.npz` (plus the
 grain iterator state after it); a rerun skips finished shards (all processes restart from the shard
@@ -154,6 +158,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -507,6 +512,22 @@ def _host_params(params):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   return jax.tree.map(to_host, params)
+
+
+def export_fingerprint(host_params, config) -> dict:
+  """Returns sha256 digests of the weights (each leaf's path, dtype, shape and bytes) and of the config.
+
+  Step and data_dir do not identify an export: another run, variant or seed at the same step embeds the
+  catalogue differently, so OUT/embeddings is reused only when these match exactly.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  for path, x in jax.tree_util.tree_flatten_with_path(host_params)[0]:
+    x = np.ascontiguousarray(x)
+    h.update(f"{jax.tree_util.keystr(path)}|{x.dtype.str}|{x.shape}\n".encode())
+    h.update(x.reshape(-1).view(np.uint8))
+  config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  return {"params_sha256": h.hexdigest(), "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()}
 
 
 def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
@@ -1088,11 +1109,12 @@ def product_ids(data_dir: str) -> list[str]:
 
 
 def embed_catalogue(tm, data_dir: str, out_dir: str, *, batch_size: int = 256, shard_batches: int = 16,
-                    progress: bool = True) -> np.ndarray | None:
+                    progress: bool = True, fingerprint: Mapping[str, str] | None = None) -> np.ndarray | None:
   """Embeds every product, resumably; returns embeddings [N, D] on process 0 (None elsewhere).
 
   Each process embeds its contiguous slice of the catalogue and writes shards under
   out_dir/shards/process_{p}-of-{P}/ (see module doc); process 0 merges them in product-index order.
+  Shards left by an export with another `fingerprint` (export_fingerprint) are discarded, not resumed.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -1114,7 +1136,8 @@ def embed_catalogue(tm, data_dir: str, out_dir: str, *, batch_size: int = 256, s
   shard_dir = os.path.join(shards_root, f"process_{p}-of-{num_p}")
   os.makedirs(shard_dir, exist_ok=True)
   manifest = {"num_products": n, "batch_size": batch_size, "shard_batches": shard_batches,
-              "process_count": num_p, "step": int(tm.step), "data_dir": os.path.abspath(data_dir)}
+              "process_count": num_p, "step": int(tm.step), "data_dir": os.path.abspath(data_dir),
+              "fingerprint": dict(fingerprint or {})}
   man_path = os.path.join(shard_dir, "manifest.json")
   if os.path.isfile(man_path):
     with open(man_path) as f:
@@ -1254,6 +1277,31 @@ def measure_parity(out: str, tm, data_dir: str, sample: int = 32) -> dict:
   }
 
 
+# Largest |SavedModel - JAX| embedding difference an export accepts (measured ~1e-7 on CPU; GPUs computing
+# f32 matmuls in TF32 may need --parity_tol). A wrong tokenizer or preprocessing differs by ~1e-1.
+PARITY_TOL = 1e-4
+_PARITY_MODELS = {"query_max_abs_diff": "query_tower",
+                  "product_preprocessed_max_abs_diff": "product_tower (embed_preprocessed)",
+                  "product_end_to_end_max_abs_diff": "product_tower (serving_default, raw bytes)"}
+
+
+class ParityError(RuntimeError):
+  """Raised when an exported SavedModel's outputs differ from the JAX model's beyond the tolerance."""
+
+
+def parity_failures(parity: Mapping[str, Any] | None, tol: float) -> list[str]:
+  """Returns one line per SavedModel whose measured parity (measure_parity's dict) is outside `tol`."""
+  if not parity or "skipped" in parity:
+    return []
+  out = [f"{model}: max |SavedModel - JAX| {parity[key]:.3g} > tolerance {tol:g}"
+         for key, model in _PARITY_MODELS.items() if not parity[key] <= tol]  # NaN fails too
+  if not parity["product_tokens_equal"]:
+    out.append("product_tower (preprocess): product tokens differ from the training tokenizer's")
+  if not parity["has_image_equal"]:
+    out.append("product_tower (preprocess): has_image differs from the training pipeline's decoding")
+  return out
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 
@@ -1272,9 +1320,13 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
                    platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_size: int = 256,
                    shard_batches: int = 16, scann_overrides: Mapping[str, Any] | None = None,
                    rebuild_index: bool = False, parity: bool = True, progress: bool = True,
-                   batch_buckets: Sequence[int] = BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH
-                   ) -> dict | None:
-  """Exports a trained workdir into `out` (layout in the module doc); returns the summary on process 0."""
+                   batch_buckets: Sequence[int] = BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH,
+                   parity_tol: float = PARITY_TOL, allow_parity_mismatch: bool = False) -> dict | None:
+  """Exports a trained workdir into `out` (layout in the module doc); returns the summary on process 0.
+
+  Raises ParityError (after writing everything, the summary included) when the measured parity is outside
+  `parity_tol`, unless `allow_parity_mismatch`, which logs a warning instead.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from mmr_jax import inference  # pylint: disable=g-import-not-at-top
   from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
@@ -1303,27 +1355,28 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
   emb_dir = os.path.join(out, "embeddings")
   os.makedirs(emb_dir, exist_ok=True)
 
+  # The SavedModels are written by process 0 from whole (gathered) parameters; gathering is collective.
+  tm_host = dataclasses.replace(tm, params=_host_params(tm.params))
+  fingerprint = export_fingerprint(tm_host.params, tm.config)
   t0 = time.time()
   info_path = os.path.join(emb_dir, "info.json")
   info = json.loads(epath.Path(info_path).read_text()) if os.path.isfile(info_path) else None
   up_to_date = (info is not None and info.get("step") == int(tm.step) and info.get("data_dir") ==
-                os.path.abspath(data_dir) and os.path.isfile(os.path.join(emb_dir, "embeddings.npy"))
+                os.path.abspath(data_dir) and info.get("fingerprint") == fingerprint
+                and os.path.isfile(os.path.join(emb_dir, "embeddings.npy"))
                 and not rebuild_index and not scann_overrides)
   # Every process must take the same branch (embedding is collective).
   up_to_date = bool(_min_over_processes(int(up_to_date)))
   emb = None
   if up_to_date:
-    step("embeddings: up to date, kept")
+    step("embeddings: up to date (same weights, config and data), kept")
     if jax.process_index() == 0:
       emb = np.load(os.path.join(emb_dir, "embeddings.npy"))
   else:
     step("embedding the catalogue (resumable)")
     emb = embed_catalogue(tm, data_dir, emb_dir, batch_size=batch_size, shard_batches=shard_batches,
-                          progress=progress)
+                          progress=progress, fingerprint=fingerprint)
   timings["embed_s"] = time.time() - t0
-
-  # The SavedModels are written by process 0 from whole (gathered) parameters; gathering is collective.
-  tm_host = dataclasses.replace(tm, params=_host_params(tm.params))
   summary = None
   if jax.process_index() == 0:
     ids = product_ids(data_dir)
@@ -1336,7 +1389,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
       timings["index_s"] = time.time() - t0
       info = {"num_products": int(emb.shape[0]), "dim": int(emb.shape[1]), "dtype": "float32",
               "step": int(tm.step), "workdir": os.path.abspath(workdir), "data_dir": os.path.abspath(data_dir),
-              "normalised": True, "index": index_info}
+              "normalised": True, "index": index_info, "fingerprint": fingerprint}
       epath.Path(info_path).write_text(json.dumps(info, indent=2, default=float))
       shutil.rmtree(os.path.join(emb_dir, "shards"), ignore_errors=True)
 
@@ -1360,6 +1413,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
       parity_res = measure_parity(out, tm, data_dir)
       timings["parity_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
+    mismatches = parity_failures(parity_res, parity_tol)
     summary = {
         "workdir": os.path.abspath(workdir), "data_dir": os.path.abspath(data_dir), "step": int(tm.step),
         "variant": tm.config.model.variant, "embedding_dim": int(two_tower.embedding_dim(tm.config.model)),
@@ -1370,11 +1424,18 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
                    "image_size": int(tm.config.data.image_size)},
         "paths": {name: os.path.join(os.path.abspath(out), name)
                   for name in ("query_tower", "product_tower", "serving", "embeddings")},
-        "index": info["index"], "parity": parity_res, "pillow_vertical_first": _pillow_vertical_first(),
+        "index": info["index"], "parity": parity_res, "parity_tolerance": parity_tol,
+        "parity_failures": mismatches, "pillow_vertical_first": _pillow_vertical_first(),
         "timings": timings, "versions": _versions()}
     epath.Path(os.path.join(out, SUMMARY_FILE)).write_text(json.dumps(summary, indent=2, default=float))
     step(f"done in {timings['total_s']:.0f} s: {out}")
   _barrier("mmr_export_done")
+  if summary is not None and summary["parity_failures"]:
+    msg = (f"{out}: the SavedModels do not match the JAX model: " + "; ".join(summary["parity_failures"]) +
+           f" (details in {SUMMARY_FILE})")
+    if not allow_parity_mismatch:
+      raise ParityError(msg + "; --allow_parity_mismatch keeps the export with a warning")
+    log.warning("%s; kept because of --allow_parity_mismatch", msg)
   return summary
 
 
@@ -1397,6 +1458,11 @@ def main(argv=None):
   p.add_argument("--rebuild_index", action="store_true",
                  help="re-embed and rebuild the index even if OUT/embeddings or WORKDIR/index can be reused")
   p.add_argument("--no_parity", action="store_true", help="skip the SavedModel vs JAX parity measurement")
+  p.add_argument("--parity_tol", type=float, default=PARITY_TOL,
+                 help=f"largest |SavedModel - JAX| embedding difference accepted (default {PARITY_TOL:g}); above it "
+                      "the export exits with status 1")
+  p.add_argument("--allow_parity_mismatch", action="store_true",
+                 help="a parity above --parity_tol is a warning, not an error (exit status 0)")
   p.add_argument("--no_progress", action="store_true", help="no progress output")
   p.add_argument("--batch_buckets", default=",".join(map(str, BATCH_BUCKETS)),
                  help="comma-separated increasing batch sizes the towers' XLA programs are compiled for; a "
@@ -1417,12 +1483,17 @@ def main(argv=None):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
   train.maybe_initialize_distributed()
-  summary = export_workdir(args.workdir, args.out, args.data, k=args.k, platforms=args.platforms.split(","),
-                           batch_size=args.batch_size, shard_batches=args.shard_batches,
-                           scann_overrides=json.loads(args.scann) if args.scann else None,
-                           rebuild_index=args.rebuild_index, parity=not args.no_parity,
-                           progress=not args.no_progress, batch_buckets=buckets,
-                           warmup_max_batch=args.warmup_max_batch)
+  try:
+    summary = export_workdir(args.workdir, args.out, args.data, k=args.k, platforms=args.platforms.split(","),
+                             batch_size=args.batch_size, shard_batches=args.shard_batches,
+                             scann_overrides=json.loads(args.scann) if args.scann else None,
+                             rebuild_index=args.rebuild_index, parity=not args.no_parity,
+                             progress=not args.no_progress, batch_buckets=buckets,
+                             warmup_max_batch=args.warmup_max_batch, parity_tol=args.parity_tol,
+                             allow_parity_mismatch=args.allow_parity_mismatch)
+  except ParityError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   if summary is not None:
     print(json.dumps({k: summary[k] for k in ("paths", "num_products", "k", "parity", "timings")},
                      indent=2, default=float))

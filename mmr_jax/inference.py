@@ -70,6 +70,7 @@ def load_trained(workdir: str, data_dir: str | None = None, mesh=None) -> Traine
   if data_dir:
     with config.unlocked():
       config.data.dir = data_dir
+  train.check_data_dir(workdir, config.data.dir)
   # The tokenizer of the data the model was trained on must match the one used now.
   trained_vocab = config.model.text.vocab_size
   if data_dir and trained_vocab > 0:

@@ -50,6 +50,13 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
+class DataDirMismatchError(ValueError):
+  """Raised when a workdir is used with a DATA_DIR other than the one it was trained on."""
+
+
+DATA_FINGERPRINT_FILE = "data_fingerprint.json"
+
+
 # --------------------------------------------------------------------------------------------- setup
 
 
@@ -444,6 +451,47 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+# Allowed values of train options that are strings: a typo ("Stop") would otherwise act as another value.
+TRAIN_CHOICES = {"nan_policy": ("stop", "skip"), "best_mode": ("auto", "min", "max")}
+
+
+def check_train_options(tcfg) -> None:
+  """Raises ValueError naming `train.<key>` and its allowed values when a choice option has another value."""
+  for key, allowed in TRAIN_CHOICES.items():
+    value = tcfg[key]
+    if value not in allowed:
+      raise ValueError(f"train.{key}={value!r} is not one of {', '.join(allowed)}: set --config.train.{key}="
+                       f"{allowed[0]} (or {', '.join(allowed[1:])})")
+
+
+def check_data_dir(workdir, data_dir: str) -> None:
+  """Raises DataDirMismatchError when `data_dir` differs from the DATA_DIR `workdir` recorded at training.
+
+  A re-import (import_catalog --overwrite) keeps the path and often the vocabulary size, but changes the
+  tokenizer's pieces and the product order the checkpoint and its data-iterator position refer to.
+  """
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / DATA_FINGERPRINT_FILE
+  if not path.exists():  # a workdir trained before fingerprints were recorded: nothing to compare
+    return
+  recorded = json.loads(path.read_text())
+  now = tfds_builder.data_fingerprint(data_dir)
+  changed = [k for k in now if recorded.get(k) != now[k]]
+  if changed:
+    short = lambda v: v[:12] if isinstance(v, str) else v  # noqa: E731
+    diffs = ", ".join(f"{k} {short(recorded.get(k))} -> {short(now[k])}" for k in changed)
+    raise DataDirMismatchError(
+        f"{data_dir} is not the DATA_DIR {workdir} was trained on ({recorded.get('data_dir')}): {diffs} (trained "
+        f"-> now). Use the catalogue it was trained on (re-import the same source with the same options), or "
+        f"train a new workdir on this one; to accept this DATA_DIR anyway, delete {path}.")
+
+
+def _record_data_dir(workdir, data_dir: str) -> None:
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  ckpt_lib.write_json(epath.Path(workdir) / DATA_FINGERPRINT_FILE,
+                      dict(tfds_builder.data_fingerprint(data_dir), data_dir=str(ckpt_lib.absolute(data_dir))))
+
+
 RETRIEVAL_METRICS = ("val/recall@10", "val/recall@50", "val/recall@100", "val/ndcg@10", "val/mrr")
 
 
@@ -454,8 +502,7 @@ def resolve_best_metric(tcfg, logged: set[str]) -> tuple[str, str]:
   named metric must be one the run logs (else keep_best would silently keep nothing).
   """
   metric, mode = tcfg.best_metric, tcfg.best_mode
-  if mode not in ("auto", "min", "max"):
-    raise ValueError(f"train.best_mode={mode!r}; expected 'auto', 'min' or 'max'")
+  check_train_options(tcfg)
   if metric == "auto":
     losses = sorted(k for k in logged if k.endswith("/loss"))
     metric = "val/ndcg@10" if "val/ndcg@10" in logged else (losses[0] if losses else "")
@@ -526,7 +573,10 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   """
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = resolve_config(config)
+  check_train_options(config.train)
   workdir = ckpt_lib.absolute(workdir)
+  if ckpt_lib.has_checkpoint(workdir):  # the restored state and iterator position refer to the recorded data
+    check_data_dir(workdir, config.data.dir)
   workdir.mkdir(parents=True, exist_ok=True)
   tcfg = config.train
   _check_init_sources(config.init, workdir)
@@ -555,7 +605,19 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
                                async_save=tcfg.async_checkpoint)
   writer = _MetricWriter(workdir)
   latest = ckpt.latest_step()
-  if latest is not None:
+  saved_hosts = ckpt.data_process_count(latest) if latest is not None else None
+  if latest is not None and saved_hosts not in (None, jax.process_count()):
+    # grain saves one iterator state per process; with another process count there is none for some
+    # processes, so the position is derived from the step instead (the same global stream, up to rounding).
+    state, _ = ckpt.restore(latest, trainer.abstract_state)
+    position = latest * config.data.batch_size // jax.process_count()
+    moved = pipeline.move_train_iterator(train_iter, position)
+    log.warning("resumed from step %d, written by %d process(es), on %d: model and optimizer state restored; "
+                "the data iterator %s", latest, saved_hosts, jax.process_count(),
+                f"restarts at example {position} of each process's slice (step x data.batch_size / processes: "
+                "the global stream continues up to rounding)" if moved else
+                "restarts from the beginning of the data (its worker processes' positions cannot be derived)")
+  elif latest is not None:
     state, train_iter = ckpt.restore(latest, trainer.abstract_state, train_iter)
     log.info("resumed from step %d", latest)
   else:
@@ -567,12 +629,29 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   # Written only once the state exists: a run refused for a mismatching checkpoint leaves the workdir as it was.
   if jax.process_index() == 0:
     ckpt_lib.write_json(workdir / "config.json", config.to_dict())
+    _record_data_dir(workdir, config.data.dir)
 
   def val_batches():
     it = pipeline.make_train_iterator(config.data.dir, config.stage, config.data, seed=config.seed + 1,
                                       split="validation", augment=False)
     for _ in range(tcfg.eval_batches):
       yield next(it)
+
+  # The count is cumulative and saved; the stop policy acts on steps since the resume, since those before it
+  # were reported (or allowed under train.nan_policy=skip) by the run that had them.
+  nonfinite_at_start = int(jax.device_get(state.nonfinite))
+
+  def stop_on_new_nonfinite(step: int, state) -> int:
+    """Returns the cumulative non-finite count; raises NonFiniteLossError on new ones under nan_policy=stop."""
+    nonfinite = int(jax.device_get(state.nonfinite))
+    if nonfinite > nonfinite_at_start and tcfg.nan_policy == "stop":
+      good = ckpt.latest_step()
+      ckpt.close()
+      raise NonFiniteLossError(
+          f"loss or gradients became NaN/Inf ({nonfinite - nonfinite_at_start} step(s) between steps {start} and "
+          f"{step}); those updates were dropped. Last good checkpoint: step {good} in {workdir / 'checkpoints'}. "
+          "Lower optim.lr, check the data, or set train.nan_policy=skip.")
+    return nonfinite
 
   last = {}
   pbar = None
@@ -602,14 +681,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
         hook(step, state)
       if step % tcfg.log_every == 0 or step == tcfg.steps:
         m = jax.device_get(metrics)
-        nonfinite = int(jax.device_get(state.nonfinite))
-        if nonfinite and tcfg.nan_policy == "stop":
-          good = ckpt.latest_step()
-          ckpt.close()
-          raise NonFiniteLossError(
-              f"loss or gradients became NaN/Inf ({nonfinite} step(s) up to step {step}); those updates were "
-              f"dropped. Last good checkpoint: step {good} in {workdir / 'checkpoints'}. Lower optim.lr, check "
-              f"the data, or set train.nan_policy=skip.")
+        nonfinite = stop_on_new_nonfinite(step, state)
         dt = time.time() - t0
         m = {k: float(v) for k, v in m.items()}
         m.update(steps_per_s=steps_timed / max(dt, 1e-9),
@@ -628,6 +700,9 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
         last.update(val)
       preempted = preempt.requested or ckpt.reached_preemption(step)
       if step % tcfg.ckpt_every == 0 or step == tcfg.steps or preempted:
+        # Checked before every save too, so no checkpoint holds a non-finite step the stop policy has not seen:
+        # the step named "last good" resumes cleanly.
+        stop_on_new_nonfinite(step, state)
         ckpt.save(step, state, train_iter, metrics=val, force=True)
       if preempted:
         log.warning("preempted at step %d: checkpoint written, exiting", step)

@@ -660,3 +660,57 @@ def test_cli_end_to_end_with_parity(tiny_workdir, tiny_data, tmp_path):
   assert summary["warmup_batch_sizes"] == [1, 5]
   sv = export.load_saved_model(str(out / "serving"))
   assert sv.signatures["serving_default"](queries=_strings(["dress"]))["ids"].shape == (1, 7)
+
+
+def _without_saved_models(monkeypatch):
+  """Skips the SavedModel conversions (slow) in export_workdir: the tests below check what it decides."""
+  for name in ("export_query_tower", "export_product_tower", "export_serving"):
+    monkeypatch.setattr(export, name, lambda *a, **kw: None)
+
+
+def test_export_reuses_embeddings_only_of_the_same_weights(tiny_workdir, tiny_data, tmp_path, monkeypatch):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from mmr_jax import inference, train  # pylint: disable=g-import-not-at-top
+  other = tmp_path / "other_seed"  # another run, same config but its seed, stopped at the same step
+  cfg = tiny_config(tiny_data, progress=False)
+  cfg.seed = 7
+  train.train_and_evaluate(cfg, str(other))
+  assert inference.load_trained(str(other)).step == inference.load_trained(tiny_workdir).step
+  _without_saved_models(monkeypatch)
+  embedded = []
+  real = export.embed_catalogue
+  monkeypatch.setattr(export, "embed_catalogue", lambda *a, **kw: embedded.append(1) or real(*a, **kw))
+  out = tmp_path / "out"
+
+  def run(workdir):
+    export.export_workdir(str(workdir), str(out), tiny_data, k=K, platforms=("cpu",), parity=False, progress=False)
+    return np.load(out / "embeddings" / "embeddings.npy")
+
+  first = run(tiny_workdir)
+  second = run(other)
+  assert len(embedded) == 2  # not the first run's embeddings served with the second run's query tower
+  assert not np.allclose(first, second)
+  np.testing.assert_array_equal(run(other), second)
+  assert len(embedded) == 2  # the same weights and config: kept
+
+
+def test_parity_mismatch_fails_the_export(tiny_workdir, tiny_data, tmp_path, monkeypatch, capsys, caplog):
+  _without_saved_models(monkeypatch)
+  bad = {"queries": 1, "products": 1, "query_max_abs_diff": 3e-7, "product_preprocessed_max_abs_diff": 2e-7,
+         "product_end_to_end_max_abs_diff": 0.02, "product_tokens_equal": True, "has_image_equal": True,
+         "image_pixels_differing": 0.0, "image_max_abs_diff": 0}
+  monkeypatch.setattr(export, "measure_parity", lambda *a, **kw: dict(bad))
+  argv = ["--workdir", tiny_workdir, "--out", str(tmp_path / "out"), "--data", tiny_data, "--platforms", "cpu",
+          "--no_progress"]
+  with pytest.raises(SystemExit) as e:
+    export.main(argv)
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("error: ") and "product_tower (serving_default, raw bytes): max |SavedModel - JAX| 0.02 " \
+      "> tolerance 0.0001" in err and "query_tower" not in err
+  summary = json.loads((tmp_path / "out" / export.SUMMARY_FILE).read_text())
+  assert summary["parity_failures"] and summary["parity"]["product_end_to_end_max_abs_diff"] == 0.02
+  export.main(argv + ["--parity_tol", "0.05"])  # within a looser tolerance
+  with caplog.at_level("WARNING", logger="mmr_jax.export"):
+    export.main(argv + ["--allow_parity_mismatch"])  # a warning only
+  assert "SavedModels do not match" in caplog.text

@@ -299,3 +299,90 @@ def test_validation_logs_retrieval_metrics_and_keeps_the_best(tiny_data, tmp_pat
   res = evaluate.evaluate_workdir(str(tmp_path / "r"), splits=("validation",), keyword_search=False,
                                   save_index=False, out_name="val_metrics")
   assert res["splits"]["validation"]["exact"]["ndcg@10"] == pytest.approx(val[-1]["val/ndcg@10"], abs=1e-5)
+
+
+@pytest.mark.parametrize("key,value", [("nan_policy", "Stop"), ("best_mode", "maximum")])
+def test_bad_choice_options_are_refused_before_any_work(tiny_data, tmp_path, key, value):
+  cfg = _quiet(tiny_config(tiny_data), **{key: value})
+  with pytest.raises(ValueError, match=rf"train.{key}='{value}' is not one of"):
+    train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # refused before the workdir, the compile or a checkpoint
+
+
+def _report_nonfinite_at(monkeypatch, steps):
+  """Makes the trainer's step count the given steps as non-finite (dropped), as the compiled step does on a NaN."""
+  orig = train.Trainer.step
+
+  def step(self, state, host_batch):
+    state, metrics = orig(self, state, host_batch)
+    if int(jax.device_get(state.step)) in steps:
+      state = state.replace(nonfinite=jax.device_put(state.nonfinite + 1, self.state_shardings.nonfinite))
+    return state, metrics
+
+  monkeypatch.setattr(train.Trainer, "step", step)
+
+
+def test_nan_stop_last_good_checkpoint_resumes(tiny_data, tmp_path, monkeypatch):
+  # ckpt_every is not a multiple of log_every: checkpoints fall between a NaN step and the next log step.
+  cfg = lambda policy: _quiet(tiny_config(tiny_data), steps=6, log_every=4, eval_every=0, ckpt_every=1,  # noqa: E731
+                              nan_policy=policy)
+  wd = tmp_path / "w"
+  bad = {2}
+  _report_nonfinite_at(monkeypatch, bad)
+  with pytest.raises(train.NonFiniteLossError, match=r"1 step\(s\) between steps 0 and 2.*Last good checkpoint: step 1"):
+    train.train_and_evaluate(cfg("stop"), str(wd))
+  assert ckpt_lib.Checkpointer(str(wd)).all_steps() == [1]  # nothing saved past the NaN step
+  bad.clear()
+  assert train.train_and_evaluate(cfg("stop"), str(wd))["step"] == 6  # the named checkpoint resumes
+
+  # A checkpoint that carries non-finite steps allowed under nan_policy=skip resumes under stop.
+  wd2 = tmp_path / "w2"
+  bad.add(2)
+  c = cfg("skip")
+  c.train.steps = 4
+  assert train.train_and_evaluate(c, str(wd2))["nonfinite_steps"] == 1
+  bad.clear()
+  last = train.train_and_evaluate(cfg("stop"), str(wd2))
+  assert last["step"] == 6 and last["nonfinite_steps"] == 1
+
+
+def test_workdir_refuses_a_reimported_data_dir(tiny_data, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
+  data = tmp_path / "data"
+  shutil.copytree(tiny_data, data)
+  cfg = lambda steps: _quiet(tiny_config(str(data)), steps=steps, log_every=1, eval_every=0, ckpt_every=1)  # noqa: E731
+  wd = tmp_path / "w"
+  train.train_and_evaluate(cfg(2), str(wd))
+  inference.load_trained(str(wd))  # the same data: accepted
+  # As `import_catalog --overwrite` of a catalogue whose products come in another order leaves it: same path,
+  # same vocabulary size, another product order.
+  info = json.loads((data / "catalog_info.json").read_text())
+  assert info["products_sha256"]
+  info["products_sha256"] = "0" * 64
+  (data / "catalog_info.json").write_text(json.dumps(info))
+  with pytest.raises(train.DataDirMismatchError, match=r"is not the DATA_DIR .* was trained on.*products_sha256"):
+    train.train_and_evaluate(cfg(3), str(wd))  # resume
+  with pytest.raises(train.DataDirMismatchError, match=r"products_sha256 .* -> 000000000000"):
+    inference.load_trained(str(wd))  # evaluate and export
+  assert ckpt_lib.Checkpointer(str(wd)).all_steps() == [1, 2]
+
+
+def test_resume_on_another_process_count_restarts_the_data_at_the_step(tiny_data, tmp_path, caplog):
+  # A checkpoint written by 2 processes (grain's process_0-of-2 / process_1-of-2 iterator states),
+  # resumed by one: there is no process_0-of-1 state to restore.
+  cfg = lambda steps: _quiet(tiny_config(tiny_data), steps=steps, log_every=1, eval_every=0, ckpt_every=2)  # noqa: E731
+  wd = tmp_path / "w"
+  train.train_and_evaluate(cfg(2), str(wd))
+  data = wd / "checkpoints" / "2" / "data"
+  batch = tiny_config(tiny_data).data.batch_size
+  assert json.loads((data / "process_0-of-1.json").read_text()) == {"next_index": 2 * batch}
+  (data / "process_0-of-1.json").unlink()
+  for p in range(2):
+    (data / f"process_{p}-of-2.json").write_text(json.dumps({"next_index": batch}))
+  with caplog.at_level("WARNING", logger="mmr_jax.train"):
+    assert train.train_and_evaluate(cfg(4), str(wd))["step"] == 4
+  assert "written by 2 process(es), on 1" in caplog.text and f"restarts at example {2 * batch}" in caplog.text
+  # Two steps after position 2 * batch of the one stream, as if one process had trained all along.
+  state = json.loads((wd / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
+  assert state == {"next_index": 4 * batch}

@@ -37,6 +37,7 @@ import contextlib
 import ctypes
 import fcntl
 import glob
+import hashlib
 import io
 import json
 import os
@@ -299,11 +300,15 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
   lock_fd = _lock(tmp)
   try:
     corpus_path = tmp / _CORPUS_FILE
+    # The product ids in product-index order: a workdir records this (through catalog_info.json) to tell a
+    # re-imported DATA_DIR from the one it was trained on without reading the products table.
+    ids_hash = hashlib.sha256()
     with open(corpus_path, "w", encoding="utf-8") as corpus:
 
       def on_product(index, product):
         del index
         corpus.write(product.text.replace("\n", " ") + "\n")
+        ids_hash.update(product.id.encode("utf-8") + b"\n")
 
       plan = catalog.scan_catalog(src, novel_product_fraction=novel_product_fraction, seed=seed,
                                   pair_grades=pair_grades, on_product=on_product, progress=progress)
@@ -358,6 +363,7 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     info = {
         "name": name or src.resolve().name,
         "num_products": plan.num_products,
+        "products_sha256": ids_hash.hexdigest(),
         "num_queries": num_queries,
         "num_pairs": num_pairs,
         "image_max_side": int(image_max_side),

@@ -661,6 +661,20 @@ def product_truncation(data_dir: str, config: Any, sample: int = 2000,
                      "max": int(totals.max())}}
 
 
+def move_train_iterator(it: grain.DatasetIterator, position: int) -> bool:
+  """Returns whether a fresh make_train_iterator iterator could be moved to `position` of this host's stream.
+
+  The position counts examples read by this host: after s steps of a global batch B on P hosts, s * B / P
+  continues the same shuffled epochs. Without worker processes the iterator's state is that one number;
+  with them (config.num_workers > 0) it is per worker, and nothing is moved.
+  """
+  state = it.get_state()
+  if not isinstance(state, dict) or set(state) != {"next_index"}:
+    return False
+  it.set_state({"next_index": int(position)})
+  return True
+
+
 def eval_host_slice(num_rows: int, batch_size: int, process_index: int,
                     process_count: int) -> tuple[int, int, int]:
   """Returns (start, stop, num_batches) of this host's contiguous eval rows.

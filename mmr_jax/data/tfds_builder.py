@@ -11,6 +11,7 @@ disable_shuffling=True so row i of products is product index i (generation order
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -369,6 +370,21 @@ def catalog_info(data_dir: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"{path} not found: {data_dir!s} is not an imported catalogue "
                             "(run python -m mmr_jax.data.import_catalog SRC_DIR --out DATA_DIR)")
   return json.loads(path.read_text(encoding="utf-8"))
+
+
+def data_fingerprint(data_dir: str | os.PathLike) -> dict[str, Any]:
+  """Returns what identifies an imported DATA_DIR's contents, cheaply (no table is read).
+
+  sha256 of tokenizer.model and of catalog_info.json (which holds the row counts and, from the importer,
+  `products_sha256`, a hash of the product ids in index order), plus those two fields readable.
+  """
+  root = epath.Path(os.fspath(data_dir))
+  info_path = root / CATALOG_INFO_FILE
+  info_bytes = info_path.read_bytes() if info_path.exists() else b"{}"  # hand-built tables (tests) have none
+  info = json.loads(info_bytes.decode("utf-8"))
+  return {"tokenizer_sha256": hashlib.sha256((root / TOKENIZER_FILE).read_bytes()).hexdigest(),
+          "catalog_info_sha256": hashlib.sha256(info_bytes).hexdigest(),
+          "num_products": info.get("num_products"), "products_sha256": info.get("products_sha256")}
 
 
 def load_source(data_dir: str | os.PathLike, table: str, split: str | None = None):
