@@ -14,9 +14,12 @@ clients reach it through what each one honours in the pinned versions:
   CONNECT proxy here forwards those hosts to the emulator's TLS port, whose certificate (for both
   hostnames) is signed by a throwaway CA written next to the data. Auth: `NO_GCE_CHECK` +
   `GOOGLE_AUTH_TOKEN_FOR_TESTING` (TF skips the metadata server and sends that token).
-- tensorstore (Orbax's array writes): `TENSORSTORE_GCS_HTTP_URL` + the same token variable.
+- tensorstore (Orbax's array writes; the workdir lease): `TENSORSTORE_GCS_HTTP_URL` + the same token variable.
 - google-cloud-cpp inside array_record (TFDS data sources on gs://): `CLOUD_STORAGE_EMULATOR_ENDPOINT`.
 - google-cloud-storage / gcsfs (not used by mmr_jax; set for convenience): `STORAGE_EMULATOR_HOST`.
+
+All of them go through a relay here (`_Relay`) that also enforces `ifGenerationMatch`, which this
+fake-gcs-server ignores on JSON-API uploads and deletes.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 # The hostnames TF's GCS filesystem calls; the proxy sends only these to the emulator.
@@ -86,35 +90,46 @@ def _write_certs(out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib
   return paths
 
 
-class _ConnectProxy:
-  """An HTTP CONNECT proxy that answers GCS_HOSTS:443 itself (TLS with the emulator's certificate) and relays
-  each request to the emulator over plain HTTP; other hosts are refused.
+class _Relay:
+  """Relays client requests to fake-gcs-server, two ways in:
 
-  Why not a byte tunnel to the emulator's own TLS port: TF's uploads send `Transfer-Encoding: identity`,
-  which Go's HTTP server (fake-gcs-server) rejects with 501, so the relay drops that header.
+  - an HTTP CONNECT proxy that answers GCS_HOSTS:443 itself (TLS with the emulator's certificate), for TF's
+    GCS filesystem; other hosts are refused. Not a byte tunnel to a TLS port of the emulator: TF's uploads
+    send `Transfer-Encoding: identity`, which Go's HTTP server rejects with 501, so the relay drops it.
+  - a plain HTTP port, for tensorstore and google-cloud-cpp.
+
+  It also enforces `ifGenerationMatch` (create-if-absent, compare-and-swap), which real GCS honours and this
+  fake-gcs-server ignores on JSON-API uploads and deletes: the workdir lease depends on it.
   """
 
   def __init__(self, target_port: int, cert: pathlib.Path, key: pathlib.Path):
     self.target_port = target_port
     self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     self.ctx.load_cert_chain(cert, key)
-    self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    self.sock.bind(("127.0.0.1", 0))
-    self.sock.listen(64)
-    self.port = self.sock.getsockname()[1]
+    self._precondition_lock = threading.Lock()
     self._closed = False
-    threading.Thread(target=self._accept, daemon=True, name="gcs-proxy").start()
+    self.socks = []
+    self.proxy_port = self._listen(self._handle_connect)
+    self.http_port = self._listen(self._serve)
 
-  def _accept(self):
+  def _listen(self, handler) -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    self.socks.append(sock)
+    threading.Thread(target=self._accept, args=(sock, handler), daemon=True, name="gcs-relay").start()
+    return sock.getsockname()[1]
+
+  def _accept(self, sock, handler):
     while not self._closed:
       try:
-        conn, _ = self.sock.accept()
+        conn, _ = sock.accept()
       except OSError:
         return
-      threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+      threading.Thread(target=handler, args=(conn,), daemon=True).start()
 
-  def _handle(self, conn: socket.socket):
+  def _handle_connect(self, conn: socket.socket):
     try:
       reader = conn.makefile("rb")
       line = reader.readline(65536).decode("latin-1").split()
@@ -123,20 +138,45 @@ class _ConnectProxy:
       host = line[1].rsplit(":", 1)[0] if len(line) == 3 and line[0] == "CONNECT" else None
       if host not in GCS_HOSTS:
         conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        conn.close()
         return
       conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-      tls = self.ctx.wrap_socket(conn, server_side=True)
+      self._serve(self.ctx.wrap_socket(conn, server_side=True))
+    except (OSError, ssl.SSLError):
+      conn.close()
+
+  def _serve(self, conn: socket.socket):
+    try:
       upstream = http.client.HTTPConnection("127.0.0.1", self.target_port, timeout=300)
-      reader = tls.makefile("rb")
-      while self._relay_one(reader, tls, upstream):
+      reader = conn.makefile("rb")
+      while self._relay_one(reader, conn, upstream):
         pass
-    except (OSError, ssl.SSLError, http.client.HTTPException):
+    except (OSError, ssl.SSLError, http.client.HTTPException, ValueError):
       pass
     finally:
       conn.close()
 
-  @staticmethod
-  def _relay_one(reader, tls, upstream) -> bool:
+  def _generation(self, bucket: str, name: str) -> int:
+    """Returns the object's generation, 0 when it does not exist."""
+    c = http.client.HTTPConnection("127.0.0.1", self.target_port, timeout=60)
+    c.request("GET", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}")
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    return int(json.loads(body)["generation"]) if r.status == 200 else 0
+
+  def _precondition_failed(self, method: str, path: str) -> bool:
+    url = urllib.parse.urlsplit(path)
+    query = urllib.parse.parse_qs(url.query)
+    if "ifGenerationMatch" not in query:
+      return False
+    parts = url.path.split("/")
+    # /upload/storage/v1/b/B/o?name=N (uploads) or /storage/v1/b/B/o/N (delete, patch, get)
+    bucket = parts[parts.index("b") + 1]
+    name = query["name"][0] if "name" in query else urllib.parse.unquote("/".join(parts[parts.index("o") + 1:]))
+    return self._generation(bucket, name) != int(query["ifGenerationMatch"][0])
+
+  def _relay_one(self, reader, tls, upstream) -> bool:
     """Relays one request; returns whether the connection stays open."""
     line = reader.readline(65536)
     if not line.strip():
@@ -160,17 +200,18 @@ class _ConnectProxy:
         pass
     else:
       body = reader.read(int(lower.get("content-length", 0) or 0))
-    drop = {"transfer-encoding", "content-length", "expect", "connection", "proxy-connection"}
-    upstream.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-    for k, v in headers:
-      if k.lower() not in drop:
-        upstream.putheader(k, v)
-    upstream.putheader("Content-Length", str(len(body)))
-    upstream.endheaders(body)
-    resp = upstream.getresponse()
-    data = resp.read()
-    out = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n".encode("latin-1")]
-    for k, v in resp.getheaders():
+    if "ifGenerationMatch=" in path:
+      with self._precondition_lock:  # check and write as one step against the other relayed requests
+        if self._precondition_failed(method, path):
+          msg = b'{"error":{"code":412,"message":"Precondition Failed"}}'
+          tls.sendall(b"HTTP/1.1 412 Precondition Failed\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(msg), msg))
+          return True
+        status, resp_headers, data = self._forward(upstream, method, path, headers, body)
+    else:
+      status, resp_headers, data = self._forward(upstream, method, path, headers, body)
+    out = [f"HTTP/1.1 {status[0]} {status[1]}\r\n".encode("latin-1")]
+    for k, v in resp_headers:
       if k.lower() == "location" and v.startswith("http://") and v[7:].split("/", 1)[0] in GCS_HOSTS:
         v = "https://" + v[7:]  # the emulator echoes the Host header; the client came over TLS
       if k.lower() not in ("transfer-encoding", "content-length", "connection"):
@@ -179,9 +220,22 @@ class _ConnectProxy:
     tls.sendall(b"".join(out) + (b"" if method == "HEAD" else data))
     return lower.get("connection", "").lower() != "close"
 
+  @staticmethod
+  def _forward(upstream, method, path, headers, body):
+    drop = {"transfer-encoding", "content-length", "expect", "connection", "proxy-connection"}
+    upstream.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for k, v in headers:
+      if k.lower() not in drop:
+        upstream.putheader(k, v)
+    upstream.putheader("Content-Length", str(len(body)))
+    upstream.endheaders(body)
+    resp = upstream.getresponse()
+    return (resp.status, resp.reason), resp.getheaders(), resp.read()
+
   def close(self):
     self._closed = True
-    self.sock.close()
+    for sock in self.socks:
+      sock.close()
 
 
 def _binary() -> pathlib.Path:
@@ -221,17 +275,18 @@ class GcsEmulator:
     self._wait(http_url)
     for bucket in self.buckets:
       self.create_bucket(bucket)
-    self.proxy = _ConnectProxy(self.http_port, cert, key)
-    proxy_url = f"http://127.0.0.1:{self.proxy.port}"
+    self.proxy = _Relay(self.http_port, cert, key)
+    proxy_url = f"http://127.0.0.1:{self.proxy.proxy_port}"
+    relay_url = f"http://127.0.0.1:{self.proxy.http_port}"
     self.env = {
         "https_proxy": proxy_url, "HTTPS_PROXY": proxy_url,
         "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
         "CURL_CA_BUNDLE": str(ca),
         "NO_GCE_CHECK": "true",
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-        "TENSORSTORE_GCS_HTTP_URL": http_url,
-        "CLOUD_STORAGE_EMULATOR_ENDPOINT": http_url,
-        "STORAGE_EMULATOR_HOST": http_url,
+        "TENSORSTORE_GCS_HTTP_URL": relay_url,
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT": relay_url,
+        "STORAGE_EMULATOR_HOST": relay_url,
         # TF caches stat/listing results per process; the emulator has no lag to hide.
         "GCS_STAT_CACHE_MAX_AGE": "0",
     }

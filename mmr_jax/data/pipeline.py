@@ -51,6 +51,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+from etils import epath
 import grain
 import numpy as np
 from PIL import Image, ImageOps
@@ -84,8 +85,8 @@ def open_source(data_dir: str, table: str, split: str) -> _Source:
 
 def load_tokenizer(data_dir: str) -> Tokenizer:
   """Returns the Tokenizer of DATA_DIR/tokenizer.model."""
-  path = os.path.join(data_dir, TOKENIZER_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(data_dir) / TOKENIZER_FILE
+  if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: DATA_DIR must be written by import_catalog / "
         "make_synthetic")
