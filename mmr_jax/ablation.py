@@ -20,15 +20,16 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 
 import numpy as np
 from etils import epath
 
+from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
 from mmr_jax import evaluate as eval_lib
+from mmr_jax import fileio
 from mmr_jax import metrics as metrics_lib
 
 log = logging.getLogger("mmr_jax.ablation")
@@ -185,7 +186,7 @@ def _config_differences(saved: dict, wanted) -> list[str]:
   # Through JSON, as config.json was written: tuples become lists on both sides.
   want = metrics_lib.flatten(json.loads(json.dumps(train.resolve_config(wanted).to_dict(), default=str)), sep=".")
   have = metrics_lib.flatten(saved, sep=".")
-  norm = lambda k, v: os.path.abspath(v) if k in ("data.dir", "init.workdir") and v else v  # noqa: E731
+  norm = lambda k, v: str(ckpt_lib.absolute(v)) if k in ("data.dir", "init.workdir") and v else v  # noqa: E731
   out = []
   for k in sorted(set(want) | set(have)):
     if k.startswith("train.") and k != "train.steps":
@@ -221,6 +222,12 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   mod = load_config_module(config_path)
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
+  with fileio.WorkdirLock(root, "ablation"):
+    return _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides)
+
+
+def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides):
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
   extra = "," + config_arg if config_arg else ""
   # DATA_DIR is set on the config, not passed in the "k=v,..." argument, where a comma in the path would split it.
   base_arg = f"steps={steps},batch={batch}{extra}"
@@ -242,7 +249,7 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
       log.info("== stage 1: image <-> title domain alignment")
       t0 = time.time()
       train.train_and_evaluate(cfg, str(stage1_dir))
-      (stage1_dir / "DONE").write_text("ok\n")
+      fileio.write_text(stage1_dir / "DONE", "ok\n")
       timings["stage1_s"] = time.time() - t0
   out_rows = []
   for point in sweep:
@@ -264,7 +271,7 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
       timings[name] = time.time() - t0
     results = json.loads(metrics_path.read_text())
     out_rows.append(row_summary(name, results))
-  (root / "ablation.json").write_text(json.dumps(out_rows, indent=2, default=float))
+  fileio.write_json(root / "ablation.json", out_rows)
   md = ["# Ablation", "", f"Data: `{data_dir}`; config: `{config_path}`; test split, ScaNN ranking; metrics in %.", "",
         markdown_table(out_rows)]
   if info["num_products"] <= 100:
@@ -274,10 +281,9 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   if gains:
     md += ["", "fusion_ft minus text_only (points): " + "; ".join(
         f"{g}: R@100 {v['recall@100']:+.1f}, NDCG@10 {v['ndcg@10']:+.1f}" for g, v in gains.items())]
-  (root / "ablation.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-  margins_path.write_text(json.dumps({"fusion_ft_minus_text_only": gains, "timings_s": timings},
-                                                         indent=2, default=float))
-  plot_rows(out_rows, str(root / "ablation.png"))
+  fileio.write_text(root / "ablation.md", "\n".join(md) + "\n")
+  fileio.write_json(margins_path, {"fusion_ft_minus_text_only": gains, "timings_s": timings})
+  fileio.write_atomic(root / "ablation.png", lambda p: plot_rows(out_rows, p))
   return out_rows
 
 

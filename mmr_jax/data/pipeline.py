@@ -48,7 +48,6 @@ import dataclasses
 import io
 import logging
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 from etils import epath
