@@ -87,15 +87,20 @@ def test_gcs_emulator_end_to_end_import_train_evaluate_export(tiny_data, gcs_emu
                                                          "--config.train.ckpt_every=2")],
                            cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
-    lease_seen = False
-    for _ in range(600):
-      if first.poll() is not None:
-        break
-      if "value" in _py(f"from mmr_jax import fileio\nprint(fileio.WorkdirLock({s1!r}, 'x')._kvstore()"
-                        f".read(fileio.LOCK_FILE).result().state)", env):
-        lease_seen = True
-        break
-      time.sleep(1)
+    # One watcher process (not one per poll: each would import TF): waits for the lease or the trainer's end.
+    lease_seen = "lease" in _py(f"""
+import os, time
+from mmr_jax import fileio
+kv = fileio.WorkdirLock({s1!r}, "x")._kvstore()
+for _ in range(1200):
+  if kv.read(fileio.LOCK_FILE).result().state == "value":
+    print("lease"); break
+  try:
+    os.kill({first.pid}, 0)
+  except OSError:
+    break
+  time.sleep(0.5)
+""", env)
     assert lease_seen, "the first trainer never took the lease"
     second = subprocess.run([sys.executable, *_train_cmd(1, data, s1, "--config.train.steps=6")], cwd=ROOT,
                             env=_env(env), capture_output=True, text=True, timeout=600)
