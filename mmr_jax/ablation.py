@@ -20,15 +20,16 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 
 import numpy as np
 from etils import epath
 
+from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
 from mmr_jax import evaluate as eval_lib
+from mmr_jax import fileio
 from mmr_jax import metrics as metrics_lib
 
 log = logging.getLogger("mmr_jax.ablation")
@@ -220,7 +221,7 @@ def _config_differences(saved: dict, wanted) -> list[str]:
   # Through JSON, as config.json was written: tuples become lists on both sides.
   want = metrics_lib.flatten(json.loads(json.dumps(train.resolve_config(wanted).to_dict(), default=str)), sep=".")
   have = metrics_lib.flatten(saved, sep=".")
-  norm = lambda k, v: os.path.abspath(v) if k in ("data.dir", "init.workdir") and v else v  # noqa: E731
+  norm = lambda k, v: str(ckpt_lib.absolute(v)) if k in ("data.dir", "init.workdir") and v else v  # noqa: E731
   out = []
   for k in sorted(set(want) | set(have)):
     if k.startswith("train.") and k != "train.steps":
@@ -263,6 +264,12 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   mod = load_config_module(config_path)
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
+  with fileio.WorkdirLock(root, "ablation"):
+    return _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides)
+
+
+def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides):
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
   extra = "," + config_arg if config_arg else ""
   if budget not in BUDGETS:
     raise ValueError(f"budget {budget!r}; expected one of {sorted(BUDGETS)}")
@@ -290,7 +297,7 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
       log.info("== stage 1: image <-> title domain alignment")
       t0 = time.time()
       train.train_and_evaluate(cfg, str(stage1_dir))
-      (stage1_dir / "DONE").write_text("ok\n")
+      fileio.write_text(stage1_dir / "DONE", "ok\n")
       timings["stage1_s"] = time.time() - t0
   out_rows, results = [], {}
   for point in sweep:
@@ -315,7 +322,7 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
     results[name] = json.loads(metrics_path.read_text())
     out_rows.append(row_summary(name, results[name]))
   out_rows += keyword_rows(results)
-  (root / "ablation.json").write_text(json.dumps(out_rows, indent=2, default=float))
+  fileio.write_json(root / "ablation.json", out_rows)
   md = ["# Ablation", "", f"Data: `{data_dir}`; config: `{config_path}`; test split, ScaNN ranking; metrics in %.", "",
         markdown_table(out_rows)]
   if info["num_products"] <= 100:
@@ -337,10 +344,9 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
            + ("chosen on the validation queries)." if hybrid["fusion"].get("tuned_on") else
               "not tuned: the catalogue has no validation queries).") + "", "", "Minus bm25 (points):"]
     md += [f"- {name}: {fmt_gains(g)}" for name, g in vs_bm25.items()]
-  (root / "ablation.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-  margins_path.write_text(json.dumps({"fusion_ft_minus_text_only": gains, "minus_bm25": vs_bm25,
-                                      "timings_s": timings}, indent=2, default=float))
-  plot_rows(out_rows, str(root / "ablation.png"))
+  fileio.write_text(root / "ablation.md", "\n".join(md) + "\n")
+  fileio.write_json(margins_path, {"fusion_ft_minus_text_only": gains, "minus_bm25": vs_bm25, "timings_s": timings})
+  fileio.write_atomic(root / "ablation.png", lambda p: plot_rows(out_rows, p))
   return out_rows
 
 

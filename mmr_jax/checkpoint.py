@@ -9,7 +9,6 @@ carries, so a checkpoint written on 8 devices restores onto 4 (elastic resume).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -19,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from mmr_jax import fileio
 
 try:  # grain registers its orbax handler on import.
   import grain.checkpoint as grain_ckpt
@@ -200,8 +201,5 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
 
 
 def write_json(path, obj) -> None:
-  """Writes JSON atomically (tmp + rename) so a crash never leaves a half-written file."""
-  path = epath.Path(path)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-  tmp.replace(path)
+  """Writes JSON atomically, locally or on gs:// (fileio.write_json), so a crash never leaves a half file."""
+  fileio.write_json(path, obj)

@@ -14,6 +14,7 @@ exact search, and breakdowns by query tag and by the text sparsity of the query'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from etils import epath
 
+from mmr_jax import fileio
 from mmr_jax import index as index_lib
 from mmr_jax import keyword
 from mmr_jax import metrics as metrics_lib
@@ -321,6 +323,14 @@ def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence
   validation queries, which are then evaluated too) on the same queries.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:  # re-entrant: `train --evaluate` already holds it
+      stack.enter_context(fileio.WorkdirLock(workdir, "evaluate"))
+    return _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_index, out_name)
+
+
+def _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_index, out_name) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
   from mmr_jax import inference  # pylint: disable=g-import-not-at-top
   from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -360,13 +370,13 @@ def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence
   results.update(step=tm.step, embed_s=embed_s, workdir=str(workdir), data_dir=str(data_dir))
   if jax.process_index() == 0:
     out = epath.Path(workdir)
-    (out / f"{out_name}.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / f"{out_name}.md").write_text(markdown_report(results, f"Retrieval metrics: {out.name}"),
-                                         encoding="utf-8")
-    plot_recall(results, str(out / "recall_at_k.png"))
     if save_index:
       index.save(str(out / "index"))
-      np.save(str(out / "product_embeddings.npy"), prod_emb)
+      fileio.write_atomic(out / "product_embeddings.npy", lambda p: np.save(p, prod_emb))
+    fileio.write_atomic(out / "recall_at_k.png", lambda p: plot_recall(results, p))
+    fileio.write_text(out / f"{out_name}.md", markdown_report(results, f"Retrieval metrics: {out.name}"))
+    # Last: metrics.json marks the evaluation done (sweeps and the ablation skip a point that has it).
+    fileio.write_json(out / f"{out_name}.json", results)
   return results
 
 

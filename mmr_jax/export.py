@@ -157,8 +157,10 @@ then scores 0 and ties go to the lowest product indexes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -171,6 +173,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from etils import epath
+
+from mmr_jax import fileio
 
 log = logging.getLogger("mmr_jax.export")
 
@@ -484,8 +488,7 @@ def tf_tokenizer(tokenizer_path: str, max_len: int, conventions=None):
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  with open(tokenizer_path, "rb") as f:
-    proto = f.read()
+  proto = epath.Path(tokenizer_path).read_bytes()
   enc = tok_lib.tf_encode(proto, max_len, conventions)
   enc.model_file = tf.saved_model.Asset(tokenizer_path)
   return enc
@@ -838,17 +841,16 @@ def scann_tensors(index_dir: str) -> list:
   """
   out = []
   for name, fname in _SCANN_ASSETS:
-    path = os.path.join(index_dir, fname)
+    path = epath.Path(index_dir) / fname
     if fname.endswith(".pb"):
-      if os.path.exists(path):
-        with open(path, "rb") as f:
-          out.append(np.array([f.read()], dtype=object))
+      if path.exists():
+        out.append(np.array([path.read_bytes()], dtype=object))
       elif name == "scann_config":
         raise FileNotFoundError(f"{path} not found: {index_dir} is not a ScannIndex.save directory")
       else:
         out.append(np.array(b"", dtype=object))
     else:
-      out.append(np.load(path) if os.path.exists(path) else np.zeros((), _SCANN_DTYPES[name]))
+      out.append(_load_npy(path) if path.exists() else np.zeros((), _SCANN_DTYPES[name]))
   return out
 
 
@@ -961,7 +963,7 @@ def write_warmup_requests(path: str, requests: Sequence[Mapping[str, np.ndarray]
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import predict_pb2, prediction_log_pb2  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
   with tf.io.TFRecordWriter(path) as w:
     for inputs in requests:
       req = predict_pb2.PredictRequest()
@@ -988,9 +990,19 @@ def _product_warmup(buckets, max_batch):
 
 
 def _save(module, out_dir: str, signatures: Mapping[str, Any], warmup: Sequence[Mapping[str, Any]] = ()) -> str:
-  """Writes the SavedModel (and its warm-up requests for `serving_default`, if any) atomically to out_dir."""
+  """Writes the SavedModel (and its warm-up requests for `serving_default`, if any) atomically to out_dir.
+
+  On gs:// (no atomic folder rename) it is written locally and copied up; export_summary.json, written
+  last, says the export is complete.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   out_dir = os.fspath(out_dir)
+  if fileio.is_remote(out_dir):
+    import tempfile  # pylint: disable=g-import-not-at-top
+    with tempfile.TemporaryDirectory(prefix="mmr_export_") as local:
+      _save(module, os.path.join(local, "model"), signatures, warmup)
+      fileio.upload_dir(os.path.join(local, "model"), out_dir)
+    return out_dir
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   tf.saved_model.save(module, tmp, signatures=signatures)
@@ -1034,7 +1046,7 @@ def load_saved_model(path: str):
   import scann  # pylint: disable=g-import-not-at-top,unused-import
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import
-  if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+  if not (epath.Path(path) / "saved_model.pb").is_file():
     raise FileNotFoundError(f"{path}/saved_model.pb not found: not a SavedModel directory")
   return tf.saved_model.load(path)
 
@@ -1083,15 +1095,26 @@ def _min_over_processes(value: int) -> int:
 
 
 def _write_atomic(path: str, write) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
+  fileio.write_atomic(path, write)
+
+
+def _load_npy(path) -> np.ndarray:
+  """Returns the .npy or .npz (then a dict of arrays) at a local or gs:// path."""
+  data = np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False)
+  if isinstance(data, np.lib.npyio.NpzFile):
+    with data:
+      return {k: data[k] for k in data.files}
+  return data
+
+
+def _abspath(path) -> str:
+  return os.fspath(path) if fileio.is_remote(path) else os.path.abspath(path)
 
 
 def _finished_shards(shard_dir: str, num_shards: int) -> int:
   """Returns how many shards from the first one on are complete (npz + state json)."""
   done = 0
-  while done < num_shards and all(os.path.isfile(os.path.join(shard_dir, f"shard_{done:05d}{ext}"))
+  while done < num_shards and all((epath.Path(shard_dir) / f"shard_{done:05d}{ext}").is_file()
                                   for ext in (".npz", ".json")):
     done += 1
   return done
@@ -1134,26 +1157,24 @@ def embed_catalogue(tm, data_dir: str, out_dir: str, *, batch_size: int = 256, s
   num_shards = -(-num_batches // shard_batches)
   shards_root = os.path.join(out_dir, "shards")
   shard_dir = os.path.join(shards_root, f"process_{p}-of-{num_p}")
-  os.makedirs(shard_dir, exist_ok=True)
+  epath.Path(shard_dir).mkdir(parents=True, exist_ok=True)
   manifest = {"num_products": n, "batch_size": batch_size, "shard_batches": shard_batches,
-              "process_count": num_p, "step": int(tm.step), "data_dir": os.path.abspath(data_dir),
+              "process_count": num_p, "step": int(tm.step), "data_dir": _abspath(data_dir),
               "fingerprint": dict(fingerprint or {})}
   man_path = os.path.join(shard_dir, "manifest.json")
-  if os.path.isfile(man_path):
-    with open(man_path) as f:
-      old = json.load(f)
+  if epath.Path(man_path).is_file():
+    old = json.loads(epath.Path(man_path).read_text())
     if old != manifest:
       log.warning("%s: shards were written with %s, now %s; starting over", shard_dir, old, manifest)
-      shutil.rmtree(shard_dir)
-      os.makedirs(shard_dir)
-  _write_atomic(man_path, lambda t: epath.Path(t).write_text(json.dumps(manifest, indent=2)))
+      epath.Path(shard_dir).rmtree()
+      epath.Path(shard_dir).mkdir(parents=True)
+  fileio.write_text(man_path, json.dumps(manifest, indent=2))
   # Every process must run the same number of (collective) steps: restart where all of them are.
   done = _min_over_processes(_finished_shards(shard_dir, num_shards))
   it = pipeline.make_eval_iterator(data_dir, "products", "all", tm.config.data, batch_size)
   rows_done = 0
   if done:
-    with open(os.path.join(shard_dir, f"shard_{done - 1:05d}.json")) as f:
-      state = json.load(f)
+    state = json.loads((epath.Path(shard_dir) / f"shard_{done - 1:05d}.json").read_text())
     it.set_state(state["iterator_state"])
     rows_done = int(state["rows_total"])
     log.info("resuming after %d finished shard(s) (%d rows) in %s", done, rows_done, shard_dir)
@@ -1180,7 +1201,7 @@ def embed_catalogue(tm, data_dir: str, out_dir: str, *, batch_size: int = 256, s
 
       _write_atomic(base + ".npz", write_npz)
       state = {"iterator_state": it.get_state(), "rows": len(idx), "rows_total": rows_done}
-      _write_atomic(base + ".json", lambda t, s=state: epath.Path(t).write_text(json.dumps(s)))
+      fileio.write_text(base + ".json", json.dumps(state))
   _barrier("mmr_export_embedded")
   if p != 0:
     return None
@@ -1190,8 +1211,8 @@ def embed_catalogue(tm, data_dir: str, out_dir: str, *, batch_size: int = 256, s
   for q in range(num_p):
     d = os.path.join(shards_root, f"process_{q}-of-{num_p}")
     for j in range(_finished_shards(d, num_shards)):
-      with np.load(os.path.join(d, f"shard_{j:05d}.npz")) as z:
-        emb, idx = z["embeddings"], z["product_index"]
+      z = _load_npy(os.path.join(d, f"shard_{j:05d}.npz"))
+      emb, idx = z["embeddings"], z["product_index"]
       if out is None:
         dim = emb.shape[1]
         out = np.zeros((n, dim), np.float32)
@@ -1211,14 +1232,15 @@ def _build_index(emb: np.ndarray, workdir: str, out_index: str, rebuild: bool,
   eval_dir = os.path.join(workdir, "index")
   eval_emb = os.path.join(workdir, "product_embeddings.npy")
   cfg_path = os.path.join(eval_dir, index_lib.SCANN_CONFIG_FILE)
-  shutil.rmtree(out_index, ignore_errors=True)
+  if epath.Path(out_index).exists():
+    epath.Path(out_index).rmtree()
   params = None
-  if os.path.isfile(cfg_path) and not scann_overrides:
-    with open(cfg_path) as f:
-      eval_params = json.load(f)["params"]
+  if epath.Path(cfg_path).is_file() and not scann_overrides:
+    eval_params = json.loads(epath.Path(cfg_path).read_text())["params"]
     if int(eval_params.get("n", -1)) == emb.shape[0] and int(eval_params.get("d", -1)) == emb.shape[1]:
-      if not rebuild and os.path.isfile(eval_emb) and np.array_equal(np.load(eval_emb), emb):
-        shutil.copytree(eval_dir, out_index)
+      if not rebuild and epath.Path(eval_emb).is_file() and np.array_equal(_load_npy(eval_emb), emb):
+        with fileio.local_dir(eval_dir) as local:
+          fileio.upload_dir(local, out_index)
         index_lib.ScannIndex.load(out_index)  # validates the copy
         return {"source": "reused", "from": eval_dir, **index_lib.ScannIndex.load(out_index).config()}
       params = {k: v for k, v in eval_params.items() if k in index_lib.SCANN_DEFAULTS}
@@ -1316,17 +1338,28 @@ def _versions() -> dict:
   return out
 
 
-def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: int = 100,
-                   platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_size: int = 256,
-                   shard_batches: int = 16, scann_overrides: Mapping[str, Any] | None = None,
-                   rebuild_index: bool = False, parity: bool = True, progress: bool = True,
-                   batch_buckets: Sequence[int] = BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH,
-                   parity_tol: float = PARITY_TOL, allow_parity_mismatch: bool = False) -> dict | None:
+def export_workdir(workdir: str, out: str, data_dir: str | None = None, **kwargs) -> dict | None:
   """Exports a trained workdir into `out` (layout in the module doc); returns the summary on process 0.
 
+  The workdir and `out` are locked (fileio.WorkdirLock) for the export: a trainer still writing the workdir,
+  or a second export into `out`, is refused. Keyword arguments: see `_export_workdir`.
   Raises ParityError (after writing everything, the summary included) when the measured parity is outside
   `parity_tol`, unless `allow_parity_mismatch`, which logs a warning instead.
   """
+  import jax  # pylint: disable=g-import-not-at-top
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      stack.enter_context(fileio.WorkdirLock(workdir, "export"))
+      stack.enter_context(fileio.WorkdirLock(out, "export"))
+    return _export_workdir(workdir, out, data_dir, **kwargs)
+
+
+def _export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: int = 100,
+                    platforms: Sequence[str] = DEFAULT_PLATFORMS, batch_size: int = 256,
+                    shard_batches: int = 16, scann_overrides: Mapping[str, Any] | None = None,
+                    rebuild_index: bool = False, parity: bool = True, progress: bool = True,
+                    batch_buckets: Sequence[int] = BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH,
+                    parity_tol: float = PARITY_TOL, allow_parity_mismatch: bool = False) -> dict | None:
   import jax  # pylint: disable=g-import-not-at-top
   from mmr_jax import inference  # pylint: disable=g-import-not-at-top
   from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
@@ -1351,19 +1384,18 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
     tokenizer_path = pipeline.tokenizer_path(data_dir, tm.config.data)  # the run's own (config.json)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{e}: --data must be the DATA_DIR the model was trained on") from None
-  os.makedirs(out, exist_ok=True)
   emb_dir = os.path.join(out, "embeddings")
-  os.makedirs(emb_dir, exist_ok=True)
+  epath.Path(emb_dir).mkdir(parents=True, exist_ok=True)
 
   # The SavedModels are written by process 0 from whole (gathered) parameters; gathering is collective.
   tm_host = dataclasses.replace(tm, params=_host_params(tm.params))
   fingerprint = export_fingerprint(tm_host.params, tm.config)
   t0 = time.time()
   info_path = os.path.join(emb_dir, "info.json")
-  info = json.loads(epath.Path(info_path).read_text()) if os.path.isfile(info_path) else None
+  info = json.loads(epath.Path(info_path).read_text()) if epath.Path(info_path).is_file() else None
   up_to_date = (info is not None and info.get("step") == int(tm.step) and info.get("data_dir") ==
-                os.path.abspath(data_dir) and info.get("fingerprint") == fingerprint
-                and os.path.isfile(os.path.join(emb_dir, "embeddings.npy"))
+                _abspath(data_dir) and info.get("fingerprint") == fingerprint
+                and epath.Path(emb_dir, "embeddings.npy").is_file()
                 and not rebuild_index and not scann_overrides)
   # Every process must take the same branch (embedding is collective).
   up_to_date = bool(_min_over_processes(int(up_to_date)))
@@ -1371,7 +1403,7 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
   if up_to_date:
     step("embeddings: up to date (same weights, config and data), kept")
     if jax.process_index() == 0:
-      emb = np.load(os.path.join(emb_dir, "embeddings.npy"))
+      emb = _load_npy(os.path.join(emb_dir, "embeddings.npy"))
   else:
     step("embedding the catalogue (resumable)")
     emb = embed_catalogue(tm, data_dir, emb_dir, batch_size=batch_size, shard_batches=shard_batches,
@@ -1381,17 +1413,22 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
   if jax.process_index() == 0:
     ids = product_ids(data_dir)
     if not up_to_date:
-      np.save(os.path.join(emb_dir, "embeddings.npy"), emb)
-      epath.Path(os.path.join(emb_dir, "ids.txt")).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+      # info.json is the "done" marker of this folder: a rerun trusts embeddings.npy only when it exists,
+      # so everything else is complete (and each file whole) before it is written.
+      if epath.Path(info_path).exists():
+        epath.Path(info_path).unlink()
+      fileio.write_atomic(os.path.join(emb_dir, "embeddings.npy"), lambda t: np.save(t, emb))
+      fileio.write_text(os.path.join(emb_dir, "ids.txt"), "".join(f"{i}\n" for i in ids))
       step("building the ScaNN index")
       t0 = time.time()
       index_info = _build_index(emb, workdir, os.path.join(emb_dir, "index"), rebuild_index, scann_overrides)
       timings["index_s"] = time.time() - t0
       info = {"num_products": int(emb.shape[0]), "dim": int(emb.shape[1]), "dtype": "float32",
-              "step": int(tm.step), "workdir": os.path.abspath(workdir), "data_dir": os.path.abspath(data_dir),
+              "step": int(tm.step), "workdir": _abspath(workdir), "data_dir": _abspath(data_dir),
               "normalised": True, "index": index_info, "fingerprint": fingerprint}
-      epath.Path(info_path).write_text(json.dumps(info, indent=2, default=float))
-      shutil.rmtree(os.path.join(emb_dir, "shards"), ignore_errors=True)
+      fileio.write_json(info_path, info)
+      if epath.Path(emb_dir, "shards").exists():
+        epath.Path(emb_dir, "shards").rmtree()
 
     shapes = {"batch_buckets": batch_buckets, "warmup_max_batch": warmup_max_batch}
     for name, fn in (("query_tower", lambda p: export_query_tower(tm_host, tokenizer_path, p, platforms, **shapes)),
@@ -1415,19 +1452,19 @@ def export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: in
     timings["total_s"] = time.time() - t_start
     mismatches = parity_failures(parity_res, parity_tol)
     summary = {
-        "workdir": os.path.abspath(workdir), "data_dir": os.path.abspath(data_dir), "step": int(tm.step),
+        "workdir": _abspath(workdir), "data_dir": _abspath(data_dir), "step": int(tm.step),
         "variant": tm.config.model.variant, "embedding_dim": int(two_tower.embedding_dim(tm.config.model)),
         "num_products": int(info["num_products"]), "k": int(k), "platforms": list(platforms),
         "batch_buckets": list(batch_buckets),
         "warmup_batch_sizes": warmup_sizes,
         "inputs": {"query_len": int(tm.config.data.query_len), "product_len": int(tm.config.data.product_len),
                    "image_size": int(tm.config.data.image_size)},
-        "paths": {name: os.path.join(os.path.abspath(out), name)
+        "paths": {name: os.path.join(_abspath(out), name)
                   for name in ("query_tower", "product_tower", "serving", "embeddings")},
         "index": info["index"], "parity": parity_res, "parity_tolerance": parity_tol,
         "parity_failures": mismatches, "pillow_vertical_first": _pillow_vertical_first(),
         "timings": timings, "versions": _versions()}
-    epath.Path(os.path.join(out, SUMMARY_FILE)).write_text(json.dumps(summary, indent=2, default=float))
+    fileio.write_json(os.path.join(out, SUMMARY_FILE), summary)
     step(f"done in {timings['total_s']:.0f} s: {out}")
   _barrier("mmr_export_done")
   if summary is not None and summary["parity_failures"]:

@@ -19,11 +19,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
 import numpy as np
+
+from mmr_jax import fileio
 
 SCANN_CONFIG_FILE = "mmr_index_config.json"
 
@@ -351,7 +355,12 @@ class ScannIndex:
             "distance": "dot_product"}
 
   def save(self, directory: str) -> None:
-    """Writes ScaNN's own serialized searcher plus `mmr_index_config.json` into `directory`."""
+    """Writes ScaNN's own serialized searcher plus `mmr_index_config.json` into `directory` (local or gs://)."""
+    if fileio.is_remote(directory):  # ScaNN writes local files only: serialise here, then copy up
+      with tempfile.TemporaryDirectory(prefix="mmr_index_") as tmp:
+        self.save(tmp)
+        fileio.upload_dir(tmp, directory)
+      return
     os.makedirs(directory, exist_ok=True)
     # relative_path: the assets file then names siblings, so the folder can be moved or copied.
     self.searcher.serialize(directory, relative_path=True)
@@ -360,15 +369,15 @@ class ScannIndex:
 
   @classmethod
   def load(cls, directory: str) -> "ScannIndex":
-    """Returns the index saved by `save` in `directory`."""
-    cfg_path = os.path.join(directory, SCANN_CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
+    """Returns the index saved by `save` in `directory` (local or gs://)."""
+    cfg_path = epath.Path(directory) / SCANN_CONFIG_FILE
+    if not cfg_path.is_file():
       raise FileNotFoundError(f"{cfg_path} not found: not a directory written by ScannIndex.save")
-    with open(cfg_path) as f:
-      cfg = json.load(f)
+    cfg = json.loads(cfg_path.read_text())
     if "params" not in cfg:
       raise ValueError(f"{cfg_path} has no 'params' entry")
-    searcher = _scann_ops().load_searcher(directory, assets_backcompat_shim=False)
+    with fileio.local_dir(directory) as local:  # ScaNN reads local files only
+      searcher = _scann_ops().load_searcher(local, assets_backcompat_shim=False)
     if searcher.size() != cfg["params"]["n"]:
       raise ValueError(f"{directory}: searcher holds {searcher.size()} points but "
                        f"{SCANN_CONFIG_FILE} says {cfg['params']['n']}")

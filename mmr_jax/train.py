@@ -12,6 +12,7 @@ TensorBoard summaries and Orbax checkpoints; a second run on the same workdir re
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import optax
 from etils import epath
 
 from mmr_jax import checkpoint as ckpt_lib
+from mmr_jax import fileio
 from mmr_jax import objectives
 from mmr_jax import optimizer as optim_lib
 from mmr_jax import profiling
@@ -412,9 +414,7 @@ class _MetricWriter:
         continue
       if row_step <= step:
         rows.append(line)
-    tmp = self.path.parent / "metrics.jsonl.tmp"
-    tmp.write_text("".join(r + "\n" for r in rows))
-    tmp.replace(self.path)
+    fileio.write_text(self.path, "".join(r + "\n" for r in rows))
 
   def close(self):
     if self._tb is not None:
@@ -570,14 +570,22 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   and "step", the step it stopped at (below config.train.steps if preempted).
 
   `hooks`: callables hook(step, state) run after every step (tests use one to deliver SIGTERM).
+  A workdir another run is writing is refused (fileio.WorkdirBusyError) before anything in it changes.
   """
-  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = resolve_config(config)
   check_train_options(config.train)
   workdir = ckpt_lib.absolute(workdir)
   if ckpt_lib.has_checkpoint(workdir):  # the restored state and iterator position refer to the recorded data
     check_data_dir(workdir, config.data.dir)
   workdir.mkdir(parents=True, exist_ok=True)
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:  # one lock per job: its processes write one workdir together
+      stack.enter_context(fileio.WorkdirLock(workdir, "train"))
+    return _train(config, workdir, mesh, hooks)
+
+
+def _train(config, workdir: epath.Path, mesh, hooks) -> dict:
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   tcfg = config.train
   _check_init_sources(config.init, workdir)
   trainer = Trainer(config, str(workdir), mesh=mesh)

@@ -51,6 +51,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+from etils import epath
 import grain
 import numpy as np
 from PIL import Image, ImageOps
@@ -88,21 +89,22 @@ def tokenizer_path(data_dir: str, config: Any = None) -> str:
 
   `config` is `config.data`: its `tokenizer.path` (the model shipped with a pretrained checkpoint,
   e.g. SigLIP's c4_en) wins; without one it is the catalogue's own DATA_DIR/tokenizer.model.
+  Either may be a gs:// path.
   """
   tok_cfg = _cfg_get(config, "tokenizer") if config is not None else None
   path = _cfg_get(tok_cfg, "path") if tok_cfg is not None else None
   if path:
-    path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
+    path = str(path) if str(path).startswith("gs://") else os.path.expanduser(str(path))
+    if not epath.Path(path).is_file():
       raise FileNotFoundError(f"config.data.tokenizer.path={path!r} is not a file (the SentencePiece "
                               ".model that goes with the pretrained checkpoint)")
     return path
-  path = os.path.join(data_dir, TOKENIZER_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(data_dir) / TOKENIZER_FILE
+  if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: DATA_DIR must be written by import_catalog / "
         "make_synthetic")
-  return path
+  return str(path)
 
 
 def tokenizer_conventions(config: Any = None) -> Conventions:

@@ -358,14 +358,14 @@ class EmptySource:
     return f"EmptySource({self.table}/{self.split})"
 
 
-def table_dir(data_dir: str | os.PathLike, table: str) -> pathlib.Path:
-  """Returns DATA_DIR/mmr_catalog/<table>/<version>."""
-  return pathlib.Path(data_dir) / BUILDER_NAME / table / DATASET_VERSION
+def table_dir(data_dir: str | os.PathLike, table: str) -> epath.Path:
+  """Returns DATA_DIR/mmr_catalog/<table>/<version> (local or gs://)."""
+  return epath.Path(data_dir) / BUILDER_NAME / table / DATASET_VERSION
 
 
 def catalog_info(data_dir: str | os.PathLike) -> dict[str, Any]:
   """Returns DATA_DIR/catalog_info.json as a dict; raises FileNotFoundError with a hint."""
-  path = pathlib.Path(data_dir) / CATALOG_INFO_FILE
+  path = epath.Path(data_dir) / CATALOG_INFO_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: {data_dir!s} is not an imported catalogue "
                             "(run python -m mmr_jax.data.import_catalog SRC_DIR --out DATA_DIR)")

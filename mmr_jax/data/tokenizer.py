@@ -23,6 +23,7 @@ import os
 import re
 from typing import Any, Iterable, Iterator, Sequence
 
+from etils import epath
 import numpy as np
 import sentencepiece as spm
 
@@ -231,10 +232,11 @@ class Tokenizer:
     if (model_path is None) == (model_proto is None):
       raise ValueError("Tokenizer: pass exactly one of model_path, model_proto")
     if model_path is not None:
-      if not os.path.exists(model_path):
+      # epath: DATA_DIR may be gs://; SentencePiece itself only opens local files.
+      model_path = epath.Path(model_path)
+      if not model_path.exists():
         raise FileNotFoundError(f"Tokenizer: no model file at {model_path}")
-      with open(model_path, "rb") as f:
-        model_proto = f.read()
+      model_proto = model_path.read_bytes()
     self._init_from_proto(model_proto)
 
   def _init_from_proto(self, model_proto: bytes) -> None:
