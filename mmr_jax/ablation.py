@@ -254,7 +254,6 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   Every row gets the same number of optimiser steps in total: a row without stage 1 trains stage 2 for
   stage 1's steps longer. `budget` ("long": 5x) multiplies every step count.
   """
-  from mmr_jax import train  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   # Checked before hours of training: every row is scored on the test queries.
   info = tfds_builder.catalog_info(data_dir)
@@ -265,10 +264,11 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   with fileio.WorkdirLock(root, "ablation"):
-    return _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides)
+    return _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides,
+                budget)
 
 
-def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides):
+def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides, budget):
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
   extra = "," + config_arg if config_arg else ""
   if budget not in BUDGETS:
