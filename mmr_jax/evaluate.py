@@ -326,10 +326,12 @@ def evaluate_workdir(workdir: str, data_dir: str | None = None, splits: Sequence
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:  # re-entrant: `train --evaluate` already holds it
       stack.enter_context(fileio.WorkdirLock(workdir, "evaluate"))
-    return _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_index, out_name)
+    return _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_index, out_name,
+                             keyword_search)
 
 
-def _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_index, out_name) -> dict:
+def _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_index, out_name,
+                      keyword_search) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from mmr_jax import inference  # pylint: disable=g-import-not-at-top
   from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
