@@ -6,6 +6,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -109,6 +110,72 @@ def test_sigterm_checkpoint_then_resume_equals_uninterrupted(tiny_data, tmp_path
   assert step == 8
   for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pp)):
     np.testing.assert_array_equal(a, b)
+
+
+# Run as a separate process by the kill -9 test: trains with Orbax's commit of step 4 (the rename of
+# `4.orbax-checkpoint-tmp` to `4`, after every file of the step is written) replaced by "write the marker
+# file, then block forever", so the parent kills it at exactly that point, not at whatever a timer hits.
+_KILLED_IN_COMMIT_CHILD = r"""
+import json, pathlib, sys, threading
+from orbax.checkpoint._src.path import atomicity
+
+workdir, data_dir, marker, train_kw = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), json.loads(sys.argv[4])
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self):
+  if self.get_final().name == "4":
+    marker.write_text(str(self.get()))
+    threading.Event().wait()  # Orbax's background commit thread stops here until the SIGKILL
+  return await commit(self)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+from conftest import tiny_config
+from mmr_jax import train
+train.train_and_evaluate(tiny_config(data_dir, **train_kw), workdir)
+sys.exit("trained to the end: the commit of step 4 was never reached")
+"""
+
+
+def test_kill9_during_a_checkpoint_commit_resumes_from_the_previous_step(tiny_data, tmp_path, caplog):
+  train_kw = dict(progress=False, steps=6, log_every=1, eval_every=0, ckpt_every=2)
+  wd, marker, child_log = tmp_path / "w", tmp_path / "in_commit", tmp_path / "child.log"
+  with child_log.open("w") as log_file:  # a file, not a pipe: a full pipe would block the child
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_IN_COMMIT_CHILD, str(wd), tiny_data, str(marker), json.dumps(train_kw)],
+        cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")])))
+    try:
+      # The marker, not a delay, says when to kill: the wait only bounds a child that never gets there.
+      deadline, tail = time.monotonic() + 600, lambda: child_log.read_text()[-3000:]
+      while not marker.exists():
+        assert child.poll() is None, f"child exited ({child.returncode}) before the commit:\n{tail()}"
+        assert time.monotonic() < deadline, f"child never reached the commit:\n{tail()}"
+        time.sleep(0.2)
+      os.kill(child.pid, signal.SIGKILL)
+    finally:
+      if child.poll() is None:
+        child.kill()
+      child.wait()
+  assert child.returncode == -signal.SIGKILL
+
+  ckpts = wd / "checkpoints"
+  partial = ckpts / "4.orbax-checkpoint-tmp"
+  assert marker.read_text() == str(partial)
+  # Step 4's files are all there (state and data iterator); only the rename that commits it is missing.
+  assert (partial / "state").is_dir() and (partial / "data").is_dir() and not (ckpts / "4").exists()
+  assert ckpt_lib.Checkpointer(str(wd)).all_steps() == [2]
+
+  steps_run = []
+  with caplog.at_level("INFO", logger="mmr_jax.train"):
+    last = train.train_and_evaluate(_quiet(tiny_config(tiny_data), **train_kw), str(wd),
+                                    hooks=[lambda step, state: steps_run.append(step)])
+  assert "resumed from step 2" in caplog.text
+  assert steps_run == [3, 4, 5, 6] and last["step"] == 6
+  # Rows the child logged past step 2 were replaced, not doubled.
+  assert [json.loads(l)["step"] for l in (wd / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+  assert ckpt_lib.Checkpointer(str(wd)).all_steps() == [4, 6]
+  # Saving step 4 again cleared the dead run's temporary folder (Orbax removes an unfinished one it would reuse).
+  assert not list(ckpts.glob("*.orbax-checkpoint-tmp*"))
 
 
 def test_metrics_log_stays_one_history_after_crashes(tiny_data, tmp_path):
