@@ -36,6 +36,12 @@ def get_config(arg=None):
   # Half the stage-2 examples are pseudo-queries from the catalogue's own text (data/pseudo_queries.py): the
   # labelled pairs alone are too few to teach the text towers the catalogue's vocabulary.
   c.data.pseudo_queries = 0.5
+  # Stage 1 aligns the text side too (pseudo-query <-> product text), so rows that start from stage 1 get
+  # text towers that know the catalogue's vocabulary, as text_only's longer stage 2 teaches its own.
+  c.data.stage1_pseudo_queries = True
+  # Exact term matches count in the one inner product (models/two_tower.LexicalSegment); 1,024 buckets hold
+  # the demo's whole vocabulary, a bigger one is hashed into them.
+  c.model.lexical_dim = 1024
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 20
   c.train.eval_every = 100
@@ -47,14 +53,20 @@ def get_config(arg=None):
   return config_lib.apply_budget(c, a)
 
 
+# What the stage-1 rows take from stage 1: the image tower (image <-> title) and the text side (pseudo-query
+# <-> product text): both text towers, their projection heads and the lexical segment where there is one.
+FROM_STAGE1 = ("image_tower", "heads/image", "query_tower", "product_text_tower", "heads/query",
+               "heads/product_text", "lexical", "lexical_mix")
+
+
 def get_sweep(arg=None):
   """The ablation rows as override dicts (the stage-1 run is a dependency, see mmr_jax.ablation)."""
   del arg
   return [
       {"name": "text_only", "model.variant": "text_only"},
       {"name": "concat", "model.variant": "concat"},
-      {"name": "concat_ft", "model.variant": "concat", "init.workdir": "{stage1}"},
-      {"name": "fusion_ft", "model.variant": "fusion", "init.workdir": "{stage1}"},
+      {"name": "concat_ft", "model.variant": "concat", "init.workdir": "{stage1}", "init.load": FROM_STAGE1},
+      {"name": "fusion_ft", "model.variant": "fusion", "init.workdir": "{stage1}", "init.load": FROM_STAGE1},
       {"name": "fusion_e2e", "model.variant": "fusion"},
-      {"name": "fusion_qw", "model.variant": "fusion_qw", "init.workdir": "{stage1}"},
+      {"name": "fusion_qw", "model.variant": "fusion_qw", "init.workdir": "{stage1}", "init.load": FROM_STAGE1},
   ]

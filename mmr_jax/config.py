@@ -79,6 +79,9 @@ def base_config() -> ConfigDict:
       # title words and attribute values (mmr_jax/data/pseudo_queries.py): lexical supervision for every
       # product, beyond the labelled pairs. 0 trains on the labelled pairs only.
       pseudo_queries=0.0,
+      # Stage 1: also align pseudo-queries with their product's text (the text towers learn the catalogue's
+      # vocabulary without query logs); stage-2 runs take those towers with init.load.
+      stage1_pseudo_queries=False,
       augment=ConfigDict(dict(random_crop=True, crop_scale_min=0.6, flip=True)),
       # The SentencePiece model every text goes through (pipeline, evaluation, exported graphs):
       # path "" is DATA_DIR/tokenizer.model; a pretrained two-tower needs the .model it was trained

@@ -4,7 +4,9 @@ The trainer knows nothing of towers or losses: it asks `OBJECTIVES[stage]` for e
 (shapes for compilation) and for `loss(model, params, batch, config, train, rng) -> (loss, metrics)`.
 
 - stage 1 (domain alignment): image <-> title contrastive over products, so the image tower
-  learns what the catalogue's colours, patterns and styles look like from titles that name them.
+  learns what the catalogue's colours, patterns and styles look like from titles that name them;
+  with `data.stage1_pseudo_queries`, also pseudo-query <-> product text (the text towers learn the
+  catalogue's vocabulary from its own text, without query logs).
 - stage 2 (query <-> product): query <-> fused product, plus optional query <-> image-only and
   query <-> text-only auxiliary terms (the paper's alignment of the query with both modalities).
 """
@@ -75,7 +77,10 @@ class Objective:
 
 
 def _stage1_example(config, b):
-  return _common_example(config, b)
+  out = _common_example(config, b)
+  if config.data.get("stage1_pseudo_queries", False):
+    out["query_tokens"] = _tokens(b, config.data.query_len)
+  return out
 
 
 def _stage1_loss(model, params, batch, config, train, rng):
@@ -88,6 +93,16 @@ def _stage1_loss(model, params, batch, config, train, rng):
   loss, m = _contrastive(config, out["image_emb"], out["title_emb"], logit, pos, weights)
   metrics = {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
   metrics["i2t/loss"] = loss
+  if "query_tokens" in batch:
+    # Text-side domain alignment (data.stage1_pseudo_queries): each product's own terms as a query <->
+    # that product's text embedding, so the text towers learn the catalogue's vocabulary before stage 2.
+    q = model.apply({"params": params}, batch["query_tokens"], train=train, method="embed_query", rngs={"dropout": rng})
+    p = model.apply({"params": params}, batch["product_tokens"], train=train, method="embed_text_product",
+                    rngs={"dropout": rng})
+    text_loss, tm = _contrastive(config, q["emb"], p["emb"], logit, pos, None)
+    loss = loss + text_loss
+    metrics["pseudo/loss"] = text_loss
+    metrics["pseudo/acc_a2b"] = tm["acc_a2b"]
   return loss, metrics
 
 

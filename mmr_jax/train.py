@@ -132,9 +132,18 @@ def create_model(config):
   return MODELS[name](config.model)
 
 
+def _at_path(tree, path: str):
+  """Returns the subtree of nested dict `tree` at "a/b" (None when absent)."""
+  for key in path.split("/"):
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
 def initialised_towers(init) -> tuple[str, ...]:
   """Returns the top-level parameter names a run takes from init.workdir / init.vit_npz."""
-  names = tuple(init.load) if init.workdir else ()
+  names = tuple(dict.fromkeys(n.split("/")[0] for n in init.load)) if init.workdir else ()
   return names + (("image_tower",) if init.vit_npz and "image_tower" not in names else ())
 
 
@@ -274,11 +283,16 @@ class Trainer:
     if cfg.workdir:
       from mmr_jax.models import pretrained  # pylint: disable=g-import-not-at-top
       src, step = ckpt_lib.restore_params(cfg.workdir)
+      loaded = []
       for name in cfg.load:
-        if name not in src:
+        sub, mine = _at_path(src, name), _at_path(params, name)
+        if sub is None and mine is None:
+          continue  # a part neither model has (e.g. `lexical` with model.lexical_dim=0)
+        if sub is None:
           raise KeyError(f"init.load names {name!r} but {cfg.workdir} has only {sorted(src)}")
-        params = pretrained.merge_subtree(params, src[name], name)
-      log.info("initialised %s from %s (step %d)", list(cfg.load), cfg.workdir, step)
+        params = pretrained.merge_subtree(params, sub, name)
+        loaded.append(name)
+      log.info("initialised %s from %s (step %d)", loaded, cfg.workdir, step)
       changed = True
     if cfg.vit_npz:
       from mmr_jax.models import pretrained  # pylint: disable=g-import-not-at-top

@@ -261,10 +261,11 @@ class _Stage1Example(grain.transforms.RandomMap):
   """
 
   def __init__(self, products: _Source, tok: Tokenizer, lens: _Lens,
-               augment: Augment, skip_no_image: bool, heldout: bool = False):
+               augment: Augment, skip_no_image: bool, heldout: bool = False,
+               pseudo_queries: bool = False):
     self._products, self._tok, self._lens = products, tok, lens
     self._augment, self._skip_no_image = augment, skip_no_image
-    self._heldout = heldout
+    self._heldout, self._pseudo_queries = heldout, pseudo_queries
 
   def random_map(self, index, rng: np.random.Generator):
     index = int(index)
@@ -276,6 +277,10 @@ class _Stage1Example(grain.transforms.RandomMap):
     out = _product_features(product, self._tok, self._lens, self._augment, rng,
                             with_title=True)
     out["product_index"] = np.int32(index)
+    if self._pseudo_queries:  # text-side domain alignment: the product's own terms as its query
+      text = pseudo_queries.sample(_text(product, "title"), _text(product, "attributes"),
+                                   _text(product, "description"), rng)
+      out["query_tokens"] = self._tok.encode([text], self._lens.query_len)[0]  # [Lq]
     return out
 
 
@@ -584,7 +589,8 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
     _check_stage1_rows(data_dir, products, skip_no_image,
                        warn=split == "train", heldout=heldout)
     example = _Stage1Example(products, tok, lens, aug,
-                             skip_no_image=skip_no_image, heldout=heldout)
+                             skip_no_image=skip_no_image, heldout=heldout,
+                             pseudo_queries=bool(_cfg_get(config, "stage1_pseudo_queries", False)))
     table = "products/all"
   else:
     pairs = open_source(data_dir, "pairs", split)
@@ -737,7 +743,10 @@ def batch_spec(stage: int | str, config: Any, per_host_batch: int
              "has_image": ((b,), np.bool_),
              "product_index": ((b,), np.int32)}
   if stage == 1:
-    return {**product, "title_tokens": ((b, lens.title_len), np.int32)}
+    spec = {**product, "title_tokens": ((b, lens.title_len), np.int32)}
+    if _cfg_get(config, "stage1_pseudo_queries", False):
+      spec["query_tokens"] = ((b, lens.query_len), np.int32)
+    return spec
   if stage == 2:
     return {**product, "title_tokens": ((b, lens.title_len), np.int32),
             "query_tokens": ((b, lens.query_len), np.int32),

@@ -301,6 +301,17 @@ class TwoTower(nn.Module):
     out["emb"] = nn.with_logical_constraint(out["emb"], ("batch", None))
     return out
 
+  def embed_text_product(self, product_tokens, train=False) -> dict[str, jax.Array]:
+    """Returns {"emb": [B, D']}: the product embedding from its text alone (the text_only variant's),
+    comparable with `embed_query`'s (stage 1's text-side alignment)."""
+    if self.config.variant == "fusion_qw":
+      raise ValueError("embed_text_product: fusion_qw queries have three segments; use another variant")
+    pooled, _, _ = self._product_encoder()(product_tokens, train=train)
+    emb = vit_lib.l2_normalize(self.heads.product_text(pooled.astype(jnp.float32)))
+    if self.config.get("lexical_dim", 0):
+      emb = self.lexical_mix(emb, self.lexical(product_tokens))
+    return {"emb": emb}
+
   def embed_title_image(self, title_tokens, image, has_image, train=False):
     """Returns {"title_emb": [B, D], "image_emb": [B, D]} for stage-1 title<->image alignment.
 
