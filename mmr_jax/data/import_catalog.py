@@ -359,6 +359,8 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         "skipped_counts": skips.counts(),
         "products_with_image": num_with_image,
         "heldout_products": int(plan.heldout.sum()),
+        # How the default config.data.product_len cuts the product text, by field (training reports its own).
+        "product_text": _product_text_report(tmp),
     }
     info = {
         "name": name or src.resolve().name,
@@ -404,6 +406,21 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _product_text_report(data_dir: pathlib.Path) -> dict[str, Any]:
+  """Returns pipeline.product_truncation at the default config.data (its product_len and tokenizer)."""
+  from mmr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if not _has_products(data_dir):
+    return {}
+  return pipeline.product_truncation(str(data_dir), config_lib.base_config().data)
+
+
+def _has_products(data_dir: pathlib.Path) -> bool:
+  """Returns whether the products table written into `data_dir` has a row."""
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  return len(tfds_builder.load_source(str(data_dir), "products", "all")) > 0
+
+
 def format_summary(summary: dict[str, Any], info: dict[str, Any], out: pathlib.Path,
                    max_refs: int = 5) -> str:
   """Returns a human-readable report of an import."""
@@ -417,6 +434,13 @@ def format_summary(summary: dict[str, Any], info: dict[str, Any], out: pathlib.P
       f"  qrels:    {summary['qrels']}",
       f"  tokenizer: {info['vocab_size']} pieces",
   ]
+  text = summary.get("product_text") or {}
+  if text:
+    cut = ", ".join(f"{k} {100 * v:.1f}%" for k, v in text["by_field"].items() if v)
+    lines.append(f"  product text: {text['tokens']['p50']:.0f} tokens median, {text['tokens']['p95']:.0f} p95, "
+                 f"{text['tokens']['max']} max; data.product_len={text['product_len']} "
+                 + (f"cuts {100 * text['truncated']:.1f}% of products (losing {cut})" if text["truncated"]
+                    else "keeps all of it"))
   if summary["skipped"]:
     lines.append(f"  skipped (details in {tfds_builder.IMPORT_SUMMARY_FILE}):")
     for reason, refs in summary["skipped"].items():
