@@ -115,6 +115,13 @@ def test_summary_reports_every_skip(imported):
   assert skipped[catalog.UNKNOWN_PRODUCT] == ["qrels.tsv:12: product id=p9"]
   assert summary["skipped_counts"] == {k: len(v) for k, v in skipped.items()}
   assert summary["products_with_image"] == 4
+  # How the default data.product_len cuts the product text: these 8 short products keep all of it.
+  from mmr_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  tok = tok_lib.Tokenizer(data_dir / "tokenizer.model")
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  longest = max(tok.num_tokens(_s(products[i]["text"])) for i in range(8))
+  assert summary["product_text"]["tokens"]["max"] == longest > 0
+  assert summary["product_text"]["sampled"] == 8 and summary["product_text"]["truncated"] == 0.0
 
 
 def test_queries_splits_and_labels(imported):
