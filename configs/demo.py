@@ -49,7 +49,7 @@ def get_config(arg=None):
   if a.stage == 2:
     # A stage-1 (or pretrained) image tower moves slowly in stage 2, as in the paper's second stage; an image
     # tower trained from scratch here (concat, fusion_e2e) gets the full rate.
-    c.optim.init_lr_mult = 0.3
+    c.optim.init_lr_mult.image_tower = 0.3
   return config_lib.apply_budget(c, a)
 
 

@@ -117,9 +117,10 @@ def base_config() -> ConfigDict:
       # Per-tower learning-rate multipliers, by top-level parameter name; 0.0 freezes the tower.
       lr_mult=ConfigDict(dict(image_tower=1.0, query_tower=1.0, product_text_tower=1.0, text_tower=1.0,
                               fusion=1.0, heads=1.0, loss=1.0, lexical=1.0, lexical_mix=1.0)),
-      # Extra multiplier for the towers this run initialises from init.workdir (init.load) or init.vit_npz
-      # (image_tower): weights that already learnt move slowly; the same tower trained from scratch does not.
-      init_lr_mult=1.0,
+      # Extra multiplier, per top-level parameter name (like lr_mult), for a tower this run initialises from
+      # init.workdir (init.load) or init.vit_npz (image_tower): weights that already learnt can move slowly while
+      # the same tower trained from scratch in another run gets the full rate. Unlisted: 1.
+      init_lr_mult=ConfigDict(dict(image_tower=1.0)),
   ))
 
   c.init = ConfigDict(dict(

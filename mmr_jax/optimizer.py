@@ -41,14 +41,14 @@ def make_optimizer(optim_cfg, total_steps: int, params, initialised=()
   """Returns (tx, schedule). `params` may be abstract (ShapeDtypeStructs); only its structure is used.
 
   `initialised`: top-level parameter names loaded from earlier training (stage 1, pretrained weights);
-  their lr_mult is scaled by `optim.init_lr_mult`, so a tower that already learnt moves slowly while the
-  same tower trained from scratch in another run gets the full rate.
+  their lr_mult is scaled by `optim.init_lr_mult.<name>` (1 when not listed), so e.g. a domain-adapted image
+  tower moves slowly while the same tower trained from scratch in another run gets the full rate.
   """
   sched = schedule(optim_cfg, total_steps)
   lr_mult = dict(optim_cfg.lr_mult)
   for name in initialised:
     if name in lr_mult:
-      lr_mult[name] = lr_mult[name] * float(optim_cfg.get("init_lr_mult", 1.0))
+      lr_mult[name] = lr_mult[name] * float(dict(optim_cfg.get("init_lr_mult", {})).get(name, 1.0))
   def inner(mult: float) -> optax.GradientTransformation:
     if mult == 0.0:
       return optax.set_to_zero()  # frozen: no update, no optimizer state.

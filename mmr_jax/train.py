@@ -552,8 +552,8 @@ def _report_truncation(config, workdir) -> None:
   ckpt_lib.write_json(workdir / "product_truncation.json", rep)
   tokens = rep["tokens"]
   if rep["truncated"]:
-    fields = ", ".join(f"{k} {100 * v:.0f}%" for k, v in rep["by_field"].items() if v)
-    log.warning("config.data.product_len=%d cuts the text of %.0f%% of products (fields losing tokens: %s); "
+    fields = ", ".join(f"{k} {100 * v:.1f}%" for k, v in rep["by_field"].items() if v)
+    log.warning("config.data.product_len=%d cuts the text of %.1f%% of products (fields losing tokens: %s); "
                 "product text is %d tokens at the median, %d at p95, %d at most: raise data.product_len to "
                 "keep it", rep["product_len"], 100 * rep["truncated"], fields, tokens["p50"], tokens["p95"],
                 tokens["max"])

@@ -339,10 +339,11 @@ def test_init_lr_mult_slows_only_the_towers_loaded_from_init():
   from mmr_jax import optimizer as optim_lib  # pylint: disable=g-import-not-at-top
   ocfg = config_lib.base_config().optim
   with ocfg.unlocked():
-    ocfg.init_lr_mult, ocfg.weight_decay, ocfg.warmup_steps, ocfg.grad_clip = 0.25, 0.0, 0, 0.0
+    ocfg.init_lr_mult.image_tower, ocfg.weight_decay, ocfg.warmup_steps, ocfg.grad_clip = 0.25, 0.0, 0, 0.0
   params = {"image_tower": {"w": np.zeros((2, 2), np.float32)}, "heads": {"w": np.zeros((2, 2), np.float32)}}
   grads = jax.tree.map(np.ones_like, params)
-  for initialised, ratio in (((), 1.0), (("image_tower",), 0.25)):
+  # heads were loaded too but have no init_lr_mult entry: full rate.
+  for initialised, ratio in (((), 1.0), (("image_tower", "heads"), 0.25)):
     tx, _ = optim_lib.make_optimizer(ocfg, 10, params, initialised)
     updates, _ = tx.update(grads, tx.init(params), params)
     u = jax.device_get(updates)

@@ -99,6 +99,8 @@ class LexicalSegment(nn.Module):
       values = values * jnp.where((h >> 31) == 1, -1.0, 1.0)
     rows = jnp.arange(tokens.shape[0])[:, None]
     bag = jnp.zeros((tokens.shape[0], self.dim), jnp.float32).at[rows, bucket].add(values)  # [B, dim]
+    # Repeats saturate (log(1 + count), as BM25's k1 does): a word said three times is not three matches.
+    bag = jnp.sign(bag) * jnp.log1p(jnp.abs(bag))
     return vit_lib.l2_normalize(bag)
 
 
