@@ -17,6 +17,12 @@ width), e.g. to benchmark serving latency at a production-size query tower (READ
 from mmr_jax import config as config_lib
 
 
+# What the stage-1 rows take from stage 1: the image tower (image <-> title) and the text side (pseudo-query
+# <-> product text): both text towers, their projection heads and the lexical segment where there is one.
+FROM_STAGE1 = ("image_tower", "heads/image", "query_tower", "product_text_tower", "heads/query",
+               "heads/product_text", "lexical", "lexical_mix")
+
+
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, stage=2, variant="fusion", loss="softmax", runlocal=False,
                            data="data/synthetic", steps=0, batch=0, text="")
@@ -50,13 +56,8 @@ def get_config(arg=None):
     # A stage-1 (or pretrained) image tower moves slowly in stage 2, as in the paper's second stage; an image
     # tower trained from scratch here (concat, fusion_e2e) gets the full rate.
     c.optim.init_lr_mult.image_tower = 0.3
+    c.init.load = FROM_STAGE1  # used when init.workdir names a stage-1 run
   return config_lib.apply_budget(c, a)
-
-
-# What the stage-1 rows take from stage 1: the image tower (image <-> title) and the text side (pseudo-query
-# <-> product text): both text towers, their projection heads and the lexical segment where there is one.
-FROM_STAGE1 = ("image_tower", "heads/image", "query_tower", "product_text_tower", "heads/query",
-               "heads/product_text", "lexical", "lexical_mix")
 
 
 def get_sweep(arg=None):
@@ -65,8 +66,9 @@ def get_sweep(arg=None):
   return [
       {"name": "text_only", "model.variant": "text_only"},
       {"name": "concat", "model.variant": "concat"},
-      {"name": "concat_ft", "model.variant": "concat", "init.workdir": "{stage1}", "init.load": FROM_STAGE1},
-      {"name": "fusion_ft", "model.variant": "fusion", "init.workdir": "{stage1}", "init.load": FROM_STAGE1},
+      {"name": "concat_ft", "model.variant": "concat", "init.workdir": "{stage1}"},
+      {"name": "fusion_ft", "model.variant": "fusion", "init.workdir": "{stage1}"},
       {"name": "fusion_e2e", "model.variant": "fusion"},
-      {"name": "fusion_qw", "model.variant": "fusion_qw", "init.workdir": "{stage1}", "init.load": FROM_STAGE1},
+      # Three query segments leave no place for one lexical segment.
+      {"name": "fusion_qw", "model.variant": "fusion_qw", "init.workdir": "{stage1}", "model.lexical_dim": 0},
   ]

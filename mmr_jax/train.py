@@ -286,8 +286,9 @@ class Trainer:
       loaded = []
       for name in cfg.load:
         sub, mine = _at_path(src, name), _at_path(params, name)
-        if sub is None and mine is None:
-          continue  # a part neither model has (e.g. `lexical` with model.lexical_dim=0)
+        if mine is None:  # e.g. `lexical` with model.lexical_dim=0 here
+          log.warning("init.load names %r, which this model does not have: not loaded", name)
+          continue
         if sub is None:
           raise KeyError(f"init.load names {name!r} but {cfg.workdir} has only {sorted(src)}")
         params = pretrained.merge_subtree(params, sub, name)
