@@ -42,7 +42,8 @@ def test_aux_terms_add_their_weighted_query_modality_losses(model_and_batch):
                              rtol=1e-5)
   # Each aux term is the plain contrastive loss of the query against that modality's own embedding.
   v = {"params": params}
-  q = model.apply(v, batch["query_tokens"], method="embed_query")["emb"]
+  q = model.apply(v, batch["query_tokens"], method="embed_query")
+  q = q.get("dense_emb", q["emb"])  # a lexical segment has no counterpart in the image embedding
   p = model.apply(v, batch["product_tokens"], batch["image"], batch["has_image"], method="embed_product")
   scale = model.apply(v, method="logit_params")["logit_scale"]
   pos = (batch["product_index"], batch["positives"])
@@ -62,3 +63,19 @@ def test_grade_weighting_weighs_each_pair_by_its_gain(model_and_batch):
   want, _ = losses.softmax_contrastive(q, p, scale, pos, batch["grade"])
   np.testing.assert_allclose(float(weighted), float(want), rtol=1e-5)
   assert abs(float(weighted) - float(plain)) > 1e-4  # the grades change the loss
+
+
+def test_stage1_adds_the_pseudo_query_text_term_when_its_batch_has_queries(model_and_batch):
+  cfg, model, params, batch = model_and_batch
+  s1 = {k: batch[k] for k in ("image", "has_image", "title_tokens", "product_tokens", "product_index")}
+  loss, m = objectives.get(1).loss(model, params, s1, cfg, train=False, rng=jax.random.PRNGKey(0))
+  assert "pseudo/loss" not in m
+  both, m2 = objectives.get(1).loss(model, params, dict(s1, query_tokens=batch["query_tokens"]), cfg, train=False,
+                                    rng=jax.random.PRNGKey(0))
+  np.testing.assert_allclose(float(both), float(loss) + float(m2["pseudo/loss"]), rtol=1e-5)
+  v = {"params": params}
+  q = model.apply(v, batch["query_tokens"], method="embed_query")["emb"]
+  p = model.apply(v, batch["product_tokens"], method="embed_text_product")["emb"]
+  scale = model.apply(v, method="logit_params")["logit_scale"]
+  want, _ = losses.softmax_contrastive(q, p, scale, (batch["product_index"], None))
+  np.testing.assert_allclose(float(m2["pseudo/loss"]), float(want), rtol=1e-5)

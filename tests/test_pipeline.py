@@ -452,3 +452,20 @@ def test_product_truncation_names_the_fields_cut(data_dir):
   assert short["truncated"] == pytest.approx(np.mean(np.asarray(lengths) > 4))
   # Titles ("<word> item <i>") fit 4 tokens or not; attributes are last, so every cut product loses them.
   assert short["by_field"]["attributes"] == pytest.approx(short["truncated"])
+
+
+def test_stage1_pseudo_queries_come_with_each_product(data_dir):
+  from mmr_jax.data import pseudo_queries  # pylint: disable=g-import-not-at-top
+  cfg = _config(stage1_pseudo_queries=True, query_len=32)
+  b = next(pipeline.make_train_iterator(data_dir, 1, cfg, seed=0, process_index=0, process_count=1))
+  assert {k: (v.shape, v.dtype) for k, v in b.items()} == pipeline.batch_spec(1, cfg, 4)
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  tok = pipeline.load_tokenizer(data_dir)
+  for row, idx in enumerate(b["product_index"]):
+    p = products[int(idx)]
+    words = tok.decode(b["query_tokens"][row:row + 1])[0].split(" ")
+    allowed = " ".join(pseudo_queries.candidate_terms(p["title"].decode(), p["attributes"].decode(),
+                                                      p["description"].decode())).split(" ")
+    assert words and set(words) <= set(allowed)
+  assert "query_tokens" not in next(pipeline.make_train_iterator(data_dir, 1, _config(), seed=0, process_index=0,
+                                                                 process_count=1))
