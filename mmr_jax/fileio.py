@@ -168,6 +168,7 @@ class WorkdirLock:
     self.what = what
     self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
     self._fd = None
+    self._created = False
     self._kv = None
     self._generation = None
     self._stop = threading.Event()
@@ -180,6 +181,8 @@ class WorkdirLock:
       if held is not None:
         held[0] += 1
         return self
+      # A run refused before it wrote anything leaves no workdir behind (see _release).
+      self._created = not is_remote(self.workdir) and not self.workdir.exists()
       self.workdir.mkdir(parents=True, exist_ok=True)
       (self._acquire_lease if is_remote(self.workdir) else self._acquire_flock)()
       WorkdirLock._held[key] = [1, self]
@@ -279,6 +282,9 @@ class WorkdirLock:
 
   def _release(self):
     if self._fd is not None:
+      if self._created and set(os.listdir(self.workdir)) == {LOCK_FILE}:
+        os.unlink(self.path)  # this lock made the folder and nothing else was written: leave none
+        os.rmdir(self.workdir)
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None

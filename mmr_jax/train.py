@@ -592,17 +592,18 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   workdir = ckpt_lib.absolute(workdir)
   if ckpt_lib.has_checkpoint(workdir):  # the restored state and iterator position refer to the recorded data
     check_data_dir(workdir, config.data.dir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  _check_init_sources(config.init, workdir)
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:  # one lock per job: its processes write one workdir together
-      stack.enter_context(fileio.WorkdirLock(workdir, "train"))
+      stack.enter_context(fileio.WorkdirLock(workdir, "train"))  # creates the workdir (none left if refused)
+    else:
+      workdir.mkdir(parents=True, exist_ok=True)
     return _train(config, workdir, mesh, hooks)
 
 
 def _train(config, workdir: epath.Path, mesh, hooks) -> dict:
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   tcfg = config.train
-  _check_init_sources(config.init, workdir)
   trainer = Trainer(config, str(workdir), mesh=mesh)
   log.info("mesh %s; %d params", dict(trainer.mesh.shape),
            sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params)))

@@ -166,7 +166,7 @@ def unseen(tmp_path_factory):
   root = tmp_path_factory.mktemp("unseen")
   src = write_unseen_catalog(root / "src")
   data_dir = root / "catalogue, v2" / "data"
-  summary = importer.import_catalog(src, data_dir, image_max_side=32, vocab_size=400, progress=False,
+  summary = importer.import_catalog(src, data_dir, image_max_side=32, vocab_size=300, progress=False,
                                     verbose=False)
   return src, data_dir, summary
 
@@ -212,16 +212,16 @@ def test_multilingual_text_round_trips(unseen):
 def test_vocabulary_grows_to_hold_the_catalogue_characters(unseen, tmp_path):
   _, data_dir, _ = unseen
   info = tfds_builder.catalog_info(data_dir)
-  # 400 pieces cannot hold this catalogue's Han, kana, Arabic, umlaut and emoji characters plus the
+  # 300 pieces cannot hold this catalogue's Han, kana, Arabic, umlaut and emoji characters plus the
   # 260 byte/special pieces: the import grows the vocabulary instead of failing inside SentencePiece.
-  assert info["requested_vocab_size"] == 400 and info["vocab_size"] > 400
+  assert info["requested_vocab_size"] == 300 and info["vocab_size"] > 300
   with pytest.raises(tokenizer_lib.VocabTooSmallError) as e:
     tokenizer_lib.train_tokenizer(TITLES, str(tmp_path / "tok"), vocab_size=300)
   assert e.value.required > 300 and "vocab_size >=" in str(e.value)
   path = tokenizer_lib.train_tokenizer(TITLES, str(tmp_path / "tok"), vocab_size=e.value.required)
   tok = tokenizer_lib.Tokenizer(path)
-  # SentencePiece's NFKC normalisation maps full-width "４Ｋ" to "4K"; nothing becomes <unk>.
-  assert tok.decode(tok.encode(TITLES, max_len=64)) == [unicodedata.normalize("NFKC", t) for t in TITLES]
+  # SentencePiece's NFKC normalisation maps full-width "４Ｋ" to "4K" (lowercased: "4k"); nothing becomes <unk>.
+  assert tok.decode(tok.encode(TITLES, max_len=64)) == [unicodedata.normalize("NFKC", t).lower() for t in TITLES]
 
 
 def test_conflicting_duplicate_label_names_the_grade_kept(unseen):
@@ -445,8 +445,10 @@ def test_unseen_catalogue_trains_evaluates_and_ablates(unseen, tmp_path):
   rows = ablation.run(str(tmp_path / "abl"), str(data_dir), str(ROOT / "configs" / "demo.py"), rows=("fusion_ft",),
                       steps=2, stage1_steps=2, batch=8, config_arg="runlocal=True",
                       overrides={"train.eval_every": 0})  # No validation compiles: keeps it under a minute.
-  row, = rows
-  assert row["overall"]["num_queries"] == sum(s == "test" for _, s, _ in QUERIES)
+  row, bm25, hybrid = rows
+  assert (bm25["row"], hybrid["row"], hybrid["learned_row"]) == ("bm25", "hybrid", "fusion_ft")
+  assert row["overall"]["num_queries"] == bm25["overall"]["num_queries"] == sum(s == "test" for _, s, _ in QUERIES)
+  assert set(bm25["by_tag"]) == set(row["by_tag"])  # keyword search scored on the same tags, any script
   assert 0 <= row["overall"]["ndcg@10"] <= 1 and row["overall"]["recall@100"] == 1.0
   assert "多语言" in row["by_tag"]
   metrics = json.loads((tmp_path / "abl" / "fusion_ft" / "metrics.json").read_text())

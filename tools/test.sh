@@ -3,13 +3,8 @@
 # Extra arguments go to pytest, e.g. `bash tools/test.sh -m "not slow" -x`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# The beam extra: the Apache Beam import path is tested, not skipped (MMR_TEST_BEAM makes its absence an error).
-case ",${MMR_VENV_EXTRAS:-}," in
-  *,beam,*) ;;
-  *) export MMR_VENV_EXTRAS="beam${MMR_VENV_EXTRAS:+,$MMR_VENV_EXTRAS}" ;;
-esac
 bash "$ROOT/tools/venv.sh"
 cd "$ROOT"
-export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 MMR_TEST_BEAM=1
+export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
 # With no paths given, pytest collects pyproject's testpaths (tests/).
 exec "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
