@@ -1,12 +1,17 @@
 r"""CPU demo: the paper's ablation at laptop scale on the synthetic catalogue.
 
-Hardware: one CPU host (written for a 2-core, 24 GiB machine). Every row trains in about a minute.
+Hardware: one CPU host (written for a 2-core, 24 GiB machine).
 
-  # stage 1: domain alignment of the image tower (image <-> title contrastive)
+  bash tools/demo.sh            # stage 1, every row, BM25 and the hybrid, evaluated alike (README table)
+  # or by hand: stage 1 aligns the image tower (image <-> title) and the text towers (pseudo-queries)
   python -m mmr_jax.train --config configs/demo.py:stage=1 --workdir workdirs/demo/stage1
-  # stage 2: query <-> product alignment through the fusion network, from stage 1
+  # stage 2: query <-> product alignment through the fusion network, from stage 1 (init.load = FROM_STAGE1)
   python -m mmr_jax.train --config configs/demo.py:stage=2,variant=fusion \
       --workdir workdirs/demo/fusion_ft --config.init.workdir=workdirs/demo/stage1
+
+Expected (test split, one run; README has the table): text_only R@100 74.9 / NDCG@10 56.7 against BM25's
+63.7 / 56.4, the hybrid 71.6 / 60.1; fusion_ft 59.3 / 47.7 (below text_only at this budget: its stage 2 has
+200 of the 450 steps). The whole ablation took 14 min 18 s on the 2 cores with the test suite running beside it.
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
 width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
