@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -283,8 +284,20 @@ def test_cli(catalog_writer, tmp_path):
   assert tfds_builder.catalog_info(tmp_path / "data")["pair_grades"] == ["E", "S"]
 
 
+def test_beam_import_runs_in_its_own_venv():
+  """tools/test.sh builds .venv-beam (the beam extra) and names its python: the Beam test runs there, not skipped."""
+  beam_python = os.environ.get("MMR_BEAM_PYTHON")
+  if not beam_python:
+    pytest.skip("MMR_BEAM_PYTHON not set: tools/test.sh sets it after building .venv-beam")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run([beam_python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                         "tests/test_import.py::test_beam_products_match_in_process_import"],
+                        cwd=root, env=dict(os.environ, MMR_REQUIRE_BEAM="1"), capture_output=True, text=True)
+  assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_beam_products_match_in_process_import(imported, tmp_path, monkeypatch):
-  if os.environ.get("MMR_TEST_BEAM") == "1":  # tools/test.sh installs the beam extra: the test must run
+  if os.environ.get("MMR_REQUIRE_BEAM") == "1":  # run from .venv-beam (test above): it must not skip
     import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
   pytest.importorskip("apache_beam")
   src, data_dir, summary = imported
