@@ -34,6 +34,7 @@ launch.tpu_pod run, launch.gke and launch.slurm. Each job trains and then evalua
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -52,6 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from launch import common
+from mmr_jax import fileio
 
 BACKENDS = {"tpu": "launch.tpu_pod", "gke": "launch.gke", "slurm": "launch.slurm"}
 RESULTS = "results"
@@ -579,12 +581,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   args.python = args.python or sys.executable
   if args.backend == "local":
-    if not args.dry_run:
-      write_sweep_json(args.workdir, args.config, all_points, overrides)
     try:
-      results = run_local(points, root=args.workdir, config=args.config, overrides=overrides,
-                          train_module=args.train_module, eval_module=None if args.no_eval else args.eval_module,
-                          eval_args=shlex.split(args.eval_args), python=args.python, dry_run=args.dry_run)
+      # One local sweep per root: a second one would re-run the same unfinished points beside it.
+      with contextlib.ExitStack() as stack:
+        if not args.dry_run:
+          stack.enter_context(fileio.WorkdirLock(args.workdir, "sweep"))
+          write_sweep_json(args.workdir, args.config, all_points, overrides)
+        results = run_local(points, root=args.workdir, config=args.config, overrides=overrides,
+                            train_module=args.train_module, eval_module=None if args.no_eval else args.eval_module,
+                            eval_args=shlex.split(args.eval_args), python=args.python, dry_run=args.dry_run)
+    except fileio.WorkdirBusyError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
     except KeyboardInterrupt:
       print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
       return 130

@@ -251,6 +251,24 @@ def test_sweep_local_resumable(fakes, tmp_path, capsys):
   assert "-m fake_train" in out and "-m fake_eval" in out and len(_calls(os.path.join(root, "bad"))) == 2
 
 
+def test_a_second_local_sweep_on_the_same_root_is_refused(fakes, tmp_path, capsys):
+  root = tmp_path / "sweep"
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mmr_jax import fileio; "
+                             f"fileio.WorkdirLock({str(root)!r}, 'sweep').acquire(); print('held', flush=True); "
+                             "time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    argv = ["--config", fakes["config"] + ":x", "--workdir", str(root), "--train_module", "fake_train",
+            "--eval_module", "fake_eval"]
+    assert sweep.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{root} is in use by sweep pid {holder.pid}" in err
+    assert sorted(p.name for p in root.iterdir()) == [".lock"]  # nothing run, nothing written
+  finally:
+    holder.kill()
+    holder.wait()
+
+
 def test_sweep_local_on_a_bucket_root_keeps_files_in_the_bucket(fakes, tmp_path, monkeypatch, capsys):
   # Stand-in for a gs:// root: treated as remote, so the log is written locally and copied up; nothing
   # lands in a local ./gs:/... folder.
