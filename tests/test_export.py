@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mmr_jax import export
+from mmr_jax.models import two_tower
 
 K = 20
 TOL = 1e-5  # float32 parity asserted for every SavedModel output (measured ~1e-7)
@@ -80,7 +81,7 @@ def test_query_tower_matches_jax_on_unusual_strings(models, trained, tok, tiny_d
   np.testing.assert_array_equal(tokens, ref_tokens)  # over-long strings truncated the same way
   emb = qt.signatures["serving_default"](queries=_strings(queries))["embedding"].numpy()
   ref = trained.embed_queries({"query_tokens": ref_tokens})
-  assert emb.shape == ref.shape == (len(queries), trained.config.model.embed_dim)
+  assert emb.shape == ref.shape == (len(queries), two_tower.embedding_dim(trained.config.model))
   assert np.isfinite(emb).all()
   np.testing.assert_allclose(emb, ref, atol=TOL, rtol=0)
   # Unit norm, except text without tokens: the masked mean over nothing is the zero vector in JAX too.
@@ -349,7 +350,6 @@ def test_serving_returns_the_python_scann_top_k(models, exported, trained, tok, 
 def test_serving_pads_and_breaks_ties_like_scann_index(trained, tiny_data, tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
-  from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   d = two_tower.embedding_dim(trained.config.model)
   base = rng.normal(size=(4, d)).astype(np.float32)
@@ -376,7 +376,6 @@ def test_serving_pads_slots_scann_leaves_unfilled(trained, tiny_data, tmp_path):
   # A tree index searching one small leaf finds fewer than k products; ScaNN fills the rest with index 0
   # and a NaN score, which must reach the caller as padding ("", -inf, -1), as ScannIndex.search gives it.
   from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
-  from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   db = rng.normal(size=(3000, two_tower.embedding_dim(trained.config.model))).astype(np.float32)
   db /= np.linalg.norm(db, axis=1, keepdims=True)
@@ -404,7 +403,7 @@ def test_serving_pads_slots_scann_leaves_unfilled(trained, tiny_data, tmp_path):
 def test_empty_batches_give_empty_outputs(models, trained):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   empty = tf.constant([], tf.string)
-  d = trained.config.model.embed_dim
+  d = two_tower.embedding_dim(trained.config.model)
   assert models["query_tower"].signatures["serving_default"](queries=empty)["embedding"].shape == (0, d)
   res = models["serving"].signatures["serving_default"](queries=empty)
   assert res["ids"].shape == res["scores"].shape == res["indices"].shape == (0, K)
@@ -451,7 +450,7 @@ def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monke
   for n in (0, 3, 5):
     tokens = tok.encode(["red dress", "", "blue cotton shirt", "wool", "x"][:n], q_len)
     emb = qt.embed_ids(tf.constant(tokens.reshape(n, q_len))).numpy()  # eager: concrete shapes
-    assert emb.shape == (n, trained.config.model.embed_dim)
+    assert emb.shape == (n, two_tower.embedding_dim(trained.config.model))
     if n:
       np.testing.assert_allclose(emb, trained.embed_queries({"query_tokens": tokens}), atol=TOL, rtol=0)
   assert seen == [1, 4, 8]
@@ -556,7 +555,7 @@ def test_params_are_variables_not_constants(models, trained, exported):
   qt = models["query_tower"]
   named = export.unflatten_params(qt.params, qt.param_layout.numpy())
   # Only the query tower's own parameters, with the trained values.
-  assert named and all(n.startswith(("query_tower/", "text_tower/", "heads/")) for n in named)
+  assert named and all(n.startswith(("query_tower/", "text_tower/", "heads/", "lexical/", "lexical_mix/")) for n in named)
   leaves = jax.tree_util.tree_flatten_with_path(export._host_params(trained.params))[0]  # pylint: disable=protected-access
   host = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x) for path, x in leaves}
   for name, value in named.items():
