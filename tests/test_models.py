@@ -496,8 +496,9 @@ def test_lexical_segment_counts_shared_terms_in_the_one_inner_product():
     seg = two_tower.LexicalSegment(vocab, 64)
     params = seg.init(jax.random.PRNGKey(0), toks * scale)
     v = np.asarray(seg.apply(params, toks * scale))
-    # At init every token weighs 1: cosine of term-count vectors ({5, 6} vs {6, 5, 5}: 3 / sqrt(2 * 5)).
-    np.testing.assert_allclose(v[0] @ v[1], 3 / np.sqrt(10), rtol=1e-5)
+    # At init every token weighs 1 and counts saturate as log(1 + n): {5, 6} vs {6, 5, 5}.
+    a, b = np.log1p([1.0, 1.0]), np.log1p([2.0, 1.0])
+    np.testing.assert_allclose(v[0] @ v[1], a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), rtol=1e-5)
     assert abs(v[0] @ v[2]) < 1e-6 and np.all(v[3] == 0)  # no shared term; empty text
   cfg = two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8, embed_dim=16, lexical_dim=32)
   model = two_tower.TwoTower(cfg)

@@ -37,6 +37,8 @@ def test_loss_decreases(tiny_data, tmp_path, variant):
   cfg = _quiet(tiny_config(tiny_data, variant=variant), steps=40, log_every=5, eval_every=0, ckpt_every=40)
   cfg.optim.lr = 3e-3
   cfg.data.pseudo_queries = 0.0  # the loss of the labelled pairs alone, comparable from step to step
+  if variant in ("image_only", "fusion_qw"):
+    cfg.model.lexical_dim = 0  # no product text tower / three query segments: no lexical segment
   train.train_and_evaluate(cfg, str(tmp_path / variant))
   losses = _losses(tmp_path / variant)
   first, last = np.mean([losses[5], losses[10]]), np.mean([losses[35], losses[40]])
@@ -59,6 +61,7 @@ def test_stage1_learns_and_stage2_loads_its_image_tower(tiny_data, tmp_path, cap
 
   cfg2 = _quiet(tiny_config(tiny_data, stage=2), steps=1, eval_every=0)
   cfg2.init.workdir = str(s1)
+  cfg2.init.load = ("image_tower",)
   cfg2 = train.resolve_config(cfg2)
   trainer = train.Trainer(cfg2, str(tmp_path / "s2"))
   state = trainer.init_state()
