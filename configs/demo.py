@@ -11,7 +11,7 @@ Hardware: one CPU host (written for a 2-core, 24 GiB machine).
 
 Expected (test split, one run; README has the table): text_only R@100 74.9 / NDCG@10 56.7 against BM25's
 63.7 / 56.4, the hybrid 71.6 / 60.1; fusion_ft 59.3 / 47.7 (below text_only at this budget: its stage 2 has
-200 of the 450 steps). The whole ablation took 14 min 18 s on the 2 cores with the test suite running beside it.
+200 of the 450 steps). `bash tools/demo.sh` takes about 9 minutes on the idle 2-core machine (warm venv).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
 width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
