@@ -66,10 +66,17 @@ def apply_overrides(config, overrides: dict):
   return config
 
 
-def row_summary(name: str, results: dict, split: str = "test") -> dict:
-  """Returns the ablation.json row for one evaluated workdir."""
-  r = results["splits"][split]
+def row_summary(name: str, results: dict, split: str = "test", system: str | None = None) -> dict:
+  """Returns the ablation.json row for one evaluated workdir.
+
+  `system`: "bm25" or "hybrid" for that ranking of the same queries (evaluate's splits/<split>/<system>),
+  which has no exact twin and no ScaNN recall; None for the model's own.
+  """
   keep = lambda m: {k: v for k, v in m.items() if not k.startswith("num_")} | {"num_queries": m.get("num_queries")}
+  pick = (lambda v: v) if system is None else (lambda v: dict(v[system], exact=v[system]["overall"],  # noqa: E731
+                                                              scann_recall_vs_exact=None))
+  splits = {s: pick(v) for s, v in results["splits"].items() if system is None or system in v}
+  r = splits[split]
   return {
       "row": name,
       "overall": keep(r["overall"]),
@@ -78,7 +85,7 @@ def row_summary(name: str, results: dict, split: str = "test") -> dict:
       "by_sparsity": {t: keep(m) for t, m in r["by_sparsity"].items()},
       "scann_recall_vs_exact": r["scann_recall_vs_exact"],
       "splits": {s: {"overall": keep(v["overall"]), "scann_recall_vs_exact": v["scann_recall_vs_exact"]}
-                 for s, v in results["splits"].items()},
+                 for s, v in splits.items()},
   }
 
 
@@ -95,25 +102,9 @@ def keyword_rows(results: dict[str, dict], split: str = "test") -> list[dict]:
   val = lambda n: scored[n]["splits"].get(eval_lib.FUSION_SPLIT, {}).get("overall", {}).get("ndcg@10", np.nan)  # noqa: E731
   candidates = [n for n in scored if not np.isnan(val(n))]
   best = max(candidates, key=val) if candidates else list(scored)[-1]
-  out = []
   source = scored[best]
-  for key in ("bm25", "hybrid"):
-    r = source["splits"][split][key]
-    keep = lambda m: {k: v for k, v in m.items() if not k.startswith("num_")} | {"num_queries": m.get("num_queries")}  # noqa: E731
-    row = {
-        "row": key,
-        "overall": keep(r["overall"]),
-        "exact": keep(r["overall"]),
-        "by_tag": {t: keep(m) for t, m in r["by_tag"].items()},
-        "by_sparsity": {t: keep(m) for t, m in r["by_sparsity"].items()},
-        "scann_recall_vs_exact": None,
-        "splits": {s: {"overall": keep(v[key]["overall"]), "scann_recall_vs_exact": None}
-                   for s, v in source["splits"].items() if key in v},
-    }
-    if key == "hybrid":
-      row.update(learned_row=best, fusion=source.get("fusion"))
-    out.append(row)
-  return out
+  hybrid = dict(row_summary("hybrid", source, split, system="hybrid"), learned_row=best, fusion=source.get("fusion"))
+  return [row_summary("bm25", source, split, system="bm25"), hybrid]
 
 
 def markdown_table(rows: list[dict]) -> str:
