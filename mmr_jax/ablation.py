@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import sys
 import time
 
 import numpy as np
@@ -28,9 +27,13 @@ from etils import epath
 
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
-from mmr_jax import evaluate as eval_lib
+from mmr_jax import evaluate
 from mmr_jax import fileio
 from mmr_jax import metrics as metrics_lib
+from mmr_jax import runtime
+from mmr_jax import train
+from mmr_jax.data import tfds_builder
+from mmr_jax.evals import retrieval
 
 log = logging.getLogger("mmr_jax.ablation")
 
@@ -99,7 +102,7 @@ def keyword_rows(results: dict[str, dict], split: str = "test") -> list[dict]:
   scored = {n: r for n, r in results.items() if "bm25" in r["splits"].get(split, {})}
   if not scored:
     return []
-  val = lambda n: scored[n]["splits"].get(eval_lib.FUSION_SPLIT, {}).get("overall", {}).get("ndcg@10", np.nan)  # noqa: E731
+  val = lambda n: scored[n]["splits"].get(retrieval.FUSION_SPLIT, {}).get("overall", {}).get("ndcg@10", np.nan)  # noqa: E731
   candidates = [n for n in scored if not np.isnan(val(n))]
   best = max(candidates, key=val) if candidates else list(scored)[-1]
   source = scored[best]
@@ -208,7 +211,6 @@ def _plot_rows(fig, axes, rows: list[dict], groups: list[str], labels: list[str]
 
 def _config_differences(saved: dict, wanted) -> list[str]:
   """Returns "key: saved -> wanted" for settings that change what a row learns (not logging/checkpointing)."""
-  from mmr_jax import train  # pylint: disable=g-import-not-at-top
   # Through JSON, as config.json was written: tuples become lists on both sides.
   want = metrics_lib.flatten(json.loads(json.dumps(train.resolve_config(wanted).to_dict(), default=str)), sep=".")
   have = metrics_lib.flatten(saved, sep=".")
@@ -245,7 +247,6 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   Every row gets the same number of optimiser steps in total: a row without stage 1 trains stage 2 for
   stage 1's steps longer. `budget` ("long": 5x) multiplies every step count.
   """
-  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   # Checked before hours of training: every row is scored on the test queries.
   info = tfds_builder.catalog_info(data_dir)
   if not info["num_queries"].get("test"):
@@ -260,7 +261,6 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
 
 
 def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides, budget):
-  from mmr_jax import train  # pylint: disable=g-import-not-at-top
   extra = "," + config_arg if config_arg else ""
   if budget not in BUDGETS:
     raise ValueError(f"budget {budget!r}; expected one of {sorted(BUDGETS)}")
@@ -308,7 +308,7 @@ def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batc
       log.info("== row %s", name)
       t0 = time.time()
       train.train_and_evaluate(cfg, str(row_dir))
-      eval_lib.evaluate_workdir(str(row_dir), data_dir)
+      evaluate.evaluate_workdir(str(row_dir), data_dir)
       timings[name] = time.time() - t0
     results[name] = json.loads(metrics_path.read_text())
     out_rows.append(row_summary(name, results[name]))
@@ -357,9 +357,8 @@ def main(argv=None):
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for every run, e.g. --set optim.lr=1e-3 (repeatable)")
   args = p.parse_args(argv)
-  from mmr_jax import train  # pylint: disable=g-import-not-at-top
-  train.setup_logging()
-  train.enable_compilation_cache()
+  runtime.setup_logging()
+  runtime.enable_compilation_cache()
   overrides = {}
   for item in args.set:
     if "=" not in item:

@@ -5,13 +5,16 @@ latest `keep` checkpoints plus the `keep_best` best by a validation metric, auto
 latest step. The data iterator's state is saved in the same step directory, so a resumed run neither
 repeats nor skips examples. The state is restored onto whatever shardings the caller's abstract state
 carries, so a checkpoint written on 8 devices restores onto 4 (elastic resume).
+
+A workdir also records the fingerprint of the DATA_DIR it was trained on (`record_data_dir`): a checkpoint's
+product indexes and tokenizer ids mean nothing with another catalogue, so every reader checks it first.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Any
 
 import jax
 import numpy as np
@@ -20,6 +23,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from mmr_jax import fileio
+from mmr_jax.data import tfds_builder
 
 try:  # grain registers its orbax handler on import.
   import grain.checkpoint as grain_ckpt
@@ -31,6 +35,13 @@ def absolute(path) -> epath.Path:
   """Returns `path` as an absolute epath.Path (Orbax needs absolute local paths; URLs such as gs:// pass through)."""
   path = str(path)
   return epath.Path(path if "://" in path else os.path.abspath(os.path.expanduser(path)))
+
+
+class DataDirMismatchError(ValueError):
+  """Raised when a workdir is used with a DATA_DIR other than the one it was trained on."""
+
+
+DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 
 
 class CheckpointShapeError(ValueError):
@@ -203,3 +214,30 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
 def write_json(path, obj) -> None:
   """Writes JSON atomically, locally or on gs:// (fileio.write_json), so a crash never leaves a half file."""
   fileio.write_json(path, obj)
+
+
+def check_data_dir(workdir, data_dir: str) -> None:
+  """Raises DataDirMismatchError when `data_dir` differs from the DATA_DIR `workdir` recorded at training.
+
+  A re-import (import_catalog --overwrite) keeps the path and often the vocabulary size, but changes the
+  tokenizer's pieces and the product order the checkpoint and its data-iterator position refer to.
+  """
+  path = epath.Path(workdir) / DATA_FINGERPRINT_FILE
+  if not path.exists():  # a workdir that recorded none: nothing to compare
+    return
+  recorded = json.loads(path.read_text())
+  now = tfds_builder.data_fingerprint(data_dir)
+  changed = [k for k in now if recorded.get(k) != now[k]]
+  if changed:
+    short = lambda v: v[:12] if isinstance(v, str) else v  # noqa: E731
+    diffs = ", ".join(f"{k} {short(recorded.get(k))} -> {short(now[k])}" for k in changed)
+    raise DataDirMismatchError(
+        f"{data_dir} is not the DATA_DIR {workdir} was trained on ({recorded.get('data_dir')}): {diffs} (trained "
+        f"-> now). Use the catalogue it was trained on (re-import the same source with the same options), or "
+        f"train a new workdir on this one; to accept this DATA_DIR anyway, delete {path}.")
+
+
+def record_data_dir(workdir, data_dir: str) -> None:
+  """Writes the fingerprint of `data_dir` that `check_data_dir` compares later runs against."""
+  write_json(epath.Path(workdir) / DATA_FINGERPRINT_FILE,
+             dict(tfds_builder.data_fingerprint(data_dir), data_dir=str(absolute(data_dir))))

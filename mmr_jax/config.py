@@ -11,7 +11,10 @@ import ast
 
 import ml_collections
 
+from mmr_jax.models import fusion as fusion_lib
+from mmr_jax.models import text as text_lib
 from mmr_jax.models import two_tower
+from mmr_jax.models import vit as vit_lib
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -181,8 +184,6 @@ def set_b16_model(c: ConfigDict, *, remat: bool = False, scan_layers: bool = Fal
 
   `remat`, `scan_layers`, `remat_policy` and `attention_impl` apply to all three towers.
   """
-  from mmr_jax.models import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
-  from mmr_jax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
   c.data.image_size = 224
   c.data.query_len = 32
   c.data.product_len = 128
@@ -200,7 +201,6 @@ def set_b16_model(c: ConfigDict, *, remat: bool = False, scan_layers: bool = Fal
 def set_text_tower(c: ConfigDict, size: str, *, max_len: int, **overrides) -> ConfigDict:
   """Sets the text towers to size preset `size` ("mu", "S", "B", ...); the fusion network follows their
   width and heads. The vocabulary size stays -1 (the trainer reads it from DATA_DIR's tokenizer)."""
-  from mmr_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
   c.model.text = text_lib.get_config(size, vocab_size=-1, max_len=max_len, **overrides)
   c.model.fusion.width = c.model.text.width
   c.model.fusion.num_heads = c.model.text.num_heads
@@ -226,7 +226,6 @@ def set_siglip(c: ConfigDict, ckpt: str, tokenizer: str, *, variant: str = "B/16
   the identity projection heads (models/pretrained.load_two_tower) start from SigLIP's own embeddings.
   `stack`: remat / scan_layers / remat_policy / attention_impl for every tower.
   """
-  from mmr_jax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
   if not ckpt or not tokenizer:
     raise ValueError("init=siglip needs ckpt=PATH (the two-tower .npz) and tokenizer=PATH (its SentencePiece "
                      f".model), got ckpt={ckpt!r}, tokenizer={tokenizer!r}")

@@ -1361,7 +1361,7 @@ def _export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: i
                     batch_buckets: Sequence[int] = BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH,
                     parity_tol: float = PARITY_TOL, allow_parity_mismatch: bool = False) -> dict | None:
   import jax  # pylint: disable=g-import-not-at-top
-  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
+  from mmr_jax.evals import embedding  # pylint: disable=g-import-not-at-top
   from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
 
   if int(k) != k or k < 1:
@@ -1377,7 +1377,7 @@ def _export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: i
       print(f"[export] {name}", file=sys.stderr, flush=True)
 
   step(f"loading {workdir}")
-  tm = inference.load_trained(workdir, data_dir)
+  tm = embedding.load_trained(workdir, data_dir)
   data_dir = tm.config.data.dir
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
@@ -1518,8 +1518,8 @@ def main(argv=None):
   except ValueError as e:
     p.error(f"--warmup_max_batch: {e}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  from mmr_jax import train  # pylint: disable=g-import-not-at-top
-  train.maybe_initialize_distributed()
+  from mmr_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.maybe_initialize_distributed()
   try:
     summary = export_workdir(args.workdir, args.out, args.data, k=args.k, platforms=args.platforms.split(","),
                              batch_size=args.batch_size, shard_batches=args.shard_batches,

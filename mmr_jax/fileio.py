@@ -30,6 +30,7 @@ import uuid
 from typing import Callable
 
 from etils import epath
+import tensorstore as ts
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,6 @@ class WorkdirLock:
   # -- gs://: lease object
 
   def _kvstore(self):
-    import tensorstore as ts  # pylint: disable=g-import-not-at-top
     return ts.KvStore.open({"driver": "gcs", "bucket": self.workdir.parts[2],
                             "path": "/".join(self.workdir.parts[3:]) + "/"}).result()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from importlib import metadata
 import os
 import tempfile
 import time
@@ -25,6 +26,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from etils import epath
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mmr_jax import fileio
@@ -78,9 +81,6 @@ def _exact_step(k_chunk: int, k_out: int):
   """Returns a jitted (q, chunk, offset, n_valid, run_s, run_i) -> (run_s, run_i) merge."""
   key = (k_chunk, k_out)
   if key not in _EXACT_STEP_CACHE:
-    import jax
-    import jax.numpy as jnp
-
     @jax.jit
     def step(q, chunk, offset, n_valid, run_s, run_i):
       # HIGHEST: the reference must be exact on GPUs (TF32 by default) and TPUs (bf16 passes) too.
@@ -106,9 +106,6 @@ def exact_search(queries, db, k: int, *, query_batch: int = 256, db_chunk: int =
   is about query_batch * db_chunk * 4 bytes of scores (128 MiB by default) on top of one
   device copy of `db`. Equal scores rank the lower product index first.
   """
-  import jax
-  import jax.numpy as jnp
-
   k = _check_k(k)
   db = _as_matrix(db, "db")
   queries = _as_matrix(queries, "queries", db.shape[1])
@@ -346,7 +343,6 @@ class ScannIndex:
 
   def config(self) -> dict[str, Any]:
     """Returns the JSON-serialisable record of how this index was built."""
-    from importlib import metadata  # pylint: disable=g-import-not-at-top
     try:
       version = metadata.version("scann")
     except metadata.PackageNotFoundError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -127,7 +128,6 @@ class StepProfiler:
   def before(self, step: int) -> None:
     if self.num and step == self.first and self._local is None and self.summary is None:
       if self._local_dir is None and "://" in str(self.out_dir):
-        import tempfile  # pylint: disable=g-import-not-at-top
         self._local_dir = tempfile.mkdtemp(prefix="mmr_profile_")
       self._local = str(self._local_dir or self.out_dir)
       os.makedirs(self._local, exist_ok=True)

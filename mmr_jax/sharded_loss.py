@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmr_jax import losses
@@ -358,7 +359,6 @@ def loss_grad_temp_bytes(kind: str, how: str, n: int, dim: int, devices) -> int:
   kind: "softmax" | "sigmoid"; how: "dense" (the unsharded `losses` function) | "ring" | "gather";
   devices: the devices of a 1-D data mesh. Product ids are the positive mask, as in training.
   """
-  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   mesh = shd.make_mesh({"data": len(devices)}, list(devices))
   emb = jax.ShapeDtypeStruct((n, dim), jnp.float32, sharding=NamedSharding(mesh, P(shd.BATCH_AXES, None)))
   ids = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=NamedSharding(mesh, P(shd.BATCH_AXES)))

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 
 MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 # The batch dimension is split over every axis that carries data parallelism.
@@ -44,13 +46,11 @@ def make_mesh(shape_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None
   shape = mesh_shape(shape_cfg, len(devices))
   sizes = tuple(shape[a] for a in MESH_AXES)
   if shape["dcn"] > 1 and hasattr(devices[0], "slice_index"):
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     ici = (1,) + sizes[1:]
     dcn = (shape["dcn"], 1, 1, 1)
     arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
   else:
     try:
-      from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
       arr = mesh_utils.create_device_mesh(sizes, devices)
     except (ValueError, NotImplementedError, AssertionError):
       arr = np.asarray(devices).reshape(sizes)
@@ -156,5 +156,4 @@ def global_to_host(x: jax.Array) -> np.ndarray:
   """Returns the full value of a (possibly multi-host sharded) array on every host."""
   if jax.process_count() == 1 or x.is_fully_replicated:
     return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -10,6 +10,9 @@ import pytest
 
 from mmr_jax import ablation
 from mmr_jax import evaluate
+from mmr_jax.evals import embedding
+from mmr_jax.evals import report
+from mmr_jax.evals import retrieval
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,7 +28,7 @@ def test_evaluate_embeddings_hand_built_case():
   queries = np.stack([products[5], -products[200]])
   labels = [{5: 1.0, 6: 0.1}, {200: 1.0}]
   num_words = np.arange(300)  # products 0..74 are the sparse quarter
-  res = evaluate.evaluate_embeddings(products, {"test": {"emb": queries, "labels": labels,
+  res = retrieval.evaluate_embeddings(products, {"test": {"emb": queries, "labels": labels,
                                                          "tags": [["visual"], ["textual"]]}}, num_words)
   r = res["splits"]["test"]
   assert r["exact"]["recall@10"] == pytest.approx(0.5)  # query 0 finds 5, query 1 does not find 200
@@ -35,7 +38,7 @@ def test_evaluate_embeddings_hand_built_case():
   assert r["by_sparsity"]["dense_products"]["num_queries"] == 1
   assert r["scann_recall_vs_exact"] == pytest.approx(1.0)  # small N: ScaNN is brute force
   assert res["sparse_words_threshold"] == pytest.approx(np.quantile(num_words, 0.25))
-  md = evaluate.markdown_report(res)
+  md = report.markdown_report(res)
   assert "| test | exact | 50.0 |" in md
   assert "ScaNN searched by brute force (fewer than brute_force_below=2048 products)" in md
 
@@ -64,17 +67,17 @@ def test_evaluate_workdir_writes_reports(tiny_workdir, tiny_data):
   np.testing.assert_array_equal(got[:, 0], [0, 1, 2])  # each product is its own nearest neighbour
   # The reported numbers are the model's: re-embed the test queries, search the saved product embeddings
   # exactly and score with the labels; BM25's are keyword.BM25's on the catalogue text.
-  from mmr_jax import inference, keyword, metrics  # pylint: disable=g-import-not-at-top
+  from mmr_jax import keyword, metrics  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  tm = inference.load_trained(tiny_workdir, tiny_data)
-  q = evaluate.load_queries(tiny_data, "test")
-  q_emb, _ = evaluate.embed_table(tm.embed_queries, pipeline.make_eval_iterator(tiny_data, "queries", "test",
+  tm = embedding.load_trained(tiny_workdir, tiny_data)
+  q = retrieval.load_queries(tiny_data, "test")
+  q_emb, _ = embedding.embed_table(tm.embed_queries, pipeline.make_eval_iterator(tiny_data, "queries", "test",
                                                                                  tm.config.data, 8))
   ranked, _ = index_lib.exact_search(q_emb, emb, 100)
   want = metrics.compute_metrics(ranked, q["labels"])
   for k in ("recall@10", "recall@100", "ndcg@10", "mrr"):
     assert saved["splits"]["test"]["exact"][k] == pytest.approx(want[k], abs=1e-6), k
-  _, texts = evaluate.load_products(tiny_data)
+  _, texts = retrieval.load_products(tiny_data)
   bm25_ranked, _ = keyword.BM25(texts).search(q["text"], 100)
   assert saved["splits"]["test"]["bm25"]["overall"]["ndcg@10"] == pytest.approx(
       metrics.compute_metrics(bm25_ranked, q["labels"])["ndcg@10"])

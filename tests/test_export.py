@@ -11,6 +11,7 @@ import pytest
 
 from mmr_jax import export
 from mmr_jax.models import two_tower
+from mmr_jax.evals import embedding
 
 K = 20
 TOL = 1e-5  # float32 parity asserted for every SavedModel output (measured ~1e-7)
@@ -27,8 +28,7 @@ def exported(tiny_workdir, tiny_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tiny_workdir, tiny_data):
-  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
-  return inference.load_trained(tiny_workdir, tiny_data)
+  return embedding.load_trained(tiny_workdir, tiny_data)
 
 
 @pytest.fixture(scope="module")
@@ -669,12 +669,12 @@ def _without_saved_models(monkeypatch):
 
 def test_export_reuses_embeddings_only_of_the_same_weights(tiny_workdir, tiny_data, tmp_path, monkeypatch):
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from mmr_jax import inference, train  # pylint: disable=g-import-not-at-top
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
   other = tmp_path / "other_seed"  # another run, same config but its seed, stopped at the same step
   cfg = tiny_config(tiny_data, progress=False)
   cfg.seed = 7
   train.train_and_evaluate(cfg, str(other))
-  assert inference.load_trained(str(other)).step == inference.load_trained(tiny_workdir).step
+  assert embedding.load_trained(str(other)).step == embedding.load_trained(tiny_workdir).step
   _without_saved_models(monkeypatch)
   embedded = []
   real = export.embed_catalogue

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from mmr_jax import evaluate
 from mmr_jax import keyword
+from mmr_jax.evals import report
+from mmr_jax.evals import retrieval
 
 
 def test_tokenize_any_script():
@@ -83,12 +84,12 @@ def test_evaluate_embeddings_scores_bm25_and_hybrid_on_the_same_queries():
     emb = np.stack([products[i] if i % 2 == 0 else -products[i] for i in ids])
     queries[split] = {"emb": emb, "labels": [{i: 1.0} for i in ids], "tags": [["t"]] * 4,
                       "text": [f"item {i}" for i in ids]}
-  kw = evaluate.bm25_rankings(texts, queries)
-  res = evaluate.evaluate_embeddings(products, queries, np.arange(40), keyword_rankings=kw)
+  kw = retrieval.bm25_rankings(texts, queries)
+  res = retrieval.evaluate_embeddings(products, queries, np.arange(40), keyword_rankings=kw)
   t = res["splits"]["test"]
   assert t["overall"]["recall@10"] == pytest.approx(0.5)
   assert t["bm25"]["overall"]["recall@10"] == 1.0 and t["bm25"]["overall"]["mrr"] == 1.0
   assert t["hybrid"]["overall"]["recall@10"] == 1.0 and t["hybrid"]["by_tag"]["t"]["num_queries"] == 4
   assert res["fusion"]["tuned_on"] == "validation"
-  md = evaluate.markdown_report(res)
+  md = report.markdown_report(res)
   assert "| test | BM25 | 100.0 |" in md and "hybrid (" in md

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 import pytest
+from mmr_jax import runtime
+from mmr_jax.evals import embedding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
@@ -44,10 +46,9 @@ def _config(data_dir: str):
 
 def _embed_all_products(workdir: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
   """Returns (product_index [P], embeddings [P, D]) of every product, on every host."""
-  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
   from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  model = inference.load_trained(workdir, data_dir)
+  model = embedding.load_trained(workdir, data_dir)
   embed = model.embed_products
   it = pipeline.make_eval_iterator(data_dir, "products", "all", model.config.data, batch_size=32)
   ids, embs = [], []
@@ -77,8 +78,8 @@ def _child_run(argv):
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
   cache = os.environ.get("MMR_COMPILATION_CACHE")
   if cache:
-    train.enable_compilation_cache(cache)
-  train.maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    runtime.enable_compilation_cache(cache)
+  runtime.maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   seen = {"process_count": jax.process_count(), "device_count": jax.device_count()}
 
   def preempt(step, state):
@@ -102,8 +103,8 @@ def _child_run(argv):
     train.train_and_evaluate(_config(args.data), args.workdir)
   ids, embs = _embed_all_products(args.workdir, args.data)
   # The embedding export: each process writes its slice's shards, process 0 merges them.
-  from mmr_jax import export, inference  # pylint: disable=g-import-not-at-top
-  catalogue = export.embed_catalogue(inference.load_trained(args.workdir, args.data), args.data,
+  from mmr_jax import export  # pylint: disable=g-import-not-at-top
+  catalogue = export.embed_catalogue(embedding.load_trained(args.workdir, args.data), args.data,
                                      os.path.join(args.workdir, "export"), batch_size=32, shard_batches=2,
                                      progress=False)
   if jax.process_index() == 0:

@@ -8,12 +8,13 @@ from conftest import tiny_config
 from mmr_jax import losses
 from mmr_jax import objectives
 from mmr_jax import train
+from mmr_jax import models
 
 
 @pytest.fixture(scope="module")
 def model_and_batch(tiny_data):
   cfg = train.resolve_config(tiny_config(tiny_data, variant="fusion"))
-  model = train.create_model(cfg)
+  model = models.create_model(cfg)
   params = model.init(jax.random.PRNGKey(0), objectives.init_batch(cfg), train=False)["params"]
   rng = np.random.default_rng(0)
   batch = objectives.get(2).example_batch(cfg, 8)

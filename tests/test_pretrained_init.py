@@ -22,6 +22,7 @@ from mmr_jax.data import pipeline
 from mmr_jax.data import tokenizer as tok_lib
 from mmr_jax.models import pretrained
 from mmr_jax.models import two_tower
+from mmr_jax.evals import embedding
 
 WIDTH, DEPTH, HEADS, MLP, PATCH, IMAGE, TEXT_LEN = 32, 2, 2, 128, 8, 16, 8
 
@@ -302,7 +303,7 @@ def test_pipeline_tokenises_with_the_checkpoint_tokenizer(tiny_data, c4_tok, tmp
 
 
 def test_train_from_siglip_checkpoint(tiny_data, c4_tok, tmp_path):
-  from mmr_jax import inference, train  # pylint: disable=g-import-not-at-top
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
   vocab = spm.SentencePieceProcessor(model_file=c4_tok).get_piece_size()
   cfg = _siglip_run_config(tiny_data, "x", c4_tok)
   arrays = siglip_arrays(vocab, width=cfg.model.text.width, depth=cfg.model.text.depth,
@@ -323,7 +324,7 @@ def test_train_from_siglip_checkpoint(tiny_data, c4_tok, tmp_path):
   assert metrics["step"] == 3 and np.isfinite(metrics["loss"])
   recorded = json.loads((wd / "config.json").read_text())["data"]["tokenizer"]
   assert recorded == {"path": c4_tok, **config_lib.SIGLIP_TOKENIZER}
-  tm = inference.load_trained(str(wd), tiny_data)  # evaluation checks the vocabulary of the same model file
+  tm = embedding.load_trained(str(wd), tiny_data)  # evaluation checks the vocabulary of the same model file
   assert pipeline.tokenizer_path(tiny_data, tm.config.data) == c4_tok
   # The exported query tower tokenises in its graph exactly as the pipeline did, then embeds the same.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

@@ -16,6 +16,9 @@ from conftest import tiny_config
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
 from mmr_jax import train
+from mmr_jax import evals
+from mmr_jax import trainer as trainer_lib
+from mmr_jax.evals import embedding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -325,7 +328,7 @@ def test_workdir_paths_are_made_absolute_for_orbax(tmp_path, monkeypatch):
 
 def test_best_metric_is_resolved_against_what_validation_logs():
   tcfg = config_lib.base_config().train
-  logged = {"val/q2p/loss", "val/q2p/acc_a2b"} | set(train.RETRIEVAL_METRICS)
+  logged = {"val/q2p/loss", "val/q2p/acc_a2b"} | {f"val/{k}" for k in evals.RetrievalEvaluator.METRICS}
   assert train.resolve_best_metric(tcfg, logged) == ("val/ndcg@10", "max")
   assert train.resolve_best_metric(tcfg, {"val/i2t/loss", "val/i2t/acc_a2b"}) == ("val/i2t/loss", "min")
   with tcfg.unlocked():
@@ -352,8 +355,8 @@ def test_init_lr_mult_slows_only_the_towers_loaded_from_init():
     updates, _ = tx.update(grads, tx.init(params), params)
     u = jax.device_get(updates)
     np.testing.assert_allclose(u["image_tower"]["w"], ratio * u["heads"]["w"], rtol=1e-6)
-  assert train.initialised_towers(config_lib.ConfigDict(dict(workdir="", load=("image_tower",), vit_npz=""))) == ()
-  assert train.initialised_towers(config_lib.ConfigDict(dict(workdir="s1", load=("image_tower", "heads"),
+  assert trainer_lib.initialised_towers(config_lib.ConfigDict(dict(workdir="", load=("image_tower",), vit_npz=""))) == ()
+  assert trainer_lib.initialised_towers(config_lib.ConfigDict(dict(workdir="s1", load=("image_tower", "heads"),
                                                              vit_npz="v.npz"))) == ("image_tower", "heads")
 
 
@@ -420,23 +423,22 @@ def test_nan_stop_last_good_checkpoint_resumes(tiny_data, tmp_path, monkeypatch)
 
 def test_workdir_refuses_a_reimported_data_dir(tiny_data, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
-  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
   data = tmp_path / "data"
   shutil.copytree(tiny_data, data)
   cfg = lambda steps: _quiet(tiny_config(str(data)), steps=steps, log_every=1, eval_every=0, ckpt_every=1)  # noqa: E731
   wd = tmp_path / "w"
   train.train_and_evaluate(cfg(2), str(wd))
-  inference.load_trained(str(wd))  # the same data: accepted
+  embedding.load_trained(str(wd))  # the same data: accepted
   # As `import_catalog --overwrite` of a catalogue whose products come in another order leaves it: same path,
   # same vocabulary size, another product order.
   info = json.loads((data / "catalog_info.json").read_text())
   assert info["products_sha256"]
   info["products_sha256"] = "0" * 64
   (data / "catalog_info.json").write_text(json.dumps(info))
-  with pytest.raises(train.DataDirMismatchError, match=r"is not the DATA_DIR .* was trained on.*products_sha256"):
+  with pytest.raises(ckpt_lib.DataDirMismatchError, match=r"is not the DATA_DIR .* was trained on.*products_sha256"):
     train.train_and_evaluate(cfg(3), str(wd))  # resume
-  with pytest.raises(train.DataDirMismatchError, match=r"products_sha256 .* -> 000000000000"):
-    inference.load_trained(str(wd))  # evaluate and export
+  with pytest.raises(ckpt_lib.DataDirMismatchError, match=r"products_sha256 .* -> 000000000000"):
+    embedding.load_trained(str(wd))  # evaluate and export
   assert ckpt_lib.Checkpointer(str(wd)).all_steps() == [1, 2]
 
 

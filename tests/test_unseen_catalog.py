@@ -29,6 +29,9 @@ from mmr_jax.data import import_catalog as importer
 from mmr_jax.data import pipeline
 from mmr_jax.data import tfds_builder
 from mmr_jax.data import tokenizer as tokenizer_lib
+from mmr_jax.evals import embedding
+from mmr_jax.evals import report
+from mmr_jax.evals import retrieval
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -361,7 +364,7 @@ def _random_results(num_products, labels, tags=None):
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   products = unit(rng.normal(size=(num_products, 8))).astype(np.float32)
   queries = unit(rng.normal(size=(len(labels), 8))).astype(np.float32)
-  return evaluate.evaluate_embeddings(
+  return retrieval.evaluate_embeddings(
       products, {"test": {"emb": queries, "labels": labels, "tags": tags or [[] for _ in labels]}},
       np.arange(num_products))
 
@@ -375,7 +378,7 @@ def test_catalogue_smaller_than_the_cutoffs_reports_every_metric():
     assert m["recall@50"] == m["recall@100"] == 1.0  # The whole catalogue is ranked.
     assert m["num_queries"] == 3
   assert r["scann_recall_vs_exact"] == 1.0
-  md = evaluate.markdown_report(res)
+  md = report.markdown_report(res)
   assert "rank every product" in md and "| test | ScaNN |" in md and "| 100.0 |" in md
 
 
@@ -422,15 +425,14 @@ def test_ablation_refuses_a_catalogue_without_test_queries_before_training(catal
 
 
 def test_evaluate_workdir_without_queries_fails_before_embedding(catalog_writer, tmp_path, monkeypatch):
-  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
   src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "Tisch"}],
                        [{"id": "q0", "text": "tisch", "split": "train"}], [("q0", "p0", "E")])
   data_dir = tmp_path / "data"
   importer.import_catalog(src, data_dir, vocab_size=300, progress=False, verbose=False)
   trained = types.SimpleNamespace(config=types.SimpleNamespace(data=types.SimpleNamespace(dir=str(data_dir))),
                                   mesh=None, step=0)
-  monkeypatch.setattr(inference, "load_trained", lambda workdir, data_dir=None: trained)
-  monkeypatch.setattr(evaluate.index_lib.ScannIndex, "build", None)  # Never reached.
+  monkeypatch.setattr(embedding, "load_trained", lambda workdir, data_dir=None: trained)
+  monkeypatch.setattr(retrieval.index_lib.ScannIndex, "build", None)  # Never reached.
   from mmr_jax import sharding  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(sharding, "data_parallel_size", lambda mesh: 1)
   with pytest.raises(ValueError, match="no queries in the split"):

@@ -41,6 +41,7 @@ import sys
 import time
 
 import numpy as np
+from mmr_jax.evals import embedding
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -70,10 +71,9 @@ def _jax_pipeline(workdir: str, out: str, data_dir: str, k: int):
   parameters, `ScannIndex.search` on the exported index, then the same id lookup the SavedModel does.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from mmr_jax import inference  # pylint: disable=g-import-not-at-top
   from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  tm = inference.load_trained(workdir, data_dir)
+  tm = embedding.load_trained(workdir, data_dir)
   tok = pipeline.load_tokenizer(data_dir, tm.config.data)
   q_len = int(tm.config.data.query_len)
   index = index_lib.ScannIndex.load(os.path.join(out, "embeddings", "index"))

@@ -1,7 +1,9 @@
-"""A trained workdir as embedding functions: the bridge from checkpoints to evaluation and export.
+"""A model's parameters as embedding functions, and whole tables embedded with them.
 
-Evaluation and export only need `embed_queries(batch) -> [B, D]` and `embed_products(batch) -> [B, D]`;
-this module builds them from a workdir's config.json and latest checkpoint, jitted over a mesh.
+Every evaluator and the export need only `embed_queries(batch) -> [B, D]` and `embed_products(batch) ->
+[B, D]`. `Embedder` makes them from a model, its parameters and a mesh (jitted once per model);
+`load_trained` builds one from a workdir's config.json and latest checkpoint; `embed_table` runs one over a
+table's batches and puts the rows back in table order.
 """
 
 from __future__ import annotations
@@ -9,20 +11,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import sharding as shd
+from mmr_jax.data import pipeline
+from mmr_jax.data import tokenizer as tok_lib
+from mmr_jax.models import create_model
 
 
 @dataclasses.dataclass
-class TrainedModel:
+class Embedder:
+  """A model and its parameters (replicated over `mesh`) as jitted query / product embedding functions."""
+
   config: ml_collections.ConfigDict
   model: Any
   params: Any
@@ -63,26 +72,55 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def load_trained(workdir: str, data_dir: str | None = None, mesh=None) -> TrainedModel:
+def load_trained(workdir: str, data_dir: str | None = None, mesh=None) -> Embedder:
   """Returns the workdir's model and latest parameters, replicated over `mesh` (default: all devices, data axis)."""
-  from mmr_jax import train  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
   if data_dir:
     with config.unlocked():
       config.data.dir = data_dir
-  train.check_data_dir(workdir, config.data.dir)
+  ckpt_lib.check_data_dir(workdir, config.data.dir)
   # The tokenizer of the data the model was trained on must match the one used now.
   trained_vocab = config.model.text.vocab_size
   if data_dir and trained_vocab > 0:
-    from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    from mmr_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
     path = pipeline.tokenizer_path(data_dir, config.data)  # config.data.tokenizer.path when the run set one
     now = tok_lib.Tokenizer(path).vocab_size
     if now != trained_vocab:
       raise ValueError(f"{path} has vocab {now} but {workdir} was trained with {trained_vocab}: "
                        "evaluate with the DATA_DIR the model was trained on")
-  model = train.create_model(config)
+  model = create_model(config)
   params, step = ckpt_lib.restore_params(workdir)
   mesh = mesh if mesh is not None else shd.make_mesh({"data": -1})
   params = jax.device_put(params, shd.replicated(mesh))
-  return TrainedModel(config=config, model=model, params=params, step=step, mesh=mesh)
+  return Embedder(config=config, model=model, params=params, step=step, mesh=mesh)
+
+
+def embed_table(embed_fn: Callable[[dict], np.ndarray], batches: Iterable[dict], total: int | None = None,
+                desc: str = "embed") -> tuple[np.ndarray, np.ndarray]:
+  """Returns (embeddings [N, D] float32, row indexes [N]) of the unpadded rows of `batches`.
+
+  Batches carry a `mask` [B] (False on padding rows) and an index key (`product_index` / `query_index`);
+  rows are returned sorted by that index, so the result lines up with the table.
+  """
+  embs, idxs = [], []
+  with tqdm(total=total, desc=desc, unit="row", file=sys.stderr, disable=total is not None and total < 1,
+            mininterval=1.0) as bar:
+    for batch in batches:
+      key = "product_index" if "product_index" in batch else "query_index"
+      e = np.asarray(embed_fn(batch), np.float32)
+      m = np.asarray(batch["mask"], bool)
+      idx = np.asarray(batch[key])
+      if e.shape[0] != m.shape[0]:
+        # Multi-host: the embedding function returned the global batch (every host's rows, in process
+        # order); gather the host-local masks and indexes the same way so rows line up.
+        m = np.asarray(multihost_utils.process_allgather(m, tiled=True))
+        idx = np.asarray(multihost_utils.process_allgather(idx, tiled=True))
+      embs.append(e[m])
+      idxs.append(idx[m])
+      bar.update(int(m.sum()))
+  if not embs:
+    raise ValueError(f"{desc}: no rows to embed")
+  emb, idx = np.concatenate(embs), np.concatenate(idxs)
+  order = np.argsort(idx, kind="stable")
+  return emb[order], idx[order]
+
+
