@@ -5,7 +5,7 @@ Usage:
       [--novel_product_fraction 0.1] [--seed 0] [--image_max_side 256] [--vocab_size 8000]
       [--pair_grades E,S]
 
-SRC_DIR holds products.jsonl, queries.jsonl, qrels.tsv and images/ (format: mmr_jax/data/catalog.py).
+SRC_DIR holds products.jsonl, queries.jsonl, qrels.tsv and images/ (format: mmr_jax/data/catalog/).
 DATA_DIR gets catalog_info.json, import_summary.json, tokenizer.model and mmr_catalog/ (DESIGN.md),
 plus a copy of SRC_DIR/ground_truth.jsonl when there is one (synthetic catalogues).
 
