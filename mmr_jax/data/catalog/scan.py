@@ -248,15 +248,20 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
       return it
     return tqdm(it, desc=desc, unit=" lines", mininterval=1.0)
 
+  def valid_rows(name, parse):
+    """Yields (line number, row) for the lines of `name` that `parse` accepts; logs the others."""
+    for lineno, obj in bar(_iter_jsonl(src / name, skips), f"scan {name}"):
+      try:
+        row = parse(obj, lineno)
+      except Skip as e:
+        skips.add(e.reason, f"{name}:{lineno}: {e.detail}")
+        continue
+      yield lineno, row
+
   # Products: only the id -> index map and line numbers stay in memory.
   product_index: dict[str, int] = {}
   product_lines = array.array("q")  # 8 bytes a product, not a Python int object each.
-  for lineno, obj in bar(_iter_jsonl(src / PRODUCTS_FILE, skips), f"scan {PRODUCTS_FILE}"):
-    try:
-      product = parse_product(obj, lineno)
-    except Skip as e:
-      skips.add(e.reason, f"{PRODUCTS_FILE}:{lineno}: {e.detail}")
-      continue
+  for lineno, product in valid_rows(PRODUCTS_FILE, parse_product):
     if product.id in product_index:
       skips.add(DUPLICATE_PRODUCT_ID, f"{PRODUCTS_FILE}:{lineno}: id={product.id} first seen on line "
                 f"{product_lines[product_index[product.id]]}")
@@ -273,12 +278,7 @@ def scan_catalog(src_dir: str | os.PathLike, *, novel_product_fraction: float = 
   # Queries.
   query_slot: dict[str, tuple[str, int, int]] = {}  # id -> (split, row in split, ordinal)
   rows: dict[str, list[QueryRow]] = {s: [] for s in SOURCE_QUERY_SPLITS}
-  for lineno, obj in bar(_iter_jsonl(src / QUERIES_FILE, skips), f"scan {QUERIES_FILE}"):
-    try:
-      query = parse_query(obj, lineno)
-    except Skip as e:
-      skips.add(e.reason, f"{QUERIES_FILE}:{lineno}: {e.detail}")
-      continue
+  for lineno, query in valid_rows(QUERIES_FILE, parse_query):
     if query.id in query_slot:
       skips.add(DUPLICATE_QUERY_ID, f"{QUERIES_FILE}:{lineno}: id={query.id}")
       continue

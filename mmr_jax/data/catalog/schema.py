@@ -9,10 +9,11 @@ reason it is logged under (`SkipLog`); `CatalogError` is for problems that stop 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 PRODUCTS_FILE = "products.jsonl"
 QUERIES_FILE = "queries.jsonl"
@@ -173,6 +174,15 @@ def parse_grade(value: str) -> str | None:
 # Line validation: one JSON object -> a validated row, or Skip with its reason.
 
 
+@contextlib.contextmanager
+def _naming(item_id: str) -> Iterator[None]:
+  """Appends " (id=item_id)" to the detail of a Skip raised inside, so the log names the item."""
+  try:
+    yield
+  except Skip as e:
+    raise Skip(e.reason, f"{e.detail} (id={item_id})") from None
+
+
 def _get_id(obj: dict, field: str = "id") -> str:
   if field not in obj or obj[field] is None:
     raise Skip(MISSING_FIELD, f"'{field}' is missing")
@@ -227,7 +237,7 @@ class Product:
 def parse_product(obj: dict, lineno: int) -> Product:
   """Returns the validated Product of one products.jsonl object; raises Skip if unusable."""
   pid = _get_id(obj)
-  try:
+  with _naming(pid):
     title = _get_text(obj, "title", required=True)
     description = _get_text(obj, "description", required=False)
     attributes = obj.get("attributes")
@@ -239,8 +249,6 @@ def parse_product(obj: dict, lineno: int) -> Product:
       raise Skip(INVALID_FIELD, f"'attributes': {e}") from None
     language = _get_text(obj, "language", required=False) or DEFAULT_LANGUAGE
     image = _get_text(obj, "image", required=False)
-  except Skip as e:
-    raise Skip(e.reason, f"{e.detail} (id={pid})") from None
   return Product(id=pid, title=title, description=description, attributes=rendered,
                  language=language, image=image, lineno=lineno)
 
@@ -258,7 +266,7 @@ class Query:
 def parse_query(obj: dict, lineno: int) -> Query:
   """Returns the validated Query; raises Skip if unusable, CatalogError on an unknown split."""
   qid = _get_id(obj)
-  try:
+  with _naming(qid):
     text = _get_text(obj, "text", required=True)
     split = _get_text(obj, "split", required=True)
     tags = obj.get("tags")
@@ -270,8 +278,6 @@ def parse_query(obj: dict, lineno: int) -> Query:
       tags = tuple(t.strip() for t in tags if t.strip())
     else:
       raise Skip(INVALID_FIELD, "'tags' must be a list of strings")
-  except Skip as e:
-    raise Skip(e.reason, f"{e.detail} (id={qid})") from None
   if split not in SOURCE_QUERY_SPLITS:
     # Not a skip: a misspelt split ("val", "dev") would otherwise silently empty a whole split.
     raise CatalogError(f"{QUERIES_FILE}:{lineno}: unknown split {split!r} for query {qid!r}; "
