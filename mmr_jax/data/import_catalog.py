@@ -5,7 +5,7 @@ Usage:
       [--novel_product_fraction 0.1] [--seed 0] [--image_max_side 256] [--vocab_size 8000]
       [--pair_grades E,S]
 
-SRC_DIR holds products.jsonl, queries.jsonl, qrels.tsv and images/ (format: mmr_jax/data/catalog.py).
+SRC_DIR holds products.jsonl, queries.jsonl, qrels.tsv and images/ (format: mmr_jax/data/catalog/).
 DATA_DIR gets catalog_info.json, import_summary.json, tokenizer.model and mmr_catalog/ (DESIGN.md),
 plus a copy of SRC_DIR/ground_truth.jsonl when there is one (synthetic catalogues).
 
@@ -51,8 +51,13 @@ import threading
 import uuid
 from typing import Any, Iterator, Sequence
 
+import tensorflow_datasets as tfds
+
+from mmr_jax import config as config_lib
 from mmr_jax.data import catalog
+from mmr_jax.data import pipeline
 from mmr_jax.data import tfds_builder
+from mmr_jax.data import tokenizer as tokenizer_lib
 
 CatalogError = catalog.CatalogError
 
@@ -188,7 +193,6 @@ def _move_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
 @contextlib.contextmanager
 def _tfds_progress(enable: bool) -> Iterator[None]:
   """Shows or hides TFDS's own progress bars for the duration, then restores the setting."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   previous = getattr(tfds.core.utils.tqdm_utils, "_active", True)
   tfds.display_progress_bar(enable)
   try:
@@ -265,8 +269,6 @@ def import_catalog(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     CatalogError: the folder cannot be imported (missing file, unknown split, no products, ...),
       or out_dir exists and may not be replaced.
   """
-  from mmr_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-
   for what, path in (("catalogue folder", src_dir), ("output DATA_DIR", out_dir)):
     if "://" in os.fspath(path):  # pathlib would quietly make gs://b/x the local folder ./gs:/b/x
       raise CatalogError(f"{what} {os.fspath(path)!r} is a URL: the importer reads and writes local (or mounted) "
@@ -408,8 +410,6 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
 
 def _product_text_report(data_dir: pathlib.Path) -> dict[str, Any]:
   """Returns pipeline.product_truncation at the default config.data (its product_len and tokenizer)."""
-  from mmr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   if not _has_products(data_dir):
     return {}
   return pipeline.product_truncation(str(data_dir), config_lib.base_config().data)
@@ -417,7 +417,6 @@ def _product_text_report(data_dir: pathlib.Path) -> dict[str, Any]:
 
 def _has_products(data_dir: pathlib.Path) -> bool:
   """Returns whether the products table written into `data_dir` has a row."""
-  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   return len(tfds_builder.load_source(str(data_dir), "products", "all")) > 0
 
 
