@@ -321,6 +321,7 @@ def sigmoid_contrastive_chunked(a, b, logit_scale, logit_bias, pos_mask: PosMask
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
+# loss.kind -> the dense and the row-chunked form; `logit_params` gives both their parameters after (a, b).
 LOSSES = {
     "softmax": softmax_contrastive,
     "sigmoid": sigmoid_contrastive,
@@ -329,4 +330,12 @@ CHUNKED_LOSSES = {
     "softmax": softmax_contrastive_chunked,
     "sigmoid": sigmoid_contrastive_chunked,
 }
+
+
+def logit_params(kind: str, logit) -> tuple:
+  """Returns the loss's parameters from the model's `loss` variables: (scale,) for softmax, (scale, bias) for
+  sigmoid. Raises ValueError naming loss.kind for an unknown kind."""
+  if kind not in LOSSES:
+    raise ValueError(f"loss.kind={kind!r}; expected one of {sorted(LOSSES)}")
+  return (logit["logit_scale"],) if kind == "softmax" else (logit["logit_scale"], logit["logit_bias"])
 

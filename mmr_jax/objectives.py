@@ -30,24 +30,13 @@ def _contrastive(config, a, b, logit, pos_mask, weights):
   `pos_mask` is the (product_index, positives) pair, so no form of the loss needs an [N, N] mask array.
   """
   kind, chunk = config.loss.kind, int(config.loss.chunk_size)
+  params = losses.logit_params(kind, logit)
   how = sharded_loss.method(config.loss.get("sharded", "auto"), a.shape[0])
   if how != "none":
-    if kind not in sharded_loss.LOSSES:
-      raise ValueError(f"loss.kind={kind!r}; expected one of {sorted(sharded_loss.LOSSES)}")
-    if kind == "softmax":
-      return sharded_loss.softmax_contrastive(a, b, logit["logit_scale"], pos_mask, weights, method=how)
-    return sharded_loss.sigmoid_contrastive(a, b, logit["logit_scale"], logit["logit_bias"], pos_mask, weights,
-                                            method=how)
-  if kind == "softmax":
-    if chunk:
-      return losses.softmax_contrastive_chunked(a, b, logit["logit_scale"], pos_mask, weights, chunk_size=chunk)
-    return losses.softmax_contrastive(a, b, logit["logit_scale"], pos_mask, weights)
-  if kind == "sigmoid":
-    if chunk:
-      return losses.sigmoid_contrastive_chunked(a, b, logit["logit_scale"], logit["logit_bias"], pos_mask, weights,
-                                                chunk_size=chunk)
-    return losses.sigmoid_contrastive(a, b, logit["logit_scale"], logit["logit_bias"], pos_mask, weights)
-  raise ValueError(f"loss.kind={kind!r}; expected softmax or sigmoid")
+    return sharded_loss.LOSSES[kind](a, b, *params, pos_mask, weights, method=how)
+  if chunk:
+    return losses.CHUNKED_LOSSES[kind](a, b, *params, pos_mask, weights, chunk_size=chunk)
+  return losses.LOSSES[kind](a, b, *params, pos_mask, weights)
 
 
 def _tokens(b, n):

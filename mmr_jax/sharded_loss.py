@@ -26,7 +26,6 @@ with `losses.make_pos_mask(..., col_product_index=...)`), or a dense [N, N] bool
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -52,16 +51,6 @@ def current_mesh(mesh=None):
   return m if m is not None and m.axis_names else None
 
 
-def batch_axes(mesh) -> tuple[str, ...]:
-  """Returns the mesh's data-parallel axes (those of sharding.BATCH_AXES it has), outer first."""
-  return tuple(a for a in shd.BATCH_AXES if a in mesh.axis_names)
-
-
-def num_shards(mesh) -> int:
-  """Returns the number of data-parallel shards of the batch on `mesh`."""
-  return math.prod(mesh.shape[a] for a in batch_axes(mesh)) if mesh is not None else 1
-
-
 def method(setting: str, n: int, mesh=None) -> str:
   """Returns the loss implementation ("none", "ring" or "gather") for a global batch of `n`.
 
@@ -74,7 +63,7 @@ def method(setting: str, n: int, mesh=None) -> str:
   if setting == "none":
     return "none"
   mesh = current_mesh(mesh)
-  p = num_shards(mesh)
+  p = shd.data_parallel_size(mesh)
   if setting == "auto":
     return "ring" if p > 1 and n % p == 0 else "none"
   if p > 1 and n % p:
@@ -309,8 +298,8 @@ def _run(local_fn, a, b, params, pos_mask, weights, *, mesh, how, name):
   if mesh is None:
     raise ValueError(f"{name} needs a mesh: pass mesh= or call it under jax.set_mesh(mesh)")
   n = a.shape[0]
-  axes = batch_axes(mesh)
-  p = num_shards(mesh)
+  axes = shd.batch_axes(mesh)
+  p = shd.data_parallel_size(mesh)
   if n % p:
     raise ValueError(f"{name}: the global batch of {n} pairs does not divide by the {p} data-parallel "
                      f"shards of mesh {dict(mesh.shape)}")
@@ -365,13 +354,10 @@ def loss_grad_temp_bytes(kind: str, how: str, n: int, dim: int, devices) -> int:
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
 
   def loss(a, b, s, bias, pidx):
-    mask = (pidx, None)
+    params = losses.logit_params(kind, {"logit_scale": s, "logit_bias": bias})
     if how == "dense":
-      return (losses.softmax_contrastive(a, b, s, mask) if kind == "softmax"
-              else losses.sigmoid_contrastive(a, b, s, bias, mask))[0]
-    if kind == "softmax":
-      return softmax_contrastive(a, b, s, mask, method=how)[0]
-    return sigmoid_contrastive(a, b, s, bias, mask, method=how)[0]
+      return losses.LOSSES[kind](a, b, *params, (pidx, None))[0]
+    return LOSSES[kind](a, b, *params, (pidx, None), method=how)[0]
 
   with jax.set_mesh(mesh):
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(emb, emb, scalar, scalar, ids).compile()

@@ -134,8 +134,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """Returns the mesh's data-parallel axes (those of BATCH_AXES it has), outer first."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def data_parallel_size(mesh: Mesh | None) -> int:
+  """Returns the number of data-parallel shards of a batch on `mesh` (1 without a mesh)."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh)) if mesh is not None else 1
 
 
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -488,8 +488,9 @@ def test_optimizer_state_shardings_follow_their_parameters():
 
 def test_sharded_loss_method_resolution():
   from mmr_jax import sharded_loss  # pylint: disable=g-import-not-at-top
+  from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
   dp8 = _abstract_mesh(data=4, fsdp=2, tensor=2)
-  assert sharded_loss.num_shards(dp8) == 8
+  assert shd.data_parallel_size(dp8) == 8
   assert sharded_loss.method("auto", 16, dp8) == "ring"
   assert sharded_loss.method("auto", 12, dp8) == "none"  # does not divide: the one-device loss
   assert sharded_loss.method("gather", 16, dp8) == "gather"
