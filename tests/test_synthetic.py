@@ -1,4 +1,4 @@
-"""Tests for the synthetic catalogue (mmr_jax/data/synthetic.py) and make_synthetic."""
+"""Tests for the synthetic catalogue (mmr_jax/data/synthetic/) and make_synthetic."""
 
 import collections
 import filecmp

@@ -7,7 +7,7 @@ Usage:
       [--vocab_size 8000] [--pair_grades E] [--keep_source DIR] [--overwrite]
 
 The catalogue folder (products.jsonl, queries.jsonl, qrels.tsv, images/, ground_truth.jsonl; see
-mmr_jax/data/synthetic.py) is written to a temporary folder beside DATA_DIR (or to --keep_source),
+mmr_jax/data/synthetic/) is written to a temporary folder beside DATA_DIR (or to --keep_source),
 then `import_catalog` validates it and writes DATA_DIR exactly as it does for a real catalogue.
 DATA_DIR also gets ground_truth.jsonl (latent attributes per product id) and synthetic_info.json
 (the generator config and its stats: sparse/noisy fractions, label coverage, ...).
@@ -29,6 +29,7 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+from mmr_jax.data import catalog
 from mmr_jax.data import synthetic
 
 GROUND_TRUTH_FILE = "ground_truth.jsonl"
@@ -48,9 +49,8 @@ def make_synthetic(out_dir: str | os.PathLike, config: synthetic.SyntheticConfig
     **import_options: passed to import_catalog (novel_product_fraction, image_max_side, vocab_size,
       pair_grades, overwrite, jpeg_quality, ...); seed defaults to config.seed.
   """
+  # Loads TensorFlow and TFDS: only once there is a catalogue to import, so --help and bad flags stay fast.
   from mmr_jax.data import import_catalog as import_lib  # pylint: disable=import-outside-toplevel
-
-  from mmr_jax.data import catalog  # pylint: disable=import-outside-toplevel
 
   out = pathlib.Path(out_dir).expanduser().absolute()
   # Fail before generating (minutes at scale) what import_catalog would refuse to write anyway.
@@ -109,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = {k: getattr(args, k) for k in ("num_products", "num_queries", "image_size", "sparsity_rate",
                                              "noise_rate", "second_language_rate", "occlusion_rate")
                if getattr(args, k) is not None}
-  from mmr_jax.data import catalog  # pylint: disable=import-outside-toplevel
   try:
     config = synthetic.preset(args.preset, seed=args.seed, **overrides)
     make_synthetic(args.out, config, keep_source=args.keep_source, progress=not args.no_progress,
