@@ -1,6 +1,7 @@
 """Every config family loads, is internally consistent, and its runlocal mode trains."""
 
 import importlib.util
+import json
 import pathlib
 import re
 
@@ -128,3 +129,12 @@ def test_code_reads_only_keys_of_the_base_config():
   assert any("read_threads" in what for _, what, _ in reads)  # the scan sees the pipeline's reads
   missing = [(where, what) for where, what, ok in reads if not ok]
   assert not missing, f"config keys read but not in config.base_config(): {missing}"
+
+
+def test_fill_defaults_adds_keys_an_older_config_json_lacks():
+  saved = config_lib.base_config().to_dict()
+  del saved["data"]["read_threads"], saved["data"]["shuffle_seed"], saved["model"]["lexical_dim"]
+  saved["data"]["batch_size"] = 3
+  cfg = config_lib.fill_defaults(config_lib.ConfigDict(json.loads(json.dumps(saved))))
+  assert (cfg.data.read_threads, cfg.data.shuffle_seed, cfg.model.lexical_dim) == (8, None, 0)
+  assert cfg.data.batch_size == 3  # what the workdir saved stays
