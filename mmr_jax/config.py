@@ -77,6 +77,12 @@ def base_config() -> ConfigDict:
       product_len=96,
       title_len=16,
       num_workers=0,  # grain worker processes per host (0: in-process).
+      read_threads=8,  # grain read threads per process (per worker with num_workers > 0).
+      # Examples grain reads ahead per process while training (eval reads ahead 2 batches per thread).
+      prefetch_buffer_size=256,
+      # Sampling order seed; None: derived from the run's seed. Setting it changes the order only, not the
+      # augmentation noise (which follows `seed`).
+      shuffle_seed=ml_collections.config_dict.placeholder(int),
       positives_k=8,
       # Fraction of stage-2 training examples replaced by pseudo-queries sampled from a random product's own
       # title words and attribute values (mmr_jax/data/pseudo_queries.py): lexical supervision for every
@@ -85,6 +91,9 @@ def base_config() -> ConfigDict:
       # Stage 1: also align pseudo-queries with their product's text (the text towers learn the catalogue's
       # vocabulary without query logs); stage-2 runs take those towers with init.load.
       stage1_pseudo_queries=False,
+      # Stage 1: leave out products without an image, so every batch row is an image<->title pair. False
+      # keeps them (has_image=False: zero weight in that loss, still in the pseudo-query term).
+      stage1_skip_no_image=False,
       augment=ConfigDict(dict(random_crop=True, crop_scale_min=0.6, flip=True)),
       # The SentencePiece model every text goes through (pipeline, evaluation, exported graphs):
       # path "" is DATA_DIR/tokenizer.model; a pretrained two-tower needs the .model it was trained
@@ -176,6 +185,21 @@ def base_config() -> ConfigDict:
       ("patch", None),
   )
   return c
+
+
+def fill_defaults(config: ConfigDict, defaults: ConfigDict | None = None) -> ConfigDict:
+  """Returns `config` with every key of `defaults` (default: `base_config()`) that it lacks added, recursively.
+
+  A workdir's config.json holds the keys of the code that trained it; code reads every key as a plain
+  attribute, so a key added since takes its default (which keeps the behaviour of the code before it).
+  """
+  defaults = base_config() if defaults is None else defaults
+  for key, value in defaults.items():
+    if key not in config:
+      config[key] = value
+    elif isinstance(value, ConfigDict) and isinstance(config[key], ConfigDict):
+      fill_defaults(config[key], value)
+  return config
 
 
 def set_b16_model(c: ConfigDict, *, remat: bool = False, scan_layers: bool = False,

@@ -16,10 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
+from mmr_jax import batch_spec
 from mmr_jax import losses
 from mmr_jax import sharded_loss
 
@@ -31,7 +30,7 @@ def _contrastive(config, a, b, logit, pos_mask, weights):
   """
   kind, chunk = config.loss.kind, int(config.loss.chunk_size)
   params = losses.logit_params(kind, logit)
-  how = sharded_loss.method(config.loss.get("sharded", "auto"), a.shape[0])
+  how = sharded_loss.method(config.loss.sharded, a.shape[0])
   if how != "none":
     return sharded_loss.LOSSES[kind](a, b, *params, pos_mask, weights, method=how)
   if chunk:
@@ -39,24 +38,9 @@ def _contrastive(config, a, b, logit, pos_mask, weights):
   return losses.LOSSES[kind](a, b, *params, pos_mask, weights)
 
 
-def _tokens(b, n):
-  return np.ones((b, n), np.int32)
-
-
-def _common_example(config, b):
-  d = config.data
-  return dict(
-      image=np.zeros((b, d.image_size, d.image_size, 3), np.uint8),
-      has_image=np.ones((b,), bool),
-      title_tokens=_tokens(b, d.title_len),
-      product_tokens=_tokens(b, d.product_len),
-      product_index=np.arange(b, dtype=np.int32),
-  )
-
-
 def init_batch(config, b: int = 2) -> dict:
   """Returns a batch with every model input (so `model.init` creates every parameter)."""
-  return dict(_common_example(config, b), query_tokens=_tokens(b, config.data.query_len))
+  return batch_spec.model_init_batch(batch_spec.Lens.from_config(config.data), b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +49,9 @@ class Objective:
   loss: Callable  # (model, params, batch, config, train, rng) -> (loss, metrics)
 
 
-def _stage1_example(config, b):
-  out = _common_example(config, b)
-  if config.data.get("stage1_pseudo_queries", False):
-    out["query_tokens"] = _tokens(b, config.data.query_len)
-  return out
+def _example(stage):
+  """Returns fn(config, b) -> a fake batch of `b` rows with the pipeline's keys and shapes for `stage`."""
+  return lambda config, b: batch_spec.fake_batch(batch_spec.from_config(stage, config.data, b))
 
 
 def _stage1_loss(model, params, batch, config, train, rng):
@@ -93,13 +75,6 @@ def _stage1_loss(model, params, batch, config, train, rng):
     metrics["pseudo/loss"] = text_loss
     metrics["pseudo/acc_a2b"] = tm["acc_a2b"]
   return loss, metrics
-
-
-def _stage2_example(config, b):
-  d = config.data
-  return dict(_common_example(config, b), query_tokens=_tokens(b, d.query_len),
-              query_index=np.arange(b, dtype=np.int32), grade=np.ones((b,), np.float32),
-              positives=np.full((b, d.positives_k), -1, np.int32))
 
 
 def _stage2_loss(model, params, batch, config, train, rng):
@@ -141,8 +116,8 @@ def _segment(q, key):
 
 
 OBJECTIVES = {
-    1: Objective(_stage1_example, _stage1_loss),
-    2: Objective(_stage2_example, _stage2_loss),
+    1: Objective(_example(1), _stage1_loss),
+    2: Objective(_example(2), _stage2_loss),
 }
 
 

@@ -91,3 +91,26 @@ def tiny_workdir(tiny_data, tmp_path_factory) -> str:
   wd = tmp_path_factory.mktemp("tiny_workdir") / "fusion"
   train.train_and_evaluate(tiny_config(tiny_data, progress=False), str(wd))
   return str(wd)
+
+
+def suggested_overrides(text: str) -> list[tuple[str, str]]:
+  """Returns the `config.KEY=VALUE` settings a message suggests, each checked as the trainer parses it.
+
+  Each becomes `--config.KEY=VALUE` on configs/demo.py, locked as `python -m mmr_jax.train` locks it,
+  so a message cannot tell the user to set a key (or a value) the command line then rejects.
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  demo = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+  found = [(k, v.rstrip(".")) for k, v in re.findall(r"\bconfig\.([\w.]+)=([^\s);,]+)", text)]
+  for key, value in found:
+    argv = ["train", f"--config={demo}", f"--config.{key}={value}"]
+    fv = flags.FlagValues()  # private: absl's global flags stay untouched
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    node = fv.config
+    for part in key.split("."):
+      node = node[part]
+    assert str(node) == value, (key, value, node)
+  return found

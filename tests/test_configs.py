@@ -1,7 +1,9 @@
 """Every config family loads, is internally consistent, and its runlocal mode trains."""
 
 import importlib.util
+import json
 import pathlib
+import re
 
 import jax
 import pytest
@@ -71,3 +73,68 @@ def test_pod_config_runlocal_trains(tiny_data, tmp_path):
   cfg.train.progress = False
   out = train.train_and_evaluate(cfg, str(tmp_path / "pod"))
   assert out["loss"] > 0 and out["nonfinite_steps"] == 0
+
+
+# Modules whose `config` is `config.data` (the pipelines take only that part).
+DATA_CONFIG_MODULES = ("mmr_jax/batch_spec.py", "mmr_jax/data/pipeline.py", "mmr_jax/data/sources.py",
+                       "mmr_jax/data/transforms.py")
+# `.get("key"` on objects named like configs that are not the run's config.
+NOT_THE_CONFIG = {"mmr_jax/index.py": "cfg is the ScaNN index's own saved json"}
+_METHODS = {"get", "unlocked", "to_dict", "copy_and_resolve_references", "update", "lock", "items", "keys"}
+
+
+def _config_reads():
+  """Yields (file:line, key path as read, found in base_config()) for every config read the code spells out."""
+  base = config_lib.base_config()
+  sections = "|".join(k for k, v in base.items() if isinstance(v, config_lib.ConfigDict))
+  all_keys = set()
+
+  def walk(node):
+    for k, v in node.items():
+      all_keys.add(k)
+      if isinstance(v, config_lib.ConfigDict):
+        walk(v)
+  walk(base)
+  chain = re.compile(r"(?<![\w.])config((?:\.\w+)+)")
+  get = re.compile(r"\b(?:config|cfg|\w+_cfg|\w+_config)(?:\.\w+)*\.get\(\s*[\"'](\w+)[\"']")
+  # getattr(config, "key", default) and helpers of that shape.
+  call = re.compile(r"\b(?!hasattr\b)\w+\(\s*(?:self\.)?(?:config|cfg)(?:\.\w+)*\s*,\s*[\"'](\w+)[\"']")
+  for path in sorted((ROOT / "mmr_jax").rglob("*.py")):
+    rel = path.relative_to(ROOT).as_posix()
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+      for m in chain.finditer(line):
+        parts = m.group(1).split(".")[1:]
+        if re.fullmatch(sections, parts[0]):
+          node = base
+        elif rel in DATA_CONFIG_MODULES:
+          node = base.data
+        else:
+          continue  # `config` of a submodule (e.g. config.model inside the models)
+        for part in parts:
+          if part in _METHODS or not isinstance(node, config_lib.ConfigDict):
+            break
+          yield f"{rel}:{n}", m.group(0), part in node
+          if part not in node:
+            break
+          node = node[part]
+      if rel not in NOT_THE_CONFIG:
+        for m in (*get.finditer(line), *call.finditer(line)):
+          yield f"{rel}:{n}", m.group(0), m.group(1) in all_keys
+
+
+def test_code_reads_only_keys_of_the_base_config():
+  # base_config() promises every key a run reads, with its default: a key read with a fallback default
+  # in code (`.get("key", default)`) but missing there could not be set from the command line.
+  reads = list(_config_reads())
+  assert any("read_threads" in what for _, what, _ in reads)  # the scan sees the pipeline's reads
+  missing = [(where, what) for where, what, ok in reads if not ok]
+  assert not missing, f"config keys read but not in config.base_config(): {missing}"
+
+
+def test_fill_defaults_adds_keys_an_older_config_json_lacks():
+  saved = config_lib.base_config().to_dict()
+  del saved["data"]["read_threads"], saved["data"]["shuffle_seed"], saved["model"]["lexical_dim"]
+  saved["data"]["batch_size"] = 3
+  cfg = config_lib.fill_defaults(config_lib.ConfigDict(json.loads(json.dumps(saved))))
+  assert (cfg.data.read_threads, cfg.data.shuffle_seed, cfg.model.lexical_dim) == (8, None, 0)
+  assert cfg.data.batch_size == 3  # what the workdir saved stays

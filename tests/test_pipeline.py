@@ -4,11 +4,13 @@ import io
 import json
 import pathlib
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import suggested_overrides
+from mmr_jax import batch_spec
+from mmr_jax import config as config_lib
 from mmr_jax.data import pipeline
 from mmr_jax.data import tfds_builder
 from mmr_jax.data import tokenizer as tokenizer_lib
@@ -61,11 +63,14 @@ def data_dir(tmp_path_factory):
 
 
 def _config(**overrides):
-  cfg = ml_collections.ConfigDict(dict(
+  """Returns `config.data` of the base config (locked: the pipeline reads no key it lacks), shrunk."""
+  cfg = config_lib.base_config().data
+  cfg.update(dict(
       dir="", batch_size=4, image_size=IMAGE_SIZE, query_len=8, product_len=16,
-      title_len=8, num_workers=0, shuffle_seed=None, positives_k=3,
+      title_len=8, num_workers=0, positives_k=3,
       augment=dict(random_crop=False, crop_scale_min=0.5, flip=False)))
   cfg.update(overrides)
+  cfg.lock()
   return cfg
 
 
@@ -96,7 +101,7 @@ def test_stage1_batches(data_dir):
   it = pipeline.make_train_iterator(data_dir, 1, cfg, seed=0, process_index=0,
                                     process_count=1)
   batches = _take(it, 10)
-  spec = pipeline.batch_spec(1, cfg, 8)
+  spec = batch_spec.from_config(1, cfg, 8)
   for b in batches:
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == spec
   products = tfds_builder.load_source(data_dir, "products", "all")
@@ -140,7 +145,7 @@ def test_stage2_batches_match_pairs(data_dir):
                                     process_count=1)
   b = next(it)
   assert ({k: (v.shape, v.dtype) for k, v in b.items()}
-          == pipeline.batch_spec(2, cfg, 4))
+          == batch_spec.from_config(2, cfg, 4))
   pairs = {(int(p["query_index"]), int(p["product_index"])): p
            for p in _pairs(data_dir)}
   tok = pipeline.load_tokenizer(data_dir)
@@ -151,7 +156,7 @@ def test_stage2_batches_match_pairs(data_dir):
     assert b["grade"][row] == pytest.approx(pair["grade"])
     positives = list(pair["positives"])[:3]
     assert list(b["positives"][row][:len(positives)]) == positives
-    assert np.all(b["positives"][row][len(positives):] == pipeline.PAD_INDEX)
+    assert np.all(b["positives"][row][len(positives):] == batch_spec.PAD_INDEX)
     assert int(b["product_index"][row]) in positives
 
 
@@ -163,6 +168,7 @@ def test_positives_k_below_the_catalogues_most_positives_warns(data_dir, caplog)
     pipeline.make_train_iterator(data_dir, 2, _config(positives_k=1), seed=0)
   assert "a train query has 2 E-labelled products but config.data.positives_k=1" in caplog.text
   assert "positives_k=2 to mask them all" in caplog.text
+  assert ("data.positives_k", "2") in suggested_overrides(caplog.text)
 
 
 def test_a_batch_larger_than_the_training_pairs_warns(data_dir, caplog):
@@ -267,7 +273,7 @@ def _eval_rows(data_dir, table, split, batch_size, hosts, key, workers=0):
   for batches in out:
     for b in batches:
       assert b["mask"].shape == (batch_size // hosts,)
-      assert np.all(b[key][~b["mask"]] == pipeline.PAD_INDEX)
+      assert np.all(b[key][~b["mask"]] == batch_spec.PAD_INDEX)
       rows.extend(b[key][b["mask"]].tolist())
   return out, rows
 
@@ -281,7 +287,7 @@ def test_eval_products_cover_all_rows_in_order(data_dir, hosts, batch_size,
   assert rows == list(range(NUM_PRODUCTS))
   b = out[0][0]
   assert ({k: (v.shape, v.dtype) for k, v in b.items()}
-          == pipeline.batch_spec("eval_products", _config(),
+          == batch_spec.from_config("eval_products", _config(),
                                  batch_size // hosts))
   last = out[-1][-1]
   assert np.all(last["image"][~last["mask"]] == 0)
@@ -420,14 +426,14 @@ def test_stage2_pseudo_queries_pair_products_with_their_own_terms(data_dir):
   from mmr_jax.data import pseudo_queries  # pylint: disable=g-import-not-at-top
   cfg = _config(pseudo_queries=0.5, batch_size=16, query_len=32)  # long enough for any pseudo-query
   b = next(pipeline.make_train_iterator(data_dir, 2, cfg, seed=3, process_index=0, process_count=1))
-  pseudo = b["query_index"] == pipeline.PAD_INDEX
+  pseudo = b["query_index"] == batch_spec.PAD_INDEX
   assert 0 < pseudo.sum() < 16  # about half the rows
   products = tfds_builder.load_source(data_dir, "products", "all")
   tok = pipeline.load_tokenizer(data_dir)
   for row in np.flatnonzero(pseudo):
     p = products[int(b["product_index"][row])]
     assert not bool(p["heldout"])  # the novel-product split stays unseen
-    assert list(b["positives"][row]) == [b["product_index"][row]] + [pipeline.PAD_INDEX] * 2
+    assert list(b["positives"][row]) == [b["product_index"][row]] + [batch_spec.PAD_INDEX] * 2
     words = tok.decode(b["query_tokens"][row:row + 1])[0].split(" ")
     allowed = " ".join(pseudo_queries.candidate_terms(p["title"].decode(), p["attributes"].decode(),
                                                       p["description"].decode())).split(" ")
@@ -435,7 +441,7 @@ def test_stage2_pseudo_queries_pair_products_with_their_own_terms(data_dir):
   # Validation batches score the labelled pairs only.
   v = next(pipeline.make_train_iterator(data_dir, 2, cfg, seed=3, process_index=0, process_count=1,
                                         split="validation"))
-  assert np.all(v["query_index"] != pipeline.PAD_INDEX)
+  assert np.all(v["query_index"] != batch_spec.PAD_INDEX)
   with pytest.raises(ValueError, match="pseudo_queries=1.0"):
     pipeline.make_train_iterator(data_dir, 2, _config(pseudo_queries=1.0), seed=0, process_index=0,
                                  process_count=1)
@@ -458,7 +464,7 @@ def test_stage1_pseudo_queries_come_with_each_product(data_dir):
   from mmr_jax.data import pseudo_queries  # pylint: disable=g-import-not-at-top
   cfg = _config(stage1_pseudo_queries=True, query_len=32)
   b = next(pipeline.make_train_iterator(data_dir, 1, cfg, seed=0, process_index=0, process_count=1))
-  assert {k: (v.shape, v.dtype) for k, v in b.items()} == pipeline.batch_spec(1, cfg, 4)
+  assert {k: (v.shape, v.dtype) for k, v in b.items()} == batch_spec.from_config(1, cfg, 4)
   products = tfds_builder.load_source(data_dir, "products", "all")
   tok = pipeline.load_tokenizer(data_dir)
   for row, idx in enumerate(b["product_index"]):

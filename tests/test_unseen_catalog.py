@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import suggested_overrides
 from mmr_jax import ablation
+from mmr_jax import config as config_lib
 from mmr_jax import evaluate
 from mmr_jax.data import catalog
 from mmr_jax.data import import_catalog as importer
@@ -334,9 +336,10 @@ def test_next_import_removes_what_a_hard_kill_left(catalog_writer, tmp_path):
 
 
 def _pipeline_config(data_dir, **kw):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(dir=str(data_dir), batch_size=2, image_size=16, query_len=8, product_len=8,
-                                        title_len=8, num_workers=0, **kw))
+  cfg = config_lib.base_config().data
+  cfg.update(dict(dir=str(data_dir), batch_size=2, image_size=16, query_len=8, product_len=8, title_len=8,
+                  num_workers=0, **kw))
+  return cfg
 
 
 def test_stage1_without_a_usable_product_fails_instead_of_waiting_forever(catalog_writer, tmp_path, caplog):
@@ -349,9 +352,10 @@ def test_stage1_without_a_usable_product_fails_instead_of_waiting_forever(catalo
     pipeline.make_train_iterator(str(held), 1, _pipeline_config(held), seed=0, process_index=0, process_count=1)
   plain = tmp_path / "plain"  # No product has an image.
   importer.import_catalog(src, plain, novel_product_fraction=0.0, vocab_size=300, progress=False, verbose=False)
-  with pytest.raises(ValueError, match="stage1_skip_no_image"):
+  with pytest.raises(ValueError, match="stage1_skip_no_image") as error:
     pipeline.make_train_iterator(str(plain), 1, _pipeline_config(plain, stage1_skip_no_image=True), seed=0,
                                  process_index=0, process_count=1)
+  assert suggested_overrides(str(error.value)) == [("data.stage1_skip_no_image", "True")]  # a valid --config. flag
   with caplog.at_level("WARNING"):
     it = pipeline.make_train_iterator(str(plain), 1, _pipeline_config(plain), seed=0, process_index=0,
                                       process_count=1)

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mmr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from mmr_jax.data import import_catalog as import_lib  # pylint: disable=g-import-not-at-top
 from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from mmr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
@@ -41,12 +42,11 @@ def _log(msg: str) -> None:
 
 def time_pipeline(data_dir: str, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
   """Returns (stage-2 examples/s, data config used) measured after warm-up."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  cfg = ml_collections.ConfigDict(dict(
+  cfg = config_lib.base_config().data
+  cfg.update(dict(
       dir=data_dir, batch_size=args.batch_size, image_size=args.image_size, query_len=32,
       product_len=128, title_len=32, num_workers=args.num_workers, read_threads=args.read_threads,
-      shuffle_seed=None, positives_k=8,
-      augment=dict(random_crop=args.augment, crop_scale_min=0.35, flip=args.augment)))
+      positives_k=8, augment=dict(random_crop=args.augment, crop_scale_min=0.35, flip=args.augment)))
   it = pipeline.make_train_iterator(data_dir, 2, cfg, seed=args.seed, process_index=0,
                                     process_count=1)
   try:

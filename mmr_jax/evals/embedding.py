@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mmr_jax import checkpoint as ckpt_lib
+from mmr_jax import config as config_lib
 from mmr_jax import sharding as shd
 from mmr_jax.data import pipeline
 from mmr_jax.data import tokenizer as tok_lib
@@ -69,7 +70,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return config_lib.fill_defaults(ml_collections.ConfigDict(json.loads(path.read_text())))
 
 
 def load_trained(workdir: str, data_dir: str | None = None, mesh=None) -> Embedder:

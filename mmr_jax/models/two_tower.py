@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmr_jax import batch_spec
 from mmr_jax.models import fusion as fusion_lib
 from mmr_jax.models import text as text_lib
 from mmr_jax.models import vit as vit_lib
@@ -121,14 +122,13 @@ def dummy_batch(config: ml_collections.ConfigDict, *, batch_size: int = 2,
                 image_size: int = 224, text_len: int | None = None) -> dict[str, np.ndarray]:
   """Returns a numpy batch with every input key, for `model.init` of all parameters.
 
-  `image_size` must be the training image size: learned position embeddings are sized by it.
+  `image_size` must be the training image size: learned position embeddings are sized by it. Every
+  text is `text_len` tokens (default: the text tower's max_len).
   """
   length = text_len or config.text.max_len
-  tokens = np.ones((batch_size, length), np.int32)
-  return dict(
-      query_tokens=tokens, product_tokens=tokens, title_tokens=tokens,
-      image=np.zeros((batch_size, image_size, image_size, 3), np.uint8),
-      has_image=np.ones((batch_size,), bool))
+  lens = batch_spec.Lens(image_size=image_size, query_len=length, product_len=length, title_len=length,
+                         positives_k=1)
+  return batch_spec.model_init_batch(lens, batch_size)
 
 
 class ContrastiveParams(nn.Module):

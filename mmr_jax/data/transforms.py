@@ -1,0 +1,260 @@
+"""Per-example transforms of the grain pipelines: table rows -> numpy examples of batch_spec's layout.
+
+Image decoding and augmentation, tokenisation, and the stage-1 / stage-2 / eval example maps. The maps
+are module-level classes so grain can pickle them into worker processes; `stack` batches examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+from PIL import Image, ImageOps
+
+from mmr_jax import batch_spec
+from mmr_jax.data import catalog
+from mmr_jax.data import pseudo_queries
+from mmr_jax.data.sources import Source, row_bytes, row_text
+from mmr_jax.data.tokenizer import Tokenizer
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Training image augmentation (config.augment)."""
+  random_crop: bool = False
+  crop_scale_min: float = 0.35
+  flip: bool = False
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "Augment":
+    """Returns the augmentation of `config.data.augment`; raises ValueError for a bad crop scale."""
+    aug = cls(random_crop=bool(cfg.random_crop), crop_scale_min=float(cfg.crop_scale_min),
+              flip=bool(cfg.flip))
+    if not 0.0 < aug.crop_scale_min <= 1.0:
+      raise ValueError(f"config.data.augment.crop_scale_min="
+                       f"{aug.crop_scale_min} must be in (0, 1]")
+    return aug
+
+
+def _random_box(width: int, height: int, scale_min: float,
+                rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """Returns an Inception-style crop box (left, top, right, bottom)."""
+  area = width * height
+  log_ratio = (math.log(3 / 4), math.log(4 / 3))
+  for _ in range(10):
+    target = area * rng.uniform(scale_min, 1.0)
+    ratio = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target * ratio)))
+    h = int(round(math.sqrt(target / ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      left = int(rng.integers(0, width - w + 1))
+      top = int(rng.integers(0, height - h + 1))
+      return left, top, left + w, top + h
+  return 0, 0, width, height
+
+
+def decode_image(data: bytes, size: int, *, augment: Augment | None = None,
+                 rng: np.random.Generator | None = None,
+                 ) -> tuple[np.ndarray, bool]:
+  """Returns (uint8 [size, size, 3], ok); (zeros, False) if empty or corrupt.
+
+  Without augmentation the whole image is resized to a square (what eval and
+  export see). Any mode (L, P, RGBA, CMYK, 16-bit) becomes RGB as the importer
+  converts it (`catalog.to_rgb`: transparency composited on white).
+  """
+  blank = np.zeros((size, size, 3), np.uint8)
+  if not data:
+    return blank, False
+  augment = augment or Augment()
+  crop = augment.random_crop and rng is not None
+  try:
+    img = Image.open(io.BytesIO(data))
+    # JPEG DCT-domain downscaling: a 4000 px photo decodes at ~1/8 the cost.
+    # Keep enough pixels for the smallest random crop to still fill `size`.
+    need = size / math.sqrt(augment.crop_scale_min) if crop else size
+    img.draft("RGB", (int(need) + 1, int(need) + 1))
+    if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation (phone photos): upright, as imported
+      img = ImageOps.exif_transpose(img)
+    img = catalog.to_rgb(img)  # as the importer converts: transparency on white, wide greyscale scaled
+    box = (0, 0, img.width, img.height)
+    if crop:
+      box = _random_box(img.width, img.height, augment.crop_scale_min, rng)
+    img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    out = np.asarray(img, dtype=np.uint8)
+  except Exception as e:  # PIL raises many types for bad data
+    _log.warning("undecodable image (%d bytes): %s", len(data), e)
+    return blank, False
+  if augment.flip and rng is not None and rng.random() < 0.5:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out), True
+
+
+def _product_features(product: Mapping[str, Any], tok: Tokenizer, lens: batch_spec.Lens,
+                      augment: Augment | None, rng: np.random.Generator | None,
+                      with_title: bool) -> dict[str, np.ndarray]:
+  """Returns tokens + image features of one products row."""
+  has_image = bool(np.asarray(product["has_image"]))
+  image, ok = decode_image(row_bytes(product, "image") if has_image else b"",
+                           lens.image_size, augment=augment, rng=rng)
+  out = {
+      "product_tokens": tok.encode([row_text(product, "text")],
+                                   lens.product_len)[0],  # [Lp]
+      "image": image,  # [H, W, 3]
+      "has_image": np.bool_(has_image and ok),
+  }
+  if with_title:
+    out["title_tokens"] = tok.encode([row_text(product, "title")],
+                                     lens.title_len)[0]  # [Lt]
+  return out
+
+
+class Stage1Example(grain.transforms.RandomMap):
+  """Product index -> stage-1 example, None for skipped products.
+
+  Training takes the products that are not held out; validation (`heldout=True`) the held-out ones,
+  which no stage trains on, so the stage-1 validation loss is measured on unseen products.
+  """
+
+  def __init__(self, products: Source, tok: Tokenizer, lens: batch_spec.Lens,
+               augment: Augment, skip_no_image: bool, heldout: bool = False,
+               pseudo_queries: bool = False):
+    self._products, self._tok, self._lens = products, tok, lens
+    self._augment, self._skip_no_image = augment, skip_no_image
+    self._heldout, self._pseudo_queries = heldout, pseudo_queries
+
+  def random_map(self, index, rng: np.random.Generator):
+    index = int(index)
+    product = self._products[index]
+    if bool(np.asarray(product["heldout"])) != self._heldout:
+      return None
+    if self._skip_no_image and not bool(np.asarray(product["has_image"])):
+      return None
+    out = _product_features(product, self._tok, self._lens, self._augment, rng,
+                            with_title=True)
+    out["product_index"] = np.int32(index)
+    if self._pseudo_queries:  # text-side domain alignment: the product's own terms as its query
+      text = pseudo_queries.sample(row_text(product, "title"), row_text(product, "attributes"),
+                                   row_text(product, "description"), rng)
+      out["query_tokens"] = self._tok.encode([text], self._lens.query_len)[0]  # [Lq]
+    return out
+
+
+def _pad_positives(values: Any, k: int) -> np.ndarray:
+  """Returns int32 [k]: the first k values, padded with batch_spec.PAD_INDEX."""
+  values = np.asarray(values, dtype=np.int64).reshape(-1)[:k]
+  out = np.full((k,), batch_spec.PAD_INDEX, np.int32)
+  out[:len(values)] = values
+  return out
+
+
+class Stage2Example(grain.transforms.RandomMap):
+  """Pair index -> stage-2 example (the product row fetched by index).
+
+  With probability `pseudo_rate` the pair is replaced by a pseudo-query of a
+  random product that is not held out (`pseudo_queries.sample`; query_index
+  batch_spec.PAD_INDEX, the product its only positive).
+  """
+
+  def __init__(self, pairs: Source, products: Source, tok: Tokenizer,
+               lens: batch_spec.Lens, augment: Augment, pseudo_rate: float = 0.0):
+    self._pairs, self._products, self._tok = pairs, products, tok
+    self._lens, self._augment = lens, augment
+    self._num_products = len(products)
+    self._pseudo_rate = pseudo_rate
+
+  def _pseudo_pair(self, rng: np.random.Generator):
+    # Rejection sampling: held-out products are a small fraction of any catalogue that trains.
+    for _ in range(64):
+      index = int(rng.integers(self._num_products))
+      product = self._products[index]
+      if bool(np.asarray(product["heldout"])):
+        continue
+      text = pseudo_queries.sample(row_text(product, "title"), row_text(product, "attributes"),
+                                   row_text(product, "description"), rng)
+      if text:
+        return index, product, text
+    return None
+
+  def random_map(self, index, rng: np.random.Generator):
+    if self._pseudo_rate and rng.random() < self._pseudo_rate:
+      pseudo = self._pseudo_pair(rng)
+      if pseudo is not None:
+        product_index, product, text = pseudo
+        out = _product_features(product, self._tok, self._lens, self._augment, rng, with_title=True)
+        out.update(query_tokens=self._tok.encode([text], self._lens.query_len)[0],
+                   product_index=np.int32(product_index), query_index=np.int32(batch_spec.PAD_INDEX),
+                   grade=np.float32(1.0), positives=_pad_positives([product_index], self._lens.positives_k))
+        return out
+    pair = self._pairs[int(index)]
+    product_index = int(np.asarray(pair["product_index"]))
+    if not 0 <= product_index < self._num_products:
+      raise IndexError(f"pairs row {int(index)}: product_index={product_index}"
+                       f" outside [0, {self._num_products})")
+    product = self._products[product_index]
+    out = _product_features(product, self._tok, self._lens, self._augment, rng,
+                            with_title=True)
+    out.update(
+        query_tokens=self._tok.encode([row_text(pair, "query_text")],
+                                      self._lens.query_len)[0],  # [Lq]
+        product_index=np.int32(product_index),
+        query_index=np.int32(np.asarray(pair["query_index"])),
+        grade=np.float32(np.asarray(pair["grade"])),
+        positives=_pad_positives(pair["positives"],
+                                 self._lens.positives_k),  # [K]
+    )
+    return out
+
+
+class _EvalRows(grain.transforms.Map):
+  """Local position -> example of row `start + position`, or a masked padding row from `stop` on."""
+  STAGE = ""  # batch_spec stage of the rows
+
+  def __init__(self, source: Source, tok: Tokenizer, lens: batch_spec.Lens,
+               start: int, stop: int):
+    self._source, self._tok, self._lens = source, tok, lens
+    self._start, self._stop = start, stop
+    self._pad = batch_spec.pad_example(batch_spec.example_spec(self.STAGE, lens))
+
+  def map(self, position):
+    index = self._start + int(position)
+    if index >= self._stop:
+      return dict(self._pad)
+    return self.example(index)
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+
+class EvalProduct(_EvalRows):
+  """Local position -> eval products example (or a masked pad row)."""
+  STAGE = "eval_products"
+
+  def example(self, index):
+    out = _product_features(self._source[index], self._tok, self._lens,
+                            augment=None, rng=None, with_title=False)
+    out.update(product_index=np.int32(index), mask=np.bool_(True))
+    return out
+
+
+class EvalQuery(_EvalRows):
+  """Local position -> eval queries example (or a masked pad row)."""
+  STAGE = "eval_queries"
+
+  def example(self, index):
+    tokens = self._tok.encode([row_text(self._source[index], "text")],
+                              self._lens.query_len)[0]
+    return {"query_tokens": tokens, "query_index": np.int32(index),
+            "mask": np.bool_(True)}
+
+
+def stack(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Returns the examples stacked on a new leading batch axis."""
+  return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
