@@ -30,6 +30,7 @@ import time
 from typing import Any, Sequence
 
 from mmr_jax.data import catalog
+from mmr_jax.data import import_catalog as import_lib
 from mmr_jax.data import synthetic
 
 GROUND_TRUTH_FILE = "ground_truth.jsonl"
@@ -49,9 +50,6 @@ def make_synthetic(out_dir: str | os.PathLike, config: synthetic.SyntheticConfig
     **import_options: passed to import_catalog (novel_product_fraction, image_max_side, vocab_size,
       pair_grades, overwrite, jpeg_quality, ...); seed defaults to config.seed.
   """
-  # Loads TensorFlow and TFDS: only once there is a catalogue to import, so --help and bad flags stay fast.
-  from mmr_jax.data import import_catalog as import_lib  # pylint: disable=import-outside-toplevel
-
   out = pathlib.Path(out_dir).expanduser().absolute()
   # Fail before generating (minutes at scale) what import_catalog would refuse to write anyway.
   if out.exists() and (not out.is_dir() or any(out.iterdir())) and not import_options.get("overwrite"):

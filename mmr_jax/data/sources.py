@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from etils import epath
 import numpy as np
 
+from mmr_jax.data import tfds_builder
 from mmr_jax.data.tokenizer import Conventions, Tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -24,13 +25,11 @@ Source = Any
 
 def open_source(data_dir: str, table: str, split: str) -> Source:
   """Returns the random-access source of DATA_DIR/mmr_catalog/<table>/<split>."""
-  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   return tfds_builder.load_source(data_dir, table, split)
 
 
 def catalog_info(data_dir: str) -> dict:
   """Returns catalog_info.json, or {} for tables without one (hand-built in tests): nothing to warn about."""
-  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   try:
     return tfds_builder.catalog_info(data_dir)
   except FileNotFoundError:
