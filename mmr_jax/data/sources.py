@@ -16,7 +16,6 @@ import numpy as np
 from mmr_jax.data import tfds_builder
 from mmr_jax.data.tokenizer import Conventions, Tokenizer
 
-TOKENIZER_FILE = "tokenizer.model"
 
 # Random access: len(src), src[i] -> dict. grain pickles sources into each
 # worker process, which reopens the array_record files there.
@@ -50,7 +49,7 @@ def tokenizer_path(data_dir: str, config: Any = None) -> str:
       raise FileNotFoundError(f"config.data.tokenizer.path={path!r} is not a file (the SentencePiece "
                               ".model that goes with the pretrained checkpoint)")
     return path
-  path = epath.Path(data_dir) / TOKENIZER_FILE
+  path = epath.Path(data_dir) / tfds_builder.TOKENIZER_FILE
   if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: DATA_DIR must be written by import_catalog / "
