@@ -2,15 +2,18 @@
 the trainer's metric log and preemption flag.
 
 Drivers (train, evaluate, ablation, export) call these at start; library modules never do, so importing a
-library module changes no global state.
+library module changes no global state. The one exception is `native_logs()`, which library code wraps
+around calls into C++ libraries that log on their own (ScaNN's index builder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import sys
 
 from absl import logging as absl_logging
 import jax
@@ -21,12 +24,95 @@ from mmr_jax import fileio
 log = logging.getLogger("mmr_jax.runtime")
 
 
-def setup_logging(level=logging.INFO):
-  """Our INFO logs on stderr; library chatter (Orbax, TFDS, absl) only from WARNING up."""
-  logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-  for name in ("absl", "orbax", "tensorflow", "jax", "bm25s"):
-    logging.getLogger(name).setLevel(logging.WARNING)
-  absl_logging.set_verbosity(absl_logging.WARNING)
+LIBRARIES = ("absl", "orbax", "tensorflow", "jax", "bm25s", "grain", "tensorflow_datasets")
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Where C++ libraries' own logs go inside `native_logs()` (ScaNN's builder logs through absl's C++ logging,
+# which nothing in Python configures): None leaves them on stderr.
+_native_log_path: str | None = None
+
+
+class _ConsoleFilter(logging.Filter):
+  """What the terminal shows at a verbosity: warnings of ours, plus INFO of the command's headline loggers
+  (verbosity 0); INFO of all of ours (1); everything, libraries' INFO and DEBUG included (2)."""
+
+  def __init__(self, verbosity: int, headline: tuple[str, ...]):
+    super().__init__()
+    self.verbosity, self.headline = verbosity, headline
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if self.verbosity >= 2:
+      return True
+    if not (record.name == "mmr_jax" or record.name.startswith("mmr_jax.")):
+      # Library chatter (Orbax's notes on read-only restores, absl): errors only; warnings from verbosity 1.
+      return record.levelno >= (logging.WARNING if self.verbosity >= 1 else logging.ERROR)
+    if record.levelno != logging.INFO:
+      return record.levelno > logging.INFO
+    return self.verbosity >= 1 or any(record.name == h or record.name.startswith(h + ".") for h in self.headline)
+
+
+def setup_logging(verbosity: int = 1, log_file: str | os.PathLike | None = None,
+                  headline: tuple[str, ...] = ()) -> None:
+  """Configures logging for a command.
+
+  verbosity: 0 shows progress bars, warnings and the INFO lines of the `headline` loggers (a command's one
+    line per stage or row); 1 adds every INFO line of ours and the libraries' warnings; 2 shows everything.
+  log_file: a local file that gets every INFO line of ours, the libraries' warnings and, while
+    `native_logs()` is active, the C++ libraries' logs, whatever the verbosity.
+  """
+  global _native_log_path
+  root = logging.getLogger()
+  for h in list(root.handlers):
+    root.removeHandler(h)
+  root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+  console = logging.StreamHandler()
+  console.setFormatter(logging.Formatter(FORMAT))
+  console.addFilter(_ConsoleFilter(verbosity, tuple(headline)))
+  root.addHandler(console)
+  for name in LIBRARIES:
+    logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+  absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.WARNING)
+  _native_log_path = None
+  if log_file is not None:
+    path = os.fspath(log_file)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter(FORMAT))
+    file_handler.setLevel(logging.INFO)
+    root.addHandler(file_handler)
+    _native_log_path = path
+  elif verbosity < 2:
+    _native_log_path = os.devnull
+
+
+def log_file_for(workdir, command: str) -> str | None:
+  """Returns WORKDIR/logs/<command>.log (`.<process>.log` on processes other than 0), or None for a gs://
+  workdir (a log file is appended line by line; buckets take whole objects)."""
+  if "://" in str(workdir):
+    return None
+  index = jax.process_index()
+  name = f"{command}.log" if index == 0 else f"{command}.{index}.log"
+  return os.path.join(os.path.abspath(os.path.expanduser(str(workdir))), "logs", name)
+
+
+@contextlib.contextmanager
+def native_logs():
+  """Sends what C++ code writes to stderr inside the block to the command's log file (or nowhere at
+  verbosity < 2 without one); Python's own stderr output is flushed first, so no line is split."""
+  if _native_log_path is None:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(_native_log_path, "ab") as target:
+      os.dup2(target.fileno(), 2)
+      try:
+        yield
+      finally:
+        os.dup2(saved, 2)
+  finally:
+    os.close(saved)
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
