@@ -59,7 +59,7 @@ def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
 # Leaves up to this size are packed into one flat variable per dtype; larger ones get their own variable.
 # Each variable a call reads is a compiled read with a fixed cost on CPU, so many small leaves add up,
 # while a slice of a packed variable that feeds a matmul is a copy XLA makes on every call: at 64 KiB
-# the copy costs about as much as a read, so only leaves below that are packed.
+# the copy costs about as much as a read, so only leaves up to that size are packed.
 PACK_MAX_BYTES = 64 * 1024
 
 

@@ -103,10 +103,8 @@ def _save(module, out_dir: str, signatures: Mapping[str, Any], warmup: Sequence[
   return out_dir
 
 
-def export_query_tower(tm, tokenizer_path: str, out_dir: str,
-                       platforms: Sequence[str] = convert.DEFAULT_PLATFORMS,
-                       batch_buckets: Sequence[int] = towers.BATCH_BUCKETS,
-                       warmup_max_batch: int = WARMUP_MAX_BATCH):
+def export_query_tower(tm, tokenizer_path: str, out_dir: str, platforms: Sequence[str] = convert.DEFAULT_PLATFORMS,
+                       batch_buckets: Sequence[int] = towers.BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH):
   """Writes the query-tower SavedModel to out_dir; returns out_dir."""
   buckets = towers.check_batch_buckets(batch_buckets)
   m = towers.make_query_tower(tm, tokenizer_path, convert.check_platforms(platforms), buckets)
@@ -114,10 +112,8 @@ def export_query_tower(tm, tokenizer_path: str, out_dir: str,
                _query_warmup(buckets, warmup_max_batch))
 
 
-def export_product_tower(tm, tokenizer_path: str, out_dir: str,
-                         platforms: Sequence[str] = convert.DEFAULT_PLATFORMS,
-                         batch_buckets: Sequence[int] = towers.BATCH_BUCKETS,
-                         warmup_max_batch: int = WARMUP_MAX_BATCH):
+def export_product_tower(tm, tokenizer_path: str, out_dir: str, platforms: Sequence[str] = convert.DEFAULT_PLATFORMS,
+                         batch_buckets: Sequence[int] = towers.BATCH_BUCKETS, warmup_max_batch: int = WARMUP_MAX_BATCH):
   """Writes the product-tower SavedModel to out_dir; returns out_dir."""
   buckets = towers.check_batch_buckets(batch_buckets)
   m = towers.make_product_tower(tm, tokenizer_path, convert.check_platforms(platforms), buckets)

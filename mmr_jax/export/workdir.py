@@ -77,6 +77,10 @@ def _export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: i
                     batch_buckets: Sequence[int] = towers.BATCH_BUCKETS,
                     warmup_max_batch: int = saving.WARMUP_MAX_BATCH,
                     parity_tol: float = parity_lib.PARITY_TOL, allow_parity_mismatch: bool = False) -> dict | None:
+  """Runs the export (export_workdir holds the locks). The keyword arguments are cli.py's flags: k results per
+  query, jax2tf platforms, the catalogue's batch_size and shard_batches, scann_overrides (--scann),
+  rebuild_index, parity (not --no_parity), progress, batch_buckets, warmup_max_batch, parity_tol and
+  allow_parity_mismatch."""
   if int(k) != k or k < 1:
     raise ValueError(f"k must be a positive integer, got {k!r}")
   platforms = convert.check_platforms(platforms)
