@@ -1,4 +1,4 @@
-"""Tests for mmr_jax/export.py: SavedModel parity with the JAX model, serving top-K, bad input, files."""
+"""Tests for mmr_jax/export/: SavedModel parity with the JAX model, serving top-K, bad input, files."""
 
 import io
 import json
@@ -9,7 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from mmr_jax import export
+from mmr_jax.export import cli
+from mmr_jax.export import convert
+from mmr_jax.export import embeddings
+from mmr_jax.export import parity
+from mmr_jax.export import preprocess
+from mmr_jax.export import saving
+from mmr_jax.export import towers
+from mmr_jax.export import workdir
 from mmr_jax.models import two_tower
 from mmr_jax.evals import embedding
 
@@ -21,7 +28,7 @@ TOL = 1e-5  # float32 parity asserted for every SavedModel output (measured ~1e-
 def exported(tiny_workdir, tiny_data, tmp_path_factory):
   """Returns (out dir, summary) of one export of the tiny fusion workdir."""
   out = tmp_path_factory.mktemp("export") / "out"
-  summary = export.export_workdir(tiny_workdir, str(out), tiny_data, k=K, platforms=("cpu",), parity=False,
+  summary = workdir.export_workdir(tiny_workdir, str(out), tiny_data, k=K, platforms=("cpu",), parity=False,
                                   progress=False)
   return str(out), summary
 
@@ -40,7 +47,7 @@ def tok(tiny_data):
 @pytest.fixture(scope="module")
 def models(exported):
   out, _ = exported
-  return {name: export.load_saved_model(os.path.join(out, name))
+  return {name: saving.load_saved_model(os.path.join(out, name))
           for name in ("query_tower", "product_tower", "serving")}
 
 
@@ -146,7 +153,7 @@ def test_product_text_matches_catalog_product_text():
   cases = [("Red  dress", "", "color: red; size: m"), ("", "", ""), ("  only title\t", "", ""),
            ("a\u3000b\u00a0c", "line1\nline2\u2028x", ""), ("", "desc only", "k: v"),
            ("x\x1cy", "   ", "\u200bzero width stays"), ("日本 語", "Ünï", "größe: 42")]
-  out = export.tf_product_text(*(tf.constant([c[i] for c in cases]) for i in range(3))).numpy()
+  out = preprocess.tf_product_text(*(tf.constant([c[i] for c in cases]) for i in range(3))).numpy()
   assert [o.decode() for o in out] == [catalog.product_text(*c) for c in cases]
 
 
@@ -224,8 +231,8 @@ def test_image_decoding_is_pillow_exact():
       b"", b"garbage bytes", _encode(_photo(rng, 64, 64), "JPEG")[:300],  # empty, junk, truncated
   ]
   for size in (32, 64):
-    v_first = export._pillow_vertical_first()  # pylint: disable=protected-access
-    pixels, has = export.tf_decode_images(tf.constant(_strings(images)), size, v_first)
+    v_first = preprocess.pillow_vertical_first()
+    pixels, has = preprocess.tf_decode_images(tf.constant(_strings(images)), size, v_first)
     for i, data in enumerate(images):
       ref, ok = pipeline.decode_image(data, size)
       assert bool(has[i]) == ok, (i, size)
@@ -270,7 +277,7 @@ def test_exif_edge_cases_and_animated_webp_decode_like_pillow():
   buf = io.BytesIO()
   frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
   images.append(buf.getvalue())
-  pixels, has = export.tf_decode_images(tf.constant(_strings(images)), 32, export._pillow_vertical_first())  # pylint: disable=protected-access
+  pixels, has = preprocess.tf_decode_images(tf.constant(_strings(images)), 32, preprocess.pillow_vertical_first())
   for i, name in enumerate(cases):
     ref, ok = pipeline.decode_image(images[i], 32)
     assert ok and bool(has[i]), name
@@ -300,7 +307,7 @@ def test_decompression_bomb_is_refused_like_pillow():
   small = _png_of_zeros(50, 40)
   assert pipeline.decode_image(bomb, 32)[1] is False and pipeline.decode_image(small, 32)[1] is True
   # Refused from the header, before TF would allocate the 600 MB image.
-  pixels, has = export.tf_decode_images(tf.constant(_strings([bomb, small])), 32)
+  pixels, has = preprocess.tf_decode_images(tf.constant(_strings([bomb, small])), 32)
   assert has.numpy().tolist() == [False, True] and not pixels.numpy()[0].any()
 
 
@@ -308,13 +315,13 @@ def test_resize_follows_pillow_pass_order():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
-  v_first = export._pillow_vertical_first()  # pylint: disable=protected-access
+  v_first = preprocess.pillow_vertical_first()
   # Straddle the vertical-first boundary 2 * (w - s) < h - s (Pillow >= 13) and include enlargements.
   for h, w, s in [(24, 19, 16), (24, 20, 16), (98, 64, 32), (98, 65, 32), (300, 200, 224), (10, 90, 32),
                   (120, 11, 96), (77, 28, 96), (33, 700, 16)]:
     a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     ref = np.asarray(Image.fromarray(a).resize((s, s), Image.Resampling.BILINEAR))
-    np.testing.assert_array_equal(export.tf_pil_resize(tf.constant(a), s, v_first).numpy(), ref,
+    np.testing.assert_array_equal(preprocess.tf_pil_resize(tf.constant(a), s, v_first).numpy(), ref,
                                   err_msg=f"{h}x{w} -> {s}")
 
 
@@ -358,9 +365,9 @@ def test_serving_pads_and_breaks_ties_like_scann_index(trained, tiny_data, tmp_p
   index = index_lib.ScannIndex.build(db)
   index.save(str(tmp_path / "index"))
   ids = [f"id-{i}\u00e9" for i in range(len(db))]
-  path = export.export_serving(trained, os.path.join(tiny_data, "tokenizer.model"), str(tmp_path / "index"), ids,
+  path = saving.export_serving(trained, os.path.join(tiny_data, "tokenizer.model"), str(tmp_path / "index"), ids,
                                str(tmp_path / "serving"), k=15, platforms=("cpu",))
-  sv = export.load_saved_model(path)
+  sv = saving.load_saved_model(path)
   queries = ["red dress", "blue shoes", ""]
   res = sv.signatures["serving_default"](queries=_strings(queries))
   qt_emb = sv.query_tower.serve(tf.constant(queries))["embedding"].numpy()
@@ -381,10 +388,10 @@ def test_serving_pads_slots_scann_leaves_unfilled(trained, tiny_data, tmp_path):
   db /= np.linalg.norm(db, axis=1, keepdims=True)
   index = index_lib.ScannIndex.build(db, {"num_leaves": 300, "num_leaves_to_search": 1, "min_partition_size": 10})
   index.save(str(tmp_path / "index"))
-  path = export.export_serving(trained, os.path.join(tiny_data, "tokenizer.model"), str(tmp_path / "index"),
+  path = saving.export_serving(trained, os.path.join(tiny_data, "tokenizer.model"), str(tmp_path / "index"),
                                [f"p{i}" for i in range(len(db))], str(tmp_path / "serving"), k=100,
                                platforms=("cpu",))
-  sv = export.load_saved_model(path)
+  sv = saving.load_saved_model(path)
   queries = ["red dress", "blue cotton shirt"]
   res = sv.signatures["serving_default"](queries=_strings(queries))
   ref_idx, ref_scores = index.search(sv.query_tower.serve(_strings(queries))["embedding"].numpy(), 100)
@@ -414,25 +421,25 @@ def test_empty_batches_give_empty_outputs(models, trained):
 
 def test_batch_buckets(capsys):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  assert export.BATCH_BUCKETS == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+  assert towers.BATCH_BUCKETS == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
   for n, want in ((0, 1), (1, 1), (2, 2), (3, 4), (5, 8), (63, 64), (64, 64), (65, 128), (1023, 1024),
                   (1024, 1024), (1025, 2048), (2048, 2048), (2049, 3072)):
-    assert int(export.tf_batch_bucket(tf.constant(n))) == export.batch_bucket(n) == want, n
+    assert int(towers.tf_batch_bucket(tf.constant(n))) == towers.batch_bucket(n) == want, n
   for n, want in ((0, 3), (3, 3), (4, 10), (10, 10), (11, 20), (21, 30)):
-    assert int(export.tf_batch_bucket(tf.constant(n), (3, 10))) == export.batch_bucket(n, (3, 10)) == want, n
-  assert export.check_batch_buckets(["1", "8"]) == (1, 8)
-  assert export._warmup_batches((1, 8, 64, 128), 64) == [1, 8, 64]  # pylint: disable=protected-access
-  assert not export._warmup_batches((1, 8), 0)  # pylint: disable=protected-access
-  for bad in ((), (0, 4), (4, 2), (2, 2), ("a",), (1.5, 3), (True, 2), (1, export.MAX_BATCH_BUCKET + 1)):
+    assert int(towers.tf_batch_bucket(tf.constant(n), (3, 10))) == towers.batch_bucket(n, (3, 10)) == want, n
+  assert towers.check_batch_buckets(["1", "8"]) == (1, 8)
+  assert saving._warmup_batches((1, 8, 64, 128), 64) == [1, 8, 64]  # pylint: disable=protected-access
+  assert not saving._warmup_batches((1, 8), 0)  # pylint: disable=protected-access
+  for bad in ((), (0, 4), (4, 2), (2, 2), ("a",), (1.5, 3), (True, 2), (1, towers.MAX_BATCH_BUCKET + 1)):
     with pytest.raises(ValueError, match="batch_buckets"):
-      export.check_batch_buckets(bad)
+      towers.check_batch_buckets(bad)
   with pytest.raises(ValueError, match="more than 1000"):  # TF Serving would refuse to load the model
-    export.check_warmup(tuple(range(1, 1102)), 2000)
+    saving.check_warmup(tuple(range(1, 1102)), 2000)
   with pytest.raises(SystemExit):
-    export.main(["--workdir", "w", "--out", "o", "--batch_buckets", "8,4"])
+    cli.main(["--workdir", "w", "--out", "o", "--batch_buckets", "8,4"])
   assert "--batch_buckets" in capsys.readouterr().err
   with pytest.raises(SystemExit):
-    export.main(["--workdir", "w", "--out", "o", "--batch_buckets", ",".join(map(str, range(1, 1102))),
+    cli.main(["--workdir", "w", "--out", "o", "--batch_buckets", ",".join(map(str, range(1, 1102))),
                  "--warmup_max_batch", "2000"])
   assert "--warmup_max_batch" in capsys.readouterr().err
 
@@ -441,11 +448,11 @@ def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monke
   """Each tower's XLA program sees padded batches (one compile per bucket); rows come back unchanged."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   seen = []
-  run = export._run_bucketed  # pylint: disable=protected-access
-  monkeypatch.setattr(export, "_run_bucketed",
+  run = towers._run_bucketed  # pylint: disable=protected-access
+  monkeypatch.setattr(towers, "_run_bucketed",
                       lambda fn, buckets, *x: run(lambda *y: (seen.append(y[0].shape[0]), fn(*y))[1], buckets, *x))
   tokenizer = os.path.join(tiny_data, "tokenizer.model")
-  qt = export._make_query_tower(trained, tokenizer, ("cpu",))  # pylint: disable=protected-access
+  qt = towers.make_query_tower(trained, tokenizer, ("cpu",))
   q_len = int(trained.config.data.query_len)
   for n in (0, 3, 5):
     tokens = tok.encode(["red dress", "", "blue cotton shirt", "wool", "x"][:n], q_len)
@@ -456,7 +463,7 @@ def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monke
   assert seen == [1, 4, 8]
   seen.clear()
   cfg = trained.config.data
-  pt = export._make_product_tower(trained, tokenizer, ("cpu",), buckets=(2, 5))  # pylint: disable=protected-access
+  pt = towers.make_product_tower(trained, tokenizer, ("cpu",), buckets=(2, 5))
   rng = np.random.default_rng(1)
   batch = {"product_tokens": rng.integers(1, 50, (3, cfg.product_len)).astype(np.int32),
            "image": rng.integers(0, 256, (3, cfg.image_size, cfg.image_size, 3), dtype=np.uint8),
@@ -471,7 +478,7 @@ def test_tf_serving_warmup_requests_match_the_signatures(models, exported):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
   out, summary = exported
-  want = [b for b in export.BATCH_BUCKETS if b <= export.WARMUP_MAX_BATCH]
+  want = [b for b in towers.BATCH_BUCKETS if b <= saving.WARMUP_MAX_BATCH]
   assert summary["warmup_batch_sizes"] == want
   for name, m in models.items():
     path = os.path.join(out, name, "assets.extra", "tf_serving_warmup_requests")  # the name TF Serving reads
@@ -530,7 +537,7 @@ def test_exported_files(exported, trained, tiny_data):
   emb = np.load(os.path.join(emb_dir, "embeddings.npy"))
   with open(os.path.join(emb_dir, "ids.txt"), encoding="utf-8") as f:
     ids = f.read().split("\n")[:-1]
-  assert ids == export.product_ids(tiny_data) and emb.shape == (len(ids), summary["embedding_dim"])
+  assert ids == embeddings.product_ids(tiny_data) and emb.shape == (len(ids), summary["embedding_dim"])
   # Rows are the JAX product tower in product-index order (what evaluation embeds).
   it = pipeline.make_eval_iterator(tiny_data, "products", "all", trained.config.data, 64)
   batch = next(it)
@@ -538,12 +545,12 @@ def test_exported_files(exported, trained, tiny_data):
   info = json.loads(open(os.path.join(emb_dir, "info.json")).read())
   assert info["num_products"] == len(ids) and info["index"]["params"]["n"] == len(ids)
   assert not os.path.exists(os.path.join(emb_dir, "shards"))
-  on_disk = json.loads(open(os.path.join(out, export.SUMMARY_FILE)).read())
+  on_disk = json.loads(open(os.path.join(out, workdir.SUMMARY_FILE)).read())
   assert on_disk["k"] == K and on_disk["num_products"] == len(ids) and on_disk["step"] == trained.step
-  assert on_disk["batch_buckets"] == list(export.BATCH_BUCKETS)
+  assert on_disk["batch_buckets"] == list(towers.BATCH_BUCKETS)
   for name in ("query_tower", "product_tower", "serving"):
     d = os.path.join(out, name)
-    with open(os.path.join(d, "assets", export.TOKENIZER_ASSET), "rb") as f, \
+    with open(os.path.join(d, "assets", preprocess.TOKENIZER_ASSET), "rb") as f, \
          open(os.path.join(tiny_data, "tokenizer.model"), "rb") as g:
       assert f.read() == g.read()
     assert os.listdir(os.path.join(d, "variables"))
@@ -553,10 +560,10 @@ def test_params_are_variables_not_constants(models, trained, exported):
   import jax  # pylint: disable=g-import-not-at-top
   out, _ = exported
   qt = models["query_tower"]
-  named = export.unflatten_params(qt.params, qt.param_layout.numpy())
+  named = convert.unflatten_params(qt.params, qt.param_layout.numpy())
   # Only the query tower's own parameters, with the trained values.
   assert named and all(n.startswith(("query_tower/", "text_tower/", "heads/", "lexical/", "lexical_mix/")) for n in named)
-  leaves = jax.tree_util.tree_flatten_with_path(export._host_params(trained.params))[0]  # pylint: disable=protected-access
+  leaves = jax.tree_util.tree_flatten_with_path(convert.host_params(trained.params))[0]
   host = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x) for path, x in leaves}
   for name, value in named.items():
     np.testing.assert_array_equal(value, host[name])
@@ -568,10 +575,10 @@ def test_params_are_variables_not_constants(models, trained, exported):
 def test_large_leaves_are_variables_of_their_own(trained, tok, monkeypatch):
   """Matrices are not packed (slicing a packed variable copies it on every call); small leaves are."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(export, "PACK_MAX_BYTES", 2048)
+  monkeypatch.setattr(convert, "PACK_MAX_BYTES", 2048)
   q_len = int(trained.config.data.query_len)
-  conv = export._convert(trained.model, trained.params, "embed_query", [np.ones((1, q_len), np.int32)],  # pylint: disable=protected-access
-                         ["(b, _)"], ("cpu",))
+  conv = convert.convert_method(trained.model, trained.params, "embed_query", [np.ones((1, q_len), np.int32)],
+                                ["(b, _)"], ("cpu",))
   nbytes = lambda e: int(np.prod(e["shape"])) * np.dtype(e["dtype"]).itemsize  # pylint: disable=unnecessary-lambda-assignment
   big = [e for e in conv.layout if nbytes(e) > 2048]
   small = [e for e in conv.layout if nbytes(e) <= 2048]
@@ -585,26 +592,26 @@ def test_large_leaves_are_variables_of_their_own(trained, tok, monkeypatch):
   tokens = tok.encode(["red dress", "", "blue cotton shirt"], q_len)
   got = conv.fn(dict(conv.variables), tf.constant(tokens)).numpy()
   np.testing.assert_allclose(got, trained.embed_queries({"query_tokens": tokens}), atol=1e-5)
-  named = export.unflatten_params(conv.variables, json.dumps(conv.layout))
+  named = convert.unflatten_params(conv.variables, json.dumps(conv.layout))
   assert set(named) == {e["name"] for e in conv.layout}
 
 
 def test_embedding_export_resumes_from_shards(trained, tiny_data, tmp_path, monkeypatch):
   calls = []
-  real = export._local_embed_fn  # pylint: disable=protected-access
+  real = embeddings._local_embed_fn  # pylint: disable=protected-access
 
   def counting(tm):
     fn = real(tm)
     return lambda batch: calls.append(1) or fn(batch)
 
-  monkeypatch.setattr(export, "_local_embed_fn", counting)
-  full = export.embed_catalogue(trained, tiny_data, str(tmp_path), batch_size=64, shard_batches=1, progress=False)
+  monkeypatch.setattr(embeddings, "_local_embed_fn", counting)
+  full = embeddings.embed_catalogue(trained, tiny_data, str(tmp_path), batch_size=64, shard_batches=1, progress=False)
   n_batches = len(calls)
   shard_dir = tmp_path / "shards" / "process_0-of-1"
   last = sorted(shard_dir.glob("shard_*.npz"))[-1]
   last.unlink()  # as if killed while writing the last shard
   calls.clear()
-  again = export.embed_catalogue(trained, tiny_data, str(tmp_path), batch_size=64, shard_batches=1, progress=False)
+  again = embeddings.embed_catalogue(trained, tiny_data, str(tmp_path), batch_size=64, shard_batches=1, progress=False)
   assert n_batches > 1 and len(calls) == 1  # only the missing shard was embedded again
   np.testing.assert_array_equal(again, full)
 
@@ -617,7 +624,7 @@ def test_index_reuses_or_matches_the_evaluation_index(tmp_path):
   wd = tmp_path / "wd"
   index_lib.ScannIndex.build(emb, {"num_leaves": 30, "reorder": 150}).save(str(wd / "index"))
   np.save(wd / "product_embeddings.npy", emb)
-  build = export._build_index  # pylint: disable=protected-access
+  build = embeddings.build_index
   info = build(emb, str(wd), str(tmp_path / "a"), rebuild=False, scann_overrides=None)
   assert info["source"] == "reused"
   assert (tmp_path / "a" / "dataset.npy").read_bytes() == (wd / "index" / "dataset.npy").read_bytes()
@@ -649,7 +656,7 @@ def test_cli_end_to_end_with_parity(tiny_workdir, tiny_data, tmp_path):
                      capture_output=True, text=True,
                      timeout=900, env=env, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
-  summary = json.loads((out / export.SUMMARY_FILE).read_text())
+  summary = json.loads((out / workdir.SUMMARY_FILE).read_text())
   p = summary["parity"]
   assert p["query_max_abs_diff"] <= TOL and p["product_preprocessed_max_abs_diff"] <= TOL
   assert p["product_end_to_end_max_abs_diff"] <= TOL and p["image_max_abs_diff"] == 0
@@ -657,14 +664,14 @@ def test_cli_end_to_end_with_parity(tiny_workdir, tiny_data, tmp_path):
   assert summary["platforms"] == ["cpu", "cuda"] and summary["k"] == 7
   assert summary["batch_buckets"] == [1, 5]  # parity above held with batches padded to multiples of 5
   assert summary["warmup_batch_sizes"] == [1, 5]
-  sv = export.load_saved_model(str(out / "serving"))
+  sv = saving.load_saved_model(str(out / "serving"))
   assert sv.signatures["serving_default"](queries=_strings(["dress"]))["ids"].shape == (1, 7)
 
 
 def _without_saved_models(monkeypatch):
   """Skips the SavedModel conversions (slow) in export_workdir: the tests below check what it decides."""
   for name in ("export_query_tower", "export_product_tower", "export_serving"):
-    monkeypatch.setattr(export, name, lambda *a, **kw: None)
+    monkeypatch.setattr(saving, name, lambda *a, **kw: None)
 
 
 def test_export_reuses_embeddings_only_of_the_same_weights(tiny_workdir, tiny_data, tmp_path, monkeypatch):
@@ -677,12 +684,12 @@ def test_export_reuses_embeddings_only_of_the_same_weights(tiny_workdir, tiny_da
   assert embedding.load_trained(str(other)).step == embedding.load_trained(tiny_workdir).step
   _without_saved_models(monkeypatch)
   embedded = []
-  real = export.embed_catalogue
-  monkeypatch.setattr(export, "embed_catalogue", lambda *a, **kw: embedded.append(1) or real(*a, **kw))
+  real = embeddings.embed_catalogue
+  monkeypatch.setattr(embeddings, "embed_catalogue", lambda *a, **kw: embedded.append(1) or real(*a, **kw))
   out = tmp_path / "out"
 
-  def run(workdir):
-    export.export_workdir(str(workdir), str(out), tiny_data, k=K, platforms=("cpu",), parity=False, progress=False)
+  def run(wd):
+    workdir.export_workdir(str(wd), str(out), tiny_data, k=K, platforms=("cpu",), parity=False, progress=False)
     return np.load(out / "embeddings" / "embeddings.npy")
 
   first = run(tiny_workdir)
@@ -698,18 +705,18 @@ def test_parity_mismatch_fails_the_export(tiny_workdir, tiny_data, tmp_path, mon
   bad = {"queries": 1, "products": 1, "query_max_abs_diff": 3e-7, "product_preprocessed_max_abs_diff": 2e-7,
          "product_end_to_end_max_abs_diff": 0.02, "product_tokens_equal": True, "has_image_equal": True,
          "image_pixels_differing": 0.0, "image_max_abs_diff": 0}
-  monkeypatch.setattr(export, "measure_parity", lambda *a, **kw: dict(bad))
+  monkeypatch.setattr(parity, "measure_parity", lambda *a, **kw: dict(bad))
   argv = ["--workdir", tiny_workdir, "--out", str(tmp_path / "out"), "--data", tiny_data, "--platforms", "cpu",
           "--no_progress"]
   with pytest.raises(SystemExit) as e:
-    export.main(argv)
+    cli.main(argv)
   assert e.value.code == 1
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.startswith("error: ") and "product_tower (serving_default, raw bytes): max |SavedModel - JAX| 0.02 " \
       "> tolerance 0.0001" in err and "query_tower" not in err
-  summary = json.loads((tmp_path / "out" / export.SUMMARY_FILE).read_text())
+  summary = json.loads((tmp_path / "out" / workdir.SUMMARY_FILE).read_text())
   assert summary["parity_failures"] and summary["parity"]["product_end_to_end_max_abs_diff"] == 0.02
-  export.main(argv + ["--parity_tol", "0.05"])  # within a looser tolerance
+  cli.main(argv + ["--parity_tol", "0.05"])  # within a looser tolerance
   with caplog.at_level("WARNING", logger="mmr_jax.export"):
-    export.main(argv + ["--allow_parity_mismatch"])  # a warning only
+    cli.main(argv + ["--allow_parity_mismatch"])  # a warning only
   assert "SavedModels do not match" in caplog.text

@@ -103,10 +103,10 @@ def _child_run(argv):
     train.train_and_evaluate(_config(args.data), args.workdir)
   ids, embs = _embed_all_products(args.workdir, args.data)
   # The embedding export: each process writes its slice's shards, process 0 merges them.
-  from mmr_jax import export  # pylint: disable=g-import-not-at-top
-  catalogue = export.embed_catalogue(embedding.load_trained(args.workdir, args.data), args.data,
-                                     os.path.join(args.workdir, "export"), batch_size=32, shard_batches=2,
-                                     progress=False)
+  from mmr_jax.export import embeddings as export_embeddings  # pylint: disable=g-import-not-at-top
+  catalogue = export_embeddings.embed_catalogue(embedding.load_trained(args.workdir, args.data), args.data,
+                                                os.path.join(args.workdir, "export"), batch_size=32,
+                                                shard_batches=2, progress=False)
   if jax.process_index() == 0:
     np.savez(args.out + ".npz", ids=ids, embs=embs, catalogue=catalogue)
     pathlib.Path(args.out).write_text(json.dumps(seen))
@@ -195,7 +195,7 @@ def test_two_process_evaluation_gives_single_process_embeddings(runs):
 
 @pytest.mark.slow
 def test_two_process_embedding_export_equals_single_process(runs):
-  """export.embed_catalogue on two processes: shards per process, merged in product order by process 0."""
+  """export.embeddings.embed_catalogue on two processes: shards per process, merged in product order by process 0."""
   single, multi = runs["single"][1], runs["multi"][1]
   n = len(single["ids"])
   assert single["catalogue"].shape == multi["catalogue"].shape == (n, single["embs"].shape[1])

@@ -328,8 +328,8 @@ def test_train_from_siglip_checkpoint(tiny_data, c4_tok, tmp_path):
   assert pipeline.tokenizer_path(tiny_data, tm.config.data) == c4_tok
   # The exported query tower tokenises in its graph exactly as the pipeline did, then embeds the same.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mmr_jax import export  # pylint: disable=g-import-not-at-top
-  qt = export._make_query_tower(tm, pipeline.tokenizer_path(tiny_data, tm.config.data), ("cpu",))  # pylint: disable=protected-access
+  from mmr_jax.export import towers  # pylint: disable=g-import-not-at-top
+  qt = towers.make_query_tower(tm, pipeline.tokenizer_path(tiny_data, tm.config.data), ("cpu",))
   queries = ["Red COTTON shirt", "", "wool scarf for women " * 8]
   ids = pipeline.load_tokenizer(tiny_data, tm.config.data).encode(queries, int(tm.config.data.query_len))
   assert ids[1].tolist() == [1] * len(ids[1])  # the empty query is all eos

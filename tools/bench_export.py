@@ -160,17 +160,17 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
 
   import jax  # pylint: disable=g-import-not-at-top
-  from mmr_jax import export  # pylint: disable=g-import-not-at-top
+  from mmr_jax.export import saving, towers, workdir  # pylint: disable=g-import-not-at-top
 
   if not os.path.isfile(os.path.join(args.out, "serving", "saved_model.pb")):
     _log(f"no export at {args.out}: exporting")
-    export.export_workdir(args.workdir, args.out, args.data, k=args.k, parity=False)
-  summary = json.loads(open(os.path.join(args.out, export.SUMMARY_FILE)).read())
+    workdir.export_workdir(args.workdir, args.out, args.data, k=args.k, parity=False)
+  summary = json.loads(open(os.path.join(args.out, workdir.SUMMARY_FILE)).read())
   data_dir = args.data or summary["data_dir"]
   k = int(summary["k"])
 
   _log("loading the serving SavedModel and the JAX model")
-  serving = export.load_saved_model(os.path.join(args.out, "serving")).signatures["serving_default"]
+  serving = saving.load_saved_model(os.path.join(args.out, "serving")).signatures["serving_default"]
   jax_bare, tm, index = _jax_pipeline(args.workdir, args.out, data_dir, k)
   trained_fn = tm.embed_queries
 
@@ -189,7 +189,7 @@ def main(argv=None) -> dict:
     t1 = time.perf_counter()
     jax_bare(queries)
     t2 = time.perf_counter()
-    bucket = export.batch_bucket(b, summary.get("batch_buckets", [b]))  # older exports: no buckets
+    bucket = towers.batch_bucket(b, summary.get("batch_buckets", [b]))  # older exports: no buckets
     first_calls.append({"batch": b, "bucket": bucket, "savedmodel_ms": 1000 * (t1 - t0), "jax_ms": 1000 * (t2 - t1)})
     _log(f"first call: {json.dumps(first_calls[-1])}")
   results = {}
@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
       "repeats": args.repeats,
       "statistic": "median ms per call (batch of raw query strings -> top-k ids and scores)",
       "device": jax.devices()[0].device_kind, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-      "load_average": list(os.getloadavg()), "versions": export._versions(),  # pylint: disable=protected-access
+      "load_average": list(os.getloadavg()), "versions": workdir.versions(),
       "workdir": os.path.abspath(args.workdir), "export": os.path.abspath(args.out)}
   text = json.dumps(report, indent=2)
   print(text)
