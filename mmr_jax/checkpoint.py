@@ -37,6 +37,8 @@ def absolute(path) -> epath.Path:
   return epath.Path(path if "://" in path else os.path.abspath(os.path.expanduser(path)))
 
 
+log = logging.getLogger("mmr_jax.checkpoint")
+
 class DataDirMismatchError(ValueError):
   """Raised when a workdir is used with a DATA_DIR other than the one it was trained on."""
 
@@ -207,7 +209,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
           partial_restore=True)))
   mngr.close()
   params = jax.tree.map(np.asarray, restored["state"]["params"])
-  logging.info("restored params of step %d from %s", step, directory)
+  log.info("restored params of step %d from %s", step, directory)
   return params, step
 
 

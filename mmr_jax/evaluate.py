@@ -107,8 +107,12 @@ def main(argv=None):
   p.add_argument("--scann", default=None, help='JSON dict of ScaNN parameter overrides, e.g. \'{"num_leaves": 100}\'')
   p.add_argument("--no_keyword", action="store_true",
                  help="skip the BM25 and hybrid (learned + BM25) rows scored beside the model")
+  p.add_argument("--verbosity", type=int, default=0, choices=(0, 1, 2),
+                 help="0: progress and warnings; 1: every INFO line; 2: everything, native libraries' logs included "
+                 "(WORKDIR/logs/evaluate.log gets INFO and native logs at any level)")
   args = p.parse_args(argv)
-  runtime.setup_logging()
+  runtime.setup_logging(args.verbosity, headline=("mmr_jax.evaluate",),
+                        log_file=runtime.log_file_for(args.workdir, "evaluate"))
   runtime.enable_compilation_cache()
   res = evaluate_workdir(args.workdir, args.data, tuple(args.split or retrieval.EVAL_SPLITS), args.batch_size,
                          json.loads(args.scann) if args.scann else None, keyword_search=not args.no_keyword)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmr_jax import fileio
+from mmr_jax import runtime
 
 SCANN_CONFIG_FILE = "mmr_index_config.json"
 
@@ -282,7 +283,8 @@ class ScannIndex:
           training_sample_size=p["training_sample_size"],
           hash_type=p["hash_type"],
       ).reorder(int(p["reorder"]))
-    searcher = builder.set_n_training_threads(int(p["training_threads"])).build()
+    with runtime.native_logs():  # ScaNN's C++ builder logs partitioning details on stderr
+      searcher = builder.set_n_training_threads(int(p["training_threads"])).build()
     return cls(searcher, p, build_s=time.perf_counter() - t0)
 
   @property

@@ -51,14 +51,13 @@ class _ConsoleFilter(logging.Filter):
     return self.verbosity >= 1 or any(record.name == h or record.name.startswith(h + ".") for h in self.headline)
 
 
-def setup_logging(verbosity: int = 1, log_file: str | os.PathLike | None = None,
-                  headline: tuple[str, ...] = ()) -> None:
-  """Configures logging for a command.
+def setup_logging(verbosity: int = 1, headline: tuple[str, ...] = (), log_file: str | None = None) -> None:
+  """Configures logging for a command (replacing any earlier configuration).
 
   verbosity: 0 shows progress bars, warnings and the INFO lines of the `headline` loggers (a command's one
-    line per stage or row); 1 adds every INFO line of ours and the libraries' warnings; 2 shows everything.
-  log_file: a local file that gets every INFO line of ours, the libraries' warnings and, while
-    `native_logs()` is active, the C++ libraries' logs, whatever the verbosity.
+    line per stage or row); 1 adds every INFO line of ours and the libraries' warnings; 2 shows everything,
+    C++ libraries' own logs included.
+  log_file: see `attach_log_file`.
   """
   global _native_log_path
   root = logging.getLogger()
@@ -72,17 +71,21 @@ def setup_logging(verbosity: int = 1, log_file: str | os.PathLike | None = None,
   for name in LIBRARIES:
     logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
   absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.WARNING)
-  _native_log_path = None
-  if log_file is not None:
-    path = os.fspath(log_file)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(logging.Formatter(FORMAT))
-    file_handler.setLevel(logging.INFO)
-    root.addHandler(file_handler)
-    _native_log_path = path
-  elif verbosity < 2:
-    _native_log_path = os.devnull
+  _native_log_path = None if verbosity >= 2 else os.devnull
+  if log_file:
+    attach_log_file(log_file)
+
+
+def attach_log_file(path: str) -> None:
+  """Adds a local log file that gets every INFO line of ours and the libraries' warnings whatever the
+  verbosity, and what C++ libraries write inside `native_logs()`."""
+  global _native_log_path
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  handler = logging.FileHandler(path)
+  handler.setFormatter(logging.Formatter(FORMAT))
+  handler.setLevel(logging.INFO)
+  logging.getLogger().addHandler(handler)
+  _native_log_path = path
 
 
 def log_file_for(workdir, command: str) -> str | None:
@@ -97,8 +100,8 @@ def log_file_for(workdir, command: str) -> str | None:
 
 @contextlib.contextmanager
 def native_logs():
-  """Sends what C++ code writes to stderr inside the block to the command's log file (or nowhere at
-  verbosity < 2 without one); Python's own stderr output is flushed first, so no line is split."""
+  """Sends what C++ code writes to stderr inside the block to the command's log file (nowhere without one)
+  below verbosity 2; unchanged where no command configured logging. Python's stderr is flushed first."""
   if _native_log_path is None:
     yield
     return

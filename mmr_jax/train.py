@@ -312,9 +312,13 @@ def main(argv=None):
   FLAGS = flags.FLAGS
 
   def _main(_):
-    runtime.setup_logging()
+    # absl's -v/--verbosity: 0 (default) progress, warnings and the trainer's few INFO lines; 1 all INFO; 2 all.
+    runtime.setup_logging(max(FLAGS.verbosity, 0), headline=("mmr_jax.train", "mmr_jax.trainer"))
     runtime.enable_compilation_cache()
     runtime.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    log_file = runtime.log_file_for(FLAGS.workdir, "train")
+    if log_file:
+      runtime.attach_log_file(log_file)
     metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
       print(json.dumps({k: round(v, 5) for k, v in metrics.items()}))

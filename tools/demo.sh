@@ -6,7 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/venv.sh"
 cd "$ROOT"
-export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
+export JAX_PLATFORMS=cpu
 WORKDIR="${1:-workdirs/demo}"
 shift || true
 DATA="data/synthetic"

@@ -1,0 +1,73 @@
+"""runtime: what a command's console and log file show at each verbosity, and native (C++) stderr capture."""
+
+import logging
+import os
+
+from mmr_jax import runtime
+
+
+def _emit():
+  logging.getLogger("mmr_jax.ablation").info("row text_only")
+  logging.getLogger("mmr_jax.train").info("compiled step memory")
+  logging.getLogger("mmr_jax.train").warning("positives_k too small")
+  logging.getLogger("absl").warning("read_only=True, setting create=False")
+  logging.getLogger("absl").error("a library error")
+  logging.getLogger("mmr_jax.index").debug("leaf sizes")
+
+
+def _lines(text: str) -> list[str]:
+  return [line.split(": ", 1)[1] for line in text.splitlines() if ": " in line]
+
+
+def test_console_shows_headline_lines_and_warnings_at_verbosity_0(capfd, tmp_path):
+  log_file = tmp_path / "logs" / "x.log"
+  runtime.setup_logging(0, headline=("mmr_jax.ablation",), log_file=str(log_file))
+  try:
+    _emit()
+    err = capfd.readouterr().err
+  finally:
+    runtime.setup_logging()
+  assert _lines(err) == ["row text_only", "positives_k too small", "a library error"]
+  # The file keeps every INFO line of ours and the libraries' warnings, whatever the console shows.
+  assert _lines(log_file.read_text()) == ["row text_only", "compiled step memory", "positives_k too small",
+                                          "read_only=True, setting create=False", "a library error"]
+
+
+def test_console_verbosity_1_and_2(capfd):
+  runtime.setup_logging(1, headline=("mmr_jax.ablation",))
+  _emit()
+  assert _lines(capfd.readouterr().err) == ["row text_only", "compiled step memory", "positives_k too small",
+                                            "read_only=True, setting create=False", "a library error"]
+  runtime.setup_logging(2)
+  _emit()
+  assert "leaf sizes" in _lines(capfd.readouterr().err)
+  runtime.setup_logging()
+
+
+def test_native_logs_go_to_the_log_file_not_the_console(capfd, tmp_path):
+  log_file = tmp_path / "native.log"
+  runtime.setup_logging(0, log_file=str(log_file))
+  try:
+    with runtime.native_logs():
+      os.write(2, b"I0000 partitioner_factory_base.cc:58] sampled 3000\n")
+    os.write(2, b"after the block\n")
+    err = capfd.readouterr().err
+  finally:
+    runtime.setup_logging()
+  assert "partitioner" not in err and "after the block" in err
+  assert "partitioner_factory_base.cc:58] sampled 3000" in log_file.read_text()
+
+
+def test_native_logs_stay_on_stderr_at_verbosity_2(capfd):
+  runtime.setup_logging(2)
+  try:
+    with runtime.native_logs():
+      os.write(2, b"native line\n")
+    assert "native line" in capfd.readouterr().err
+  finally:
+    runtime.setup_logging()
+
+
+def test_log_file_for(tmp_path):
+  assert runtime.log_file_for("gs://bucket/run", "train") is None
+  assert runtime.log_file_for(str(tmp_path / "wd"), "evaluate") == str(tmp_path / "wd" / "logs" / "evaluate.log")
