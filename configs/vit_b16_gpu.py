@@ -9,13 +9,9 @@ Hardware: 8x H100 80 GB per node; bf16 compute, f32 params; data parallel over G
   python -m launch.slurm --nodes 2 --gpus_per_node 8 --config configs/vit_b16_gpu.py:stage=2,nodes=2 \
       --workdir /shared/mmr/b16/fusion --config.init.workdir=/shared/mmr/b16/stage1 --submit
 
-SigLIP B/16 init (`init=siglip`, config.set_siglip): image tower, both text towers and the sigmoid
-temperature / bias from big_vision's SigLIP B/16 224 px checkpoint; texts tokenised with its c4_en SentencePiece
-model (lowercased, sticky eos, padded with id 1, 64 tokens for queries, titles and products). Download both
-first (nothing here downloads; the files must be on a local path on every host), then:
+SigLIP B/16 init (`init=siglip`, config.set_siglip): as in configs/vit_b16_pod.py (which says what it loads
+and where to download the checkpoint and its SentencePiece model from), with a local path on every node:
 
-  gsutil cp gs://big_vision/siglip/webli_en_b16_224_63724782.npz .       # SigLIP B/16 224 ("SigLIP B/16 224")
-  gsutil cp gs://t5-data/vocabs/cc_en.32000/sentencepiece.model c4_en.model   # big_vision's "c4_en"
   python -m mmr_jax.train --workdir /shared/mmr/siglip/stage1 \
       --config configs/vit_b16_gpu.py:stage=1,init=siglip,ckpt=/shared/ckpt/webli_en_b16_224_63724782.npz,tokenizer=/shared/ckpt/c4_en.model
 
