@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from mmr_jax import config as config_lib
-from mmr_jax.models import vit as vit_lib
+from mmr_jax.models import layers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -39,7 +39,7 @@ def test_config_family(path):
     assert set(cfg.optim.lr_mult) >= {"image_tower", "query_tower", "heads", "loss"}
     for tower in ("vit", "text", "fusion"):  # names the models only check when they build the stack
       t = cfg.model[tower]
-      assert t.attention_impl in vit_lib.ATTENTION_IMPLS, (tower, t.attention_impl)
+      assert t.attention_impl in layers.ATTENTION_IMPLS, (tower, t.attention_impl)
       assert hasattr(jax.checkpoint_policies, t.remat_policy), (tower, t.remat_policy)
   with pytest.raises(KeyError, match="not_a_key"):
     mod.get_config("not_a_key=1")

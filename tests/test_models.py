@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mmr_jax.models import fusion as fusion_lib
+from mmr_jax.models import layers
 from mmr_jax.models import pretrained
 from mmr_jax.models import text as text_lib
 from mmr_jax.models import two_tower
@@ -205,7 +206,7 @@ def test_odd_length_padding_for_cudnn_changes_nothing(t, s):
   mask = jax.random.bernoulli(ks[3], 0.7, (3, 1, 1, s)).at[:, :, :, 0].set(True)
 
   def loss(q, k, v, pad_odd):
-    out = vit_lib._jax_attention(q, k, v, mask=mask, implementation="xla", pad_odd=pad_odd)  # pylint: disable=protected-access
+    out = layers._jax_attention(q, k, v, mask=mask, implementation="xla", pad_odd=pad_odd)  # pylint: disable=protected-access
     return jnp.sum(jnp.sin(out)), out
 
   (l0, o0), g0 = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, False)

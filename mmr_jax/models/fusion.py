@@ -14,15 +14,13 @@ pooled image stream is replaced by a learned `missing_image` vector, and the gat
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from mmr_jax.models import text as text_lib
-from mmr_jax.models import vit
+from mmr_jax.models import layers
 
 Dtype = Any
 
@@ -34,30 +32,24 @@ def get_config(**overrides) -> ml_collections.ConfigDict:
       # sigmoid(-2) = 0.12: the gate starts mostly on text (see Fusion.gate_init_bias).
       gate_init_bias=-2.0, gate_hidden=64,
       remat=False, remat_policy="nothing_saveable", scan_layers=False,
-      attention_impl="flax"))  # see vit.attention
+      attention_impl="flax"))  # see layers.attention
   cfg.update(overrides)
   return cfg
 
 
-class FusionBlock(nn.Module):
+class FusionBlock(layers.BlockOptions):
   """One bidirectional text<->image block; scan-compatible `(carry, *args) -> (carry, None)`."""
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  attention_impl: str = "flax"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, carry, text_mask, has_image, deterministic):
     """Returns ((text [B, L, D], image [B, N, D]), None)."""
     t, v = carry
     b, n, _ = v.shape
-    ln = lambda name: vit.layer_norm(name, self.dtype, self.param_dtype)
-    att = lambda name: vit.attention(self.num_heads, self.dropout, self.dtype,
-                                     self.param_dtype, name, self.attention_impl)
-    mlp = lambda name: vit.MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype,
-                                    name=name)
+    ln = lambda name: layers.layer_norm(name, self.dtype, self.param_dtype)
+    att = lambda name: layers.attention(self.num_heads, self.dropout, self.dtype,
+                                        self.param_dtype, name, self.attention_impl)
+    mlp = lambda name: layers.MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype,
+                                       name=name)
     drop = lambda y: nn.Dropout(rate=self.dropout)(y, deterministic)
     text_keys = text_mask[:, None, None, :]  # [B, 1, 1, L]
     image_keys = jnp.broadcast_to(has_image[:, None, None, None], (b, 1, 1, n))  # [B, 1, 1, N]
@@ -80,13 +72,12 @@ class FusionBlock(nn.Module):
     return (t, v), None
 
 
-class Fusion(nn.Module):
+class Fusion(layers.Tower):
   """Returns {"text": [B, W], "image": [B, W], "gate": [B] (if gate)} from both token sets."""
   width: int = 64
   depth: int = 1
   num_heads: int = 2
   mlp_ratio: float = 4.0
-  dropout: float = 0.0
   gate: bool = True
   # Why start on text: at the start of stage 2 the fusion layers are random, while the text
   # tower carries most of the query-matching signal (titles name brand, type, size; many
@@ -95,12 +86,6 @@ class Fusion(nn.Module):
   # the gate open per product only as the fused branch earns it.
   gate_init_bias: float = -2.0
   gate_hidden: int = 64
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"
-  scan_layers: bool = False
-  attention_impl: str = "flax"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, text_tokens, text_mask, image_tokens, has_image, *, train=False):
@@ -108,22 +93,20 @@ class Fusion(nn.Module):
     has_image = has_image.astype(bool)
     dense = lambda name, names: nn.Dense(
         self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=vit.logical(nn.initializers.lecun_normal(), names),
-        bias_init=vit.logical(nn.initializers.zeros, ("embed",)))
+        kernel_init=layers.logical(nn.initializers.lecun_normal(), names),
+        bias_init=layers.logical(nn.initializers.zeros, ("embed",)))
     t = dense("text_in", (None, "embed"))(text_tokens)   # [B, L, W]
     v = dense("image_in", (None, "embed"))(image_tokens)  # [B, N, W]
-    t, v = vit.repeat_blocks(
+    t, v = layers.repeat_blocks(
         FusionBlock, self.depth, (t, v), text_mask, has_image, not train,
-        remat=self.remat, remat_policy=self.remat_policy, scan_layers=self.scan_layers,
-        num_heads=self.num_heads, mlp_dim=int(round(self.width * self.mlp_ratio)),
-        dropout=self.dropout, attention_impl=self.attention_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype)
-    t = vit.layer_norm("text_norm", self.dtype, self.param_dtype)(t)
-    v = vit.layer_norm("image_norm", self.dtype, self.param_dtype)(v)
-    text_pooled = text_lib.masked_mean(t, text_mask)  # [B, W] f32
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        **layers.stack_options(self))
+    t = layers.layer_norm("text_norm", self.dtype, self.param_dtype)(t)
+    v = layers.layer_norm("image_norm", self.dtype, self.param_dtype)(v)
+    text_pooled = layers.masked_mean(t, text_mask)  # [B, W] f32
     image_pooled = jnp.mean(v.astype(jnp.float32), axis=1)  # [B, W]
     missing = self.param("missing_image",
-                         vit.logical(nn.initializers.normal(stddev=0.02), ("embed",)),
+                         layers.logical(nn.initializers.normal(stddev=0.02), ("embed",)),
                          (self.width,), self.param_dtype)
     image_pooled = jnp.where(has_image[:, None], image_pooled,
                              missing.astype(jnp.float32)[None, :])
@@ -137,15 +120,15 @@ class Fusion(nn.Module):
           jnp.log1p(num_tokens)[:, None] / 4.0, (num_tokens == 0).astype(jnp.float32)[:, None],
       ], axis=-1)
       h = nn.gelu(nn.Dense(self.gate_hidden, param_dtype=self.param_dtype, name="gate_hidden",
-                           kernel_init=vit.logical(nn.initializers.lecun_normal(),
-                                                   (None, "mlp")),
-                           bias_init=vit.logical(nn.initializers.zeros, ("mlp",)))(feats))
+                           kernel_init=layers.logical(nn.initializers.lecun_normal(),
+                                                      (None, "mlp")),
+                           bias_init=layers.logical(nn.initializers.zeros, ("mlp",)))(feats))
       # Zero kernel: every product starts at exactly sigmoid(gate_init_bias); the kernel
       # still gets gradients through the (non-zero) hidden layer.
       logit = nn.Dense(1, param_dtype=self.param_dtype, name="gate_out",
-                       kernel_init=vit.logical(nn.initializers.zeros, ("mlp", None)),
-                       bias_init=vit.logical(nn.initializers.constant(self.gate_init_bias),
-                                             (None,)))(h)[:, 0]
+                       kernel_init=layers.logical(nn.initializers.zeros, ("mlp", None)),
+                       bias_init=layers.logical(nn.initializers.constant(self.gate_init_bias),
+                                                (None,)))(h)[:, 0]
       out["gate"] = nn.sigmoid(logit) * hi  # Forced to text (0) without an image.
     return out
 
@@ -153,10 +136,5 @@ class Fusion(nn.Module):
 def from_config(cfg: ml_collections.ConfigDict, *, gate: bool, dtype: Dtype = jnp.float32,
                 param_dtype: Dtype = jnp.float32, name: str | None = None) -> Fusion:
   """Returns a Fusion module built from a `get_config()`-style ConfigDict."""
-  fields = ({f.name for f in dataclasses.fields(Fusion)}
-            - {"parent", "name", "dtype", "param_dtype", "gate"})
-  kw = dict(cfg)
-  unknown = sorted(set(kw) - fields)
-  if unknown:
-    raise ValueError(f"Unknown config.model.fusion fields {unknown}; known: {sorted(fields)}")
-  return Fusion(**kw, gate=gate, dtype=dtype, param_dtype=param_dtype, name=name)
+  return layers.module_from_config(Fusion, cfg, "config.model.fusion", gate=gate, dtype=dtype,
+                                   param_dtype=param_dtype, name=name)

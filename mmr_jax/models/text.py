@@ -11,7 +11,6 @@ one through a `head` Dense (big_vision's `num_classes` / `out_dim`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmr_jax.models import vit
+from mmr_jax.models import layers
 
 Dtype = Any
 PAD_ID = 0
@@ -33,7 +32,7 @@ def get_config(variant: str = "mu", *, vocab_size: int = 32_000, max_len: int = 
   `vocab_size` must match the tokenizer in DATA_DIR (the trainer sets it from tokenizer.model).
   """
   size = variant.split("/")[0]
-  d = vit.decode_variant(size)
+  d = layers.decode_variant(size)
   cfg = ml_collections.ConfigDict(dict(
       vocab_size=vocab_size, width=d["width"], depth=d["depth"], num_heads=d["num_heads"],
       mlp_ratio=d["mlp_ratio"], max_len=max_len,
@@ -41,12 +40,12 @@ def get_config(variant: str = "mu", *, vocab_size: int = 32_000, max_len: int = 
       pad_mask=True,         # False: attend to and pool every position (big_vision/SigLIP)
       head_dim=0,            # > 0: a `head` Dense (with bias) after pooling, as big_vision's
       dropout=0.0, remat=False, remat_policy="nothing_saveable", scan_layers=False,
-      attention_impl="flax"))  # see vit.attention
+      attention_impl="flax"))  # see layers.attention
   cfg.update(overrides)
   return cfg
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(layers.Tower):
   """Returns (pooled [B, W], tokens [B, L, W], mask [B, L]) for int token ids [B, L]."""
   vocab_size: int = 32_000
   width: int = 512
@@ -57,13 +56,6 @@ class TextEncoder(nn.Module):
   pool: str = "mean"
   pad_mask: bool = True
   head_dim: int = 0
-  dropout: float = 0.0
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"
-  scan_layers: bool = False
-  attention_impl: str = "flax"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens, *, train=False):
@@ -83,56 +75,38 @@ class TextEncoder(nn.Module):
                        "raise max_len or truncate in the input pipeline")
     mask = tokens != PAD_ID if self.pad_mask else jnp.ones(tokens.shape, bool)  # [B, L]
     x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 embedding_init=vit.logical(nn.initializers.normal(stddev=0.02),
-                                            ("vocab", "embed")),
+                 embedding_init=layers.logical(nn.initializers.normal(stddev=0.02),
+                                               ("vocab", "embed")),
                  name="Embed_0")(tokens)
     pe = self.param("pos_embedding",
-                    vit.logical(nn.initializers.normal(stddev=1 / np.sqrt(self.width)),
-                                (None, None, "embed")),
+                    layers.logical(nn.initializers.normal(stddev=1 / np.sqrt(self.width)),
+                                   (None, None, "embed")),
                     (1, self.max_len, self.width), self.param_dtype)
     x = x + pe[:, :length].astype(x.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = nn.Dropout(rate=self.dropout)(x, not train)
     # Keys only: pad positions still produce (unused) outputs, masked again when pooling.
     attn_mask = mask[:, None, None, :]  # [B, 1, 1, L]
-    x = vit.Encoder(depth=self.depth, num_heads=self.num_heads,
-                    mlp_dim=int(round(self.width * self.mlp_ratio)), dropout=self.dropout,
-                    remat=self.remat, remat_policy=self.remat_policy,
-                    scan_layers=self.scan_layers, attention_impl=self.attention_impl,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="Encoder_0")(x, attn_mask, not train)
+    x = layers.Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                       **layers.stack_options(self), name="Encoder_0")(x, attn_mask, not train)
     if self.pool == "mean":
-      pooled = masked_mean(x, mask)
+      pooled = layers.masked_mean(x, mask)
     elif self.pool == "first":
       pooled = x[:, 0]
     elif self.pool == "last":
       pooled = x[:, -1]  # The eos of big_vision's "sticky" tokenisation: the row's last position.
     else:
-      pooled = vit.MAPHead(self.num_heads, int(round(self.width * self.mlp_ratio)), self.dtype,
-                           self.param_dtype, self.attention_impl, name="MAPHead_0")(x, attn_mask)
+      pooled = layers.MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.param_dtype,
+                              self.attention_impl, name="MAPHead_0")(x, attn_mask)
     if self.head_dim:
       pooled = nn.Dense(self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=vit.logical(nn.initializers.lecun_normal(), ("embed", None)),
-                        bias_init=vit.logical(nn.initializers.zeros, (None,)), name="head")(pooled)
+                        kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", None)),
+                        bias_init=layers.logical(nn.initializers.zeros, (None,)), name="head")(pooled)
     return pooled, x, mask
-
-
-def masked_mean(x, mask):
-  """Returns the float32 mean of x [B, L, D] over positions where mask [B, L] is True ([B, D]).
-
-  All-padding rows (empty text) give zeros rather than NaN.
-  """
-  x = x.astype(jnp.float32)  # Sums over long sequences lose too much in bfloat16.
-  m = mask.astype(jnp.float32)[..., None]
-  return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
 
 
 def from_config(cfg: ml_collections.ConfigDict, *, dtype: Dtype = jnp.float32,
                 param_dtype: Dtype = jnp.float32, name: str | None = None) -> TextEncoder:
   """Returns a TextEncoder built from a `get_config()`-style ConfigDict."""
-  fields = ({f.name for f in dataclasses.fields(TextEncoder)}
-            - {"parent", "name", "dtype", "param_dtype"})
-  kw = dict(cfg)
-  unknown = sorted(set(kw) - fields)
-  if unknown:
-    raise ValueError(f"Unknown config.model.text fields {unknown}; known: {sorted(fields)}")
-  return TextEncoder(**kw, dtype=dtype, param_dtype=param_dtype, name=name)
+  return layers.module_from_config(TextEncoder, cfg, "config.model.text", dtype=dtype,
+                                   param_dtype=param_dtype, name=name)

@@ -27,6 +27,7 @@ import numpy as np
 
 from mmr_jax import batch_spec
 from mmr_jax.models import fusion as fusion_lib
+from mmr_jax.models import layers
 from mmr_jax.models import text as text_lib
 from mmr_jax.models import vit as vit_lib
 
@@ -87,7 +88,7 @@ class LexicalSegment(nn.Module):
 
   @nn.compact
   def __call__(self, tokens):
-    raw = self.param("token_weight", vit_lib.logical(nn.initializers.constant(math.log(math.e - 1.0)), ("vocab",)),
+    raw = self.param("token_weight", layers.logical(nn.initializers.constant(math.log(math.e - 1.0)), ("vocab",)),
                      (self.vocab_size,), jnp.float32)
     tokens = jnp.asarray(tokens)
     mask = (tokens != text_lib.PAD_ID).astype(jnp.float32)  # [B, L]
@@ -102,7 +103,7 @@ class LexicalSegment(nn.Module):
     bag = jnp.zeros((tokens.shape[0], self.dim), jnp.float32).at[rows, bucket].add(values)  # [B, dim]
     # Repeats saturate (log(1 + count), as BM25's k1 does): a word said three times is not three matches.
     bag = jnp.sign(bag) * jnp.log1p(jnp.abs(bag))
-    return vit_lib.l2_normalize(bag)
+    return layers.l2_normalize(bag)
 
 
 class LexicalMix(nn.Module):
@@ -114,7 +115,7 @@ class LexicalMix(nn.Module):
 
   @nn.compact
   def __call__(self, dense, lexical):
-    a = jax.nn.sigmoid(self.param("mix_logit", vit_lib.logical(nn.initializers.zeros, ()), (), jnp.float32))
+    a = jax.nn.sigmoid(self.param("mix_logit", layers.logical(nn.initializers.zeros, ()), (), jnp.float32))
     return jnp.concatenate([jnp.sqrt(1.0 - a) * dense.astype(jnp.float32), jnp.sqrt(a) * lexical], axis=-1)
 
 
@@ -140,10 +141,10 @@ class ContrastiveParams(nn.Module):
   def __call__(self):
     """Returns {"logit_scale": (), "logit_bias": ()} float32 scalars."""
     scale = self.param("logit_scale",
-                       vit_lib.logical(nn.initializers.constant(self.logit_scale_init), ()),
+                       layers.logical(nn.initializers.constant(self.logit_scale_init), ()),
                        (), jnp.float32)
     bias = self.param("logit_bias",
-                      vit_lib.logical(nn.initializers.constant(self.logit_bias_init), ()),
+                      layers.logical(nn.initializers.constant(self.logit_bias_init), ()),
                       (), jnp.float32)
     return {"logit_scale": scale, "logit_bias": bias}
 
@@ -158,8 +159,8 @@ class Heads(nn.Module):
     def proj(in_axis):
       # No bias: the outputs are L2-normalised and compared by angle.
       return nn.Dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype,
-                      kernel_init=vit_lib.logical(nn.initializers.lecun_normal(),
-                                                  (in_axis, None)))
+                      kernel_init=layers.logical(nn.initializers.lecun_normal(),
+                                                 (in_axis, None)))
     self.query = proj("embed")
     self.product_text = proj("embed")
     self.image = proj("embed")
@@ -172,11 +173,11 @@ class Heads(nn.Module):
     # of the concatenated segments.
     self.segment_weights = nn.Dense(
         NUM_SEGMENTS, param_dtype=self.param_dtype,
-        kernel_init=vit_lib.logical(nn.initializers.zeros, ("embed", None)),
-        bias_init=vit_lib.logical(nn.initializers.zeros, (None,)))
+        kernel_init=layers.logical(nn.initializers.zeros, ("embed", None)),
+        bias_init=layers.logical(nn.initializers.zeros, (None,)))
     # Stands in for the pooled image of products without one (concat, image_only, fusion_qw).
     self.missing_image = self.param(
-        "missing_image", vit_lib.logical(nn.initializers.normal(stddev=0.02), ("embed",)),
+        "missing_image", layers.logical(nn.initializers.normal(stddev=0.02), ("embed",)),
         (self.image_width,), self.param_dtype)
 
 
@@ -250,11 +251,11 @@ class TwoTower(nn.Module):
     pooled = pooled.astype(jnp.float32)
     h = self.heads
     if self.config.variant != "fusion_qw":
-      dense = vit_lib.l2_normalize(h.query(pooled))
+      dense = layers.l2_normalize(h.query(pooled))
       if not self.config.get("lexical_dim", 0):
         return {"emb": dense}
       return {"emb": self.lexical_mix(dense, self.lexical(query_tokens)), "dense_emb": dense}
-    segments = [vit_lib.l2_normalize(p(pooled))
+    segments = [layers.l2_normalize(p(pooled))
                 for p in (h.query_fused, h.query_text, h.query_image)]
     w = jax.nn.softmax(h.segment_weights(pooled), axis=-1)  # [B, 3]
     emb = jnp.concatenate([w[:, k:k + 1] * s for k, s in enumerate(segments)], axis=-1)
@@ -274,25 +275,25 @@ class TwoTower(nn.Module):
     if variant != "image_only":
       t_pooled, t_tokens, t_mask = self._product_encoder()(product_tokens, train=train)
       t_pooled = t_pooled.astype(jnp.float32)
-      out["text_emb"] = vit_lib.l2_normalize(h.product_text(t_pooled))
+      out["text_emb"] = layers.l2_normalize(h.product_text(t_pooled))
     if variant != "text_only":
       i_pooled, i_tokens = self._image(image, has_image, train)
-      out["image_emb"] = vit_lib.l2_normalize(h.image(i_pooled))
+      out["image_emb"] = layers.l2_normalize(h.image(i_pooled))
 
     if variant == "text_only":
       out["emb"] = out["text_emb"]
     elif variant == "image_only":
       out["emb"] = out["image_emb"]
     elif variant == "concat":
-      out["emb"] = vit_lib.l2_normalize(h.concat(jnp.concatenate([t_pooled, i_pooled], -1)))
+      out["emb"] = layers.l2_normalize(h.concat(jnp.concatenate([t_pooled, i_pooled], -1)))
     else:
       f = self.fusion(t_tokens, t_mask, i_tokens, jnp.asarray(has_image).astype(bool),
                       train=train)
-      fused = vit_lib.l2_normalize(h.fused(jnp.concatenate([f["text"], f["image"]], -1)))
+      fused = layers.l2_normalize(h.fused(jnp.concatenate([f["text"], f["image"]], -1)))
       out["fused_emb"] = fused
       if variant == "fusion":
         g = f["gate"][:, None]
-        out["emb"] = vit_lib.l2_normalize(g * fused + (1.0 - g) * out["text_emb"])
+        out["emb"] = layers.l2_normalize(g * fused + (1.0 - g) * out["text_emb"])
         out["gate"] = f["gate"]
       else:
         out["emb"] = jnp.concatenate(
@@ -309,7 +310,7 @@ class TwoTower(nn.Module):
     if self.config.variant == "fusion_qw":
       raise ValueError("embed_text_product: fusion_qw queries have three segments; use another variant")
     pooled, _, _ = self._product_encoder()(product_tokens, train=train)
-    emb = vit_lib.l2_normalize(self.heads.product_text(pooled.astype(jnp.float32)))
+    emb = layers.l2_normalize(self.heads.product_text(pooled.astype(jnp.float32)))
     if self.config.get("lexical_dim", 0):
       emb = self.lexical_mix(emb, self.lexical(product_tokens))
     return {"emb": emb}
@@ -321,8 +322,8 @@ class TwoTower(nn.Module):
     """
     t_pooled, _, _ = self._product_encoder()(title_tokens, train=train)
     i_pooled, _ = self._image(image, has_image, train)
-    return {"title_emb": vit_lib.l2_normalize(self.heads.product_text(t_pooled)),
-            "image_emb": vit_lib.l2_normalize(self.heads.image(i_pooled))}
+    return {"title_emb": layers.l2_normalize(self.heads.product_text(t_pooled)),
+            "image_emb": layers.l2_normalize(self.heads.image(i_pooled))}
 
   def __call__(self, batch: Mapping[str, Any], train=False) -> dict[str, Any]:
     """Returns {"query": ..., "product": ..., "title_image": ..., "logit_scale", "logit_bias"}.

@@ -1,21 +1,15 @@
-"""Vision Transformer image tower and the Transformer parts shared by every tower.
+"""Vision Transformer image tower.
 
 Module names follow big_vision's `models/vit.py` (`embedding`, `pos_embedding`, `cls`,
-`Transformer/encoderblock_{i}/{LayerNorm_0,MultiHeadDotProductAttention_0,LayerNorm_1,MlpBlock_0}`,
-`Transformer/encoder_norm`, `MAPHead_0`) so public ViT checkpoints load with a near-identity
-mapping (`models/pretrained.py`). Like big_vision, the text tower reuses `Encoder` from here.
-
-Parameters carry logical axis names (see DESIGN.md): `embed` model width, `mlp` MLP hidden,
-`heads`/`kv` attention heads and head dim, `vocab`, `patch` (flattened patch pixels, the input
-axis of the patch-embedding kernel) and `layers` (the stacked axis added by `scan_layers`).
-Activations are constrained as (`batch`, `length`, `embed` | `mlp`).
+`Transformer/encoderblock_{i}/...`, `Transformer/encoder_norm`, `MAPHead_0`, `head`) so public ViT
+checkpoints load with a near-identity mapping (`models/pretrained.py`). The Transformer blocks,
+pooling head and size presets are `models/layers.py`'s, which the text tower and the fusion
+network share. Parameters and activations carry the logical axis names listed there.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,36 +17,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmr_jax.models import layers
+
 Dtype = Any
 
-# Reference: Table 2 of https://arxiv.org/abs/2106.04560 (as in big_vision), plus tiny
-# sizes ("pico", "mu") that run on a laptop CPU in seconds.
-_WIDTH = {"pico": 32, "mu": 64, "Ti": 192, "S": 384, "M": 512, "B": 768, "L": 1024,
-          "So400m": 1152, "H": 1280}
-_DEPTH = {"pico": 1, "mu": 2, "Ti": 12, "S": 12, "M": 12, "B": 12, "L": 24, "So400m": 27,
-          "H": 32}
-_HEADS = {"pico": 2, "mu": 2, "Ti": 3, "S": 6, "M": 8, "B": 12, "L": 16, "So400m": 16, "H": 16}
-_MLP_DIM = {"So400m": 4304}  # Everything else uses 4x width.
 POOL_TYPES = ("tok", "map", "gap")
 POSEMB_TYPES = ("learn", "sincos2d")
-
-
-def decode_variant(variant: str) -> dict[str, Any]:
-  """Returns width/depth/num_heads/mlp_ratio(/patch_size) for a name like "B/16" or "mu"."""
-  size, patch = variant, None
-  if "/" in variant:
-    size, patch = variant.split("/", 1)
-  if size not in _WIDTH:
-    raise ValueError(f"Unknown ViT size {size!r} in variant {variant!r}; "
-                     f"known sizes: {sorted(_WIDTH)}")
-  width = _WIDTH[size]
-  out = dict(width=width, depth=_DEPTH[size], num_heads=_HEADS[size],
-             mlp_ratio=_MLP_DIM.get(size, 4 * width) / width)
-  if patch is not None:
-    if not patch.isdigit() or int(patch) <= 0:
-      raise ValueError(f"Bad patch size {patch!r} in ViT variant {variant!r}")
-    out["patch_size"] = int(patch)
-  return out
 
 
 def get_config(variant: str = "mu/16", **overrides) -> ml_collections.ConfigDict:
@@ -60,7 +30,7 @@ def get_config(variant: str = "mu/16", **overrides) -> ml_collections.ConfigDict
   if "/" not in variant:
     variant += "/16"
   cfg = ml_collections.ConfigDict(dict(
-      **decode_variant(variant),
+      **layers.decode_variant(variant),
       posemb="learn",        # "learn" | "sincos2d"
       pool_type="tok",       # "tok" (class token) | "map" (attention pooling) | "gap"
       head_dim=0,            # > 0: a `head` Dense (with bias) after pooling (big_vision's num_classes)
@@ -72,231 +42,6 @@ def get_config(variant: str = "mu/16", **overrides) -> ml_collections.ConfigDict
   ))
   cfg.update(overrides)
   return cfg
-
-
-class _LogicalParam(nn.LogicallyPartitioned):
-  """LogicalPartitioned that tolerates flax's DenseGeneral init path.
-
-  DenseGeneral calls the initializer with a *flattened* 2-D shape, unboxes it and reshapes the
-  value back into the box. Unboxing applies a sharding constraint when a mesh is active, which
-  fails for a 3-name spec on the 2-D intermediate; the constraint is applied to the final,
-  correctly shaped box instead.
-  """
-
-  def unbox(self, apply_constraint=True):
-    if len(self.names) != getattr(self.value, "ndim", len(self.names)):
-      return self.value
-    return super().unbox(apply_constraint)
-
-
-def logical(init: Callable[..., Any], names: tuple[str | None, ...]):
-  """Returns `init` wrapped so the created parameter carries logical axis `names`."""
-  def wrapper(*args, **kwargs):
-    return _LogicalParam(init(*args, **kwargs), tuple(names))
-  return wrapper
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Returns x / ||x|| along the last axis in float32 (zero vectors stay zero, no NaN)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
-
-
-def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-  """Returns a LayerNorm whose scale/bias carry the `embed` axis name."""
-  return nn.LayerNorm(
-      dtype=dtype, param_dtype=param_dtype, name=name,
-      scale_init=logical(nn.initializers.ones, ("embed",)),
-      bias_init=logical(nn.initializers.zeros, ("embed",)))
-
-
-ATTENTION_IMPLS = ("flax", "xla", "cudnn")
-
-
-def _jax_attention(query, key, value, bias=None, mask=None, dropout_rate=0.0, deterministic=True,
-                   *, implementation: str, pad_odd: bool | None = None):
-  """`jax.nn.dot_product_attention` behind flax's `attention_fn` interface ([B, L, heads, kv] layout).
-
-  "cudnn" is cuDNN's fused (flash) attention on NVIDIA GPUs: the [B, heads, L, L] logits are never
-  written to memory. It has no attention dropout and raises on unsupported shapes or devices. With a
-  mask it needs even query and key lengths in training (JAX raises "Unsupported sequence length" for the
-  fusion network's attention to 197 ViT tokens), so `pad_odd` (default: for "cudnn") pads an odd length
-  by one: a padded key is masked out, a padded query row repeats row 0's mask and is dropped. Rows with
-  every key masked (the fusion network zeroes their update) then average over one more zero key.
-  """
-  if dropout_rate > 0.0 and not deterministic:
-    raise ValueError(f"attention_impl={implementation!r} has no attention dropout; set dropout=0 or "
-                     "attention_impl='flax'")
-  if pad_odd is None:
-    pad_odd = implementation == "cudnn"
-  if mask is None or (implementation != "cudnn" and not pad_odd):
-    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
-                                        implementation=implementation)
-  b, t, _, _ = query.shape
-  s = key.shape[1]
-  # cuDNN takes the mask as a bias of full [B, 1|heads, T, S] shape, not a broadcast [B, 1, 1, S].
-  mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, s))
-  if not pad_odd or (t % 2 == 0 and s % 2 == 0):
-    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
-                                        implementation=implementation)
-  if bias is not None:
-    raise NotImplementedError("pad_odd with a bias")
-  if s % 2:
-    key, value = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (key, value))
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=False)
-  if t % 2:
-    query = jnp.pad(query, ((0, 0), (0, 1), (0, 0), (0, 0)))
-    mask = jnp.concatenate([mask, mask[:, :, :1]], axis=2)
-  out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
-  return out[:, :t]
-
-
-def attention(num_heads: int, dropout: float, dtype: Dtype, param_dtype: Dtype,
-              name: str, impl: str = "flax") -> nn.MultiHeadDotProductAttention:
-  """Returns multi-head attention with logically named q/k/v/out kernels.
-
-  `impl`: "flax" (flax's einsum + softmax), "xla" (`jax.nn.dot_product_attention` lowered by XLA) or
-  "cudnn" (its cuDNN flash-attention kernel, GPU only). All three compute the same function.
-  """
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
-  xavier = nn.initializers.xavier_uniform()
-  extra = {} if impl == "flax" else {"attention_fn": functools.partial(_jax_attention, implementation=impl)}
-  return nn.MultiHeadDotProductAttention(
-      num_heads=num_heads, dropout_rate=dropout, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=logical(xavier, ("embed", "heads", "kv")),
-      out_kernel_init=logical(xavier, ("heads", "kv", "embed")),
-      bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
-      out_bias_init=logical(nn.initializers.zeros, ("embed",)),
-      name=name, **extra)
-
-
-class MlpBlock(nn.Module):
-  """Transformer feed-forward block."""
-  mlp_dim: int
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, deterministic=True):
-    """Returns the MLP output, same shape as `x` [B, L, D]."""
-    d = x.shape[-1]
-    xavier = nn.initializers.xavier_uniform()
-    tiny = nn.initializers.normal(stddev=1e-6)
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=logical(xavier, ("embed", "mlp")),
-                 bias_init=logical(tiny, ("mlp",)), name="Dense_0")(x)
-    x = nn.gelu(x)
-    x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
-    x = nn.Dropout(rate=self.dropout)(x, deterministic)
-    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=logical(xavier, ("mlp", "embed")),
-                    bias_init=logical(tiny, ("embed",)), name="Dense_1")(x)
-
-
-class Encoder1DBlock(nn.Module):
-  """Pre-LayerNorm Transformer block (self-attention + MLP), scan-compatible signature."""
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  attention_impl: str = "flax"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask, deterministic):
-    """Returns (x [B, L, D], None); `mask` [B, 1, 1|L, L] bool or None (all keys valid)."""
-    act = ("batch", "length", "embed")
-    x = nn.with_logical_constraint(x, act)
-    y = layer_norm("LayerNorm_0", self.dtype, self.param_dtype)(x)
-    y = attention(self.num_heads, self.dropout, self.dtype, self.param_dtype,
-                  "MultiHeadDotProductAttention_0", self.attention_impl)(
-                      y, y, mask=mask, deterministic=deterministic)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = nn.with_logical_constraint(x + y, act)
-    y = layer_norm("LayerNorm_1", self.dtype, self.param_dtype)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name="MlpBlock_0")(
-        y, deterministic)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return nn.with_logical_constraint(x + y, act), None
-
-
-def repeat_blocks(block_cls: type[nn.Module], depth: int, carry: Any, *args: Any,
-                  remat: bool, remat_policy: str, scan_layers: bool, **block_kwargs) -> Any:
-  """Returns the carry after `depth` blocks; call from inside a compact method.
-
-  Blocks have the signature `block(carry, *args) -> (carry, None)` where the last of `args`
-  is the (static) `deterministic` flag. The plain version names blocks `encoderblock_{i}`;
-  with `scan_layers` there is one `encoderblock` whose params are stacked on a leading
-  `layers` axis (compile time independent of depth). `remat` recomputes each block's
-  activations in the backward pass. All four combinations compute the same function.
-  """
-  static = (1 + len(args),)  # Argument index of `deterministic` (0 is the module).
-  policy = None
-  if remat:
-    policy = getattr(jax.checkpoint_policies, remat_policy, None)
-    if policy is None:
-      raise ValueError(f"Unknown remat_policy {remat_policy!r}: not in jax.checkpoint_policies")
-  if scan_layers:
-    # prevent_cse=False is safe (and faster) inside scan, which already blocks CSE.
-    blk = nn.remat(block_cls, prevent_cse=False, static_argnums=static,
-                   policy=policy) if remat else block_cls
-    blk = nn.scan(blk, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                  in_axes=(nn.broadcast,) * len(args), length=depth,
-                  metadata_params={nn.PARTITION_NAME: "layers"})
-    carry, _ = blk(name="encoderblock", **block_kwargs)(carry, *args)
-    return carry
-  blk = nn.remat(block_cls, static_argnums=static, policy=policy) if remat else block_cls
-  for i in range(depth):
-    carry, _ = blk(name=f"encoderblock_{i}", **block_kwargs)(carry, *args)
-  return carry
-
-
-class Encoder(nn.Module):
-  """Stack of Transformer blocks followed by a final LayerNorm (`encoder_norm`)."""
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"
-  scan_layers: bool = False
-  attention_impl: str = "flax"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask=None, deterministic=True):
-    """Returns the encoded sequence [B, L, D]; `mask` [B, 1, 1, L] marks valid keys."""
-    x = repeat_blocks(
-        Encoder1DBlock, self.depth, x, mask, deterministic,
-        remat=self.remat, remat_policy=self.remat_policy, scan_layers=self.scan_layers,
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
-        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
-    return layer_norm("encoder_norm", self.dtype, self.param_dtype)(x)
-
-
-class MAPHead(nn.Module):
-  """Multihead attention pooling: a learned probe attends over the tokens."""
-  num_heads: int
-  mlp_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str = "flax"
-
-  @nn.compact
-  def __call__(self, x, mask=None):
-    """Returns pooled [B, D] from tokens `x` [B, L, D] (`mask` [B, 1, 1, L] valid keys)."""
-    n, _, d = x.shape
-    probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
-                       (1, 1, d), self.param_dtype)
-    probe = jnp.tile(probe.astype(x.dtype), [n, 1, 1])
-    x = attention(self.num_heads, 0.0, self.dtype, self.param_dtype,
-                  "MultiHeadDotProductAttention_0", self.attention_impl)(probe, x, mask=mask)
-    y = layer_norm("LayerNorm_0", self.dtype, self.param_dtype)(x)
-    x = x + MlpBlock(self.mlp_dim, 0.0, self.dtype, self.param_dtype, name="MlpBlock_0")(y)
-    return x[:, 0]
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
@@ -325,7 +70,7 @@ def patchify(image: jax.Array, patch_size: int) -> tuple[jax.Array, int, int]:
   return x.reshape(b, h * w, p * p * c), h, w
 
 
-class ViT(nn.Module):
+class ViT(layers.Tower):
   """Vision Transformer over uint8 images; returns (pooled [B, W], patch tokens [B, N, W])."""
   patch_size: int = 16
   width: int = 768
@@ -335,17 +80,6 @@ class ViT(nn.Module):
   posemb: str = "learn"
   pool_type: str = "tok"
   head_dim: int = 0
-  dropout: float = 0.0
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"
-  scan_layers: bool = False
-  attention_impl: str = "flax"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @property
-  def mlp_dim(self) -> int:
-    return int(round(self.width * self.mlp_ratio))
 
   @nn.compact
   def __call__(self, image, *, train=False):
@@ -362,49 +96,44 @@ class ViT(nn.Module):
     # A Dense over flattened patches equals big_vision's stride-p Conv (kernel reshaped
     # [p, p, 3, W] -> [p*p*3, W]) and gives the kernel a shardable `patch` axis.
     x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=logical(nn.initializers.lecun_normal(), ("patch", "embed")),
-                 bias_init=logical(nn.initializers.zeros, ("embed",)), name="embedding")(x)
+                 kernel_init=layers.logical(nn.initializers.lecun_normal(), ("patch", "embed")),
+                 bias_init=layers.logical(nn.initializers.zeros, ("embed",)), name="embedding")(x)
     n, num_patches, c = x.shape
     if self.posemb == "learn":
-      pe = self.param("pos_embedding",
-                      logical(nn.initializers.normal(stddev=1 / np.sqrt(c)), (None, None, "embed")),
-                      (1, num_patches, c), self.param_dtype)
+      pe = self.param(
+          "pos_embedding",
+          layers.logical(nn.initializers.normal(stddev=1 / np.sqrt(c)), (None, None, "embed")),
+          (1, num_patches, c), self.param_dtype)
     elif self.posemb == "sincos2d":
       pe = posemb_sincos_2d(h, w, c)
     else:
       raise ValueError(f"vit.posemb={self.posemb!r}; expected one of {POSEMB_TYPES}")
     x = x + pe.astype(x.dtype)
     if self.pool_type == "tok":
-      cls = self.param("cls", logical(nn.initializers.zeros, (None, None, "embed")),
+      cls = self.param("cls", layers.logical(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = nn.Dropout(rate=self.dropout)(x, not train)
-    x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                dropout=self.dropout, remat=self.remat, remat_policy=self.remat_policy,
-                scan_layers=self.scan_layers, attention_impl=self.attention_impl, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="Transformer")(x, None, not train)
+    x = layers.Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                       **layers.stack_options(self), name="Transformer")(x, None, not train)
     if self.pool_type == "tok":
       pooled, tokens = x[:, 0], x[:, 1:]
     elif self.pool_type == "map":
-      pooled = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.param_dtype,
-                       self.attention_impl, name="MAPHead_0")(x)
+      pooled = layers.MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.param_dtype,
+                              self.attention_impl, name="MAPHead_0")(x)
       tokens = x
     else:
       pooled, tokens = jnp.mean(x, axis=1), x
     if self.head_dim:
       pooled = nn.Dense(self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=logical(nn.initializers.lecun_normal(), ("embed", None)),
-                        bias_init=logical(nn.initializers.zeros, (None,)), name="head")(pooled)
+                        kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", None)),
+                        bias_init=layers.logical(nn.initializers.zeros, (None,)), name="head")(pooled)
     return pooled, tokens
 
 
 def from_config(cfg: ml_collections.ConfigDict, *, dtype: Dtype = jnp.float32,
                 param_dtype: Dtype = jnp.float32, name: str | None = None) -> ViT:
   """Returns a ViT built from a `get_config()`-style ConfigDict (unknown keys are an error)."""
-  fields = {f.name for f in dataclasses.fields(ViT)} - {"parent", "name", "dtype", "param_dtype"}
-  kw = dict(cfg)
-  unknown = sorted(set(kw) - fields)
-  if unknown:
-    raise ValueError(f"Unknown config.model.vit fields {unknown}; known: {sorted(fields)}")
-  return ViT(**kw, dtype=dtype, param_dtype=param_dtype, name=name)
+  return layers.module_from_config(ViT, cfg, "config.model.vit", dtype=dtype,
+                                   param_dtype=param_dtype, name=name)
