@@ -140,7 +140,7 @@ def base_config() -> ConfigDict:
       load=("image_tower",),  # top-level parameter subtrees taken from init.workdir
       vit_npz="",  # big_vision-layout ViT .npz on a local path, loaded into image_tower
       # big_vision SigLIP / LiT two-tower .npz on a local path: img -> image_tower, txt -> both text
-      # towers, t / b -> loss/logit_scale / logit_bias (models/pretrained.load_two_tower_npz_into).
+      # towers, t / b -> loss/logit_scale / logit_bias (big_vision_npz.load_two_tower_npz_into).
       # Loaded first; init.workdir and init.vit_npz then overwrite what they name.
       two_tower_npz="",
   ))

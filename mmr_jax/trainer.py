@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from mmr_jax import big_vision_npz
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import objectives
 from mmr_jax import optimizer as optim_lib
@@ -207,7 +208,7 @@ class Trainer:
     params = jax.device_get(state.params)
     changed = False
     if cfg.get("two_tower_npz"):
-      params, report = pretrained.load_two_tower_npz_into(params, os.path.expanduser(cfg.two_tower_npz))
+      params, report = big_vision_npz.load_two_tower_npz_into(params, os.path.expanduser(cfg.two_tower_npz))
       log.info("initialised %d arrays from %s; identity heads %s; %d arrays kept at init: %s",
                len(report["loaded"]), cfg.two_tower_npz, report["identity"], len(report["kept_init"]),
                sorted({"/".join(k.split("/")[:2]) for k in report["kept_init"]}))
@@ -227,7 +228,7 @@ class Trainer:
       log.info("initialised %s from %s (step %d)", loaded, cfg.workdir, step)
       changed = True
     if cfg.vit_npz:
-      params = pretrained.load_vit_npz_into(params, cfg.vit_npz, prefix="image_tower")
+      params = big_vision_npz.load_vit_npz_into(params, cfg.vit_npz, prefix="image_tower")
       log.info("initialised image_tower from %s", cfg.vit_npz)
       changed = True
     if not changed:

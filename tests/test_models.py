@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmr_jax import big_vision_npz
 from mmr_jax.models import fusion as fusion_lib
 from mmr_jax.models import layers
 from mmr_jax.models import pretrained
@@ -383,21 +384,21 @@ def _assert_tree_equal(a, b):
 def test_big_vision_npz_round_trip(tmp_path):
   _, params = _vit_params(pool_type="map")
   path = tmp_path / "vit.npz"
-  pretrained.save_npz(path, params)
+  big_vision_npz.save_npz(path, params)
   keys = set(np.load(path).files)
   # The big_vision layout, including the Conv-shaped patch kernel.
   assert "Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel" in keys
   assert "MAPHead_0/probe" in keys and "pos_embedding" in keys
   assert np.load(path)["embedding/kernel"].shape == (8, 8, 3, 32)
   _, target = _vit_params(pool_type="map", seed=1)  # Different values.
-  loaded = pretrained.load_vit_npz(path, target)
+  loaded = big_vision_npz.load_vit_npz(path, target)
   _assert_tree_equal(loaded, params)
   # Boxes (logical names) of the target survive.
   leaf = loaded["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
   assert isinstance(leaf, nn.LogicallyPartitioned) and leaf.names == ("embed", "mlp")
   # Into a scan_layers model: same values, stacked.
   _, scan_target = _vit_params(pool_type="map", scan_layers=True)
-  loaded_scan = pretrained.load_vit_npz(path, scan_target)
+  loaded_scan = big_vision_npz.load_vit_npz(path, scan_target)
   _assert_tree_equal(pretrained.unstack_layers(loaded_scan), params)
 
 
@@ -417,33 +418,33 @@ def test_big_vision_npz_old_layouts_and_resize(tmp_path):
   old["txt/Embed_0/embedding"] = np.zeros((50, 32), np.float32)
   path = tmp_path / "old.npz"
   np.savez(path, **old)
-  loaded = pretrained.load_vit_npz(path, params, key_prefix="img")
+  loaded = big_vision_npz.load_vit_npz(path, params, key_prefix="img")
   expected = nn.unbox(params)
   expected["cls"] = expected["cls"] + 0.5
   _assert_tree_equal(loaded, expected)
   # A model at 32px (4x4 grid) gets a resampled 2x2 posemb; everything else loads as is.
   _, big = _vit_params(size=32)
-  loaded_big = nn.unbox(pretrained.load_vit_npz(path, big, key_prefix="img"))
+  loaded_big = nn.unbox(big_vision_npz.load_vit_npz(path, big, key_prefix="img"))
   assert loaded_big["pos_embedding"].shape == (1, 16, 32)
   np.testing.assert_allclose(loaded_big["pos_embedding"][0, 0], pe[0, 0], rtol=1e-5)
   with pytest.raises(ValueError, match="key_prefix 'image'"):
-    pretrained.load_vit_npz(path, params, key_prefix="image")
+    big_vision_npz.load_vit_npz(path, params, key_prefix="image")
 
 
 def test_big_vision_npz_mismatch_names_every_param(tmp_path):
   _, params = _vit_params()
   path = tmp_path / "vit.npz"
-  pretrained.save_npz(path, params)
+  big_vision_npz.save_npz(path, params)
   _, wide = _vit_params(width=64, pool_type="map")
   with pytest.raises(ValueError) as e:
-    pretrained.load_vit_npz(path, wide)
+    big_vision_npz.load_vit_npz(path, wide)
   msg = str(e.value)
   assert ("Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel: checkpoint shape (32, 128) "
           "!= model shape (64, 256)") in msg
   assert "MAPHead_0/probe: missing in checkpoint" in msg
   # keep_init lets the MAP head stay random (loading a cls-token ViT into a MAP model).
   _, map_target = _vit_params(pool_type="map", seed=1)
-  loaded = pretrained.load_vit_npz(path, map_target, keep_init=("MAPHead_0",))
+  loaded = big_vision_npz.load_vit_npz(path, map_target, keep_init=("MAPHead_0",))
   np.testing.assert_array_equal(nn.unbox(loaded)["MAPHead_0"]["probe"],
                                 nn.unbox(map_target)["MAPHead_0"]["probe"])
 
@@ -453,8 +454,8 @@ def test_text_npz_round_trip_and_merge_subtree(tmp_path):
   batch = _batch()
   params = _random_params(model, batch, seed=0)
   path = tmp_path / "siglip.npz"
-  pretrained.save_npz(path, params["product_text_tower"], key_prefix="txt")
-  loaded = pretrained.load_text_npz(path, params["query_tower"], key_prefix="txt")
+  big_vision_npz.save_npz(path, params["product_text_tower"], key_prefix="txt")
+  loaded = big_vision_npz.load_text_npz(path, params["query_tower"], key_prefix="txt")
   _assert_tree_equal(loaded, params["product_text_tower"])
 
   # merge_subtree: stage 2 takes stage 1's image tower by name.
@@ -474,8 +475,8 @@ def test_text_npz_round_trip_and_merge_subtree(tmp_path):
   assert "encoderblock" in merged["image_tower"]["Transformer"]
   _assert_tree_equal(pretrained.unstack_layers(merged["image_tower"]), other["image_tower"])
   # Model params as the trainer holds them (unboxed) + a big_vision npz at a prefix.
-  pretrained.save_npz(tmp_path / "vit.npz", other["image_tower"], key_prefix="img")
-  loaded = pretrained.load_vit_npz_into(nn.unbox(params), f"{tmp_path / 'vit.npz'}:img")
+  big_vision_npz.save_npz(tmp_path / "vit.npz", other["image_tower"], key_prefix="img")
+  loaded = big_vision_npz.load_vit_npz_into(nn.unbox(params), f"{tmp_path / 'vit.npz'}:img")
   _assert_tree_equal(loaded["image_tower"], other["image_tower"])
   _assert_tree_equal(loaded["fusion"], params["fusion"])
 

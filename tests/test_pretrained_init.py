@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from mmr_jax import big_vision_npz
 from mmr_jax import config as config_lib
 from mmr_jax.data import pipeline
 from mmr_jax.data import tokenizer as tok_lib
@@ -147,7 +148,7 @@ def test_every_checkpoint_array_lands(tmp_path, scan, share):
   path = write_npz(tmp_path / "siglip.npz", arrays)
   cfg = _model_config(vocab, scan=scan, share=share)
   _, params = _init(cfg)
-  loaded, report = pretrained.load_two_tower_npz_into(params, path)
+  loaded, report = big_vision_npz.load_two_tower_npz_into(params, path)
   flat = pretrained._flat(pretrained.unstack_layers(loaded) if scan else loaded)  # pylint: disable=protected-access
   text_towers = ["text_tower"] if share else ["query_tower", "product_text_tower"]
   for key, value in arrays.items():
@@ -205,7 +206,7 @@ def test_wrong_checkpoint_lists_every_problem(tmp_path):
   path = write_npz(tmp_path / "bad.npz", arrays)
   _, params = _init(_model_config(50))
   with pytest.raises(ValueError) as e:
-    pretrained.load_two_tower_npz_into(params, path)
+    big_vision_npz.load_two_tower_npz_into(params, path)
   msg = str(e.value)
   for tower in ("query_tower", "product_text_tower"):
     assert f"{tower}/Encoder_0/encoderblock_1/MlpBlock_0/Dense_0/bias: missing in checkpoint (model shape (128,))" in msg

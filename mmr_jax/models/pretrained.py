@@ -1,16 +1,16 @@
-"""Loading pretrained weights into the towers' parameter trees.
+"""Mapping pretrained big_vision parameters onto the towers' parameter trees (no file I/O).
 
-(a) big_vision `.npz` checkpoints (flat arrays keyed "Transformer/encoderblock_0/MlpBlock_0/
-    Dense_0/kernel", ...): plain ViT checkpoints (AugReg, DeiT-3, i1k), the image and text
-    towers of LiT/SigLIP two-tower checkpoints (`key_prefix="img"` / `"txt"`), pre-Linen and
-    old-posemb variants, scanned or unrolled layers. Position embeddings are resampled when
-    the patch grid differs (fine-tuning at another resolution).
-    `load_vit_npz_into` / `load_text_npz_into` do it for a whole model's params at a prefix.
-    `load_two_tower_npz_into` loads a whole SigLIP / LiT checkpoint into a TwoTower (below).
+(a) big_vision checkpoints, given as flat arrays keyed "Transformer/encoderblock_0/MlpBlock_0/
+    Dense_0/kernel", ...: plain ViT checkpoints (AugReg, DeiT-3, i1k), the image and text
+    towers of LiT/SigLIP two-tower checkpoints, pre-Linen and old-posemb variants, scanned or
+    unrolled layers. Position embeddings are resampled when the patch grid differs
+    (fine-tuning at another resolution). `load_vit` / `load_text` fill one tower's params;
+    `load_two_tower` loads a whole SigLIP / LiT checkpoint into a TwoTower (below).
 (b) `merge_subtree`: put a params subtree from any pytree (e.g. stage 1's `image_tower`
     restored by the trainer with Orbax) into a model's params, checking names and shapes.
 
 Both raise one ValueError naming every missing or mismatched parameter with both shapes.
+Reading and writing the `.npz` files is `mmr_jax/big_vision_npz.py`.
 Our module names match big_vision's, so the name mapping is the identity except:
   embedding/kernel  [p, p, 3, W] Conv  <->  [p*p*3, W] Dense over flattened patches (vit.py)
   X/encoderblock_{i}/...  (unrolled)   <->  X/encoderblock/... stacked on axis 0 (scan_layers)
@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from typing import Any, Mapping, Sequence
 
 import flax
 from flax import traverse_util
-import ml_dtypes
 from flax.core import meta
 import numpy as np
 import scipy.ndimage
@@ -57,29 +55,6 @@ def _rebox(leaf, value):
 
 def _shape(x) -> tuple[int, ...]:
   return tuple(np.shape(_value(x)))
-
-
-def _recover_dtype(a: np.ndarray) -> np.ndarray:
-  if a.dtype.type is np.void and a.dtype.itemsize == 2:  # np.savez writes bfloat16 as void.
-    return a.view(ml_dtypes.bfloat16)
-  return a
-
-
-def read_npz(path: str | os.PathLike, key_prefix: str = "") -> dict[str, np.ndarray]:
-  """Returns the flat {"a/b/c": array} params of a big_vision .npz, below `key_prefix`."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Pretrained checkpoint {path} does not exist")
-  with np.load(path, allow_pickle=False) as z:
-    flat = {k: _recover_dtype(z[k]) for k in z.files}
-  if key_prefix:
-    pre = key_prefix.rstrip("/") + "/"
-    sub = {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)}
-    if not sub:
-      tops = sorted({k.split("/")[0] for k in flat})
-      raise ValueError(f"{path}: no parameters under key_prefix {key_prefix!r}; "
-                       f"top-level keys are {tops}")
-    flat = sub
-  return flat
 
 
 def _convert_pre_linen(tree: dict[str, Any]) -> dict[str, Any]:
@@ -246,36 +221,36 @@ def _convert_text(name, value, tshape):
   return value
 
 
-def load_vit_npz(path: str | os.PathLike, target: Params, *, key_prefix: str = "",
-                 keep_init: Sequence[str] = ()) -> Params:
-  """Returns ViT params shaped like `target` (our `image_tower` subtree) from a big_vision npz.
+def load_vit(target: Params, arrays: Mapping[str, np.ndarray], *, what: str = "ViT weights",
+             keep_init: Sequence[str] = ()) -> Params:
+  """Returns ViT params shaped like `target` (our `image_tower` subtree) from big_vision arrays.
 
   Args:
-    path: local .npz (AugReg/big_vision ViT, or a LiT/SigLIP two-tower with key_prefix="img").
     target: the image tower's params (boxed or not, unrolled or scan_layers); only shapes and
       dtypes are read, except for leaves kept at init.
-    key_prefix: subtree of the npz holding the ViT ("img" for SigLIP / LiT checkpoints).
+    arrays: a big_vision ViT's flat {"Transformer/encoderblock_0/...": array} (AugReg, DeiT-3,
+      i1k, or a LiT/SigLIP two-tower's `img/` subtree without the prefix).
+    what: names the weights in errors and logs.
     keep_init: parameter names (or prefixes, e.g. "MAPHead_0") allowed to stay at their
       `target` value when the checkpoint lacks them, e.g. a MAP head on a class-token ViT.
   """
-  source = _fix_old_layouts(read_npz(path, key_prefix))
-  return _load_flat(target, source, what=f"ViT weights from {path}", keep_init=keep_init,
+  return _load_flat(target, _fix_old_layouts(dict(arrays)), what=what, keep_init=keep_init,
                     convert=_convert_vit)
 
 
-def load_text_npz(path: str | os.PathLike, target: Params, *, key_prefix: str = "txt",
-                  keep_init: Sequence[str] = ()) -> Params:
-  """Returns text-tower params shaped like `target` from a big_vision text_transformer npz.
+def load_text(target: Params, arrays: Mapping[str, np.ndarray], *, what: str = "text weights",
+              keep_init: Sequence[str] = ()) -> Params:
+  """Returns text-tower params shaped like `target` from a big_vision text_transformer's arrays.
 
   A longer checkpoint `pos_embedding` is truncated to the model's max_len. The vocabulary must
   be the checkpoint's (its SentencePiece model as config.data.tokenizer.path).
   """
-  source = _fix_old_layouts(read_npz(path, key_prefix))
-  return _load_flat(target, source, what=f"text weights from {path}", keep_init=keep_init,
+  return _load_flat(target, _fix_old_layouts(dict(arrays)), what=what, keep_init=keep_init,
                     convert=_convert_text)
 
 
-def _subtree(params: Params, prefix: str) -> Params:
+def get_subtree(params: Params, prefix: str) -> Params:
+  """Returns the part of `params` at `prefix` ("image_tower", "heads/image"); ValueError if absent."""
   node = flax.core.unfreeze(params)
   for i, key in enumerate(p for p in prefix.split("/") if p):
     if not isinstance(node, dict) or key not in node:
@@ -283,35 +258,6 @@ def _subtree(params: Params, prefix: str) -> Params:
       raise ValueError(f"{prefix!r}: {key!r} not in params; available at that level: {have}")
     node = node[key]
   return node
-
-
-def _split_key_prefix(path: str, key_prefix: str) -> tuple[str, str]:
-  """Returns (path, key_prefix) from big_vision's "file.npz:img" spelling."""
-  path = os.fspath(path)
-  if not os.path.exists(path) and ":" in path:
-    path, key_prefix = path.rsplit(":", 1)
-  return path, key_prefix
-
-
-def load_vit_npz_into(params: Params, path: str | os.PathLike, *, prefix: str = "image_tower",
-                      key_prefix: str = "", keep_init: Sequence[str] = ()) -> Params:
-  """Returns model `params` with the ViT at `prefix` loaded from a big_vision .npz.
-
-  `path` may end in ":img" (big_vision's spelling) to select a two-tower checkpoint's subtree.
-  """
-  path, key_prefix = _split_key_prefix(path, key_prefix)
-  loaded = load_vit_npz(path, _subtree(params, prefix), key_prefix=key_prefix,
-                        keep_init=keep_init)
-  return merge_subtree(params, loaded, prefix)
-
-
-def load_text_npz_into(params: Params, path: str | os.PathLike, *, prefix: str,
-                       key_prefix: str = "txt", keep_init: Sequence[str] = ()) -> Params:
-  """Returns model `params` with the text tower at `prefix` loaded from a big_vision .npz."""
-  path, key_prefix = _split_key_prefix(path, key_prefix)
-  loaded = load_text_npz(path, _subtree(params, prefix), key_prefix=key_prefix,
-                         keep_init=keep_init)
-  return merge_subtree(params, loaded, prefix)
 
 
 def to_big_vision(params: Params) -> dict[str, np.ndarray]:
@@ -325,15 +271,6 @@ def to_big_vision(params: Params) -> dict[str, np.ndarray]:
       raise ValueError(f"embedding/kernel {k.shape} is not [p*p*3, W]")
     flat["embedding/kernel"] = k.reshape(p, p, 3, k.shape[1])
   return flat
-
-
-def save_npz(path: str | os.PathLike, params: Params, *, key_prefix: str = "") -> None:
-  """Writes our ViT / text params as a big_vision-layout .npz (e.g. for big_vision tools)."""
-  flat = to_big_vision(params)
-  if key_prefix:
-    flat = {f"{key_prefix.rstrip('/')}/{k}": v for k, v in flat.items()}
-  with open(path, "wb") as f:
-    np.savez(f, **flat)
 
 
 def merge_subtree(params: Params, subtree: Params, prefix: str) -> Params:
@@ -509,9 +446,3 @@ def load_two_tower(params: Params, arrays: Mapping[str, np.ndarray], *, what: st
   logging.info("two-tower %s: %d arrays loaded into %s; identity %s; kept at init: %s", what,
                len(loaded), ["image_tower", *text_towers], identity, report["kept_init"])
   return _nested(out_flat), report
-
-
-def load_two_tower_npz_into(params: Params, path: str | os.PathLike, **kw
-                            ) -> tuple[Params, dict[str, list[str]]]:
-  """Returns `load_two_tower(params, arrays of the local .npz at path, **kw)`."""
-  return load_two_tower(params, read_npz(path), what=os.fspath(path), **kw)
