@@ -29,6 +29,8 @@ from flax.core import meta
 import numpy as np
 import scipy.ndimage
 
+log = logging.getLogger("mmr_jax.models.pretrained")
+
 Params = Any
 
 _BLOCK = re.compile(r"^(?P<pre>(?:.*/)?)encoderblock_(?P<i>\d+)/(?P<rest>.*)$")
@@ -160,7 +162,7 @@ def resample_posemb(old: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
   if not _resamplable(old.shape, new_shape):
     raise ValueError(f"pos_embedding: cannot resample {old.shape} to {tuple(new_shape)} "
                      "(needs square patch grids and equal width)")
-  logging.info("Resampling pos_embedding grid %dx%d -> %dx%d", g_old, g_old, g_new, g_new)
+  log.info("Resampling pos_embedding grid %dx%d -> %dx%d", g_old, g_old, g_new, g_new)
   grid = old.reshape(g_old, g_old, -1)
   grid = scipy.ndimage.zoom(grid, (g_new / g_old, g_new / g_old, 1), order=1)
   return grid.reshape(1, n_new, -1)
@@ -203,7 +205,7 @@ def _load_flat(target: Params, source: dict[str, np.ndarray], *, what: str,
   if problems:
     raise ValueError(f"Cannot load {what}:\n" + "\n".join(problems))
   if unused:
-    logging.info("%s: checkpoint parameters not used by the model: %s", what, sorted(unused))
+    log.info("%s: checkpoint parameters not used by the model: %s", what, sorted(unused))
   return _nested(out)
 
 
@@ -343,7 +345,7 @@ def two_tower_arrays(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if sub:
       rest = len(flat) - len(sub)
       if rest:
-        logging.info("two-tower checkpoint: %d non-parameter arrays (optimizer state) not read", rest)
+        log.info("two-tower checkpoint: %d non-parameter arrays (optimizer state) not read", rest)
       return sub
   return dict(flat)
 
@@ -443,6 +445,6 @@ def load_two_tower(params: Params, arrays: Mapping[str, np.ndarray], *, what: st
   done = set(loaded) | set(identity)
   report = {"loaded": sorted(loaded), "identity": identity,
             "kept_init": sorted(k for k in out_flat if k not in done)}
-  logging.info("two-tower %s: %d arrays loaded into %s; identity %s; kept at init: %s", what,
+  log.info("two-tower %s: %d arrays loaded into %s; identity %s; kept at init: %s", what,
                len(loaded), ["image_tower", *text_towers], identity, report["kept_init"])
   return _nested(out_flat), report
