@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -24,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO, Union
 
+from mmr_jax import sweep_runner
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_MODULE = "mmr_jax.train"
 EVAL_MODULE = "mmr_jax.evaluate"
@@ -31,7 +32,7 @@ EVAL_MODULE = "mmr_jax.evaluate"
 Command = Union[Sequence[str], str]  # argv list, or shell text for `bash -c`
 
 
-class LaunchError(ValueError):
+class LaunchError(sweep_runner.SweepError):
   """Bad launcher input; the message names the flag or file at fault."""
 
 
@@ -44,27 +45,6 @@ def split_config_ref(ref: str) -> tuple[str, str | None]:
     raise LaunchError("--config is empty; expected e.g. configs/demo.py:stage=1")
   path, sep, arg = ref.partition(":")
   return path, (arg if sep else None)
-
-
-def _make_repo_importable():
-  # Configs import helpers such as `from launch.sweep import product`: make the repo importable.
-  for p in (str(REPO_ROOT), os.getcwd()):
-    if p not in sys.path:
-      sys.path.insert(0, p)
-
-
-def load_config_module(ref: str):
-  """Returns the imported Python module of a config ref ("configs/x.py:arg" or a path)."""
-  path, _ = split_config_ref(ref)
-  file = Path(path)
-  if not file.is_file():
-    raise LaunchError(f"--config: no such config file {path!r} (from {ref!r})")
-  _make_repo_importable()
-  name = "_mmr_launch_config_" + re.sub(r"\W", "_", str(file.resolve()))
-  spec = importlib.util.spec_from_file_location(name, file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def repo_relative_config(ref: str, repo_root: Path | None = None, *, shared_fs: bool = False) -> str:
@@ -98,7 +78,7 @@ def build_config(ref: str, overrides: Mapping[str, Any] = ()):
   path, _ = split_config_ref(ref)
   if not Path(path).is_file():
     raise LaunchError(f"--config: no such config file {path!r} (from {ref!r})")
-  _make_repo_importable()
+  sweep_runner.make_repo_importable()
   given = override_flags(dict(overrides))
   argv = ["mmr_jax.train", f"--config={ref}", *given]
   # A private FlagValues: the same parsing as `python -m mmr_jax.train`, without touching absl's global flags.
@@ -426,10 +406,10 @@ def make_parser(description: str | None, **kw) -> argparse.ArgumentParser:
 
 
 def main_guard(fn, argv=None) -> int:
-  """Returns fn(argv), turning a LaunchError into a one-line message and exit code 2."""
+  """Returns fn(argv), turning a LaunchError (or a SweepError) into a one-line message and exit code 2."""
   try:
     return fn(argv)
-  except LaunchError as e:
+  except sweep_runner.SweepError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 

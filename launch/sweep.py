@@ -30,6 +30,9 @@ to bash); --submit runs them (tpu: one after another on the same pod). Their fla
 launch.tpu_pod run, launch.gke and launch.slurm. Each job trains and then evaluates (`mmr_jax.train
 --evaluate`), so its metrics.json marks the point done: rerunning the sweep skips it (with
 --check_remote for gs:// roots) and --collect tabulates it.
+
+The runner itself (dependency order, skipping, summary) is `mmr_jax/sweep_runner.py`, shared with
+`mmr_jax.ablation`; this module adds the subprocess executor, the cluster backends and `collect`.
 """
 
 from __future__ import annotations
@@ -52,8 +55,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from etils import epath
+
 from launch import common
 from mmr_jax import fileio
+from mmr_jax import metrics as metrics_lib
+from mmr_jax import sweep_runner
 
 BACKENDS = {"tpu": "launch.tpu_pod", "gke": "launch.gke", "slurm": "launch.slurm"}
 RESULTS = "results"
@@ -99,12 +106,6 @@ def cross(*sweeps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------ sweep points
 
 
-@dataclasses.dataclass
-class Point:
-  name: str
-  overrides: dict[str, Any]
-
-
 def _value_text(v: Any) -> str:
   if isinstance(v, float):
     return f"{v:g}"
@@ -126,7 +127,7 @@ def _auto_names(dicts: Sequence[Mapping[str, Any]]) -> list[str]:
   return names
 
 
-def points_from(raw: Any, source: str = "get_sweep") -> list[Point]:
+def points_from(raw: Any, source: str = "get_sweep") -> list[sweep_runner.Point]:
   """Returns validated, uniquely named Points from a list of override dicts (optionally with "name")."""
   if not isinstance(raw, (list, tuple)) or not raw:
     raise common.LaunchError(f"{source} must return a non-empty list of override dicts, got {type(raw).__name__}")
@@ -148,81 +149,77 @@ def points_from(raw: Any, source: str = "get_sweep") -> list[Point]:
       raise common.LaunchError(f"{source}: points {seen[n]} and {i} have the same name {n!r}; give them distinct "
                                "'name' entries")
     seen[n] = i
-  return [Point(n, d) for n, d in zip(names, dicts)]
+  return [sweep_runner.Point(n, d) for n, d in zip(names, dicts)]
 
 
-def load_sweep(config: str) -> list[Point]:
+def load_sweep(config: str) -> list[sweep_runner.Point]:
   """Returns the Points of `get_sweep(arg)` from the config module named by `config` ("path.py:arg")."""
-  module = common.load_config_module(config)
+  module = sweep_runner.load_config_module(config)
   fn = getattr(module, "get_sweep", None)
   if fn is None:
     raise common.LaunchError(f"--config {config!r}: {common.split_config_ref(config)[0]} defines no get_sweep(arg)")
   return points_from(fn(common.split_config_ref(config)[1]), source=f"{common.split_config_ref(config)[0]}:get_sweep")
 
 
-def join(root: str, name: str) -> str:
-  """Returns ROOT/name for local paths and URLs alike."""
-  return root.rstrip("/") + "/" + name if common.is_remote_path(root) else os.path.join(root, name)
-
-
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w-]*)\}")
-
-
-def resolve(points: Sequence[Point], root: str, variables: Mapping[str, str],
-            run_names: Sequence[str] | None = None) -> list[Point]:
-  """Returns the points with "{name}" in string values replaced by run dirs, {root} or --var values.
-
-  `run_names` (default: the points' own) are the sweep's runs that placeholders may name.
-  """
-  table = {n: join(root, n) for n in (run_names if run_names is not None else [p.name for p in points])}
-  table.update(root=root, **variables)
-  out = []
-  for p in points:
-    new = {}
-    for k, v in p.overrides.items():
-      if isinstance(v, str):
-        def sub(m, p=p, k=k):
-          if m.group(1) not in table:
-            raise common.LaunchError(f"sweep point {p.name!r}: {k}={p.overrides[k]!r} names {{{m.group(1)}}}, which "
-                                     f"is no run of this sweep; give it with --var {m.group(1)}=VALUE")
-          return table[m.group(1)]
-        v = _PLACEHOLDER.sub(sub, v)
-      new[k] = v
-    out.append(Point(p.name, new))
-  return out
-
-
-def _path(p: str):
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  return epath.Path(p)
-
-
-def is_done(workdir: str) -> bool:
-  """Returns True when a run finished: DONE marker or metrics.json in its workdir."""
-  w = _path(workdir)
-  return (w / "DONE").exists() or (w / "metrics.json").exists()
-
-
 # ------------------------------------------------------------------------------------- local runs
 
 
 @dataclasses.dataclass
-class Result:
-  name: str
-  status: str  # ok | skipped | FAILED
-  seconds: float = 0.0
-  returncode: int | None = None
-  log: str | None = None
-  stage: str | None = None  # train | eval when FAILED
+class Subprocess:
+  """Executor of local points: `python -m mmr_jax.train`, then `mmr_jax.evaluate`, output in a log file."""
+  root: str
+  config: str
+  overrides: Mapping[str, Any]
+  train_module: str = common.TRAIN_MODULE
+  eval_module: str | None = common.EVAL_MODULE
+  eval_args: Sequence[str] = ()
+  python: str = sys.executable
+  dry_run: bool = False
+  out: Any = None
 
+  def say(self, line: str) -> None:
+    print(line, file=self.out or sys.stdout, flush=True)
 
-def _tail(path: str, n: int = 8) -> str:
-  try:
-    with open(path, errors="replace") as f:
-      lines = f.readlines()[-n:]
-  except OSError:
-    return ""
-  return "".join("      | " + l for l in lines)
+  def _commands(self, point: sweep_runner.Point, workdir: str):
+    train = common.train_command(self.config, workdir, {**point.overrides, **self.overrides}, python=self.python,
+                                 module=self.train_module)
+    evaluate = (common.eval_command(workdir, python=self.python, module=self.eval_module, extra=self.eval_args)
+                if self.eval_module else None)
+    return train, evaluate
+
+  def finished(self, point: sweep_runner.Point, workdir: str) -> bool:
+    del point
+    return sweep_runner.is_done(workdir)
+
+  def execute(self, point: sweep_runner.Point, workdir: str, tag: str) -> sweep_runner.Result | None:
+    train, evaluate = self._commands(point, workdir)
+    if self.dry_run:
+      self.say(f"# {tag}")
+      self.say(common.shell_text(train))
+      if evaluate:
+        self.say(common.shell_text(evaluate))
+      return None
+    wd_path = epath.Path(workdir)
+    wd_path.mkdir(parents=True, exist_ok=True)
+    # The log is a local file (subprocess output); under a gs:// root it is copied up after the point.
+    remote = common.is_remote_path(workdir)
+    log = os.path.join(_local_log_dir(self.root, point.name) if remote else workdir, "train.log")
+    self.say(f"{tag}: training (log: {log})")
+    rc = _run_logged(train, log)
+    stage = "train"
+    if rc == 0 and evaluate and not (wd_path / "metrics.json").exists():
+      self.say(f"{tag}: evaluating")
+      stage = "eval"
+      rc = _run_logged(evaluate, log)
+    if remote:
+      epath.Path(log).copy(wd_path / "train.log", overwrite=True)
+    return sweep_runner.Result(point.name, "ok" if rc == 0 else "FAILED", returncode=rc, log=log,
+                               stage=None if rc == 0 else stage)
+
+  def finish(self, point: sweep_runner.Point, workdir: str, seconds: float) -> None:
+    (epath.Path(workdir) / "DONE").write_text(json.dumps({
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"), "seconds": round(seconds, 1),
+        "command": self._commands(point, workdir)[0]}))
 
 
 def _local_log_dir(root: str, name: str) -> str:
@@ -239,78 +236,16 @@ def _run_logged(cmd: Sequence[str], log_path: str) -> int:
     return subprocess.call(list(cmd), stdout=log, stderr=subprocess.STDOUT)
 
 
-def run_local(points: Sequence[Point], *, root: str, config: str, overrides: Mapping[str, Any],
+def run_local(points: Sequence[sweep_runner.Point], *, root: str, config: str, overrides: Mapping[str, Any],
               train_module: str = common.TRAIN_MODULE, eval_module: str | None = common.EVAL_MODULE,
               eval_args: Sequence[str] = (), python: str = sys.executable, dry_run: bool = False,
-              out=None) -> list[Result]:
-  """Returns one Result per point after running the not-yet-done ones one after another."""
-  out = out or sys.stdout
-  results = []
-  n = len(points)
-  for i, p in enumerate(points, 1):
-    wd = join(root, p.name)
-    train = common.train_command(config, wd, {**p.overrides, **overrides}, python=python, module=train_module)
-    evaluate = common.eval_command(wd, python=python, module=eval_module, extra=eval_args) if eval_module else None
-    if is_done(wd):
-      print(f"[{i}/{n}] {p.name}: done already, skipped", file=out, flush=True)
-      results.append(Result(p.name, "skipped"))
-      continue
-    if dry_run:
-      print(f"# [{i}/{n}] {p.name}", file=out)
-      print(common.shell_text(train), file=out)
-      if evaluate:
-        print(common.shell_text(evaluate), file=out)
-      continue
-    wd_path = _path(wd)
-    wd_path.mkdir(parents=True, exist_ok=True)
-    # The log is a local file (subprocess output); under a gs:// root it is copied up after the point.
-    remote = common.is_remote_path(wd)
-    log = os.path.join(_local_log_dir(root, p.name) if remote else wd, "train.log")
-    print(f"[{i}/{n}] {p.name}: training (log: {log})", file=out, flush=True)
-    t0 = time.time()
-    rc = _run_logged(train, log)
-    stage = "train"
-    if rc == 0 and evaluate and not (wd_path / "metrics.json").exists():
-      print(f"[{i}/{n}] {p.name}: evaluating", file=out, flush=True)
-      stage = "eval"
-      rc = _run_logged(evaluate, log)
-    dt = time.time() - t0
-    if remote:
-      _path(log).copy(wd_path / "train.log", overwrite=True)
-    if rc == 0:
-      (wd_path / "DONE").write_text(json.dumps({
-          "finished": datetime.datetime.now().isoformat(timespec="seconds"), "seconds": round(dt, 1),
-          "command": train}))
-      print(f"[{i}/{n}] {p.name}: ok in {dt:.1f}s", file=out, flush=True)
-      results.append(Result(p.name, "ok", dt, 0, log))
-    else:
-      print(f"[{i}/{n}] {p.name}: FAILED ({stage}, exit code {rc}) after {dt:.1f}s; log: {log}\n{_tail(log)}",
-            file=out, flush=True)
-      results.append(Result(p.name, "FAILED", dt, rc, log, stage))
-  return results
-
-
-def summary(results: Sequence[Result], root: str) -> str:
-  """Returns a readable table of a sweep's results."""
-  if not results:
-    return ""
-  w = max(len(r.name) for r in results)
-  lines = [f"sweep summary ({root}): " + ", ".join(
-      f"{sum(r.status == s for r in results)} {s.lower()}" for s in ("ok", "skipped", "FAILED"))]
-  for r in results:
-    detail = "" if r.status != "FAILED" else f"{r.stage} exit code {r.returncode}, log {r.log}"
-    secs = f"{r.seconds:7.1f}s" if r.status != "skipped" else "       -"
-    lines.append(f"  {r.name:<{w}}  {r.status:<7}  {secs}  {detail}".rstrip())
-  return "\n".join(lines)
+              out=None) -> list[sweep_runner.Result]:
+  """Returns one Result per point after running the not-yet-done ones one after another (subprocesses)."""
+  executor = Subprocess(root, config, overrides, train_module, eval_module, tuple(eval_args), python, dry_run, out)
+  return sweep_runner.run(points, root, executor, report=executor.say)
 
 
 # ------------------------------------------------------------------------------------------ collect
-
-
-def flatten(d: Mapping[str, Any]) -> dict[str, Any]:
-  """Returns a nested dict flattened to {"a/b": leaf}."""
-  from mmr_jax import metrics  # pylint: disable=g-import-not-at-top
-  return metrics.flatten(d)
 
 
 def gather(root: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
@@ -319,7 +254,7 @@ def gather(root: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
   Rows follow the sweep's order (ROOT/sweep.json) when known, else name order; each row holds
   "run", the run's overrides and its flattened metrics.
   """
-  r = _path(root)
+  r = epath.Path(root)
   if not r.exists():
     raise common.LaunchError(f"--workdir {root!r} does not exist")
   order, overrides = [], {}
@@ -338,7 +273,7 @@ def gather(root: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
       raise common.LaunchError(f"{runs[n] / 'metrics.json'}: not valid JSON ({e})") from None
     if not isinstance(metrics, Mapping):
       raise common.LaunchError(f"{runs[n] / 'metrics.json'}: expected a JSON object")
-    flat = flatten(metrics)
+    flat = metrics_lib.flatten(metrics)
     ov = {k: _value_text(v) for k, v in overrides.get(n, {}).items()}
     for k in ov:
       if k not in ocols:
@@ -360,8 +295,7 @@ def _lower_is_better(metric: str) -> bool:
 
 def headline_metrics(columns: Sequence[str]) -> list[str]:
   """Returns the columns worth a table / plot: the test split's overall metrics (metrics.headline_keys)."""
-  from mmr_jax import metrics  # pylint: disable=g-import-not-at-top
-  return metrics.headline_keys(columns) or list(columns)
+  return metrics_lib.headline_keys(columns) or list(columns)
 
 
 def _fmt(v) -> str:
@@ -370,23 +304,15 @@ def _fmt(v) -> str:
   return "" if v is None else str(v)
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+def results_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
   """Returns a Markdown table of `columns`, the best value of each numeric metric column in bold."""
   best = {}
   for c in columns:
     vals = [r.get(c) for r in rows if _is_num(r.get(c))]
     if len(vals) > 1 and c not in ("run",):
       best[c] = min(vals) if _lower_is_better(c) else max(vals)
-  lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-  for r in rows:
-    cells = []
-    for c in columns:
-      text = _fmt(r.get(c)).replace("|", "\\|")
-      if c in best and r.get(c) == best[c]:
-        text = f"**{text}**"
-      cells.append(text)
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  bold = lambda c, r, text: f"**{text}**" if c in best and r.get(c) == best[c] else text  # noqa: E731
+  return sweep_runner.markdown_table(columns, [[bold(c, r, _fmt(r.get(c))) for c in columns] for r in rows])
 
 
 def plot(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> bytes | None:
@@ -443,14 +369,14 @@ def collect(root: str, out_name: str = RESULTS) -> dict[str, str]:
   rows, ocols, mcols = gather(root)
   if not rows:
     return {}
-  r = _path(root)
+  r = epath.Path(root)
   head = headline_metrics(mcols)
   md = [f"# Sweep results: {root}\n",
         f"{len(rows)} runs with metrics.json. All {len(mcols)} metrics are in {out_name}.csv.\n",
-        markdown_table(rows, ["run", *ocols, *head])]
+        results_table(rows, ["run", *ocols, *head])]
   rest = [c for c in mcols if c not in head]
   if rest and len(rest) <= 24:
-    md += ["\n## Other metrics\n", markdown_table(rows, ["run", *rest])]
+    md += ["\n## Other metrics\n", results_table(rows, ["run", *rest])]
   paths = {"md": str(r / f"{out_name}.md"), "csv": str(r / f"{out_name}.csv")}
   (r / f"{out_name}.md").write_text("\n".join(md), encoding="utf-8")
   buf = io.StringIO()
@@ -484,9 +410,9 @@ def job_name(backend: str, point: str, root: str) -> str:
   return point if backend != "gke" else f"{point}-{common.short_hash(root, 4)}"
 
 
-def write_sweep_json(root: str, config: str, points: Sequence[Point], overrides: Mapping[str, Any]):
+def write_sweep_json(root: str, config: str, points: Sequence[sweep_runner.Point], overrides: Mapping[str, Any]):
   """Writes ROOT/sweep.json (what was swept; collect uses it for columns and row order)."""
-  r = _path(root)
+  r = epath.Path(root)
   r.mkdir(parents=True, exist_ok=True)
   info = {"config": config, "overrides": dict(overrides),
           "points": [{"name": p.name, "overrides": p.overrides} for p in points]}
@@ -561,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not points:
       raise common.LaunchError(f"--only {args.only!r} matches no point of the sweep")
   # Only the points that run need their placeholders filled; any run of the sweep may be named.
-  points = resolve(points, args.workdir, common.parse_env(args.var), [p.name for p in all_points])
+  points = sweep_runner.resolve(points, args.workdir, common.parse_env(args.var), [p.name for p in all_points])
   # Every point's config is built here first: a mistyped key would otherwise fail N jobs, one by one, on the cluster.
   for p in points:
     try:
@@ -598,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 130
     if args.dry_run:
       return 0
-    print(summary(results, args.workdir), flush=True)
+    print(sweep_runner.summary(results, args.workdir), flush=True)
     if not args.no_collect:
       paths = collect(args.workdir)
       for p in paths.values():
@@ -614,11 +540,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr)
   results = []
   for i, p in enumerate(points, 1):
-    wd = join(args.workdir, p.name)
+    wd = sweep_runner.join(args.workdir, p.name)
     ov = {**p.overrides, **overrides}
-    if check_done and is_done(wd):
+    if check_done and sweep_runner.is_done(wd):
       print(f"# [{i}/{len(points)}] {p.name}: done already, skipped")
-      results.append(Result(p.name, "skipped"))
+      results.append(sweep_runner.Result(p.name, "skipped"))
       continue
     if args.backend == "print":
       train = common.shell_text(common.train_command(args.config, wd, ov, python=args.python,
@@ -643,9 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       env = {**os.environ, **module.job_env(backend_args)} if hasattr(module, "job_env") else None
       rc = common.run_commands(cmds, dry_run=False, env=env, secrets=secrets)
-    results.append(Result(p.name, "ok" if rc == 0 else "FAILED", time.time() - t0, rc, None, "submit"))
+    results.append(sweep_runner.Result(p.name, "ok" if rc == 0 else "FAILED", time.time() - t0, rc, None, "submit"))
   if results and args.submit and not args.dry_run:
-    print(summary(results, args.workdir))
+    print(sweep_runner.summary(results, args.workdir))
   return 1 if any(r.status == "FAILED" for r in results) else 0
 
 

@@ -12,15 +12,17 @@ Rows (same steps, batch and examples for every row; see README):
 
 Writes DIR/ablation.json (a list of rows), DIR/ablation.md and DIR/ablation.png; each row's own
 workdir (DIR/<row>/) holds its checkpoints and metrics.json. Finished rows are skipped on re-run.
+
+The stage-1 run and the rows are the points of one sweep (`mmr_jax/sweep_runner.py`, the runner of
+`launch.sweep` too): the rows that start from stage 1 depend on it. They train and evaluate in this
+process, one after another.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import time
 
 import numpy as np
 from etils import epath
@@ -31,6 +33,7 @@ from mmr_jax import evaluate
 from mmr_jax import fileio
 from mmr_jax import metrics as metrics_lib
 from mmr_jax import runtime
+from mmr_jax import sweep_runner
 from mmr_jax import train
 from mmr_jax.data import tfds_builder
 from mmr_jax.evals import retrieval
@@ -39,15 +42,6 @@ log = logging.getLogger("mmr_jax.ablation")
 
 ROWS = ("text_only", "concat", "concat_ft", "fusion_ft", "fusion_e2e", "fusion_qw")
 PAPER = {"text_only": (72.3, 41.2), "concat": (73.1, 41.8), "concat_ft": (75.6, 43.5), "fusion_ft": (77.4, 45.1)}
-
-
-def load_config_module(path: str):
-  spec = importlib.util.spec_from_file_location("mmr_ablation_config", path)
-  if spec is None or spec.loader is None:
-    raise FileNotFoundError(f"config file {path!r} not found")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 def apply_overrides(config, overrides: dict):
@@ -110,12 +104,13 @@ def keyword_rows(results: dict[str, dict], split: str = "test") -> list[dict]:
   return [row_summary("bm25", source, split, system="bm25"), hybrid]
 
 
-def markdown_table(rows: list[dict]) -> str:
+def table(rows: list[dict]) -> str:
+  """Returns ablation.md's table: a line per row, R@100 / NDCG@10 in % overall, per tag and per breakdown."""
   pct = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
   tags = sorted({t for r in rows for t in r["by_tag"]})
   head = ["row", "R@100", "NDCG@10"] + [f"{t} R@100 / NDCG@10" for t in tags] + \
          ["sparse-text R@100", "novel-product R@100", "ScaNN recall vs exact", "paper R@100 / NDCG@10"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  body = []
   for r in rows:
     o = r["overall"]
     label = f"hybrid ({r['learned_row']} + bm25)" if r.get("learned_row") else r["row"]
@@ -128,8 +123,8 @@ def markdown_table(rows: list[dict]) -> str:
     cells.append(pct(r["scann_recall_vs_exact"]))
     paper = PAPER.get(r["row"])
     cells.append(f"{paper[0]} / {paper[1]}" if paper else "-")
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+    body.append(cells)
+  return sweep_runner.markdown_table(head, body)
 
 
 def margins(rows: list[dict], row: str = "fusion_ft", baseline: str = "text_only") -> dict:
@@ -252,7 +247,7 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
   if not info["num_queries"].get("test"):
     raise ValueError(f"{data_dir} has no test queries: the ablation scores every row on them "
                      "(give queries.jsonl lines with \"split\": \"test\" and their qrels, then re-import)")
-  mod = load_config_module(config_path)
+  mod = sweep_runner.load_config_module(config_path)
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   with fileio.WorkdirLock(root, "ablation"):
@@ -260,7 +255,11 @@ def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0
                 budget)
 
 
-def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides, budget):
+STAGE1 = "stage1"  # the run that rows naming "{stage1}" (init.workdir) start from
+
+
+def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, config_arg, overrides, budget):
+  """Returns (points, {point name: ConfigDict}): the stage-1 run when a row needs it, then the rows."""
   extra = "," + config_arg if config_arg else ""
   if budget not in BUDGETS:
     raise ValueError(f"budget {budget!r}; expected one of {sorted(BUDGETS)}")
@@ -273,49 +272,82 @@ def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batc
   unknown = set(rows) - {s["name"] for s in mod.get_sweep(config_arg)}
   if unknown:
     raise KeyError(f"rows {sorted(unknown)} are not in {config_path}'s get_sweep()")
-  stage1_dir = root / "stage1"
+  uses_stage1 = lambda point: any("{" + STAGE1 + "}" in str(v) for v in point.values())  # noqa: E731
+  with_stage1 = any(uses_stage1(s) for s in sweep)
+  row_points = [sweep_runner.Point(s["name"], {k: v for k, v in s.items() if k != "name"},
+                                   (STAGE1,) if uses_stage1(s) else ()) for s in sweep]
+  row_points = sweep_runner.resolve(row_points, str(root), {}, [STAGE1] + [p.name for p in row_points])
+  configs = {}
+  if with_stage1:
+    cfg = mod.get_config(f"stage=1,steps={stage1_steps},batch={batch}{extra}")
+    cfg.data.dir = str(data_dir)
+    configs[STAGE1] = apply_overrides(cfg, overrides or {})
+  for point in row_points:
+    cfg = mod.get_config(f"stage=2,{base_arg}")
+    cfg.data.dir = str(data_dir)
+    if with_stage1 and not point.depends:
+      cfg.train.steps = steps + stage1_steps  # the optimiser steps stage 1 gives the other rows
+    apply_overrides(cfg, point.overrides)
+    configs[point.name] = apply_overrides(cfg, overrides or {})
+  points = ([sweep_runner.Point(STAGE1, {})] if with_stage1 else []) + row_points
+  return points, configs
+
+
+class _InProcess:
+  """Executor of the ablation's points: trains (rows: and evaluates) in this process.
+
+  A process per row would pay the start-up (imports, compiles) every time, which the CPU demo's
+  ten-minute budget cannot spare. Exceptions propagate: the ablation stops at a failed run.
+  """
+
+  def __init__(self, configs: dict, data_dir: str):
+    self.configs, self.data_dir = configs, data_dir
+
+  def finished(self, point: sweep_runner.Point, workdir: str) -> bool:
+    stage1 = point.name == STAGE1
+    if not (epath.Path(workdir) / ("DONE" if stage1 else "metrics.json")).exists():
+      return False
+    _check_reuse(epath.Path(workdir), self.configs[point.name], "stage 1" if stage1 else f"row {point.name}")
+    return True
+
+  def execute(self, point: sweep_runner.Point, workdir: str, tag: str) -> sweep_runner.Result:
+    del tag
+    stage1 = point.name == STAGE1
+    if stage1:
+      log.info("== stage 1: image <-> title domain alignment")
+    else:
+      log.info("== row %s", point.name)
+    train.train_and_evaluate(self.configs[point.name], workdir)
+    if not stage1:
+      evaluate.evaluate_workdir(workdir, self.data_dir)
+    return sweep_runner.Result(point.name, "ok")
+
+  def finish(self, point: sweep_runner.Point, workdir: str, seconds: float) -> None:
+    del seconds
+    if point.name == STAGE1:
+      fileio.write_text(epath.Path(workdir) / "DONE", "ok\n")
+
+
+def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides, budget):
+  points, configs = _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, config_arg,
+                            overrides, budget)
   margins_path = root / "ablation_margins.json"
   # Rows reused from an earlier invocation keep the timings measured then.
   timings = json.loads(margins_path.read_text()).get("timings_s", {}) if margins_path.exists() else {}
-  uses_stage1 = lambda point: any("{stage1}" in str(v) for v in point.values())  # noqa: E731
-  if any(uses_stage1(s) for s in sweep):
-    cfg = mod.get_config(f"stage=1,steps={stage1_steps},batch={batch}{extra}")
-    cfg.data.dir = str(data_dir)
-    apply_overrides(cfg, overrides or {})
-    if (stage1_dir / "DONE").exists():
-      _check_reuse(stage1_dir, cfg, "stage 1")
-    else:
-      log.info("== stage 1: image <-> title domain alignment")
-      t0 = time.time()
-      train.train_and_evaluate(cfg, str(stage1_dir))
-      fileio.write_text(stage1_dir / "DONE", "ok\n")
-      timings["stage1_s"] = time.time() - t0
-  out_rows, results = [], {}
-  for point in sweep:
-    name = point["name"]
-    row_dir = root / name
-    metrics_path = row_dir / "metrics.json"
-    cfg = mod.get_config(f"stage=2,{base_arg}")
-    cfg.data.dir = str(data_dir)
-    if any(uses_stage1(s) for s in sweep) and not uses_stage1(point):
-      cfg.train.steps = steps + stage1_steps  # the optimiser steps stage 1 gives the other rows
-    ov = {k: (str(stage1_dir) if v == "{stage1}" else v) for k, v in point.items()}
-    apply_overrides(cfg, ov)
-    apply_overrides(cfg, overrides or {})
-    if metrics_path.exists():
-      _check_reuse(row_dir, cfg, f"row {name}")
-    else:
-      log.info("== row %s", name)
-      t0 = time.time()
-      train.train_and_evaluate(cfg, str(row_dir))
-      evaluate.evaluate_workdir(str(row_dir), data_dir)
-      timings[name] = time.time() - t0
-    results[name] = json.loads(metrics_path.read_text())
-    out_rows.append(row_summary(name, results[name]))
-  out_rows += keyword_rows(results)
+  for r in sweep_runner.run(points, str(root), _InProcess(configs, data_dir)):
+    if r.status == "ok":
+      timings["stage1_s" if r.name == STAGE1 else r.name] = r.seconds
+  results = {p.name: json.loads((root / p.name / "metrics.json").read_text()) for p in points if p.name != STAGE1}
+  out_rows = [row_summary(name, res) for name, res in results.items()] + keyword_rows(results)
+  _write_reports(root, data_dir, config_path, info, out_rows, timings)
+  return out_rows
+
+
+def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None:
+  """Writes ablation.json, ablation.md, ablation_margins.json and ablation.png in `root`."""
   fileio.write_json(root / "ablation.json", out_rows)
   md = ["# Ablation", "", f"Data: `{data_dir}`; config: `{config_path}`; test split, ScaNN ranking; metrics in %.", "",
-        markdown_table(out_rows)]
+        table(out_rows)]
   if info["num_products"] <= 100:
     md += ["", f"The catalogue has {info['num_products']} products, so R@100 ranks all of them (1.0 for every "
            "judged query by construction): compare the rows by NDCG@10 and the per-row metrics.json (recall@10)."]
@@ -336,9 +368,9 @@ def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batc
               "not tuned: the catalogue has no validation queries).") + "", "", "Minus bm25 (points):"]
     md += [f"- {name}: {fmt_gains(g)}" for name, g in vs_bm25.items()]
   fileio.write_text(root / "ablation.md", "\n".join(md) + "\n")
-  fileio.write_json(margins_path, {"fusion_ft_minus_text_only": gains, "minus_bm25": vs_bm25, "timings_s": timings})
+  fileio.write_json(root / "ablation_margins.json",
+                    {"fusion_ft_minus_text_only": gains, "minus_bm25": vs_bm25, "timings_s": timings})
   fileio.write_atomic(root / "ablation.png", lambda p: plot_rows(out_rows, p))
-  return out_rows
 
 
 def main(argv=None):
@@ -367,7 +399,7 @@ def main(argv=None):
     overrides[k] = v
   rows = run(args.workdir, args.data, args.config, tuple(r for r in args.rows.split(",") if r), args.steps,
              args.stage1_steps, args.batch, args.config_arg, overrides, args.budget)
-  print(markdown_table(rows))
+  print(table(rows))
   md = (epath.Path(args.workdir) / "ablation.md").read_text().splitlines()
   print("\n".join(line for line in md if line.startswith(("fusion_ft minus", "- "))))
 

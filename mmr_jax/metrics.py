@@ -263,13 +263,17 @@ def headline_keys(flat_keys: Sequence[str]) -> list[str]:
   return [k for k in flat_keys if "/" not in k]
 
 
-def flatten(d: Mapping, sep: str = "/", prefix: str = "") -> dict:
-  """Returns a nested dict (metrics.json, config.json) as {"a/b/c": leaf} (`sep` between the keys)."""
+def flatten(d: Mapping, sep: str = "/", prefix: str = "", keep_empty: bool = False) -> dict:
+  """Returns a nested dict (metrics.json, config.json) as {"a/b/c": leaf} (`sep` between the keys).
+
+  An empty dict leaves no key, unless `keep_empty` makes it a leaf of its own (a summary that shows
+  every field, `tools/status.py`).
+  """
   out = {}
   for k, v in d.items():
     key = f"{prefix}{sep}{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(flatten(v, sep, key))
+    if isinstance(v, Mapping) and (v or not keep_empty):
+      out.update(flatten(v, sep, key, keep_empty))
     else:
       out[key] = v
   return out

@@ -10,6 +10,7 @@ import pytest
 
 from mmr_jax import ablation
 from mmr_jax import evaluate
+from mmr_jax import sweep_runner
 from mmr_jax.evals import embedding
 from mmr_jax.evals import report
 from mmr_jax.evals import retrieval
@@ -141,7 +142,7 @@ def test_learned_row_beats_keyword_search_where_it_should(tmp_path):
   from mmr_jax.data import make_synthetic, synthetic  # pylint: disable=g-import-not-at-top
   data = tmp_path / "data"
   make_synthetic.make_synthetic(data, synthetic.preset("tiny", num_queries=400), progress=False, verbose=False)
-  mod = ablation.load_config_module(str(ROOT / "configs" / "demo.py"))
+  mod = sweep_runner.load_config_module(str(ROOT / "configs" / "demo.py"))
   cfg = mod.get_config(f"stage=2,variant=text_only,data={data},steps=300,batch=32")
   cfg.train.progress, cfg.train.eval_every = False, 0
   train.train_and_evaluate(cfg, str(tmp_path / "wd"))

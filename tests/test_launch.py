@@ -21,6 +21,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `launch` is not an installed package
 from launch import common, gke, local, multiprocess, slurm, sweep, tpu_pod
+from mmr_jax import sweep_runner
 
 REPO = str(common.REPO_ROOT)
 PY = sys.executable
@@ -183,12 +184,12 @@ def test_points_names_and_placeholders():
   with pytest.raises(common.LaunchError, match="non-empty list"):
     sweep.points_from({"a": 1})
   pts = sweep.points_from([{"name": "s1", "stage": 1}, {"name": "s2", "init.workdir": "{s1}", "data.dir": "{data}"}])
-  res = sweep.resolve(pts, "/r", {"data": "/d"})
+  res = sweep_runner.resolve(pts, "/r", {"data": "/d"})
   assert res[1].overrides == {"init.workdir": os.path.join("/r", "s1"), "data.dir": "/d"}
-  with pytest.raises(common.LaunchError, match="--var stage1=VALUE"):
-    sweep.resolve(sweep.points_from([{"init.workdir": "{stage1}"}]), "/r", {})
+  with pytest.raises(sweep_runner.SweepError, match="--var stage1=VALUE"):
+    sweep_runner.resolve(sweep.points_from([{"init.workdir": "{stage1}"}]), "/r", {})
   # A subset (--only) may still name runs outside it.
-  (ft,) = sweep.resolve(pts[1:], "/r", {"data": "/d"}, run_names=["s1", "s2"])
+  (ft,) = sweep_runner.resolve(pts[1:], "/r", {"data": "/d"}, run_names=["s1", "s2"])
   assert ft.overrides["init.workdir"] == os.path.join("/r", "s1")
 
 

@@ -400,7 +400,7 @@ def _stub_training(monkeypatch, seen):
     return res
 
   monkeypatch.setattr(train, "train_and_evaluate", fake_train)
-  monkeypatch.setattr(ablation.eval_lib, "evaluate_workdir", fake_evaluate)
+  monkeypatch.setattr(evaluate, "evaluate_workdir", fake_evaluate)
 
 
 def test_ablation_takes_any_data_dir_and_explains_small_catalogues(unseen, tmp_path, monkeypatch):

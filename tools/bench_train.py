@@ -57,11 +57,12 @@ def build_config(args):
   """Returns the resolved trainer config: --config with --size towers and the bench's batch/shape."""
   from launch import common  # pylint: disable=g-import-not-at-top
   from mmr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax import sweep_runner  # pylint: disable=g-import-not-at-top
   from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
   path, arg = common.split_config_ref(args.config)
   if not os.path.exists(path) and os.path.exists(os.path.join(ROOT, path)):  # run from outside the repo
     path = os.path.join(ROOT, path)
-  module = common.load_config_module(path)
+  module = sweep_runner.load_config_module(path)
   cfg = module.get_config(arg)
   if args.size:
     model = two_tower.get_config(cfg.model.variant, args.size, patch_size=args.patch, vocab_size=args.vocab,

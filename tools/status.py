@@ -33,18 +33,6 @@ MAX_METRICS = 8
 _TMP_CKPT = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-  """Returns a nested dict flattened to {"a.b": leaf}."""
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{sep}{k}" if prefix else str(k)
-    if isinstance(v, Mapping) and v:
-      out.update(flatten(v, key, sep))
-    else:
-      out[key] = v
-  return out
-
-
 def _read_json(path: epath.Path) -> tuple[Any, str | None]:
   try:
     return json.loads(path.read_text()), None
@@ -116,7 +104,7 @@ def summarize(workdir: str, full: bool = False) -> dict[str, Any]:
   if err:
     out["problems"].append(err)
   if isinstance(config, Mapping):
-    flat = flatten(config)
+    flat = metrics_lib.flatten(config, sep=".", keep_empty=True)
     out["config"] = flat if full else {k: flat[k] for k in KEY_FIELDS if k in flat}
     if not full and not out["config"]:  # an unfamiliar config: show its top-level scalars instead
       out["config"] = {k: v for k, v in config.items() if not isinstance(v, (dict, list))}
@@ -127,7 +115,7 @@ def summarize(workdir: str, full: bool = False) -> dict[str, Any]:
   metrics, err = _read_json(w / "metrics.json")
   if err:
     out["problems"].append(err)
-  out["metrics"] = flatten(metrics, sep="/") if isinstance(metrics, Mapping) else None
+  out["metrics"] = metrics_lib.flatten(metrics, keep_empty=True) if isinstance(metrics, Mapping) else None
   out["done"] = (w / "DONE").exists()
   return out
 
