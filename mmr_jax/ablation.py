@@ -388,8 +388,13 @@ def main(argv=None):
                  help="long: 5x every step count (how far each row goes with more training)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for every run, e.g. --set optim.lr=1e-3 (repeatable)")
+  p.add_argument("--verbosity", type=int, default=0, choices=(0, 1, 2),
+                 help="0: progress bars, one line per stage / row, warnings and the table; 1: every INFO line "
+                 "(the trainer's and evaluation's too); 2: everything, native libraries' logs included. "
+                 "WORKDIR/logs/ablation.log gets INFO and native logs at any level")
   args = p.parse_args(argv)
-  runtime.setup_logging()
+  runtime.setup_logging(args.verbosity, headline=("mmr_jax.ablation",),
+                        log_file=runtime.log_file_for(args.workdir, "ablation"))
   runtime.enable_compilation_cache()
   overrides = {}
   for item in args.set:
