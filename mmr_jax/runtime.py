@@ -90,7 +90,8 @@ def attach_log_file(path: str) -> None:
 
 def log_file_for(workdir, command: str) -> str | None:
   """Returns WORKDIR/logs/<command>.log (`.<process>.log` on processes other than 0), or None for a gs://
-  workdir (a log file is appended line by line; buckets take whole objects)."""
+  workdir (a log file is appended line by line; buckets take whole objects). Asks jax for the process
+  index: in a multi-process job, call it after `maybe_initialize_distributed`."""
   if "://" in str(workdir):
     return None
   index = jax.process_index()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from mmr_jax import runtime
@@ -53,6 +52,9 @@ def main(argv=None):
   p.add_argument("--warmup_max_batch", type=int, default=saving.WARMUP_MAX_BATCH,
                  help="write TF Serving warm-up requests (assets.extra/tf_serving_warmup_requests) for every "
                       f"bucket up to this batch size (default {saving.WARMUP_MAX_BATCH}; 0: none)")
+  p.add_argument("--verbosity", type=int, default=1, choices=(0, 1, 2),
+                 help="0: progress and warnings; 1: every INFO line; 2: everything, native libraries' logs included "
+                 "(OUT/logs/export.log gets INFO and native logs at any level)")
   args = p.parse_args(argv)
   try:
     buckets = towers.check_batch_buckets(args.batch_buckets.split(","))
@@ -62,8 +64,11 @@ def main(argv=None):
     saving.check_warmup(buckets, args.warmup_max_batch)
   except ValueError as e:
     p.error(f"--warmup_max_batch: {e}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  runtime.maybe_initialize_distributed()
+  runtime.setup_logging(args.verbosity, headline=("mmr_jax.export",))
+  runtime.maybe_initialize_distributed()  # before anything asks jax for its processes
+  log_file = runtime.log_file_for(args.out, "export")
+  if log_file:
+    runtime.attach_log_file(log_file)
   try:
     summary = workdir.export_workdir(args.workdir, args.out, args.data, k=args.k, platforms=args.platforms.split(","),
                              batch_size=args.batch_size, shard_batches=args.shard_batches,
