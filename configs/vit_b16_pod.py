@@ -2,7 +2,7 @@ r"""ViT-B/16 two-tower at pod scale: stage 1 and stage 2 on a TPU v4/v5 pod slic
 
 Hardware: TPU v4-32 (4 hosts x 4 chips) or v5e-32 / v5p-32; bf16 compute, f32 params; FSDP over the
 chips of a slice, data parallel across slices (`dcn`). Global batch 4096 (CLIP/SigLIP-style large
-batch: the contrastive loss is computed over the whole global batch, sharded, see mmr_jax/sharded_loss.py).
+batch: the contrastive loss is computed over the whole global batch, sharded, see mmr_jax/training/sharded_loss.py).
 
   # stage 1: domain alignment of the image tower (image <-> title)
   python -m launch.tpu_pod run --tpu mmr --zone us-central2-b \

@@ -58,8 +58,8 @@ from typing import Any
 from etils import epath
 
 from launch import common
+from mmr_jax.evals import metrics as metrics_lib
 from mmr_jax import fileio
-from mmr_jax import metrics as metrics_lib
 from mmr_jax import sweep_runner
 
 BACKENDS = {"tpu": "launch.tpu_pod", "gke": "launch.gke", "slurm": "launch.slurm"}

@@ -29,14 +29,14 @@ from etils import epath
 
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
+from mmr_jax.data import tfds_builder
+from mmr_jax.evals import metrics as metrics_lib
+from mmr_jax.evals import retrieval
 from mmr_jax import evaluate
 from mmr_jax import fileio
-from mmr_jax import metrics as metrics_lib
 from mmr_jax import runtime
 from mmr_jax import sweep_runner
 from mmr_jax import train
-from mmr_jax.data import tfds_builder
-from mmr_jax.evals import retrieval
 
 log = logging.getLogger("mmr_jax.ablation")
 
@@ -361,7 +361,7 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
   vs_bm25 = {k: v for k, v in vs_bm25.items() if v}
   hybrid = next((r for r in out_rows if r["row"] == "hybrid"), None)
   if vs_bm25:
-    md += ["", "BM25: keyword search over title + description + attributes (no model; `mmr_jax/keyword.py`). "
+    md += ["", "BM25: keyword search over title + description + attributes (no model; `mmr_jax/evals/keyword.py`). "
            f"hybrid: {hybrid['learned_row']} (the learned row with the best validation NDCG@10) fused with BM25 per "
            f"query ({hybrid['fusion']['method']}, learned-ranking weight {hybrid['fusion']['weight']:g}, "
            + ("chosen on the validation queries)." if hybrid["fusion"].get("tuned_on") else

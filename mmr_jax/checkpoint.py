@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from mmr_jax import fileio
 from mmr_jax.data import tfds_builder
+from mmr_jax import fileio
 
 try:  # grain registers its orbax handler on import.
   import grain.checkpoint as grain_ckpt

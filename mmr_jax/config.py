@@ -112,7 +112,7 @@ def base_config() -> ConfigDict:
       aux_query_text=0.0,  # stage 2: weight of query<->text-only term
       grade_weighted=False,  # weight positives by their ESCI gain
       chunk_size=0,  # >0: compute logits in row blocks of this size (bounded memory)
-      # Global-batch loss over the mesh's data-parallel axes (mmr_jax/sharded_loss.py): auto (ring
+      # Global-batch loss over the mesh's data-parallel axes (mmr_jax/training/sharded_loss.py): auto (ring
       # when there is more than one data-parallel shard) | ring | gather | none (one device's logits).
       sharded="auto",
   ))
@@ -164,7 +164,7 @@ def base_config() -> ConfigDict:
       async_checkpoint=True,
       progress=True,
       # jax.profiler trace of steps profile_from+1 .. profile_from+profile_steps into workdir/profile/
-      # process_<i>/ with summary.json (busiest ops per step; mmr_jax/profiling.py); 0 steps: off.
+      # process_<i>/ with summary.json (busiest ops per step; mmr_jax/training/profiling.py); 0 steps: off.
       profile_steps=0,
       profile_from=5,  # past compilation and warm-up
   ))

@@ -21,15 +21,15 @@ import jax
 import numpy as np
 from etils import epath
 
-from mmr_jax import fileio
-from mmr_jax import index as index_lib
-from mmr_jax import runtime
-from mmr_jax import sharding as shd
 from mmr_jax.data import pipeline
 from mmr_jax.data import tfds_builder
 from mmr_jax.evals import embedding
+from mmr_jax.evals import index as index_lib
 from mmr_jax.evals import report
 from mmr_jax.evals import retrieval
+from mmr_jax import fileio
+from mmr_jax import runtime
+from mmr_jax import sharding as shd
 
 log = logging.getLogger("mmr_jax.evaluate")
 

@@ -29,15 +29,16 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from mmr_jax import checkpoint as ckpt_lib
-from mmr_jax import evals
-from mmr_jax import evaluate
-from mmr_jax import fileio
-from mmr_jax import profiling
-from mmr_jax import runtime
 from mmr_jax.data import pipeline
 from mmr_jax.data import tfds_builder
+from mmr_jax.evals import objective
 from mmr_jax.evals import report
-from mmr_jax.trainer import Trainer, resolve_config
+from mmr_jax.evals import retrieval
+from mmr_jax import evaluate
+from mmr_jax import fileio
+from mmr_jax import runtime
+from mmr_jax.training import profiling
+from mmr_jax.training.trainer import Trainer, resolve_config
 
 log = logging.getLogger("mmr_jax.train")
 
@@ -135,11 +136,11 @@ def _evaluators(config, trainer: Trainer) -> tuple[int, list]:
     for _ in range(config.train.eval_batches):
       yield next(it)
 
-  evaluators = [evals.ObjectiveEvaluator(trainer.objective_metrics, val_batches, trainer.mesh,
+  evaluators = [objective.ObjectiveEvaluator(trainer.objective_metrics, val_batches, trainer.mesh,
                                          trainer.objective_metric_names())]
   queries = tfds_builder.catalog_info(config.data.dir).get("num_queries", {}).get("validation", 0)
   if config.stage == 2 and config.train.eval_retrieval and queries > 0:
-    evaluators.append(evals.RetrievalEvaluator(config, trainer.model, trainer.mesh, split="validation"))
+    evaluators.append(retrieval.RetrievalEvaluator(config, trainer.model, trainer.mesh, split="validation"))
   return eval_every, evaluators
 
 
@@ -313,7 +314,7 @@ def main(argv=None):
 
   def _main(_):
     # absl's -v/--verbosity: 0 (default) progress, warnings and the trainer's few INFO lines; 1 all INFO; 2 all.
-    runtime.setup_logging(max(FLAGS.verbosity, 0), headline=("mmr_jax.train", "mmr_jax.trainer"))
+    runtime.setup_logging(max(FLAGS.verbosity, 0), headline=("mmr_jax.train", "mmr_jax.training.trainer"))
     runtime.enable_compilation_cache()
     runtime.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     log_file = runtime.log_file_for(FLAGS.workdir, "train")

@@ -79,7 +79,7 @@ def test_pod_config_runlocal_trains(tiny_data, tmp_path):
 DATA_CONFIG_MODULES = ("mmr_jax/batch_spec.py", "mmr_jax/data/pipeline.py", "mmr_jax/data/sources.py",
                        "mmr_jax/data/transforms.py")
 # `.get("key"` on objects named like configs that are not the run's config.
-NOT_THE_CONFIG = {"mmr_jax/index.py": "cfg is the ScaNN index's own saved json"}
+NOT_THE_CONFIG = {"mmr_jax/evals/index.py": "cfg is the ScaNN index's own saved json"}
 _METHODS = {"get", "unlocked", "to_dict", "copy_and_resolve_references", "update", "lock", "items", "keys"}
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from mmr_jax import ablation
-from mmr_jax import evaluate
-from mmr_jax import sweep_runner
 from mmr_jax.evals import embedding
 from mmr_jax.evals import report
 from mmr_jax.evals import retrieval
+from mmr_jax import evaluate
+from mmr_jax import sweep_runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,13 +62,13 @@ def test_evaluate_workdir_writes_reports(tiny_workdir, tiny_data):
   emb = np.load(wd / "product_embeddings.npy")
   assert emb.shape[0] == res["num_products"]
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
-  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.evals import index as index_lib  # pylint: disable=g-import-not-at-top
   idx = index_lib.ScannIndex.load(str(wd / "index"))
   got, _ = idx.search(emb[:3], 1)
   np.testing.assert_array_equal(got[:, 0], [0, 1, 2])  # each product is its own nearest neighbour
   # The reported numbers are the model's: re-embed the test queries, search the saved product embeddings
   # exactly and score with the labels; BM25's are keyword.BM25's on the catalogue text.
-  from mmr_jax import keyword, metrics  # pylint: disable=g-import-not-at-top
+  from mmr_jax.evals import keyword, metrics  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   tm = embedding.load_trained(tiny_workdir, tiny_data)
   q = retrieval.load_queries(tiny_data, "test")

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from mmr_jax.evals import embedding
 from mmr_jax.export import cli
 from mmr_jax.export import convert
 from mmr_jax.export import embeddings
@@ -18,7 +19,6 @@ from mmr_jax.export import saving
 from mmr_jax.export import towers
 from mmr_jax.export import workdir
 from mmr_jax.models import two_tower
-from mmr_jax.evals import embedding
 
 K = 20
 TOL = 1e-5  # float32 parity asserted for every SavedModel output (measured ~1e-7)
@@ -329,7 +329,7 @@ def test_resize_follows_pillow_pass_order():
 
 
 def test_serving_returns_the_python_scann_top_k(models, exported, trained, tok, tiny_data):
-  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.evals import index as index_lib  # pylint: disable=g-import-not-at-top
   out, _ = exported
   queries = _queries(tiny_data, 48) + ["", "😀", "x" * 10_000]
   res = models["serving"].signatures["serving_default"](queries=_strings(queries))
@@ -356,7 +356,7 @@ def test_serving_returns_the_python_scann_top_k(models, exported, trained, tok, 
 
 def test_serving_pads_and_breaks_ties_like_scann_index(trained, tiny_data, tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.evals import index as index_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   d = two_tower.embedding_dim(trained.config.model)
   base = rng.normal(size=(4, d)).astype(np.float32)
@@ -382,7 +382,7 @@ def test_serving_pads_and_breaks_ties_like_scann_index(trained, tiny_data, tmp_p
 def test_serving_pads_slots_scann_leaves_unfilled(trained, tiny_data, tmp_path):
   # A tree index searching one small leaf finds fewer than k products; ScaNN fills the rest with index 0
   # and a NaN score, which must reach the caller as padding ("", -inf, -1), as ScannIndex.search gives it.
-  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.evals import index as index_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   db = rng.normal(size=(3000, two_tower.embedding_dim(trained.config.model))).astype(np.float32)
   db /= np.linalg.norm(db, axis=1, keepdims=True)
@@ -617,7 +617,7 @@ def test_embedding_export_resumes_from_shards(trained, tiny_data, tmp_path, monk
 
 
 def test_index_reuses_or_matches_the_evaluation_index(tmp_path):
-  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.evals import index as index_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   emb = rng.normal(size=(3000, 16)).astype(np.float32)
   emb /= np.linalg.norm(emb, axis=1, keepdims=True)

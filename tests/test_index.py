@@ -1,4 +1,4 @@
-"""Tests for mmr_jax.index: exact search, ScaNN wrapper, recall vs exact."""
+"""Tests for mmr_jax.evals.index: exact search, ScaNN wrapper, recall vs exact."""
 
 import json
 import os
@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 import pytest
 
-from mmr_jax import index
+from mmr_jax.evals import index
 
 
 def _unit(x):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mmr_jax import keyword
+from mmr_jax.evals import keyword
 from mmr_jax.evals import report
 from mmr_jax.evals import retrieval
 

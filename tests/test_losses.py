@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmr_jax import losses
+from mmr_jax.training import losses
 
 
 def np_reference(a, b, scale, bias=None, pos_mask=None, weights=None, kind="softmax"):

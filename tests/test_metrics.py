@@ -1,4 +1,4 @@
-"""Tests for mmr_jax.metrics against values worked out by hand."""
+"""Tests for mmr_jax.evals.metrics against values worked out by hand."""
 
 import math
 import os
@@ -8,7 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 import pytest
 
-from mmr_jax import metrics
+from mmr_jax.evals import metrics
 
 E, S, C, I = 1.0, 0.1, 0.01, 0.0
 
@@ -96,7 +96,7 @@ def test_tied_gains_in_ideal_ranking_and_ranking_taken_as_given():
 
 
 def test_exact_search_tie_break_feeds_metrics_deterministically():
-  from mmr_jax import index
+  from mmr_jax.evals import index
   db = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.0]], np.float32)  # 0 and 2 tie
   ranked, _ = index.exact_search(np.array([[1.0, 0.0]], np.float32), db, 3)
   np.testing.assert_array_equal(ranked, [[0, 2, 3]])

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmr_jax import big_vision_npz
 from mmr_jax.models import fusion as fusion_lib
 from mmr_jax.models import layers
 from mmr_jax.models import pretrained
 from mmr_jax.models import text as text_lib
 from mmr_jax.models import two_tower
 from mmr_jax.models import vit as vit_lib
+from mmr_jax.training import big_vision_npz
 
 IMG = 16   # Image side; with patch 8 -> a 2x2 grid.
 LEN = 12   # Token length.

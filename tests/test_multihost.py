@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 import pytest
-from mmr_jax import runtime
 from mmr_jax.evals import embedding
+from mmr_jax import runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROCESSES, DEVICES_PER_PROCESS = 2, 2

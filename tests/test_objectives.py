@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mmr_jax import losses
-from mmr_jax import objectives
-from mmr_jax import train
 from mmr_jax import models
+from mmr_jax import train
+from mmr_jax.training import losses
+from mmr_jax.training import objectives
 
 
 @pytest.fixture(scope="module")

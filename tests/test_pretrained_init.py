@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from mmr_jax import big_vision_npz
 from mmr_jax import config as config_lib
 from mmr_jax.data import pipeline
 from mmr_jax.data import tokenizer as tok_lib
+from mmr_jax.evals import embedding
 from mmr_jax.models import pretrained
 from mmr_jax.models import two_tower
-from mmr_jax.evals import embedding
+from mmr_jax.training import big_vision_npz
 
 WIDTH, DEPTH, HEADS, MLP, PATCH, IMAGE, TEXT_LEN = 32, 2, 2, 128, 8, 16, 8
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import tiny_config
-from mmr_jax import profiling
 from mmr_jax import train
+from mmr_jax.training import profiling
 
 
 def _write_trace(run: pathlib.Path, events):

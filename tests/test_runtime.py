@@ -12,7 +12,7 @@ def _emit():
   logging.getLogger("mmr_jax.train").warning("positives_k too small")
   logging.getLogger("absl").warning("read_only=True, setting create=False")
   logging.getLogger("absl").error("a library error")
-  logging.getLogger("mmr_jax.index").debug("leaf sizes")
+  logging.getLogger("mmr_jax.evals.index").debug("leaf sizes")
 
 
 def _lines(text: str) -> list[str]:

@@ -80,7 +80,7 @@ def check_losses() -> dict:
   """Sharded vs dense loss values, metrics and gradients; per-device memory as devices grow."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mmr_jax import losses, sharded_loss  # pylint: disable=g-import-not-at-top
+  from mmr_jax.training import losses, sharded_loss  # pylint: disable=g-import-not-at-top
   from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
 
   n, d = 32, 8
@@ -463,7 +463,7 @@ def test_optimizer_state_shardings_follow_their_parameters():
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from mmr_jax import optimizer as optim_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.training import optimizer as optim_lib  # pylint: disable=g-import-not-at-top
   from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
   mesh = shd.make_mesh({"data": 1})
   params = {"tower_a": {"dense": {"kernel": jax.ShapeDtypeStruct((8, 4), "float32"),
@@ -487,7 +487,7 @@ def test_optimizer_state_shardings_follow_their_parameters():
 
 
 def test_sharded_loss_method_resolution():
-  from mmr_jax import sharded_loss  # pylint: disable=g-import-not-at-top
+  from mmr_jax.training import sharded_loss  # pylint: disable=g-import-not-at-top
   from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
   dp8 = _abstract_mesh(data=4, fsdp=2, tensor=2)
   assert shd.data_parallel_size(dp8) == 8

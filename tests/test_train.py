@@ -15,10 +15,10 @@ import pytest
 from conftest import tiny_config
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
-from mmr_jax import train
-from mmr_jax import evals
-from mmr_jax import trainer as trainer_lib
 from mmr_jax.evals import embedding
+from mmr_jax.evals import retrieval
+from mmr_jax import train
+from mmr_jax.training import trainer as trainer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -328,7 +328,7 @@ def test_workdir_paths_are_made_absolute_for_orbax(tmp_path, monkeypatch):
 
 def test_best_metric_is_resolved_against_what_validation_logs():
   tcfg = config_lib.base_config().train
-  logged = {"val/q2p/loss", "val/q2p/acc_a2b"} | {f"val/{k}" for k in evals.RetrievalEvaluator.METRICS}
+  logged = {"val/q2p/loss", "val/q2p/acc_a2b"} | {f"val/{k}" for k in retrieval.RetrievalEvaluator.METRICS}
   assert train.resolve_best_metric(tcfg, logged) == ("val/ndcg@10", "max")
   assert train.resolve_best_metric(tcfg, {"val/i2t/loss", "val/i2t/acc_a2b"}) == ("val/i2t/loss", "min")
   with tcfg.unlocked():
@@ -343,7 +343,7 @@ def test_best_metric_is_resolved_against_what_validation_logs():
 
 def test_init_lr_mult_slows_only_the_towers_loaded_from_init():
   import optax  # pylint: disable=g-import-not-at-top
-  from mmr_jax import optimizer as optim_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.training import optimizer as optim_lib  # pylint: disable=g-import-not-at-top
   ocfg = config_lib.base_config().optim
   with ocfg.unlocked():
     ocfg.init_lr_mult.image_tower, ocfg.weight_decay, ocfg.warmup_steps, ocfg.grad_clip = 0.25, 0.0, 0, 0.0

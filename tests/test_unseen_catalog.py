@@ -25,7 +25,6 @@ from PIL import Image
 from conftest import suggested_overrides
 from mmr_jax import ablation
 from mmr_jax import config as config_lib
-from mmr_jax import evaluate
 from mmr_jax.data import catalog
 from mmr_jax.data import import_catalog as importer
 from mmr_jax.data import pipeline
@@ -34,6 +33,7 @@ from mmr_jax.data import tokenizer as tokenizer_lib
 from mmr_jax.evals import embedding
 from mmr_jax.evals import report
 from mmr_jax.evals import retrieval
+from mmr_jax import evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

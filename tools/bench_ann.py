@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+from mmr_jax.evals import index as index_lib  # pylint: disable=g-import-not-at-top
 
 K = 100  # every method retrieves top-100; recall@10 uses the first 10 of them
 

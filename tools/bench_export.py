@@ -71,7 +71,7 @@ def _jax_pipeline(workdir: str, out: str, data_dir: str, k: int):
   parameters, `ScannIndex.search` on the exported index, then the same id lookup the SavedModel does.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from mmr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.evals import index as index_lib  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   tm = embedding.load_trained(workdir, data_dir)
   tok = pipeline.load_tokenizer(data_dir, tm.config.data)

@@ -92,7 +92,7 @@ def build_config(args):
 def random_batch(config, batch_size: int, seed: int) -> dict:
   """Returns a training batch of random tokens (random lengths) and images with the pipeline's keys."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mmr_jax import objectives  # pylint: disable=g-import-not-at-top
+  from mmr_jax.training import objectives  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   example = objectives.get(config.stage).example_batch(config, batch_size)
   out = {}
@@ -226,7 +226,7 @@ def time_train_step(config, args) -> dict[str, Any]:
     times.append(time.perf_counter() - t)
   profile = None
   if args.profile:
-    from mmr_jax import profiling  # pylint: disable=g-import-not-at-top
+    from mmr_jax.training import profiling  # pylint: disable=g-import-not-at-top
     _log(f"tracing {args.profile_steps} more steps into {args.profile}")
     prof = profiling.StepProfiler(args.profile, first=0, num=args.profile_steps)
     for i in range(args.profile_steps):
@@ -251,7 +251,7 @@ def time_train_step(config, args) -> dict[str, Any]:
 def loss_memory_child(dim: int, devices: int) -> dict:
   """Returns {kind: {batch: {dense_1dev, ring_Ndev, gather_Ndev}}} temp bytes (run with N CPU devices)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mmr_jax import sharded_loss  # pylint: disable=g-import-not-at-top
+  from mmr_jax.training import sharded_loss  # pylint: disable=g-import-not-at-top
   if jax.device_count() < devices:
     raise SystemExit(f"loss memory: need {devices} devices, have {jax.device_count()}")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from etils import epath
 
-from mmr_jax import metrics as metrics_lib
+from mmr_jax.evals import metrics as metrics_lib
 
 # Config fields worth a glance, in display order; any that the config lacks are left out.
 KEY_FIELDS = ("stage", "model.name", "model.variant", "loss.kind", "data.dir", "data.batch_size", "train.steps",

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
-from mmr_jax import sharding as shd
 from mmr_jax.data import pipeline
 from mmr_jax.data import tokenizer as tok_lib
 from mmr_jax.models import create_model
+from mmr_jax import sharding as shd
 
 
 @dataclasses.dataclass

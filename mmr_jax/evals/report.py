@@ -31,7 +31,7 @@ def markdown_report(results: dict, title: str = "Retrieval metrics") -> str:
   if fusion:
     tuned = (f"tuned on the {fusion['tuned_on']} queries by NDCG@10" if fusion.get("tuned_on") else
              "not tuned (no validation queries)")
-    lines += ["", f"BM25: keyword search over title + description + attributes (`mmr_jax/keyword.py`). Hybrid: "
+    lines += ["", f"BM25: keyword search over title + description + attributes (`mmr_jax/evals/keyword.py`). Hybrid: "
               f"the learned ranking fused with BM25's per query, {tuned}."]
   for split, r in results["splits"].items():
     lines += ["", f"## {split}: by query tag and product-text sparsity (ScaNN)", "",

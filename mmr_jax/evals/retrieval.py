@@ -15,13 +15,13 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from mmr_jax import index as index_lib
-from mmr_jax import keyword
-from mmr_jax import metrics as metrics_lib
-from mmr_jax import sharding as shd
 from mmr_jax.data import pipeline
 from mmr_jax.data import tfds_builder
 from mmr_jax.evals import embedding
+from mmr_jax.evals import index as index_lib
+from mmr_jax.evals import keyword
+from mmr_jax.evals import metrics as metrics_lib
+from mmr_jax import sharding as shd
 
 log = logging.getLogger("mmr_jax.evals.retrieval")
 

@@ -11,12 +11,12 @@ import argparse
 import json
 import sys
 
-from mmr_jax import runtime
 from mmr_jax.export import convert
 from mmr_jax.export import parity
 from mmr_jax.export import saving
 from mmr_jax.export import towers
 from mmr_jax.export import workdir
+from mmr_jax import runtime
 
 
 def main(argv=None):

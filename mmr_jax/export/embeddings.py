@@ -4,7 +4,7 @@
                    L2-normalised, computed by the JAX model as evaluation does
   ids.txt          N lines, UTF-8, line i = the product id of row i (ids never contain tab or newline;
                    split on "\n" only)
-  index/           ScaNN searcher (`mmr_jax.index.ScannIndex.save` format; `ScannIndex.load`), built with
+  index/           ScaNN searcher (`mmr_jax.evals.index.ScannIndex.save` format; `ScannIndex.load`), built with
                    the evaluation's parameters when WORKDIR/index/ exists (reused as is when its
                    embeddings are identical), else `index.SCANN_DEFAULTS`
   info.json        {"num_products", "dim", "dtype", "step", "workdir", "data_dir", "index": {...},
@@ -38,11 +38,11 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 from tqdm import tqdm
 
-from mmr_jax import fileio
-from mmr_jax import index as index_lib
-from mmr_jax import sharding as shd
 from mmr_jax.data import pipeline
 from mmr_jax.data import tfds_builder
+from mmr_jax.evals import index as index_lib
+from mmr_jax import fileio
+from mmr_jax import sharding as shd
 
 log = logging.getLogger("mmr_jax.export")
 

@@ -27,10 +27,10 @@ import tensorflow_text  # pylint: disable=unused-import  # registers SentencePie
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
-from mmr_jax import fileio
 from mmr_jax.export import convert
 from mmr_jax.export import scann_graph
 from mmr_jax.export import towers
+from mmr_jax import fileio
 
 
 # TF Serving's warm-up file in each SavedModel: one request per bucket up to this batch size.

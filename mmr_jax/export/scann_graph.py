@@ -43,7 +43,7 @@ import numpy as np
 from scann.scann_ops.py import scann_ops
 import tensorflow as tf
 
-from mmr_jax import index as index_lib
+from mmr_jax.evals import index as index_lib
 
 
 _SCANN_ASSETS = (  # ScannState's tensors, in tensors_to_scann's order, and the file ScannIndex.save writes

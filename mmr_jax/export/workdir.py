@@ -28,7 +28,6 @@ from etils import epath
 import jax
 import numpy as np
 
-from mmr_jax import fileio
 from mmr_jax.data import pipeline
 from mmr_jax.evals import embedding
 from mmr_jax.export import convert
@@ -37,6 +36,7 @@ from mmr_jax.export import parity as parity_lib
 from mmr_jax.export import preprocess
 from mmr_jax.export import saving
 from mmr_jax.export import towers
+from mmr_jax import fileio
 from mmr_jax.models import two_tower
 
 log = logging.getLogger("mmr_jax.export")

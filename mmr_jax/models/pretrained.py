@@ -10,7 +10,7 @@
     restored by the trainer with Orbax) into a model's params, checking names and shapes.
 
 Both raise one ValueError naming every missing or mismatched parameter with both shapes.
-Reading and writing the `.npz` files is `mmr_jax/big_vision_npz.py`.
+Reading and writing the `.npz` files is `mmr_jax/training/big_vision_npz.py`.
 Our module names match big_vision's, so the name mapping is the identity except:
   embedding/kernel  [p, p, 3, W] Conv  <->  [p*p*3, W] Dense over flattened patches (vit.py)
   X/encoderblock_{i}/...  (unrolled)   <->  X/encoderblock/... stacked on axis 0 (scan_layers)

@@ -20,17 +20,17 @@ import numpy as np
 import optax
 from etils import epath
 
-from mmr_jax import big_vision_npz
 from mmr_jax import checkpoint as ckpt_lib
-from mmr_jax import objectives
-from mmr_jax import optimizer as optim_lib
-from mmr_jax import sharding as shd
 from mmr_jax.data import pipeline
 from mmr_jax.data import tokenizer as tok_lib
 from mmr_jax.models import create_model
 from mmr_jax.models import pretrained
+from mmr_jax import sharding as shd
+from mmr_jax.training import big_vision_npz
+from mmr_jax.training import objectives
+from mmr_jax.training import optimizer as optim_lib
 
-log = logging.getLogger("mmr_jax.trainer")
+log = logging.getLogger("mmr_jax.training.trainer")
 
 
 @flax.struct.dataclass

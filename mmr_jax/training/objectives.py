@@ -19,8 +19,8 @@ from typing import Callable
 import jax.numpy as jnp
 
 from mmr_jax import batch_spec
-from mmr_jax import losses
-from mmr_jax import sharded_loss
+from mmr_jax.training import losses
+from mmr_jax.training import sharded_loss
 
 
 def _contrastive(config, a, b, logit, pos_mask, weights):

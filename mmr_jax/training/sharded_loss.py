@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmr_jax import losses
 from mmr_jax import sharding as shd
+from mmr_jax.training import losses
 
 NEG = losses.NEG
 METHODS = ("auto", "ring", "gather", "none")

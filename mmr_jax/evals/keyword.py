@@ -24,8 +24,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mmr_jax import metrics as metrics_lib
 from mmr_jax.data import catalog
+from mmr_jax.evals import metrics as metrics_lib
 
 K1, B = 1.2, 0.75
 RRF_K = 60  # reciprocal-rank fusion's rank offset (Cormack et al. 2009)
