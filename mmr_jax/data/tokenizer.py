@@ -8,7 +8,7 @@ truncated to `max_len`, right-padded with pad id 0 (so the model's token mask
 is simply `ids != 0`). A pretrained checkpoint's model is used with the
 conventions it was trained with (`Conventions`, big_vision's `tokenize` op:
 SigLIP lowercases ASCII, appends a "sticky" eos and pads with the eos id 1).
-`tests/test_tokenizer.py` and `tests/test_pretrained_init.py` hold them to that.
+`tests/data/test_tokenizer.py` and `tests/models/test_pretrained_init.py` hold them to that.
 
 The model is a unigram LM with byte fallback: a catalogue in a script the model
 never saw (or an emoji in a title) still maps to byte pieces instead of a single

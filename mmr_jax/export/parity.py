@@ -7,7 +7,7 @@ catalogue sample, once on identical preprocessed inputs (the model alone) and on
 fields and image bytes (the in-graph preprocessing too), with the tokens and pixels the graph produced
 compared against `Tokenizer.encode` and `pipeline.decode_image`. An export whose embeddings differ by
 more than `--parity_tol` (default PARITY_TOL), or whose in-graph tokens or has_image differ, exits with
-status 1 naming the model, unless `--allow_parity_mismatch`. tests/test_export.py asserts float32 parity
+status 1 naming the model, unless `--allow_parity_mismatch`. tests/export/test_export.py asserts float32 parity
 within 1e-5 for every SavedModel output and 0 differing pixels.
 """
 

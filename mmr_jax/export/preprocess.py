@@ -23,7 +23,7 @@ like the JAX model embeds the same catalogue row:
   pass order follows the Pillow installed at export time. Raw images are turned upright by their EXIF
   orientation and transparency is composited on white (`catalog.to_rgb`), as the importer does before
   training, so a cut-out PNG or a phone photo embeds like its imported copy (up to the importer's JPEG
-  re-encoding). tests/test_export.py checks every pixel on JPEG (baseline, progressive, grayscale, CMYK,
+  re-encoding). tests/export/test_export.py checks every pixel on JPEG (baseline, progressive, grayscale, CMYK,
   every draft scale, EXIF orientations 2-8 in either byte order), PNG (RGB, RGBA, LA, palette, 1/2/4-bit
   palettes and greys, transparent colours, 16-bit grey and RGBA), GIF, BMP and WebP (with alpha too).
   Empty bytes, bytes that do not decode, and images over Pillow's decompression-bomb limit give a zero

@@ -276,7 +276,7 @@ def test_siglip_tokenizer_tf_twin_matches(c4_tok):
 
 def _siglip_run_config(data_dir, ckpt, tokenizer, **train):
   import importlib.util  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   spec = importlib.util.spec_from_file_location("pod_config", os.path.join(root, "configs", "vit_b16_pod.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -343,7 +343,7 @@ def test_train_from_siglip_checkpoint(tiny_data, c4_tok, tmp_path):
 @pytest.mark.parametrize("name", ["vit_b16_pod", "vit_b16_gpu"])
 def test_siglip_b16_configs(name):
   import importlib.util  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)

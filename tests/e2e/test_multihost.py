@@ -2,7 +2,7 @@
 
 Each process has 2 simulated CPU devices, so the global mesh has 4 devices in both the 2-process
 job and the single-process reference (4 devices in one process), with the same global batch.
-Runs are children: this file run as a script (`python tests/test_multihost.py run ...`), alone or
+Runs are children: this file run as a script (`python tests/e2e/test_multihost.py run ...`), alone or
 under `launch.multiprocess --script`, writes what it measured; the tests assert on it.
 
 The learning rate is constant (no warmup, min_lr_ratio=1) so a run preempted at step 2 and resumed
@@ -25,7 +25,7 @@ import pytest
 from mmr_jax.evals import embedding
 from mmr_jax import runtime
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 STEPS = 4
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # see test_sharding.py

@@ -165,7 +165,7 @@ def test_scann_unfilled_slots_are_padding_in_both_search_paths():
 
 def test_bench_ann_smoke(tmp_path, capsys):
   import importlib.util
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_ann.py")
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools", "bench_ann.py")
   spec = importlib.util.spec_from_file_location("bench_ann", path)
   bench = importlib.util.module_from_spec(spec)
   sys.modules["bench_ann"] = bench  # dataclasses resolve annotations through sys.modules

@@ -19,7 +19,7 @@ import time
 import pytest
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `launch` is not an installed package
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # `launch` is not an installed package
 from launch import common, gke, local, multiprocess, slurm, sweep, tpu_pod
 from mmr_jax import sweep_runner
 
@@ -419,7 +419,7 @@ def test_launcher_builds_the_real_config_without_reading_its_data(capsys):
   assert "kind: JobSet" in capsys.readouterr().out
 
 
-# Stands in for tools/aot_compile.py (the real compile: tests/test_aot_compile.py): fits unless the batch is huge.
+# Stands in for tools/aot_compile.py (the real compile: tests/tools/test_aot_compile.py): fits unless the batch is huge.
 FAKE_AOT = r"""
 import json, sys
 big = any(a.startswith("--config.data.batch_size=") and int(a.split("=")[1]) > 10000 for a in sys.argv)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("mmr_status_tool", os.path.join(_ROOT, "tools", "status.py"))
 status = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(status)

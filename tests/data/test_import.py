@@ -289,9 +289,9 @@ def test_beam_import_runs_in_its_own_venv():
   beam_python = os.environ.get("MMR_BEAM_PYTHON")
   if not beam_python:
     pytest.skip("MMR_BEAM_PYTHON not set: tools/test.sh sets it after building .venv-beam")
-  root = pathlib.Path(__file__).resolve().parents[1]
+  root = pathlib.Path(__file__).resolve().parents[2]
   proc = subprocess.run([beam_python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                         "tests/test_import.py::test_beam_products_match_in_process_import"],
+                         "tests/data/test_import.py::test_beam_products_match_in_process_import"],
                         cwd=root, env=dict(os.environ, MMR_REQUIRE_BEAM="1"), capture_output=True, text=True)
   assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 

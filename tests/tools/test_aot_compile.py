@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POD = "configs/vit_b16_pod.py:stage=2"
 NO_REMAT = [f"--config.model.{t}.remat=False" for t in ("vit", "text", "fusion")]
 

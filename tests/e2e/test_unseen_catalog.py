@@ -35,7 +35,7 @@ from mmr_jax.evals import report
 from mmr_jax.evals import retrieval
 from mmr_jax import evaluate
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _photo(w, h, seed=0):
