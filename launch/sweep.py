@@ -59,6 +59,7 @@ from etils import epath
 
 from launch import common
 from mmr_jax.evals import metrics as metrics_lib
+from mmr_jax.evals import report
 from mmr_jax import fileio
 from mmr_jax import sweep_runner
 
@@ -312,7 +313,7 @@ def results_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> 
     if len(vals) > 1 and c not in ("run",):
       best[c] = min(vals) if _lower_is_better(c) else max(vals)
   bold = lambda c, r, text: f"**{text}**" if c in best and r.get(c) == best[c] else text  # noqa: E731
-  return sweep_runner.markdown_table(columns, [[bold(c, r, _fmt(r.get(c))) for c in columns] for r in rows])
+  return report.markdown_table(columns, [[bold(c, r, _fmt(r.get(c))) for c in columns] for r in rows])
 
 
 def plot(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> bytes | None:

@@ -31,6 +31,7 @@ from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
 from mmr_jax.data import tfds_builder
 from mmr_jax.evals import metrics as metrics_lib
+from mmr_jax.evals import report
 from mmr_jax.evals import retrieval
 from mmr_jax import evaluate
 from mmr_jax import fileio
@@ -124,7 +125,7 @@ def table(rows: list[dict]) -> str:
     paper = PAPER.get(r["row"])
     cells.append(f"{paper[0]} / {paper[1]}" if paper else "-")
     body.append(cells)
-  return sweep_runner.markdown_table(head, body)
+  return report.markdown_table(head, body)
 
 
 def margins(rows: list[dict], row: str = "fusion_ft", baseline: str = "text_only") -> dict:

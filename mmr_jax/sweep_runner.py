@@ -218,13 +218,3 @@ def summary(results: Sequence[Result], root: str) -> str:
     secs = f"{r.seconds:7.1f}s" if r.status != "skipped" else "       -"
     lines.append(f"  {r.name:<{w}}  {r.status:<7}  {secs}  {detail}".rstrip())
   return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------- reports
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-  """Returns a Markdown table of text cells, one line per row ("|" inside a body cell escaped)."""
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |" for cells in rows]
-  return "\n".join(lines) + "\n"

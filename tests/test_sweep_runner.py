@@ -60,10 +60,6 @@ def test_bad_dependencies_are_refused():
     sweep_runner.ordered([P("a", {}), P("a", {})])
 
 
-def test_markdown_table():
-  assert sweep_runner.markdown_table(["a", "b"], [["1", "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |\n"
-
-
 def test_load_config_module(tmp_path):
   (tmp_path / "c.py").write_text("def get_sweep(arg=None):\n  return [{'name': arg}]\n")
   assert sweep_runner.load_config_module(f"{tmp_path / 'c.py'}:x").get_sweep("x") == [{"name": "x"}]

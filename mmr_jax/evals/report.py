@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 
@@ -16,33 +18,44 @@ def markdown_report(results: dict, title: str = "Retrieval metrics") -> str:
   if params.get("brute_force"):
     note += (f" ScaNN searched by brute force (fewer than brute_force_below={params.get('brute_force_below')} "
              "products), so it equals exact search; `--scann '{\"brute_force_below\": 0}'` builds a tree.")
-  lines = [f"# {title}", "", f"{n} products; metrics in %; ScaNN recall vs exact at k={results['k']}.{note}",
-           "", "| split | search | " + " | ".join(cols) + " | queries | ScaNN recall vs exact |",
-           "|---|---|" + "---|" * (len(cols) + 2)]
   fusion = results.get("fusion")
   systems = [("overall", "ScaNN"), ("exact", "exact")]
   if fusion:
     systems += [("bm25", "BM25"), ("hybrid", f"hybrid ({fusion['method']}, learned weight {fusion['weight']:g})")]
+  body = []
   for split, r in results["splits"].items():
     for name, label in systems:
       m = r[name]["overall"] if name in ("bm25", "hybrid") else r[name]
-      lines.append(f"| {split} | {label} | " + " | ".join(fmt(m.get(c)) for c in cols) +
-                   f" | {m['num_queries']} | {fmt(r['scann_recall_vs_exact']) if name == 'overall' else ''} |")
+      body.append([split, label, *(fmt(m.get(c)) for c in cols), m["num_queries"],
+                   fmt(r["scann_recall_vs_exact"]) if name == "overall" else ""])
+  lines = [f"# {title}", "", f"{n} products; metrics in %; ScaNN recall vs exact at k={results['k']}.{note}", "",
+           markdown_table(["split", "search", *cols, "queries", "ScaNN recall vs exact"], body).rstrip("\n")]
   if fusion:
     tuned = (f"tuned on the {fusion['tuned_on']} queries by NDCG@10" if fusion.get("tuned_on") else
              "not tuned (no validation queries)")
     lines += ["", f"BM25: keyword search over title + description + attributes (`mmr_jax/evals/keyword.py`). Hybrid: "
               f"the learned ranking fused with BM25's per query, {tuned}."]
   for split, r in results["splits"].items():
-    lines += ["", f"## {split}: by query tag and product-text sparsity (ScaNN)", "",
-              "| group | " + " | ".join(cols) + " | queries |", "|---|" + "---|" * (len(cols) + 1)]
+    body = []
     for gname, key in (("tag", "by_tag"), ("sparsity", "by_sparsity")):
       for g, m in r[key].items():
-        lines.append(f"| {gname}: {g} | " + " | ".join(fmt(m.get(c)) for c in cols) + f" | {m['num_queries']} |")
+        body.append([f"{gname}: {g}", *(fmt(m.get(c)) for c in cols), m["num_queries"]])
         for name, label in systems[2:]:
           mm = r[name][key].get(g, {})
-          lines.append(f"| {gname}: {g} ({label.split()[0]}) | " + " | ".join(fmt(mm.get(c)) for c in cols) +
-                       f" | {mm.get('num_queries', 0)} |")
+          body.append([f"{gname}: {g} ({label.split()[0]})", *(fmt(mm.get(c)) for c in cols),
+                       mm.get("num_queries", 0)])
+    lines += ["", f"## {split}: by query tag and product-text sparsity (ScaNN)", "",
+              markdown_table(["group", *cols, "queries"], body).rstrip("\n")]
+  return "\n".join(lines) + "\n"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """Returns a Markdown table of cells (str() of each), one line per row ("|" inside a body cell escaped).
+
+  The one table writer: evaluation reports, the ablation and sweep results use it.
+  """
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |" for cells in rows]
   return "\n".join(lines) + "\n"
 
 
