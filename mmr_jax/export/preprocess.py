@@ -44,9 +44,11 @@ import PIL
 from PIL import Image
 import tensorflow as tf
 
+from mmr_jax.data import tfds_builder
 from mmr_jax.data import tokenizer as tok_lib
 
-TOKENIZER_ASSET = "tokenizer.model"
+# The SavedModels ship the run's SentencePiece model as an asset under DATA_DIR's file name.
+TOKENIZER_ASSET = tfds_builder.TOKENIZER_FILE
 
 
 # Pillow's fixed-point precision for 8-bit resampling (src/libImaging/Resample.c, PRECISION_BITS).
