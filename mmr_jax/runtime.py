@@ -33,12 +33,13 @@ _native_log_path: str | None = None
 
 
 class _ConsoleFilter(logging.Filter):
-  """What the terminal shows at a verbosity: warnings of ours, plus INFO of the command's headline loggers
-  (verbosity 0); INFO of all of ours (1); everything, libraries' INFO and DEBUG included (2)."""
+  """What the terminal shows at a verbosity: warnings of ours (each text once), plus INFO of the command's
+  headline loggers (verbosity 0); INFO of all of ours (1); everything, libraries' INFO and DEBUG included (2)."""
 
   def __init__(self, verbosity: int, headline: tuple[str, ...]):
     super().__init__()
     self.verbosity, self.headline = verbosity, headline
+    self._warned: set[tuple[str, str]] = set()
 
   def filter(self, record: logging.LogRecord) -> bool:
     if self.verbosity >= 2:
@@ -46,6 +47,14 @@ class _ConsoleFilter(logging.Filter):
     if not (record.name == "mmr_jax" or record.name.startswith("mmr_jax.")):
       # Library chatter (Orbax's notes on read-only restores, absl): errors only; warnings from verbosity 1.
       return record.levelno >= (logging.WARNING if self.verbosity >= 1 else logging.ERROR)
+    if record.levelno == logging.WARNING and self.verbosity == 0:
+      # A warning each run of a multi-run command repeats (the ablation's rows share data and settings)
+      # is shown once; the log file keeps every one.
+      key = (record.name, record.getMessage())
+      if key in self._warned:
+        return False
+      self._warned.add(key)
+      return True
     if record.levelno != logging.INFO:
       return record.levelno > logging.INFO
     return self.verbosity >= 1 or any(record.name == h or record.name.startswith(h + ".") for h in self.headline)

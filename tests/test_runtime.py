@@ -10,6 +10,7 @@ def _emit():
   logging.getLogger("mmr_jax.ablation").info("row text_only")
   logging.getLogger("mmr_jax.train").info("compiled step memory")
   logging.getLogger("mmr_jax.train").warning("positives_k too small")
+  logging.getLogger("mmr_jax.train").warning("positives_k too small")  # a second run's: shown once at verbosity 0
   logging.getLogger("absl").warning("read_only=True, setting create=False")
   logging.getLogger("absl").error("a library error")
   logging.getLogger("mmr_jax.evals.index").debug("leaf sizes")
@@ -30,14 +31,16 @@ def test_console_shows_headline_lines_and_warnings_at_verbosity_0(capfd, tmp_pat
   assert _lines(err) == ["row text_only", "positives_k too small", "a library error"]
   # The file keeps every INFO line of ours and the libraries' warnings, whatever the console shows.
   assert _lines(log_file.read_text()) == ["row text_only", "compiled step memory", "positives_k too small",
-                                          "read_only=True, setting create=False", "a library error"]
+                                          "positives_k too small", "read_only=True, setting create=False",
+                                          "a library error"]
 
 
 def test_console_verbosity_1_and_2(capfd):
   runtime.setup_logging(1, headline=("mmr_jax.ablation",))
   _emit()
   assert _lines(capfd.readouterr().err) == ["row text_only", "compiled step memory", "positives_k too small",
-                                            "read_only=True, setting create=False", "a library error"]
+                                            "positives_k too small", "read_only=True, setting create=False",
+                                            "a library error"]
   runtime.setup_logging(2)
   _emit()
   assert "leaf sizes" in _lines(capfd.readouterr().err)
