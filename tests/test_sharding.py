@@ -250,7 +250,7 @@ def check_remat(data_dir: str, workdir: str) -> dict:
     """Returns (loss, grads, primitive names of the gradient's jaxpr)."""
     trainer = train.Trainer(cfg, workdir, mesh=mesh)
     loss = lambda p: trainer._loss(p, batch, jax.random.PRNGKey(0), True)  # pylint: disable=protected-access  # noqa: E731
-    with trainer._context():  # pylint: disable=protected-access
+    with trainer.context():  # pylint: disable=protected-access
       fn = jax.value_and_grad(loss, has_aux=True)
       (value, _), grads = jax.jit(fn)(params)
       text = str(jax.make_jaxpr(fn)(params))
