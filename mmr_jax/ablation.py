@@ -403,8 +403,11 @@ def main(argv=None):
       p.error(f"--set {item!r} is not KEY=VALUE")
     k, v = item.split("=", 1)
     overrides[k] = v
-  rows = run(args.workdir, args.data, args.config, tuple(r for r in args.rows.split(",") if r), args.steps,
-             args.stage1_steps, args.batch, args.config_arg, overrides, args.budget)
+  try:
+    rows = run(args.workdir, args.data, args.config, tuple(r for r in args.rows.split(",") if r), args.steps,
+               args.stage1_steps, args.batch, args.config_arg, overrides, args.budget)
+  except sweep_runner.SweepError as e:  # a missing config file, an unknown {placeholder}: one line, exit 2
+    p.error(str(e))
   print(table(rows))
   md = (epath.Path(args.workdir) / "ablation.md").read_text().splitlines()
   print("\n".join(line for line in md if line.startswith(("fusion_ft minus", "- "))))

@@ -56,8 +56,7 @@ def _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_
     log.warning("%s is a stage-1 run (image <-> title): its query tower was never trained, so these numbers "
                 "say little; evaluate the stage-2 workdir", workdir)
   data_dir = tm.config.data.dir
-  dp = shd.data_parallel_size(tm.mesh)
-  batch_size = max(dp, batch_size // dp * dp)
+  batch_size = shd.data_parallel_batch(batch_size, tm.mesh)
   queries = {split: retrieval.load_queries(data_dir, split) for split in splits}
   queries = {split: q for split, q in queries.items() if q["num"]}
   if not queries:
@@ -75,9 +74,8 @@ def _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_
   if not np.array_equal(prod_idx, np.arange(len(num_words))):
     raise RuntimeError(f"embedded {len(prod_idx)} products but the catalogue has {len(num_words)}")
   for split, q in queries.items():
-    q["emb"], _ = embedding.embed_table(tm.embed_queries,
-                              pipeline.make_eval_iterator(data_dir, "queries", split, tm.config.data, batch_size),
-                              total=q["num"], desc=f"embed {split}")
+    batches = pipeline.make_eval_iterator(data_dir, "queries", split, tm.config.data, batch_size)
+    q["emb"], _ = embedding.embed_table(tm.embed_queries, batches, total=q["num"], desc=f"embed {split}")
   embed_s = time.time() - t0
   index = index_lib.ScannIndex.build(prod_emb, scann_params)
   kw = retrieval.bm25_rankings(product_texts, queries) if keyword_search else None

@@ -2,8 +2,10 @@
 the trainer's metric log and preemption flag.
 
 Drivers (train, evaluate, ablation, export) call these at start; library modules never do, so importing a
-library module changes no global state. The one exception is `native_logs()`, which library code wraps
-around calls into C++ libraries that log on their own (ScaNN's index builder).
+library module changes no global state. Library code wraps `native_logs()` around calls into C++ libraries
+that log on their own (ScaNN's index builder); it does nothing unless a command attached a log file.
+(The package's `__init__` sets one environment default, TF_CPP_MIN_LOG_LEVEL: TensorFlow reads it once, when
+it loads, before any command could.)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Where C++ libraries' own logs go inside `native_logs()` (ScaNN's builder logs through absl's C++ logging,
 # which nothing in Python configures): None leaves them on stderr.
 _native_log_path: str | None = None
+_verbosity = 1
 
 
 class _ConsoleFilter(logging.Filter):
@@ -65,13 +68,14 @@ def setup_logging(verbosity: int = 1, headline: tuple[str, ...] = (), log_file: 
 
   verbosity: 0 shows progress bars, warnings and the INFO lines of the `headline` loggers (a command's one
     line per stage or row); 1 adds every INFO line of ours and the libraries' warnings; 2 shows everything,
-    C++ libraries' own logs included.
+    C++ libraries' own logs (ScaNN's builder) included.
   log_file: see `attach_log_file`.
   """
-  global _native_log_path
+  global _verbosity, _native_log_path
   root = logging.getLogger()
   for h in list(root.handlers):
     root.removeHandler(h)
+    h.close()
   root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
   console = logging.StreamHandler()
   console.setFormatter(logging.Formatter(FORMAT))
@@ -80,21 +84,33 @@ def setup_logging(verbosity: int = 1, headline: tuple[str, ...] = (), log_file: 
   for name in LIBRARIES:
     logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
   absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.WARNING)
-  _native_log_path = None if verbosity >= 2 else os.devnull
+  _verbosity, _native_log_path = verbosity, None
   if log_file:
     attach_log_file(log_file)
 
 
+class _LazyFileHandler(logging.FileHandler):
+  """A FileHandler whose folder and file appear with the first record, so a command refused before it
+  logs anything (a bad flag, a busy workdir) leaves no log file behind."""
+
+  def __init__(self, path: str):
+    super().__init__(path, delay=True)
+
+  def _open(self):
+    os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+    return super()._open()
+
+
 def attach_log_file(path: str) -> None:
   """Adds a local log file that gets every INFO line of ours and the libraries' warnings whatever the
-  verbosity, and what C++ libraries write inside `native_logs()`."""
+  verbosity; below verbosity 2 it also gets what C++ libraries write inside `native_logs()`."""
   global _native_log_path
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  handler = logging.FileHandler(path)
+  handler = _LazyFileHandler(os.path.abspath(path))
   handler.setFormatter(logging.Formatter(FORMAT))
   handler.setLevel(logging.INFO)
   logging.getLogger().addHandler(handler)
-  _native_log_path = path
+  if _verbosity < 2:
+    _native_log_path = handler.baseFilename
 
 
 def log_file_for(workdir, command: str) -> str | None:
@@ -110,11 +126,13 @@ def log_file_for(workdir, command: str) -> str | None:
 
 @contextlib.contextmanager
 def native_logs():
-  """Sends what C++ code writes to stderr inside the block to the command's log file (nowhere without one)
-  below verbosity 2; unchanged where no command configured logging. Python's stderr is flushed first."""
+  """Sends what C++ code writes to stderr inside the block into the command's log file (below verbosity 2,
+  when the command has one); otherwise stderr is left as it is. Python's stderr is flushed on both sides of
+  the switch, so no line lands in the wrong place."""
   if _native_log_path is None:
     yield
     return
+  os.makedirs(os.path.dirname(_native_log_path), exist_ok=True)
   sys.stderr.flush()
   saved = os.dup(2)
   try:
@@ -123,6 +141,7 @@ def native_logs():
       try:
         yield
       finally:
+        sys.stderr.flush()
         os.dup2(saved, 2)
   finally:
     os.close(saved)

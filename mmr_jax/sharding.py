@@ -144,6 +144,13 @@ def data_parallel_size(mesh: Mesh | None) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes(mesh)) if mesh is not None else 1
 
 
+def data_parallel_batch(batch_size: int, mesh: Mesh | None) -> int:
+  """Returns `batch_size` rounded down to a multiple of the data-parallel size (at least one row per shard),
+  so a global batch splits evenly over the data axes."""
+  dp = data_parallel_size(mesh)
+  return max(dp, batch_size // dp * dp)
+
+
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Returns global jax.Arrays from this host's slice of the global batch.
 

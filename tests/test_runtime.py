@@ -3,7 +3,26 @@
 import logging
 import os
 
+import pytest
+
 from mmr_jax import runtime
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+  """Each test configures logging like a command; the root logger and runtime's state are put back after."""
+  root = logging.getLogger()
+  handlers, level = list(root.handlers), root.level
+  saved = runtime._native_log_path, runtime._verbosity  # pylint: disable=protected-access
+  yield
+  for h in list(root.handlers):
+    root.removeHandler(h)
+    if h not in handlers:
+      h.close()
+  for h in handlers:
+    root.addHandler(h)
+  root.setLevel(level)
+  runtime._native_log_path, runtime._verbosity = saved  # pylint: disable=protected-access
 
 
 def _emit():
@@ -23,11 +42,8 @@ def _lines(text: str) -> list[str]:
 def test_console_shows_headline_lines_and_warnings_at_verbosity_0(capfd, tmp_path):
   log_file = tmp_path / "logs" / "x.log"
   runtime.setup_logging(0, headline=("mmr_jax.ablation",), log_file=str(log_file))
-  try:
-    _emit()
-    err = capfd.readouterr().err
-  finally:
-    runtime.setup_logging()
+  _emit()
+  err = capfd.readouterr().err
   assert _lines(err) == ["row text_only", "positives_k too small", "a library error"]
   # The file keeps every INFO line of ours and the libraries' warnings, whatever the console shows.
   assert _lines(log_file.read_text()) == ["row text_only", "compiled step memory", "positives_k too small",
@@ -44,31 +60,37 @@ def test_console_verbosity_1_and_2(capfd):
   runtime.setup_logging(2)
   _emit()
   assert "leaf sizes" in _lines(capfd.readouterr().err)
-  runtime.setup_logging()
 
 
 def test_native_logs_go_to_the_log_file_not_the_console(capfd, tmp_path):
   log_file = tmp_path / "native.log"
   runtime.setup_logging(0, log_file=str(log_file))
-  try:
-    with runtime.native_logs():
-      os.write(2, b"I0000 partitioner_factory_base.cc:58] sampled 3000\n")
-    os.write(2, b"after the block\n")
-    err = capfd.readouterr().err
-  finally:
-    runtime.setup_logging()
+  with runtime.native_logs():
+    os.write(2, b"I0000 partitioner_factory_base.cc:58] sampled 3000\n")
+  os.write(2, b"after the block\n")
+  err = capfd.readouterr().err
   assert "partitioner" not in err and "after the block" in err
   assert "partitioner_factory_base.cc:58] sampled 3000" in log_file.read_text()
 
 
-def test_native_logs_stay_on_stderr_at_verbosity_2(capfd):
-  runtime.setup_logging(2)
-  try:
-    with runtime.native_logs():
-      os.write(2, b"native line\n")
-    assert "native line" in capfd.readouterr().err
-  finally:
-    runtime.setup_logging()
+@pytest.mark.parametrize("verbosity,log_file", [(2, True), (0, False)])
+def test_native_logs_stay_on_stderr_at_verbosity_2_or_without_a_log_file(capfd, tmp_path, verbosity, log_file):
+  """Nothing is thrown away: without a file to keep them (a gs:// workdir) native logs stay on the console."""
+  path = tmp_path / "x.log"
+  runtime.setup_logging(verbosity, log_file=str(path) if log_file else None)
+  with runtime.native_logs():
+    os.write(2, b"native line\n")
+  assert "native line" in capfd.readouterr().err
+  assert not path.exists() or "native line" not in path.read_text()
+
+
+def test_log_file_appears_with_the_first_record(tmp_path):
+  """A command refused before it logs anything leaves no logs/ folder in the workdir."""
+  path = tmp_path / "wd" / "logs" / "train.log"
+  runtime.setup_logging(0, log_file=str(path))
+  assert not (tmp_path / "wd").exists()
+  logging.getLogger("mmr_jax.train").info("first")
+  assert path.read_text().endswith("mmr_jax.train: first\n")
 
 
 def test_log_file_for(tmp_path):

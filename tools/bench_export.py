@@ -5,7 +5,7 @@ Both sides answer a batch of raw query strings with the top-K product indexes, i
               one graph), called from Python with a numpy string array; outputs fetched to numpy
   jax         numpy SentencePiece (`Tokenizer.encode`) -> the jitted JAX query tower (bare `jax.jit` on
               device-resident parameters) -> `ScannIndex.search` on the exported index -> id lookup
-Also reported: `jax_trained_model_ms`, the same with `TrainedModel.embed_queries` (the sharded
+Also reported: `jax_trained_model_ms`, the same with `Embedder.embed_queries` (the sharded
 host->global path evaluation uses) instead of the bare jit, and `savedmodel_graph_ms`, the SavedModel run
 by TF's graph runtime (`tf.compat.v1.Session.run` of the signature), which is what TensorFlow Serving's
 C++ server does per request without Python's eager call overhead. Graph mode is process-global, so that
@@ -41,7 +41,6 @@ import sys
 import time
 
 import numpy as np
-from mmr_jax.evals import embedding
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,11 +51,11 @@ def _log(msg: str) -> None:
 
 def _queries(data_dir: str, n: int) -> list[str]:
   """Returns n query strings from the test split (cycled), else synthetic ones."""
-  from mmr_jax.data import pipeline, tfds_builder  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import sources, tfds_builder  # pylint: disable=g-import-not-at-top
   texts = []
   for split in ("test", "validation", "train"):
     src = tfds_builder.load_source(data_dir, "queries", split)
-    texts += [pipeline._text(src[i], "text") for i in range(min(len(src), 512))]  # pylint: disable=protected-access
+    texts += [sources.row_text(src[i], "text") for i in range(min(len(src), 512))]
     if texts:
       break
   if not texts:
@@ -65,16 +64,17 @@ def _queries(data_dir: str, n: int) -> list[str]:
 
 
 def _jax_pipeline(workdir: str, out: str, data_dir: str, k: int):
-  """Returns (fn(queries) -> (indices, scores, ids) with the bare jitted tower, the TrainedModel, the index).
+  """Returns (fn(queries) -> (indices, scores, ids) with the bare jitted tower, the Embedder, the index).
 
   The JAX side of the comparison: numpy SentencePiece, the jitted query tower on device-resident
   parameters, `ScannIndex.search` on the exported index, then the same id lookup the SavedModel does.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from mmr_jax.evals import index as index_lib  # pylint: disable=g-import-not-at-top
-  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from mmr_jax.evals import embedding  # pylint: disable=g-import-not-at-top
   tm = embedding.load_trained(workdir, data_dir)
-  tok = pipeline.load_tokenizer(data_dir, tm.config.data)
+  tok = sources.load_tokenizer(data_dir, tm.config.data)
   q_len = int(tm.config.data.query_len)
   index = index_lib.ScannIndex.load(os.path.join(out, "embeddings", "index"))
   with open(os.path.join(out, "embeddings", "ids.txt"), encoding="utf-8") as f:

@@ -164,7 +164,7 @@ def forward_matmul_flops(trainer, batch) -> int:
   """Returns the matmul FLOPs of one forward pass of the trainer's loss on `batch`."""
   import jax  # pylint: disable=g-import-not-at-top
   params = trainer.abstract_state.params
-  with trainer.context():  # pylint: disable=protected-access
+  with trainer.context():
     jaxpr = jax.make_jaxpr(lambda p, b: trainer._loss(p, b, jax.random.PRNGKey(0), True))(  # pylint: disable=protected-access
         params, batch)
   return matmul_flops(jaxpr)

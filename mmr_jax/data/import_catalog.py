@@ -62,7 +62,7 @@ from mmr_jax.data import tokenizer as tokenizer_lib
 CatalogError = catalog.CatalogError
 
 _CORPUS_FILE = "_tokenizer_corpus.txt"
-# Latent attributes of synthetic catalogues (data/synthetic.py): carried into DATA_DIR if present.
+# Latent attributes of synthetic catalogues (data/synthetic/): carried into DATA_DIR if present.
 GROUND_TRUTH_FILE = "ground_truth.jsonl"
 
 

@@ -57,15 +57,6 @@ from mmr_jax.data import catalog
 from mmr_jax.data import sources
 from mmr_jax.data import transforms
 
-# The run's tokenizer and image decoding, which train, inference and export take from this module.
-decode_image = transforms.decode_image
-load_tokenizer = sources.load_tokenizer
-tokenizer_conventions = sources.tokenizer_conventions
-tokenizer_path = sources.tokenizer_path
-# export.py's row readers.
-_bytes = sources.row_bytes
-_text = sources.row_text
-
 # Orbax checkpoint args for a grain iterator; checkpoint.py registers these in
 # its CheckpointManager (item name e.g. "data"). Each host writes
 # `process_{i}-of-{n}.json` with its own state.

@@ -3,8 +3,8 @@
 
 An evaluator has `metric_names() -> set[str]` (what it logs, known before it runs: `train.keep_best` checks
 its metric against them at start) and `run(params) -> {name: float}`. The trainer builds its list from
-`config.train` (the objective always, retrieval when `train.eval_retrieval` and there are validation
-queries) and knows nothing else of them; evaluation functions take embedding functions or matrices, never a
+`config.train` (the objective always; retrieval in stage 2 when `train.eval_retrieval` and there are
+validation queries) and knows nothing else of them; evaluation functions take embedding functions or matrices, never a
 particular model.
 
   embedding.py   a model's parameters as embedding functions (`Embedder`, `load_trained`), `embed_table`

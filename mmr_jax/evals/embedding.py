@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
-from mmr_jax.data import pipeline
+from mmr_jax.data import sources
 from mmr_jax.data import tokenizer as tok_lib
 from mmr_jax.models import create_model
 from mmr_jax import sharding as shd
@@ -83,7 +83,7 @@ def load_trained(workdir: str, data_dir: str | None = None, mesh=None) -> Embedd
   # The tokenizer of the data the model was trained on must match the one used now.
   trained_vocab = config.model.text.vocab_size
   if data_dir and trained_vocab > 0:
-    path = pipeline.tokenizer_path(data_dir, config.data)  # config.data.tokenizer.path when the run set one
+    path = sources.tokenizer_path(data_dir, config.data)  # config.data.tokenizer.path when the run set one
     now = tok_lib.Tokenizer(path).vocab_size
     if now != trained_vocab:
       raise ValueError(f"{path} has vocab {now} but {workdir} was trained with {trained_vocab}: "

@@ -50,13 +50,12 @@ def markdown_report(results: dict, title: str = "Retrieval metrics") -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-  """Returns a Markdown table of cells (str() of each), one line per row ("|" inside a body cell escaped).
+  """Returns a Markdown table of cells (str() of each), one line per row ("|" inside a cell escaped).
 
   The one table writer: evaluation reports, the ablation and sweep results use it.
   """
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |" for cells in rows]
-  return "\n".join(lines) + "\n"
+  row = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+  return "\n".join([row(header), "|" + "---|" * len(header)] + [row(cells) for cells in rows]) + "\n"
 
 
 def plot_recall(results: dict, path: str) -> None:

@@ -161,17 +161,15 @@ def retrieval_metrics(embed_queries: Callable[[dict], np.ndarray], embed_product
   q = load_queries(data_dir, split)
   if not q["num"]:
     raise ValueError(f"{data_dir} has no {split} queries to score retrieval on")
-  prod_emb, _ = embedding.embed_table(embed_products, pipeline.make_eval_iterator(data_dir, "products", "all", data_config,
-                                                                        batch_size),
-                            desc=f"{split} retrieval: embed products")
-  q_emb, _ = embedding.embed_table(embed_queries, pipeline.make_eval_iterator(data_dir, "queries", split, data_config,
-                                                                    batch_size), desc=f"{split} queries")
+  products = pipeline.make_eval_iterator(data_dir, "products", "all", data_config, batch_size)
+  prod_emb, _ = embedding.embed_table(embed_products, products, desc=f"{split} retrieval: embed products")
+  queries = pipeline.make_eval_iterator(data_dir, "queries", split, data_config, batch_size)
+  q_emb, _ = embedding.embed_table(embed_queries, queries, desc=f"{split} queries")
   k = min(k, prod_emb.shape[0])
   ranked, _ = index_lib.exact_search(q_emb, prod_emb, k)
   ks = tuple(x for x in (10, 50, 100) if x <= k) or (k,)
   m = metrics_lib.compute_metrics(ranked, q["labels"], ks=ks, ndcg_ks=(min(10, k),))
   return {key: v for key, v in m.items() if not key.startswith("num_")}
-
 
 
 def _str(value) -> str:
@@ -198,13 +196,11 @@ def load_products(data_dir: str) -> tuple[np.ndarray, list[str]]:
   return np.asarray([int(r["num_words"]) for r in rows], np.int64), [_str(r["text"]) for r in rows]
 
 
-def bm25_rankings(product_texts: Sequence[str], queries: Mapping[str, dict], k: int = K_MAX
-                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def bm25_rankings(product_texts: Sequence[str], queries: Mapping[str, dict],
+                  k: int = K_MAX) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Returns {split: BM25 (idx [Q, k], scores [Q, k])} for queries carrying "text"."""
   bm25 = keyword.BM25(product_texts)
   return {split: bm25.search(q["text"], k) for split, q in queries.items()}
-
-
 
 
 class RetrievalEvaluator:
@@ -219,8 +215,7 @@ class RetrievalEvaluator:
   def __init__(self, config, model, mesh, split: str = FUSION_SPLIT, batch_size: int = 256, prefix: str = "val/"):
     self.config, self.split, self.prefix = config, split, prefix
     self._embedder = embedding.Embedder(config=config, model=model, params=None, step=0, mesh=mesh)
-    dp = shd.data_parallel_size(mesh)
-    self.batch_size = max(dp, batch_size // dp * dp)
+    self.batch_size = shd.data_parallel_batch(batch_size, mesh)
 
   def metric_names(self) -> set[str]:
     return {self.prefix + k for k in self.METRICS}

@@ -139,10 +139,9 @@ def embed_catalogue(tm, data_dir: str, out_dir: str, *, batch_size: int = 256, s
   """
 
   p, num_p = jax.process_index(), jax.process_count()
-  dp = shd.data_parallel_size(tm.mesh)
   if batch_size < 1 or shard_batches < 1:
     raise ValueError(f"batch_size={batch_size} and shard_batches={shard_batches} must be >= 1")
-  batch_size = max(dp, batch_size // dp * dp)  # the global batch must split over the data axes
+  batch_size = shd.data_parallel_batch(batch_size, tm.mesh)
   n = len(tfds_builder.load_source(data_dir, "products", "all"))
   if n == 0:
     raise ValueError(f"{data_dir}: the products table is empty")

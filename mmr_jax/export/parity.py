@@ -5,7 +5,7 @@ differences in export_summary.json: the query tower on a sample of test queries 
 (empty, emoji, CJK/Arabic/Cyrillic, very long strings, control characters); the product tower on a
 catalogue sample, once on identical preprocessed inputs (the model alone) and once end to end from raw
 fields and image bytes (the in-graph preprocessing too), with the tokens and pixels the graph produced
-compared against `Tokenizer.encode` and `pipeline.decode_image`. An export whose embeddings differ by
+compared against `Tokenizer.encode` and `transforms.decode_image`. An export whose embeddings differ by
 more than `--parity_tol` (default PARITY_TOL), or whose in-graph tokens or has_image differ, exits with
 status 1 naming the model, unless `--allow_parity_mismatch`. tests/export/test_export.py asserts float32 parity
 within 1e-5 for every SavedModel output and 0 differing pixels.
@@ -18,8 +18,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mmr_jax.data import pipeline
+from mmr_jax.data import sources
 from mmr_jax.data import tfds_builder
+from mmr_jax.data import transforms
 from mmr_jax.export import saving
 
 
@@ -29,9 +30,9 @@ UNUSUAL_QUERIES = ("", "   ", "😀👍 emoji only", "ünïcödé straße", "日
 
 def measure_parity(out: str, tm, data_dir: str, sample: int = 32) -> dict:
   """Returns max |SavedModel - JAX| for queries and products on a catalogue sample (and image pixel diffs)."""
-  text, raw = pipeline._text, pipeline._bytes  # pylint: disable=protected-access
+  text, raw = sources.row_text, sources.row_bytes
   cfg = tm.config.data
-  tok = pipeline.load_tokenizer(data_dir, cfg)
+  tok = sources.load_tokenizer(data_dir, cfg)
   qsrc = tfds_builder.load_source(data_dir, "queries", "test")
   queries = [text(qsrc[i], "text") for i in range(min(sample, len(qsrc)))] + list(UNUSUAL_QUERIES)
   qt = saving.load_saved_model(os.path.join(out, "query_tower"))
@@ -44,7 +45,7 @@ def measure_parity(out: str, tm, data_dir: str, sample: int = 32) -> dict:
                                object)
   pt = saving.load_saved_model(os.path.join(out, "product_tower"))
   pre = pt.signatures["preprocess"](**fields)
-  ref = [pipeline.decode_image(b, int(cfg.image_size)) for b in fields["image"]]
+  ref = [transforms.decode_image(b, int(cfg.image_size)) for b in fields["image"]]
   ref_img = np.stack([r[0] for r in ref])
   ref_tokens = tok.encode([text(r, "text") for r in rows], int(cfg.product_len))
   batch = {"product_tokens": ref_tokens, "image": ref_img, "has_image": np.asarray([r[1] for r in ref])}

@@ -4,7 +4,7 @@ A client sends raw strings and encoded image bytes; these functions turn them in
 `mmr_jax.data.pipeline` feeds the model in training and evaluation, so a SavedModel embeds a request
 like the JAX model embeds the same catalogue row:
 
-* Text: SentencePiece (tensorflow-text) with the run's tokenizer (`pipeline.tokenizer_path`: the
+* Text: SentencePiece (tensorflow-text) with the run's tokenizer (`sources.tokenizer_path`: the
   catalogue's `tokenizer.model`, or `config.data.tokenizer.path` for a pretrained checkpoint's; also
   shipped as a SavedModel asset under `assets/`); ids truncated to `config.data.query_len` /
   `product_len` and padded with 0 (or with `config.data.tokenizer`'s eos / pad / lowercase conventions),
@@ -15,7 +15,7 @@ like the JAX model embeds the same catalogue row:
   (whitespace runs collapsed per field, Python `str.split()` whitespace, empty fields dropped, " | "
   between fields). `attributes` is the RENDERED string "key: value; key: value" with keys sorted, as
   stored in the products table; render a mapping with `mmr_jax.data.catalog.render_attributes(dict)`.
-* Images: encoded bytes (JPEG, PNG, GIF, BMP, WebP). The graph reproduces `pipeline.decode_image`
+* Images: encoded bytes (JPEG, PNG, GIF, BMP, WebP). The graph reproduces `transforms.decode_image`
   (Pillow) bit for bit: libjpeg DCT-domain downscaling as in Pillow's `draft()` (decode_jpeg `ratio`,
   accurate integer IDCT), then Pillow's two-pass antialiased bilinear resampling of the whole image to
   `image_size` x `image_size` in Pillow's fixed-point arithmetic, horizontal pass first except where
@@ -245,7 +245,7 @@ def _png_has_trns(data):
 
 
 def tf_decode_image(data, size: int, vertical_first_rule: bool = True):
-  """Returns uint8 [size, size, 3]: `pipeline.decode_image(data, size)`'s pixels; raises if undecodable."""
+  """Returns uint8 [size, size, 3]: `transforms.decode_image(data, size)`'s pixels; raises if undecodable."""
   max_pixels = _pillow_max_pixels()
 
   def too_big(w, h):

@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from mmr_jax.data import pipeline
+from mmr_jax.data import sources
 from mmr_jax.export import convert
 from mmr_jax.export import preprocess as prep
 from mmr_jax.models import two_tower
@@ -106,7 +106,7 @@ class _Tower(tf.Module):
     self.params = conv.variables
     self.param_layout = tf.Variable(json.dumps(conv.layout), trainable=False)
     self.tokenizer = prep.tf_tokenizer(tokenizer_path, text_len,
-                                             pipeline.tokenizer_conventions(tm.config.data))
+                                             sources.tokenizer_conventions(tm.config.data))
     self.dim = two_tower.embedding_dim(tm.config.model)
     self._fn, self._buckets = conv.fn, tuple(buckets)
 

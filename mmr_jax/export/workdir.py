@@ -28,7 +28,7 @@ from etils import epath
 import jax
 import numpy as np
 
-from mmr_jax.data import pipeline
+from mmr_jax.data import sources
 from mmr_jax.evals import embedding
 from mmr_jax.export import convert
 from mmr_jax.export import embeddings
@@ -97,7 +97,7 @@ def _export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: i
   tm = embedding.load_trained(workdir, data_dir)
   data_dir = tm.config.data.dir
   try:
-    tokenizer_path = pipeline.tokenizer_path(data_dir, tm.config.data)  # the run's own (config.json)
+    tokenizer_path = sources.tokenizer_path(data_dir, tm.config.data)  # the run's own (config.json)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{e}: --data must be the DATA_DIR the model was trained on") from None
   emb_dir = os.path.join(out, "embeddings")

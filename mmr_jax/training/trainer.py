@@ -21,7 +21,7 @@ import optax
 from etils import epath
 
 from mmr_jax import checkpoint as ckpt_lib
-from mmr_jax.data import pipeline
+from mmr_jax.data import sources
 from mmr_jax.data import tokenizer as tok_lib
 from mmr_jax.models import create_model
 from mmr_jax.models import pretrained
@@ -52,13 +52,13 @@ def resolve_config(config):
     tok_cfg = config.data.get("tokenizer")
     if tok_cfg is not None and tok_cfg.get("path"):
       tok_cfg.path = os.path.abspath(os.path.expanduser(tok_cfg.path))
-    conventions = pipeline.tokenizer_conventions(config.data)
+    conventions = sources.tokenizer_conventions(config.data)
     if config.model.text.get("pool") == "last" and conventions.eos != "sticky":
       raise ValueError(f"model.text.pool='last' embeds each row's last position, which is padding unless "
                        f"data.tokenizer.eos='sticky' (it is {conventions.eos!r})")
     if config.model.text.vocab_size <= 0:
       try:
-        tok = tok_lib.Tokenizer(pipeline.tokenizer_path(config.data.dir, config.data), conventions=conventions)
+        tok = tok_lib.Tokenizer(sources.tokenizer_path(config.data.dir, config.data), conventions=conventions)
       except FileNotFoundError as e:
         if tok_cfg is not None and tok_cfg.get("path"):
           raise
@@ -88,7 +88,7 @@ def initialised_towers(init) -> tuple[str, ...]:
 
 
 class Trainer:
-  """Builds the sharded state and the compiled step for one config; runs the loop."""
+  """Builds the sharded state and the compiled step for one config (train.py runs the loop around it)."""
 
   def __init__(self, config, workdir: str, mesh=None):
     self.config = config

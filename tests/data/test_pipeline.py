@@ -12,8 +12,10 @@ from conftest import suggested_overrides
 from mmr_jax import batch_spec
 from mmr_jax import config as config_lib
 from mmr_jax.data import pipeline
+from mmr_jax.data import sources
 from mmr_jax.data import tfds_builder
 from mmr_jax.data import tokenizer as tokenizer_lib
+from mmr_jax.data import transforms
 
 NUM_PRODUCTS = 40
 NUM_QUERIES = 24
@@ -115,7 +117,7 @@ def test_stage1_batches(data_dir):
   val = _take(pipeline.make_train_iterator(data_dir, 1, cfg, seed=0, process_index=0, process_count=1,
                                            split="validation", augment=False), 3)
   assert set(np.concatenate([b["product_index"] for b in val]).tolist()) == heldout
-  tok = pipeline.load_tokenizer(data_dir)
+  tok = sources.load_tokenizer(data_dir)
   b = batches[0]
   for row, idx in enumerate(b["product_index"]):
     p = products[int(idx)]
@@ -148,7 +150,7 @@ def test_stage2_batches_match_pairs(data_dir):
           == batch_spec.from_config(2, cfg, 4))
   pairs = {(int(p["query_index"]), int(p["product_index"])): p
            for p in _pairs(data_dir)}
-  tok = pipeline.load_tokenizer(data_dir)
+  tok = sources.load_tokenizer(data_dir)
   for row in range(4):
     pair = pairs[_pair_key(b, row)]
     np.testing.assert_array_equal(
@@ -300,7 +302,7 @@ def test_eval_images_are_squashed_whole(data_dir):
   (b,) = [b for b in pipeline.make_eval_iterator(
       data_dir, "products", "all", _config(), 64, 0, 1)]
   for i in (0, 1, 8):
-    expected, ok = pipeline.decode_image(products[i]["image"], IMAGE_SIZE)
+    expected, ok = transforms.decode_image(products[i]["image"], IMAGE_SIZE)
     assert ok and b["has_image"][i]
     np.testing.assert_array_equal(b["image"][i], expected)
   assert not b["has_image"][NO_IMAGE]
@@ -310,7 +312,7 @@ def test_eval_queries(data_dir):
   queries = tfds_builder.load_source(data_dir, "queries", "train")
   out, rows = _eval_rows(data_dir, "queries", "train", 4, 2, "query_index")
   assert rows == list(range(len(queries)))
-  tok = pipeline.load_tokenizer(data_dir)
+  tok = sources.load_tokenizer(data_dir)
   b = out[1][0]
   assert set(b) == {"query_tokens", "query_index", "mask"}
   i = int(b["query_index"][0])
@@ -343,12 +345,12 @@ def test_decode_image_modes_and_bad_bytes():
       "palette": _encode(rgb.convert("P"), "PNG"),
   }
   for name, data in cases.items():
-    img, ok = pipeline.decode_image(data, 24)
+    img, ok = transforms.decode_image(data, 24)
     assert ok, name
     assert img.shape == (24, 24, 3) and img.dtype == np.uint8, name
     assert abs(int(img.mean()) - 200) < 8, name
   for bad in (b"", b"not an image", cases["jpeg"][:40]):
-    img, ok = pipeline.decode_image(bad, 24)
+    img, ok = transforms.decode_image(bad, 24)
     assert not ok and img.shape == (24, 24, 3) and not img.any()
 
 
@@ -402,7 +404,7 @@ def test_validation_split_without_augmentation(data_dir):
       assert _pair_key(b, row) in val
       p = int(b["product_index"][row])
       if b["has_image"][row]:
-        expected, _ = pipeline.decode_image(products[p]["image"], IMAGE_SIZE)
+        expected, _ = transforms.decode_image(products[p]["image"], IMAGE_SIZE)
         np.testing.assert_array_equal(b["image"][row], expected)
 
 
@@ -429,7 +431,7 @@ def test_stage2_pseudo_queries_pair_products_with_their_own_terms(data_dir):
   pseudo = b["query_index"] == batch_spec.PAD_INDEX
   assert 0 < pseudo.sum() < 16  # about half the rows
   products = tfds_builder.load_source(data_dir, "products", "all")
-  tok = pipeline.load_tokenizer(data_dir)
+  tok = sources.load_tokenizer(data_dir)
   for row in np.flatnonzero(pseudo):
     p = products[int(b["product_index"][row])]
     assert not bool(p["heldout"])  # the novel-product split stays unseen
@@ -448,7 +450,7 @@ def test_stage2_pseudo_queries_pair_products_with_their_own_terms(data_dir):
 
 
 def test_product_truncation_names_the_fields_cut(data_dir):
-  tok = pipeline.load_tokenizer(data_dir)
+  tok = sources.load_tokenizer(data_dir)
   products = tfds_builder.load_source(data_dir, "products", "all")
   lengths = [tok.num_tokens(products[i]["text"].decode()) for i in range(len(products))]
   full = pipeline.product_truncation(data_dir, _config(product_len=max(lengths)))
@@ -466,7 +468,7 @@ def test_stage1_pseudo_queries_come_with_each_product(data_dir):
   b = next(pipeline.make_train_iterator(data_dir, 1, cfg, seed=0, process_index=0, process_count=1))
   assert {k: (v.shape, v.dtype) for k, v in b.items()} == batch_spec.from_config(1, cfg, 4)
   products = tfds_builder.load_source(data_dir, "products", "all")
-  tok = pipeline.load_tokenizer(data_dir)
+  tok = sources.load_tokenizer(data_dir)
   for row, idx in enumerate(b["product_index"]):
     p = products[int(idx)]
     words = tok.decode(b["query_tokens"][row:row + 1])[0].split(" ")

@@ -9,6 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from mmr_jax.data import pipeline
+from mmr_jax.data import sources
+from mmr_jax.data import transforms
 from mmr_jax.evals import embedding
 from mmr_jax.export import cli
 from mmr_jax.export import convert
@@ -40,8 +43,7 @@ def trained(tiny_workdir, tiny_data):
 
 @pytest.fixture(scope="module")
 def tok(tiny_data):
-  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.load_tokenizer(tiny_data)
+  return sources.load_tokenizer(tiny_data)
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +58,16 @@ def _strings(xs):
 
 
 def _queries(data_dir, n=24):
-  from mmr_jax.data import pipeline, tfds_builder  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   src = tfds_builder.load_source(data_dir, "queries", "test")
-  return [pipeline._text(src[i], "text") for i in range(min(n, len(src)))]  # pylint: disable=protected-access
+  return [sources.row_text(src[i], "text") for i in range(min(n, len(src)))]
 
 
 def _products(data_dir, n=16):
-  from mmr_jax.data import pipeline, tfds_builder  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   src = tfds_builder.load_source(data_dir, "products", "all")
   rows = [src[i] for i in range(n)]
-  text, raw = pipeline._text, pipeline._bytes  # pylint: disable=protected-access
+  text, raw = sources.row_text, sources.row_bytes
   fields = {k: [text(r, k) for r in rows] for k in ("title", "description", "attributes", "text")}
   fields["image"] = [raw(r, "image") if bool(np.asarray(r["has_image"])) else b"" for r in rows]
   return fields
@@ -124,7 +126,6 @@ def test_product_tower_matches_jax_on_identical_inputs(models, trained):
 
 
 def test_product_tower_bytes_end_to_end_matches_pipeline(models, trained, tok, tiny_data):
-  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   cfg = trained.config.data
   f = _products(tiny_data)
   f["image"][1] = b""  # no image
@@ -133,7 +134,7 @@ def test_product_tower_bytes_end_to_end_matches_pipeline(models, trained, tok, t
   pt = models["product_tower"]
   pre = pt.signatures["preprocess"](**inputs)
   ref_tokens = tok.encode(f["text"], int(cfg.product_len))
-  decoded = [pipeline.decode_image(b, int(cfg.image_size)) for b in f["image"]]
+  decoded = [transforms.decode_image(b, int(cfg.image_size)) for b in f["image"]]
   ref_image = np.stack([d[0] for d in decoded])
   ref_has = np.array([d[1] for d in decoded])
   np.testing.assert_array_equal(pre["product_tokens"].numpy(), ref_tokens)
@@ -199,7 +200,6 @@ def _with_exif(jpeg: bytes, orientation: int, big_endian: bool) -> bytes:
 def test_image_decoding_is_pillow_exact():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   big = Image.fromarray(_photo(rng, 300, 200))
   alpha = rng.integers(0, 256, np.asarray(big).shape[:2], dtype=np.uint8)
@@ -234,7 +234,7 @@ def test_image_decoding_is_pillow_exact():
     v_first = preprocess.pillow_vertical_first()
     pixels, has = preprocess.tf_decode_images(tf.constant(_strings(images)), size, v_first)
     for i, data in enumerate(images):
-      ref, ok = pipeline.decode_image(data, size)
+      ref, ok = transforms.decode_image(data, size)
       assert bool(has[i]) == ok, (i, size)
       np.testing.assert_array_equal(pixels[i].numpy(), ref, err_msg=f"image {i} at {size} px")
   assert not any(has[-3:]) and all(has[:-3])
@@ -246,7 +246,6 @@ def test_exif_edge_cases_and_animated_webp_decode_like_pillow():
   import struct  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   photo = _photo(rng, 60, 40)
   photo[:20, :30] = 0  # asymmetric: every turn shows
@@ -279,7 +278,7 @@ def test_exif_edge_cases_and_animated_webp_decode_like_pillow():
   images.append(buf.getvalue())
   pixels, has = preprocess.tf_decode_images(tf.constant(_strings(images)), 32, preprocess.pillow_vertical_first())
   for i, name in enumerate(cases):
-    ref, ok = pipeline.decode_image(images[i], 32)
+    ref, ok = transforms.decode_image(images[i], 32)
     assert ok and bool(has[i]), name
     np.testing.assert_array_equal(pixels[i].numpy(), ref, err_msg=name)
   assert not bool(has[-1])  # animated WebP: refused, and the process is still here
@@ -302,10 +301,9 @@ def _png_of_zeros(width, height):
 
 def test_decompression_bomb_is_refused_like_pillow():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   bomb = _png_of_zeros(14_000, 14_000)  # 196 Mpx, over Pillow's 2 * MAX_IMAGE_PIXELS
   small = _png_of_zeros(50, 40)
-  assert pipeline.decode_image(bomb, 32)[1] is False and pipeline.decode_image(small, 32)[1] is True
+  assert transforms.decode_image(bomb, 32)[1] is False and transforms.decode_image(small, 32)[1] is True
   # Refused from the header, before TF would allocate the 600 MB image.
   pixels, has = preprocess.tf_decode_images(tf.constant(_strings([bomb, small])), 32)
   assert has.numpy().tolist() == [False, True] and not pixels.numpy()[0].any()
@@ -428,8 +426,8 @@ def test_batch_buckets(capsys):
   for n, want in ((0, 3), (3, 3), (4, 10), (10, 10), (11, 20), (21, 30)):
     assert int(towers.tf_batch_bucket(tf.constant(n), (3, 10))) == towers.batch_bucket(n, (3, 10)) == want, n
   assert towers.check_batch_buckets(["1", "8"]) == (1, 8)
-  assert saving._warmup_batches((1, 8, 64, 128), 64) == [1, 8, 64]  # pylint: disable=protected-access
-  assert not saving._warmup_batches((1, 8), 0)  # pylint: disable=protected-access
+  assert saving._warmup_batches((1, 8, 64, 128), 64) == [1, 8, 64]
+  assert not saving._warmup_batches((1, 8), 0)
   for bad in ((), (0, 4), (4, 2), (2, 2), ("a",), (1.5, 3), (True, 2), (1, towers.MAX_BATCH_BUCKET + 1)):
     with pytest.raises(ValueError, match="batch_buckets"):
       towers.check_batch_buckets(bad)
@@ -448,7 +446,7 @@ def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monke
   """Each tower's XLA program sees padded batches (one compile per bucket); rows come back unchanged."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   seen = []
-  run = towers._run_bucketed  # pylint: disable=protected-access
+  run = towers._run_bucketed
   monkeypatch.setattr(towers, "_run_bucketed",
                       lambda fn, buckets, *x: run(lambda *y: (seen.append(y[0].shape[0]), fn(*y))[1], buckets, *x))
   tokenizer = os.path.join(tiny_data, "tokenizer.model")
@@ -468,7 +466,7 @@ def test_towers_compile_only_bucketed_batch_sizes(trained, tok, tiny_data, monke
   batch = {"product_tokens": rng.integers(1, 50, (3, cfg.product_len)).astype(np.int32),
            "image": rng.integers(0, 256, (3, cfg.image_size, cfg.image_size, 3), dtype=np.uint8),
            "has_image": np.array([True, False, True])}
-  emb = pt._embed(*(tf.constant(batch[k]) for k in ("product_tokens", "image", "has_image"))).numpy()  # pylint: disable=protected-access
+  emb = pt._embed(*(tf.constant(batch[k]) for k in ("product_tokens", "image", "has_image"))).numpy()
   assert seen == [5]
   np.testing.assert_allclose(emb, trained.embed_products(batch), atol=TOL, rtol=0)
 
@@ -531,7 +529,6 @@ def test_over_long_query_is_truncated_not_fatal(models, trained, tok):
 
 
 def test_exported_files(exported, trained, tiny_data):
-  from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   out, summary = exported
   emb_dir = os.path.join(out, "embeddings")
   emb = np.load(os.path.join(emb_dir, "embeddings.npy"))
@@ -598,7 +595,7 @@ def test_large_leaves_are_variables_of_their_own(trained, tok, monkeypatch):
 
 def test_embedding_export_resumes_from_shards(trained, tiny_data, tmp_path, monkeypatch):
   calls = []
-  real = embeddings._local_embed_fn  # pylint: disable=protected-access
+  real = embeddings._local_embed_fn
 
   def counting(tm):
     fn = real(tm)

@@ -19,6 +19,7 @@ import sentencepiece as spm
 
 from mmr_jax import config as config_lib
 from mmr_jax.data import pipeline
+from mmr_jax.data import sources
 from mmr_jax.data import tokenizer as tok_lib
 from mmr_jax.evals import embedding
 from mmr_jax.models import pretrained
@@ -287,19 +288,19 @@ def _siglip_run_config(data_dir, ckpt, tokenizer, **train):
 
 def test_pipeline_tokenises_with_the_checkpoint_tokenizer(tiny_data, c4_tok, tmp_path):
   cfg = _siglip_run_config(tiny_data, "unused.npz", c4_tok)
-  assert pipeline.tokenizer_path(tiny_data, cfg.data) == c4_tok
+  assert sources.tokenizer_path(tiny_data, cfg.data) == c4_tok
   it = pipeline.make_eval_iterator(tiny_data, "queries", "test", cfg.data, 4)
   batch = next(iter(it))
   from mmr_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   src = tfds_builder.load_source(tiny_data, "queries", "test")
-  texts = [pipeline._text(src[i], "text") for i in range(4)]  # pylint: disable=protected-access
+  texts = [sources.row_text(src[i], "text") for i in range(4)]  # pylint: disable=protected-access
   sp = spm.SentencePieceProcessor(model_file=c4_tok)
   want = np.ones((4, cfg.data.query_len), np.int32)
   for row, text in enumerate(texts):
     ids = sp.encode(text.lower())[:cfg.data.query_len - 1] + [1]
     want[row, :len(ids)] = ids
   np.testing.assert_array_equal(batch["query_tokens"], want)
-  own = pipeline.load_tokenizer(tiny_data)  # the catalogue's model when no path is configured
+  own = sources.load_tokenizer(tiny_data)  # the catalogue's model when no path is configured
   assert own.vocab_size != sp.get_piece_size() or not np.array_equal(own.encode(texts, 16), want)
 
 
@@ -326,13 +327,13 @@ def test_train_from_siglip_checkpoint(tiny_data, c4_tok, tmp_path):
   recorded = json.loads((wd / "config.json").read_text())["data"]["tokenizer"]
   assert recorded == {"path": c4_tok, **config_lib.SIGLIP_TOKENIZER}
   tm = embedding.load_trained(str(wd), tiny_data)  # evaluation checks the vocabulary of the same model file
-  assert pipeline.tokenizer_path(tiny_data, tm.config.data) == c4_tok
+  assert sources.tokenizer_path(tiny_data, tm.config.data) == c4_tok
   # The exported query tower tokenises in its graph exactly as the pipeline did, then embeds the same.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mmr_jax.export import towers  # pylint: disable=g-import-not-at-top
-  qt = towers.make_query_tower(tm, pipeline.tokenizer_path(tiny_data, tm.config.data), ("cpu",))
+  qt = towers.make_query_tower(tm, sources.tokenizer_path(tiny_data, tm.config.data), ("cpu",))
   queries = ["Red COTTON shirt", "", "wool scarf for women " * 8]
-  ids = pipeline.load_tokenizer(tiny_data, tm.config.data).encode(queries, int(tm.config.data.query_len))
+  ids = sources.load_tokenizer(tiny_data, tm.config.data).encode(queries, int(tm.config.data.query_len))
   assert ids[1].tolist() == [1] * len(ids[1])  # the empty query is all eos
   graph_ids = qt.tokenize(tf.constant(queries))["query_tokens"].numpy()
   np.testing.assert_array_equal(graph_ids, ids)

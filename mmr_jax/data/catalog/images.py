@@ -3,7 +3,7 @@ the import-time re-encoding to JPEG.
 
 `to_rgb` is the one place that decides how transparency and wide greyscale become RGB: the importer
 (`load_image`), the training pipeline and the exported product tower all call it (or mirror it in TF
-ops, mmr_jax/export.py), so an image embeds alike wherever it enters.
+ops, mmr_jax/export/), so an image embeds alike wherever it enters.
 """
 
 from __future__ import annotations
