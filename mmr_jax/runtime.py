@@ -33,6 +33,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # which nothing in Python configures): None leaves them on stderr.
 _native_log_path: str | None = None
 _verbosity = 1
+_handlers: list[logging.Handler] = []  # the root handlers setup_logging / attach_log_file installed
 
 
 class _ConsoleFilter(logging.Filter):
@@ -64,7 +65,7 @@ class _ConsoleFilter(logging.Filter):
 
 
 def setup_logging(verbosity: int = 1, headline: tuple[str, ...] = (), log_file: str | None = None) -> None:
-  """Configures logging for a command (replacing any earlier configuration).
+  """Configures logging for a command (replacing what an earlier call configured).
 
   verbosity: 0 shows progress bars, warnings and the INFO lines of the `headline` loggers (a command's one
     line per stage or row); 1 adds every INFO line of ours and the libraries' warnings; 2 shows everything,
@@ -73,7 +74,8 @@ def setup_logging(verbosity: int = 1, headline: tuple[str, ...] = (), log_file: 
   """
   global _verbosity, _native_log_path
   root = logging.getLogger()
-  for h in list(root.handlers):
+  while _handlers:  # ours from an earlier call; handlers others installed (a test's log capture) stay
+    h = _handlers.pop()
     root.removeHandler(h)
     h.close()
   root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
@@ -81,6 +83,7 @@ def setup_logging(verbosity: int = 1, headline: tuple[str, ...] = (), log_file: 
   console.setFormatter(logging.Formatter(FORMAT))
   console.addFilter(_ConsoleFilter(verbosity, tuple(headline)))
   root.addHandler(console)
+  _handlers.append(console)
   for name in LIBRARIES:
     logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
   absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.WARNING)
@@ -109,6 +112,7 @@ def attach_log_file(path: str) -> None:
   handler.setFormatter(logging.Formatter(FORMAT))
   handler.setLevel(logging.INFO)
   logging.getLogger().addHandler(handler)
+  _handlers.append(handler)
   if _verbosity < 2:
     _native_log_path = handler.baseFilename
 

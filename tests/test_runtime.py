@@ -15,6 +15,7 @@ def _restore_logging():
   handlers, level = list(root.handlers), root.level
   saved = runtime._native_log_path, runtime._verbosity  # pylint: disable=protected-access
   yield
+  runtime._handlers.clear()  # pylint: disable=protected-access
   for h in list(root.handlers):
     root.removeHandler(h)
     if h not in handlers:
@@ -91,6 +92,16 @@ def test_log_file_appears_with_the_first_record(tmp_path):
   assert not (tmp_path / "wd").exists()
   logging.getLogger("mmr_jax.train").info("first")
   assert path.read_text().endswith("mmr_jax.train: first\n")
+
+
+def test_setup_logging_keeps_handlers_it_did_not_install(caplog):
+  """A host's handlers (here pytest's log capture) survive a command configuring logging, even twice."""
+  runtime.setup_logging(0)
+  runtime.setup_logging(1)
+  logging.getLogger("mmr_jax.export").warning("SavedModels do not match")
+  assert "SavedModels do not match" in caplog.text
+  assert sum(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+             and h in runtime._handlers for h in logging.getLogger().handlers) == 1  # pylint: disable=protected-access
 
 
 def test_log_file_for(tmp_path):
