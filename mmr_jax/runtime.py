@@ -72,12 +72,9 @@ def setup_logging(verbosity: int = 1, headline: tuple[str, ...] = (), log_file: 
     C++ libraries' own logs (ScaNN's builder) included.
   log_file: see `attach_log_file`.
   """
-  global _verbosity, _native_log_path
+  global _verbosity
+  reset_logging()
   root = logging.getLogger()
-  while _handlers:  # ours from an earlier call; handlers others installed (a test's log capture) stay
-    h = _handlers.pop()
-    root.removeHandler(h)
-    h.close()
   root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
   console = logging.StreamHandler()
   console.setFormatter(logging.Formatter(FORMAT))
@@ -87,9 +84,21 @@ def setup_logging(verbosity: int = 1, headline: tuple[str, ...] = (), log_file: 
   for name in LIBRARIES:
     logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
   absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.WARNING)
-  _verbosity, _native_log_path = verbosity, None
+  _verbosity = verbosity
   if log_file:
     attach_log_file(log_file)
+
+
+def reset_logging() -> None:
+  """Removes (and closes) the handlers `setup_logging` / `attach_log_file` installed and stops `native_logs`
+  redirecting; handlers others installed (a host application's, a test's log capture) stay."""
+  global _native_log_path
+  root = logging.getLogger()
+  while _handlers:
+    h = _handlers.pop()
+    root.removeHandler(h)
+    h.close()
+  _native_log_path = None
 
 
 class _LazyFileHandler(logging.FileHandler):

@@ -53,6 +53,18 @@ def catalog_writer():
 
 
 
+@pytest.fixture(autouse=True)
+def _command_logging():
+  """Undoes the logging set-up of a command's main() a test ran: its console handler writes to that test's
+  captured stderr, which is closed once the test ends."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from mmr_jax import runtime  # pylint: disable=g-import-not-at-top
+  level = logging.getLogger().level
+  yield
+  runtime.reset_logging()
+  logging.getLogger().setLevel(level)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
   """Shares compiled executables between the tests' many identical tiny trainers."""

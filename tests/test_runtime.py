@@ -8,24 +8,6 @@ import pytest
 from mmr_jax import runtime
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-  """Each test configures logging like a command; the root logger and runtime's state are put back after."""
-  root = logging.getLogger()
-  handlers, level = list(root.handlers), root.level
-  saved = runtime._native_log_path, runtime._verbosity  # pylint: disable=protected-access
-  yield
-  runtime._handlers.clear()  # pylint: disable=protected-access
-  for h in list(root.handlers):
-    root.removeHandler(h)
-    if h not in handlers:
-      h.close()
-  for h in handlers:
-    root.addHandler(h)
-  root.setLevel(level)
-  runtime._native_log_path, runtime._verbosity = saved  # pylint: disable=protected-access
-
-
 def _emit():
   logging.getLogger("mmr_jax.ablation").info("row text_only")
   logging.getLogger("mmr_jax.train").info("compiled step memory")
