@@ -75,6 +75,11 @@ def setup_logging(verbosity: int = 1, headline: tuple[str, ...] = (), log_file: 
   global _verbosity
   reset_logging()
   root = logging.getLogger()
+  for h in list(root.handlers):
+    # A console handler someone else put there (absl logging before it is initialised calls basicConfig, e.g.
+    # while Orbax is imported) would print every line twice; other handlers (files, a test's capture) stay.
+    if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
+      root.removeHandler(h)
   root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
   console = logging.StreamHandler()
   console.setFormatter(logging.Formatter(FORMAT))

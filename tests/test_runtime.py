@@ -86,6 +86,19 @@ def test_setup_logging_keeps_handlers_it_did_not_install(caplog):
              and h in runtime._handlers for h in logging.getLogger().handlers) == 1  # pylint: disable=protected-access
 
 
+def test_setup_logging_replaces_a_console_handler_installed_before_it(capfd):
+  """absl's basicConfig (Orbax logs while it is imported) left a console handler: no line may print twice."""
+  import sys  # pylint: disable=g-import-not-at-top
+  stray = logging.StreamHandler(sys.stderr)
+  logging.getLogger().addHandler(stray)
+  try:
+    runtime.setup_logging(0, headline=("mmr_jax.ablation",))
+    logging.getLogger("mmr_jax.ablation").info("row text_only")
+    assert _lines(capfd.readouterr().err) == ["row text_only"]
+  finally:
+    logging.getLogger().removeHandler(stray)
+
+
 def test_log_file_for(tmp_path):
   assert runtime.log_file_for("gs://bucket/run", "train") is None
   assert runtime.log_file_for(str(tmp_path / "wd"), "evaluate") == str(tmp_path / "wd" / "logs" / "evaluate.log")
