@@ -90,8 +90,7 @@ def setup_logging(verbosity: int = 1, headline: tuple[str, ...] = (), log_file: 
     logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
   absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.WARNING)
   _verbosity = verbosity
-  if log_file:
-    attach_log_file(log_file)
+  attach_log_file(log_file)
 
 
 def reset_logging() -> None:
@@ -118,10 +117,13 @@ class _LazyFileHandler(logging.FileHandler):
     return super()._open()
 
 
-def attach_log_file(path: str) -> None:
+def attach_log_file(path: str | None) -> None:
   """Adds a local log file that gets every INFO line of ours and the libraries' warnings whatever the
-  verbosity; below verbosity 2 it also gets what C++ libraries write inside `native_logs()`."""
+  verbosity; below verbosity 2 it also gets what C++ libraries write inside `native_logs()`. None (a gs://
+  workdir, see `log_file_for`) adds nothing."""
   global _native_log_path
+  if not path:
+    return
   handler = _LazyFileHandler(os.path.abspath(path))
   handler.setFormatter(logging.Formatter(FORMAT))
   handler.setLevel(logging.INFO)

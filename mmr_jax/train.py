@@ -137,7 +137,7 @@ def _evaluators(config, trainer: Trainer) -> tuple[int, list]:
       yield next(it)
 
   evaluators = [objective.ObjectiveEvaluator(trainer.objective_metrics, val_batches, trainer.mesh,
-                                         trainer.objective_metric_names())]
+                                             trainer.objective_metric_names())]
   queries = tfds_builder.catalog_info(config.data.dir).get("num_queries", {}).get("validation", 0)
   if config.stage == 2 and config.train.eval_retrieval and queries > 0:
     evaluators.append(retrieval.RetrievalEvaluator(config, trainer.model, trainer.mesh, split="validation"))
@@ -317,9 +317,7 @@ def main(argv=None):
     runtime.setup_logging(max(FLAGS.verbosity, 0), headline=("mmr_jax.train", "mmr_jax.training.trainer"))
     runtime.enable_compilation_cache()
     runtime.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    log_file = runtime.log_file_for(FLAGS.workdir, "train")
-    if log_file:
-      runtime.attach_log_file(log_file)
+    runtime.attach_log_file(runtime.log_file_for(FLAGS.workdir, "train"))
     metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
       print(json.dumps({k: round(v, 5) for k, v in metrics.items()}))

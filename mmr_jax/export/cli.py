@@ -66,9 +66,7 @@ def main(argv=None):
     p.error(f"--warmup_max_batch: {e}")
   runtime.setup_logging(args.verbosity, headline=("mmr_jax.export",))
   runtime.maybe_initialize_distributed()  # before anything asks jax for its processes
-  log_file = runtime.log_file_for(args.out, "export")
-  if log_file:
-    runtime.attach_log_file(log_file)
+  runtime.attach_log_file(runtime.log_file_for(args.out, "export"))
   try:
     summary = workdir.export_workdir(args.workdir, args.out, args.data, k=args.k, platforms=args.platforms.split(","),
                              batch_size=args.batch_size, shard_batches=args.shard_batches,
