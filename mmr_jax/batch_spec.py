@@ -9,7 +9,8 @@ Token ids are int32 with pad id 0 (the tokenizer's conventions may pad with anot
 uint8 [B, H, W, 3], normalised on device.
 - stage 1: image, has_image, title_tokens [B, Lt], product_tokens [B, Lp], product_index; with
   `data.stage1_pseudo_queries` also query_tokens [B, Lq].
-- stage 2: stage 1's keys, query_tokens, query_index, grade (float32), positives [B, K] (pad -1).
+- stage 2: stage 1's keys, query_tokens, query_index, grade (float32), positives [B, K] (pad -1). Stage 1
+  with `data.stage1_source="pairs"` reads stage 2's stream and has its layout.
 - eval products: product_tokens, image, has_image, product_index, mask (False on padding rows).
 - eval queries: query_tokens, query_index, mask.
 """
@@ -78,8 +79,24 @@ def example_spec(stage: int | str, lens: Lens, *, pseudo_queries: bool = False) 
   raise ValueError(f"stage={stage!r}; expected one of {STAGES}")
 
 
+STAGE1_SOURCES = ("products", "pairs")
+
+
+def stage1_reads_pairs(config: Any) -> bool:
+  """Returns whether stage 1 iterates over stage 2's pairs (`config.data.stage1_source`, `config` = config.data).
+
+  Its batches then have stage 2's layout. Raises ValueError for an unknown source.
+  """
+  source = config.get("stage1_source", "products")
+  if source not in STAGE1_SOURCES:
+    raise ValueError(f"config.data.stage1_source={source!r}; expected one of {STAGE1_SOURCES}")
+  return source == "pairs"
+
+
 def from_config(stage: int | str, config: Any, batch_size: int) -> Spec:
   """Returns {key: (shape, dtype)} of a batch of `batch_size` rows of `config.data` (`config`)."""
+  if stage == 1 and stage1_reads_pairs(config):
+    stage = 2
   spec = example_spec(stage, Lens.from_config(config),
                       pseudo_queries=stage == 1 and bool(config.stage1_pseudo_queries))
   return {k: ((batch_size, *shape), dtype) for k, (shape, dtype) in spec.items()}

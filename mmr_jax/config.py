@@ -91,6 +91,12 @@ def base_config() -> ConfigDict:
       # Stage 1: also align pseudo-queries with their product's text (the text towers learn the catalogue's
       # vocabulary without query logs); stage-2 runs take those towers with init.load.
       stage1_pseudo_queries=False,
+      # What stage 1 iterates over. "products": every product that is not held out, once per epoch (image <->
+      # title; with stage1_pseudo_queries also pseudo-query <-> product text). "pairs": stage 2's stream (the
+      # labelled pairs, pseudo_queries of them replaced by pseudo-queries): image <-> title over each batch's
+      # products and query <-> product text, so a stage-1 run's text towers learn what a text-only stage 2
+      # teaches while its image tower aligns (stage1_pseudo_queries is then moot).
+      stage1_source="products",
       # Stage 1: leave out products without an image, so every batch row is an image<->title pair. False
       # keeps them (has_image=False: zero weight in that loss, still in the pseudo-query term).
       stage1_skip_no_image=False,

@@ -6,7 +6,8 @@ The trainer knows nothing of towers or losses: it asks `OBJECTIVES[stage]` for e
 - stage 1 (domain alignment): image <-> title contrastive over products, so the image tower
   learns what the catalogue's colours, patterns and styles look like from titles that name them;
   with `data.stage1_pseudo_queries`, also pseudo-query <-> product text (the text towers learn the
-  catalogue's vocabulary from its own text, without query logs).
+  catalogue's vocabulary from its own text, without query logs); with `data.stage1_source="pairs"`, over
+  stage 2's stream, also query <-> product text on the labelled and pseudo-queries.
 - stage 2 (query <-> product): query <-> fused product, plus optional query <-> image-only and
   query <-> text-only auxiliary terms (the paper's alignment of the query with both modalities).
 """
@@ -65,15 +66,18 @@ def _stage1_loss(model, params, batch, config, train, rng):
   metrics = {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
   metrics["i2t/loss"] = loss
   if "query_tokens" in batch:
-    # Text-side domain alignment (data.stage1_pseudo_queries): each product's own terms as a query <->
-    # that product's text embedding, so the text towers learn the catalogue's vocabulary before stage 2.
+    # Text-side domain alignment: a query <-> its product's text embedding, so the text towers learn the
+    # catalogue's vocabulary before stage 2. The queries are each product's own terms
+    # (data.stage1_pseudo_queries) or stage 2's labelled and pseudo-queries (data.stage1_source="pairs",
+    # whose batches carry every relevant product of each query in `positives`).
     q = model.apply({"params": params}, batch["query_tokens"], train=train, method="embed_query", rngs={"dropout": rng})
     p = model.apply({"params": params}, batch["product_tokens"], train=train, method="embed_text_product",
                     rngs={"dropout": rng})
-    text_loss, tm = _contrastive(config, q["emb"], p["emb"], logit, pos, None)
+    text_pos = (batch["product_index"], batch.get("positives"))
+    text_loss, tm = _contrastive(config, q["emb"], p["emb"], logit, text_pos, None)
     loss = loss + text_loss
-    metrics["pseudo/loss"] = text_loss
-    metrics["pseudo/acc_a2b"] = tm["acc_a2b"]
+    metrics["q2t/loss"] = text_loss
+    metrics["q2t/acc_a2b"] = tm["acc_a2b"]
   return loss, metrics
 
 

@@ -477,3 +477,19 @@ def test_stage1_pseudo_queries_come_with_each_product(data_dir):
     assert words and set(words) <= set(allowed)
   assert "query_tokens" not in next(pipeline.make_train_iterator(data_dir, 1, _config(), seed=0, process_index=0,
                                                                  process_count=1))
+
+
+def test_stage1_over_pairs_reads_stage2s_stream(data_dir):
+  cfg = _config(stage1_source="pairs", pseudo_queries=0.5)
+  it = lambda stage, split="train": pipeline.make_train_iterator(  # noqa: E731
+      data_dir, stage, cfg, seed=0, process_index=0, process_count=1, split=split)
+  s1, s2 = next(it(1)), next(it(2))
+  assert {k: (v.shape, v.dtype) for k, v in s1.items()} == batch_spec.from_config(1, cfg, 4)
+  assert batch_spec.from_config(1, cfg, 4) == batch_spec.from_config(2, cfg, 4)
+  for key in s2:  # the same examples, labelled pairs and pseudo-queries alike
+    np.testing.assert_array_equal(s1[key], s2[key])
+  val = next(it(1, "validation"))
+  assert np.all(val["query_index"] >= 0)  # validation scores labelled pairs only
+  with pytest.raises(ValueError, match="stage1_source='bogus'"):
+    pipeline.make_train_iterator(data_dir, 1, _config(stage1_source="bogus"), seed=0, process_index=0,
+                                 process_count=1)

@@ -70,13 +70,31 @@ def test_stage1_adds_the_pseudo_query_text_term_when_its_batch_has_queries(model
   cfg, model, params, batch = model_and_batch
   s1 = {k: batch[k] for k in ("image", "has_image", "title_tokens", "product_tokens", "product_index")}
   loss, m = objectives.get(1).loss(model, params, s1, cfg, train=False, rng=jax.random.PRNGKey(0))
-  assert "pseudo/loss" not in m
+  assert "q2t/loss" not in m
   both, m2 = objectives.get(1).loss(model, params, dict(s1, query_tokens=batch["query_tokens"]), cfg, train=False,
                                     rng=jax.random.PRNGKey(0))
-  np.testing.assert_allclose(float(both), float(loss) + float(m2["pseudo/loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(both), float(loss) + float(m2["q2t/loss"]), rtol=1e-5)
   v = {"params": params}
   q = model.apply(v, batch["query_tokens"], method="embed_query")["emb"]
   p = model.apply(v, batch["product_tokens"], method="embed_text_product")["emb"]
   scale = model.apply(v, method="logit_params")["logit_scale"]
   want, _ = losses.softmax_contrastive(q, p, scale, (batch["product_index"], None))
-  np.testing.assert_allclose(float(m2["pseudo/loss"]), float(want), rtol=1e-5)
+  np.testing.assert_allclose(float(m2["q2t/loss"]), float(want), rtol=1e-5)
+
+
+def test_stage1_over_pairs_counts_every_relevant_product_of_a_query_in_the_text_term(model_and_batch):
+  # data.stage1_source="pairs": stage-1 batches carry stage 2's `positives`; a query's other relevant products
+  # in the batch are not its negatives (as in stage 2), while image <-> title still pairs each row's product.
+  cfg, model, params, batch = model_and_batch
+  batch = dict(batch, positives=np.full_like(batch["positives"], -1))
+  batch["positives"][0, 0] = batch["product_index"][1]  # row 1's product is relevant to row 0's query too
+  loss, m = objectives.get(1).loss(model, params, batch, cfg, train=False, rng=jax.random.PRNGKey(0))
+  v = {"params": params}
+  q = model.apply(v, batch["query_tokens"], method="embed_query")["emb"]
+  p = model.apply(v, batch["product_tokens"], method="embed_text_product")["emb"]
+  scale = model.apply(v, method="logit_params")["logit_scale"]
+  want, _ = losses.softmax_contrastive(q, p, scale, (batch["product_index"], batch["positives"]))
+  unmasked, _ = losses.softmax_contrastive(q, p, scale, (batch["product_index"], None))
+  np.testing.assert_allclose(float(m["q2t/loss"]), float(want), rtol=1e-5)
+  assert abs(float(want) - float(unmasked)) > 1e-4  # the positives change the term
+  np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + float(want), rtol=1e-5)
