@@ -47,9 +47,14 @@ def get_config(arg=None):
   # Half the stage-2 examples are pseudo-queries from the catalogue's own text (data/pseudo_queries.py): the
   # labelled pairs alone are too few to teach the text towers the catalogue's vocabulary.
   c.data.pseudo_queries = 0.5
-  # Stage 1 aligns the text side too (pseudo-query <-> product text), so rows that start from stage 1 get
-  # text towers that know the catalogue's vocabulary, as text_only's longer stage 2 teaches its own.
-  c.data.stage1_pseudo_queries = True
+  # Stage 1 reads stage 2's stream and aligns the text side too (query <-> product text, on the labelled and
+  # pseudo-queries) while the image tower aligns with the titles: rows that start from stage 1 get text towers
+  # as far along as text_only's after as many steps, which stage 1's own pseudo-queries alone do not give.
+  c.data.stage1_source = "pairs"
+  if a.stage == 1:
+    # The image tower also predicts each title's words from the image: a direct signal (colours first) while
+    # image <-> title is still weak at this budget.
+    c.loss.image_words = 1.0
   # Exact term matches count in the one inner product (models/two_tower.LexicalSegment); 1,024 buckets hold
   # the demo's whole vocabulary, a bigger one is hashed into them.
   c.model.lexical_dim = 1024

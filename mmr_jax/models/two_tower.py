@@ -59,6 +59,9 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
       dtype="float32",          # compute dtype ("bfloat16" on TPU/GPU)
       param_dtype="float32",
       contrastive="softmax",    # sets the init of loss/logit_scale: "softmax" | "sigmoid"
+      # A `heads/image_words` Dense from the pooled image to the vocabulary: embed_title_image also returns
+      # "image_word_logits" (stage 1's image -> product words term; set from loss.image_words when a run starts).
+      image_words=False,
   ))
   cfg.update(overrides)
   return cfg
@@ -150,10 +153,12 @@ class ContrastiveParams(nn.Module):
 
 
 class Heads(nn.Module):
-  """Projection heads to `embed_dim` (float32), the missing-image vector, segment weights."""
+  """Projection heads to `embed_dim` (float32), the missing-image vector, segment weights and, with
+  `vocab_size` > 0, the image -> words logits."""
   embed_dim: int
   image_width: int
   param_dtype: Any = jnp.float32
+  vocab_size: int = 0
 
   def setup(self):
     def proj(in_axis):
@@ -179,6 +184,11 @@ class Heads(nn.Module):
     self.missing_image = self.param(
         "missing_image", layers.logical(nn.initializers.normal(stddev=0.02), ("embed",)),
         (self.image_width,), self.param_dtype)
+    if self.vocab_size:
+      self.image_words = nn.Dense(
+          self.vocab_size, param_dtype=self.param_dtype,
+          kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
+          bias_init=layers.logical(nn.initializers.zeros, ("vocab",)))
 
 
 class TwoTower(nn.Module):
@@ -202,7 +212,8 @@ class TwoTower(nn.Module):
     self.image_tower = vit_lib.from_config(cfg.vit, **kw)
     self.fusion = fusion_lib.from_config(cfg.fusion, gate=cfg.variant == "fusion", **kw)
     self.heads = Heads(cfg.embed_dim, cfg.vit.get("head_dim") or cfg.vit.width,
-                       param_dtype=kw["param_dtype"])
+                       param_dtype=kw["param_dtype"],
+                       vocab_size=cfg.text.vocab_size if cfg.get("image_words") else 0)
     # CLIP's 1/0.07 for softmax; SigLIP's t' = log 10, b = -10 for sigmoid (the bias makes
     # the many negatives start near p = 0, the imbalance SigLIP's paper discusses).
     scale_init = math.log(1 / 0.07) if cfg.contrastive == "softmax" else math.log(10.0)
@@ -318,12 +329,16 @@ class TwoTower(nn.Module):
   def embed_title_image(self, title_tokens, image, has_image, train=False):
     """Returns {"title_emb": [B, D], "image_emb": [B, D]} for stage-1 title<->image alignment.
 
-    Titles go through the product text tower and head, so stage 2 inherits the alignment.
+    Titles go through the product text tower and head, so stage 2 inherits the alignment. With
+    `config.image_words`, also "image_word_logits" [B, vocab] (float32): which words the image predicts.
     """
     t_pooled, _, _ = self._product_encoder()(title_tokens, train=train)
     i_pooled, _ = self._image(image, has_image, train)
-    return {"title_emb": layers.l2_normalize(self.heads.product_text(t_pooled)),
-            "image_emb": layers.l2_normalize(self.heads.image(i_pooled))}
+    out = {"title_emb": layers.l2_normalize(self.heads.product_text(t_pooled)),
+           "image_emb": layers.l2_normalize(self.heads.image(i_pooled))}
+    if self.config.get("image_words"):
+      out["image_word_logits"] = self.heads.image_words(i_pooled).astype(jnp.float32)
+    return out
 
   def __call__(self, batch: Mapping[str, Any], train=False) -> dict[str, Any]:
     """Returns {"query": ..., "product": ..., "title_image": ..., "logit_scale", "logit_bias"}.

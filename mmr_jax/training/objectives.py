@@ -4,7 +4,8 @@ The trainer knows nothing of towers or losses: it asks `OBJECTIVES[stage]` for e
 (shapes for compilation) and for `loss(model, params, batch, config, train, rng) -> (loss, metrics)`.
 
 - stage 1 (domain alignment): image <-> title contrastive over products, so the image tower
-  learns what the catalogue's colours, patterns and styles look like from titles that name them;
+  learns what the catalogue's colours, patterns and styles look like from titles that name them
+  (with `loss.image_words`, also by predicting each product's words from its image);
   with `data.stage1_pseudo_queries`, also pseudo-query <-> product text (the text towers learn the
   catalogue's vocabulary from its own text, without query logs); with `data.stage1_source="pairs"`, over
   stage 2's stream, also query <-> product text on the labelled and pseudo-queries.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from mmr_jax import batch_spec
@@ -65,6 +67,11 @@ def _stage1_loss(model, params, batch, config, train, rng):
   loss, m = _contrastive(config, out["image_emb"], out["title_emb"], logit, pos, weights)
   metrics = {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
   metrics["i2t/loss"] = loss
+  if config.loss.image_words > 0:
+    words = image_words_loss(out["image_word_logits"], batch["title_tokens"], weights,
+                             int(config.data.tokenizer.pad_id))
+    loss = loss + config.loss.image_words * words
+    metrics["words/loss"] = words
   if "query_tokens" in batch:
     # Text-side domain alignment: a query <-> its product's text embedding, so the text towers learn the
     # catalogue's vocabulary before stage 2. The queries are each product's own terms
@@ -79,6 +86,21 @@ def _stage1_loss(model, params, batch, config, train, rng):
     metrics["q2t/loss"] = text_loss
     metrics["q2t/acc_a2b"] = tm["acc_a2b"]
   return loss, metrics
+
+
+def image_words_loss(logits, tokens, weights, pad_id: int):
+  """Returns the weighted mean over rows of the cross-entropy of softmax(logits [B, V]) against each row's bag
+  of words: the distinct ids of `tokens` [B, L] other than `pad_id`, each 1/count (rows without one: 0)."""
+  b, v = logits.shape
+  tokens = jnp.asarray(tokens)
+  valid = (tokens != pad_id) & (tokens >= 0) & (tokens < v)
+  rows = jnp.arange(b)[:, None]
+  bag = jnp.zeros((b, v), jnp.float32).at[rows, jnp.clip(tokens, 0, v - 1)].max(valid.astype(jnp.float32))
+  count = jnp.sum(bag, axis=-1)
+  target = bag / jnp.maximum(count, 1.0)[:, None]
+  per_row = -jnp.sum(target * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  w = weights * (count > 0)
+  return jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def _stage2_loss(model, params, batch, config, train, rng):

@@ -68,6 +68,7 @@ def resolve_config(config):
             "--config.data.dir=DATA_DIR") from None
       config.model.text.vocab_size = tok.vocab_size
     config.model.contrastive = config.loss.kind
+    config.model.image_words = config.stage == 1 and float(config.loss.get("image_words", 0.0)) > 0
   config.lock()
   return config
 

@@ -98,3 +98,44 @@ def test_stage1_over_pairs_counts_every_relevant_product_of_a_query_in_the_text_
   np.testing.assert_allclose(float(m["q2t/loss"]), float(want), rtol=1e-5)
   assert abs(float(want) - float(unmasked)) > 1e-4  # the positives change the term
   np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + float(want), rtol=1e-5)
+
+
+def test_image_words_loss_is_the_cross_entropy_against_each_rows_bag_of_words():
+  logits = np.log(np.asarray([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]], np.float32))
+  tokens = np.asarray([[2, 3, 3, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.int32)  # pad 0; a repeat counts once
+  weights = np.asarray([1.0, 0.5, 1.0], np.float32)
+  got = float(objectives.image_words_loss(logits, tokens, weights, pad_id=0))
+  row0 = -(0.5 * np.log(0.3) + 0.5 * np.log(0.4))
+  row1 = -np.log(0.25)
+  np.testing.assert_allclose(got, (row0 + 0.5 * row1) / 1.5, rtol=1e-5)  # the empty row has no weight
+  # Another pad id (SigLIP pads with its eos, 1): those ids leave the bag and 0 becomes a word.
+  got1 = float(objectives.image_words_loss(logits, tokens, np.ones(3, np.float32), pad_id=1))
+  want1 = np.mean([-np.mean(np.log([0.1, 0.3, 0.4])), -np.log(0.25), -np.log(0.7)])
+  np.testing.assert_allclose(got1, want1, rtol=1e-5)
+
+
+def test_stage1_image_words_term_trains_a_head_that_only_stage1_runs_have(tiny_data):
+  cfg = tiny_config(tiny_data, stage=1, variant="fusion")
+  cfg.loss.image_words = 0.5
+  cfg = train.resolve_config(cfg)
+  assert cfg.model.image_words
+  model = models.create_model(cfg)
+  params = model.init(jax.random.PRNGKey(0), objectives.init_batch(cfg), train=False)["params"]
+  assert "image_words" in params["heads"]
+  rng = np.random.default_rng(0)
+  batch = objectives.get(1).example_batch(cfg, 8)
+  batch["title_tokens"] = rng.integers(4, 50, batch["title_tokens"].shape).astype(np.int32)
+  batch["image"] = rng.integers(0, 256, batch["image"].shape).astype(np.uint8)
+  loss, m = objectives.get(1).loss(model, params, batch, cfg, train=False, rng=jax.random.PRNGKey(0))
+  v = {"params": params}
+  out = model.apply(v, batch["title_tokens"], batch["image"], batch["has_image"], method="embed_title_image")
+  want = objectives.image_words_loss(out["image_word_logits"], batch["title_tokens"],
+                                     batch["has_image"].astype(np.float32), cfg.data.tokenizer.pad_id)
+  np.testing.assert_allclose(float(m["words/loss"]), float(want), rtol=1e-5)
+  text = float(m.get("q2t/loss", 0.0))  # the demo's stage 1 reads pairs: its query <-> text term
+  np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + text + 0.5 * float(want), rtol=1e-5)
+  # Stage 2 (and a stage 1 without the term) has no such head: its parameters and exports are unchanged.
+  s2 = train.resolve_config(tiny_config(tiny_data, stage=2, variant="fusion"))
+  assert not s2.model.image_words
+  s2_params = models.create_model(s2).init(jax.random.PRNGKey(0), objectives.init_batch(s2), train=False)["params"]
+  assert "image_words" not in s2_params["heads"]
