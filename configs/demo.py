@@ -3,15 +3,17 @@ r"""CPU demo: the paper's ablation at laptop scale on the synthetic catalogue.
 Hardware: one CPU host (written for a 2-core, 24 GiB machine).
 
   bash tools/demo.sh            # stage 1, every row, BM25 and the hybrid, evaluated alike (README table)
-  # or by hand: stage 1 aligns the image tower (image <-> title) and the text towers (pseudo-queries)
+  # or by hand: stage 1 aligns the image tower (image <-> title, image -> title words) and the text towers
+  # (query <-> product text over stage 2's pairs and pseudo-queries)
   python -m mmr_jax.train --config configs/demo.py:stage=1 --workdir workdirs/demo/stage1
   # stage 2: query <-> product alignment through the fusion network, from stage 1 (init.load = FROM_STAGE1)
   python -m mmr_jax.train --config configs/demo.py:stage=2,variant=fusion \
       --workdir workdirs/demo/fusion_ft --config.init.workdir=workdirs/demo/stage1
 
-Expected (test split, one run; README has the table): text_only R@100 74.9 / NDCG@10 56.7 against BM25's
-63.7 / 56.4, the hybrid 71.6 / 60.1; fusion_ft 59.3 / 47.7 (below text_only at this budget: its stage 2 has
-200 of the 450 steps). `bash tools/demo.sh` takes about 9 minutes on the idle 2-core machine (warm venv).
+Expected (test split, one run; README has the table): text_only R@100 74.7 / NDCG@10 56.7 against BM25's
+63.7 / 56.4, the hybrid 71.5 / 60.1; fusion_ft 73.6 / 55.4 and concat_ft 70.7 / 55.0 (stage 1 250 steps, then
+200 stage-2 steps; within ~2 points of text_only's 450: the image adds little at 32 px and this budget).
+`bash tools/demo.sh` takes about 9 minutes on the idle 2-core machine (warm venv).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
 width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
@@ -22,8 +24,8 @@ width), e.g. to benchmark serving latency at a production-size query tower (READ
 from mmr_jax import config as config_lib
 
 
-# What the stage-1 rows take from stage 1: the image tower (image <-> title) and the text side (pseudo-query
-# <-> product text): both text towers, their projection heads and the lexical segment where there is one.
+# What the stage-1 rows take from stage 1: the image tower (image <-> title) and the text side (query <-> product
+# text): both text towers, their projection heads and the lexical segment where there is one.
 FROM_STAGE1 = ("image_tower", "heads/image", "query_tower", "product_text_tower", "heads/query",
                "heads/product_text", "lexical", "lexical_mix")
 
