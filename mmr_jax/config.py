@@ -117,9 +117,9 @@ def base_config() -> ConfigDict:
       aux_query_image=0.0,  # stage 2: weight of query<->image-only term
       aux_query_text=0.0,  # stage 2: weight of query<->text-only term
       grade_weighted=False,  # weight positives by their ESCI gain
-      # Stage 1: weight of the image -> words term: from its image, predict the words of each product's text
+      # Stage 1: weight of the image -> words term: from its image, predict the words of each product's title
       # (softmax cross-entropy against the bag of its tokens; objectives.image_words_loss). A direct signal
-      # for the image tower (colours, patterns, categories the text names) while image <-> title is still
+      # for the image tower (colours, patterns, categories the title names) while image <-> title is still
       # weak; the head (model.image_words) exists only in stage-1 runs with a weight > 0.
       image_words=0.0,
       chunk_size=0,  # >0: compute logits in row blocks of this size (bounded memory)
