@@ -209,7 +209,9 @@ def _config_differences(saved: dict, wanted) -> list[str]:
   """Returns "key: saved -> wanted" for settings that change what a row learns (not logging/checkpointing)."""
   # Through JSON, as config.json was written: tuples become lists on both sides.
   want = metrics_lib.flatten(json.loads(json.dumps(train.resolve_config(wanted).to_dict(), default=str)), sep=".")
-  have = metrics_lib.flatten(saved, sep=".")
+  # A key added to the code since the run was saved takes its default, which keeps that run's behaviour.
+  saved = config_lib.fill_defaults(config_lib.ConfigDict(saved)).to_dict()
+  have = metrics_lib.flatten(json.loads(json.dumps(saved, default=str)), sep=".")
   norm = lambda k, v: str(ckpt_lib.absolute(v)) if k in ("data.dir", "init.workdir") and v else v  # noqa: E731
   out = []
   for k in sorted(set(want) | set(have)):

@@ -116,6 +116,9 @@ def base_config() -> ConfigDict:
       kind="softmax",  # softmax (CLIP InfoNCE) | sigmoid (SigLIP)
       aux_query_image=0.0,  # stage 2: weight of query<->image-only term
       aux_query_text=0.0,  # stage 2: weight of query<->text-only term
+      # stage 2: weight of query<->fused-only term (fusion, fusion_qw): trains the fused branch directly, which
+      # a gate that closes early (the text branch starts ahead) would otherwise leave without gradient.
+      aux_query_fused=0.0,
       grade_weighted=False,  # weight positives by their ESCI gain
       # Stage 1: weight of the image -> words term: from its image, predict the words of each product's title
       # (softmax cross-entropy against the bag of its tokens; objectives.image_words_loss). A direct signal

@@ -115,10 +115,13 @@ def _stage2_loss(model, params, batch, config, train, rng):
   loss, m = _contrastive(config, q["emb"], p["emb"], logit, pos, weights)
   metrics = {f"q2p/{k}": v for k, v in m.items() if k != "loss"}
   metrics["q2p/loss"] = loss
-  # Auxiliary terms align the query with each modality on its own. fusion_qw's query is a weighted
+  # Auxiliary terms align the query with each modality on its own, and with the fused representation alone
+  # (q2f: it learns even while the fusion gate leans on the text, which otherwise starves it). fusion_qw's
+  # query is a weighted
   # concat of segments, so its aux terms use the plain per-segment unit vectors of the query instead.
   for name, key, weight in (("q2i", "image_emb", config.loss.aux_query_image),
-                            ("q2t", "text_emb", config.loss.aux_query_text)):
+                            ("q2t", "text_emb", config.loss.aux_query_text),
+                            ("q2f", "fused_emb", config.loss.aux_query_fused)):
     if weight > 0 and key in p:
       qd = q.get("dense_emb", q["emb"])  # the lexical segment has no counterpart in one modality
       qa = qd if qd.shape[-1] == p[key].shape[-1] else _segment(q, key)
@@ -136,7 +139,7 @@ def _segment(q, key):
   """Returns the unit query segment matching a product modality (fusion_qw: [fused, text, image])."""
   emb = q["emb"]
   d = emb.shape[-1] // 3
-  k = {"text_emb": 1, "image_emb": 2}[key]
+  k = {"fused_emb": 0, "text_emb": 1, "image_emb": 2}[key]
   seg = emb[:, k * d:(k + 1) * d]
   return seg / jnp.maximum(jnp.linalg.norm(seg, axis=-1, keepdims=True), 1e-12)
 

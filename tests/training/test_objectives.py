@@ -139,3 +139,23 @@ def test_stage1_image_words_term_trains_a_head_that_only_stage1_runs_have(tiny_d
   assert not s2.model.image_words
   s2_params = models.create_model(s2).init(jax.random.PRNGKey(0), objectives.init_batch(s2), train=False)["params"]
   assert "image_words" not in s2_params["heads"]
+
+
+def test_aux_query_fused_trains_the_fused_branch_whatever_the_gate(model_and_batch):
+  cfg, model, params, batch = model_and_batch
+  base, m0 = _loss(cfg, model, params, batch)
+  assert "q2f/loss" not in m0
+  total, m = _loss(cfg, model, params, batch, aux_query_fused=0.5)
+  v = {"params": params}
+  q = model.apply(v, batch["query_tokens"], method="embed_query")
+  p = model.apply(v, batch["product_tokens"], batch["image"], batch["has_image"], method="embed_product")
+  scale = model.apply(v, method="logit_params")["logit_scale"]
+  want, _ = losses.softmax_contrastive(q.get("dense_emb", q["emb"]), p["fused_emb"], scale,
+                                       (batch["product_index"], batch["positives"]))
+  np.testing.assert_allclose(float(m["q2f/loss"]), float(want), rtol=1e-5)
+  np.testing.assert_allclose(float(total), float(base) + 0.5 * float(want), rtol=1e-5)
+  # The term trains the fusion network and does not depend on the gate (a shut gate does not starve it).
+  grad = jax.grad(lambda p_: _loss(cfg, model, p_, batch, aux_query_fused=0.5)[1]["q2f/loss"])(params)
+  norm = lambda tree: float(sum(np.abs(np.asarray(g)).sum() for g in jax.tree.leaves(tree)))  # noqa: E731
+  assert norm({k: v for k, v in grad["fusion"].items() if not k.startswith("gate")}) > 0
+  assert norm({k: v for k, v in grad["fusion"].items() if k.startswith("gate")}) == 0
