@@ -69,6 +69,9 @@ def get_config(arg=None):
     # tower trained from scratch here (concat, fusion_e2e) gets the full rate.
     c.optim.init_lr_mult.image_tower = 0.3
     c.init.load = FROM_STAGE1  # used when init.workdir names a stage-1 run
+    # The fused branch also learns on its own (query <-> fused term): the text branch starts ahead, and without
+    # this the fusion gate shuts (0.06) before the fused branch has learnt anything; with it the gate stays open.
+    c.loss.aux_query_fused = 1.0
   return config_lib.apply_budget(c, a)
 
 
