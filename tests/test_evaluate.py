@@ -133,7 +133,7 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
   # A row saved before a config key existed (its config.json lacks it) ran with that key's default: reused.
   saved = tmp_path / "abl" / "text_only" / "config.json"
   older = json.loads(saved.read_text())
-  del older["loss"]["aux_query_fused"]
+  del older["loss"]["image_words"]  # a stage-2 row runs with its default, 0
   saved.write_text(json.dumps(older))
   again = ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
                        rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
