@@ -13,7 +13,9 @@ from mmr_jax.training import objectives
 
 @pytest.fixture(scope="module")
 def model_and_batch(tiny_data):
-  cfg = train.resolve_config(tiny_config(tiny_data, variant="fusion"))
+  cfg = tiny_config(tiny_data, variant="fusion")
+  cfg.loss.aux_query_fused = 0.0  # the demo's stage 2 sets it; each test turns on the terms it checks
+  cfg = train.resolve_config(cfg)
   model = models.create_model(cfg)
   params = model.init(jax.random.PRNGKey(0), objectives.init_batch(cfg), train=False)["params"]
   rng = np.random.default_rng(0)
