@@ -203,7 +203,8 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
     aug = transforms.Augment()
   tok = sources.load_tokenizer(data_dir, config)
   products = sources.open_source(data_dir, "products", "all")
-  if stage == 1 and not batch_spec.stage1_reads_pairs(config):
+  stage1_pairs = stage == 1 and batch_spec.stage1_reads_pairs(config)
+  if stage == 1 and not stage1_pairs:
     num_rows = len(products)
     skip_no_image = bool(config.stage1_skip_no_image)
     heldout = split != "train"
@@ -229,7 +230,7 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
     example = transforms.Stage2Example(pairs, products, tok, lens, aug, pseudo_rate)
     table = f"pairs/{split}"
   if num_rows == 0:
-    how = " with config.data.stage1_source='pairs'" if stage == 1 and table.startswith("pairs") else ""
+    how = " with config.data.stage1_source='pairs'" if stage1_pairs else ""
     raise ValueError(f"{data_dir}: {table} has no rows (stage {stage}{how} needs some)")
 
   if num_rows < global_batch and split == "train":
