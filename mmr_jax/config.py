@@ -97,6 +97,12 @@ def base_config() -> ConfigDict:
       # products and query <-> product text, so a stage-1 run's text towers learn what a text-only stage 2
       # teaches while its image tower aligns (stage1_pseudo_queries is then moot).
       stage1_source="products",
+      # Hard in-batch negatives (mmr_jax/data/hard_negatives.py): training batches of stage 2's stream come
+      # in groups of 1 + hard_negatives examples, an example and pseudo-queries of that many of its product's
+      # BM25 neighbours (drawn from the hard_negative_pool nearest), so every query meets products that share
+      # its words as negatives. 0: random batches. The per-host batch must be a multiple of the group.
+      hard_negatives=0,
+      hard_negative_pool=16,
       # Stage 1: leave out products without an image, so every batch row is an image<->title pair. False
       # keeps them (has_image=False: zero weight in that loss, still in the pseudo-query term).
       stage1_skip_no_image=False,

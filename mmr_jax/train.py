@@ -197,11 +197,13 @@ def _train(config, workdir: epath.Path, mesh, hooks) -> dict:
     # grain saves one iterator state per process; with another process count there is none for some
     # processes, so the position is derived from the step instead (the same global stream, up to rounding).
     state, _ = ckpt.restore(latest, trainer.abstract_state)
-    position = latest * config.data.batch_size // jax.process_count()
+    position = latest * config.data.batch_size // jax.process_count() // pipeline.group_size(
+        config.stage, config.data)
     moved = pipeline.move_train_iterator(train_iter, position)
     log.warning("resumed from step %d, written by %d process(es), on %d: model and optimizer state restored; "
                 "the data iterator %s", latest, saved_hosts, jax.process_count(),
-                f"restarts at example {position} of each process's slice (step x data.batch_size / processes: "
+                f"restarts at element {position} of each process's slice (step x data.batch_size / processes / "
+                "(1 + data.hard_negatives): "
                 "the global stream continues up to rounding)" if moved else
                 "restarts from the beginning of the data (its worker processes' positions cannot be derived)")
   elif latest is not None:

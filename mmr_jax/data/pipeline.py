@@ -54,6 +54,7 @@ import numpy as np
 
 from mmr_jax import batch_spec
 from mmr_jax.data import catalog
+from mmr_jax.data import hard_negatives
 from mmr_jax.data import sources
 from mmr_jax.data import transforms
 
@@ -88,7 +89,7 @@ def _per_host(batch_size: int, process_count: int, what: str) -> int:
 
 
 def _finish(ds: grain.MapDataset, per_host_batch: int, config: Any, *,
-            train: bool) -> grain.DatasetIterator:
+            train: bool, group: int = 1) -> grain.DatasetIterator:
   """Returns a checkpointable iterator: threads, batching, worker processes.
 
   Training batches after `to_iter_dataset`, so threads work per example and
@@ -96,6 +97,8 @@ def _finish(ds: grain.MapDataset, per_host_batch: int, config: Any, *,
   worker batches its own slice, so batches depend on `num_workers` (fixed per
   run). Eval batches the MapDataset itself: batch b holds rows
   [b*B, (b+1)*B) whatever the worker count, which keeps row order.
+  With `group` > 1 each element of `ds` is `group` stacked examples (HardNegativeGroup), and a batch
+  holds per_host_batch // group of them, rows of a group adjacent.
   """
   threads = int(config.read_threads)
   if train:
@@ -103,7 +106,8 @@ def _finish(ds: grain.MapDataset, per_host_batch: int, config: Any, *,
         num_threads=threads,
         prefetch_buffer_size=int(config.prefetch_buffer_size))
     it_ds = ds.to_iter_dataset(read).batch(
-        per_host_batch, drop_remainder=True, batch_fn=transforms.stack)
+        per_host_batch // group, drop_remainder=True,
+        batch_fn=transforms.concat if group > 1 else transforms.stack)
   else:
     # Buffer counts whole batches here: a few per thread is plenty.
     read = grain.ReadOptions(num_threads=threads,
@@ -204,6 +208,10 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   tok = sources.load_tokenizer(data_dir, config)
   products = sources.open_source(data_dir, "products", "all")
   stage1_pairs = stage == 1 and batch_spec.stage1_reads_pairs(config)
+  group = group_size(stage, config) if split == "train" else 1
+  if per_host_batch % group:
+    raise ValueError(f"config.data.hard_negatives={group - 1}: each host's batch ({per_host_batch}) must "
+                     f"be a multiple of 1 + hard_negatives = {group}")
   if stage == 1 and not stage1_pairs:
     num_rows = len(products)
     skip_no_image = bool(config.stage1_skip_no_image)
@@ -229,6 +237,9 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
       raise ValueError(f"config.data.pseudo_queries={pseudo_rate} must be in [0, 1)")
     example = transforms.Stage2Example(pairs, products, tok, lens, aug, pseudo_rate)
     table = f"pairs/{split}"
+    if group > 1:
+      example = transforms.HardNegativeGroup(example, products, _neighbours(data_dir, products, config),
+                                             group - 1)
   if num_rows == 0:
     how = " with config.data.stage1_source='pairs'" if stage1_pairs else ""
     raise ValueError(f"{data_dir}: {table} has no rows (stage {stage}{how} needs some)")
@@ -249,7 +260,33 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   ds = grain.MapDataset.range(num_rows).shuffle(seed=order_seed)
   ds = ds.random_map(example, seed=seed)
   ds = ds[host::hosts].repeat(None)
-  return _finish(ds, per_host_batch, config, train=True)
+  return _finish(ds, per_host_batch, config, train=True, group=group)
+
+
+def group_size(stage: int, config: Any) -> int:
+  """Returns how many adjacent training examples form one sampled group: 1 + config.hard_negatives.
+
+  `config` is `config.data`. Groups are drawn from stage 2's stream (stage 2, and stage 1 over pairs);
+  stage 1 over products has none (1). A host's position in its stream counts groups.
+  """
+  n = int(config.hard_negatives)
+  if n < 0:
+    raise ValueError(f"config.data.hard_negatives={n} must be >= 0")
+  if stage == 1 and not batch_spec.stage1_reads_pairs(config):
+    return 1
+  return 1 + n
+
+
+_NEIGHBOURS: dict[tuple[str, int, int], np.ndarray] = {}
+
+
+def _neighbours(data_dir: str, products: sources.Source, config: Any) -> np.ndarray:
+  """Returns hard_negatives.neighbours of the catalogue, mined once per process and catalogue."""
+  pool = int(config.hard_negative_pool)
+  key = (str(data_dir), len(products), pool)
+  if key not in _NEIGHBOURS:
+    _NEIGHBOURS[key] = hard_negatives.neighbours(products, pool)
+  return _NEIGHBOURS[key]
 
 
 def product_truncation(data_dir: str, config: Any, sample: int = 2000,
@@ -293,8 +330,8 @@ def product_truncation(data_dir: str, config: Any, sample: int = 2000,
 def move_train_iterator(it: grain.DatasetIterator, position: int) -> bool:
   """Returns whether a fresh make_train_iterator iterator could be moved to `position` of this host's stream.
 
-  The position counts examples read by this host: after s steps of a global batch B on P hosts, s * B / P
-  continues the same shuffled epochs. Without worker processes the iterator's state is that one number;
+  The position counts elements read by this host: after s steps of a global batch B on P hosts, s * B / P
+  / group_size continues the same shuffled epochs. Without worker processes the iterator's state is that one number;
   with them (config.num_workers > 0) it is per worker, and nothing is moved.
   """
   state = it.get_state()

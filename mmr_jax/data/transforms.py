@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from mmr_jax import batch_spec
 from mmr_jax.data import catalog
+from mmr_jax.data import hard_negatives
 from mmr_jax.data import pseudo_queries
 from mmr_jax.data.sources import Source, row_bytes, row_text
 from mmr_jax.data.tokenizer import Tokenizer
@@ -182,16 +183,26 @@ class Stage2Example(grain.transforms.RandomMap):
         return index, product, text
     return None
 
+  def pseudo_example(self, product_index: int, product: Mapping[str, Any], text: str,
+                     rng: np.random.Generator, positives: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """Returns the example pairing pseudo-query `text` with `product` (its positives: it, then `positives`)."""
+    out = _product_features(product, self._tok, self._lens, self._augment, rng, with_title=True)
+    out.update(query_tokens=self._tok.encode([text], self._lens.query_len)[0],
+               product_index=np.int32(product_index), query_index=np.int32(batch_spec.PAD_INDEX),
+               grade=np.float32(1.0),
+               positives=_pad_positives([product_index, *positives], self._lens.positives_k))
+    return out
+
   def random_map(self, index, rng: np.random.Generator):
+    return self.example(index, rng)[0]
+
+  def example(self, index, rng: np.random.Generator):
+    """Returns (example, its query text or None for a labelled pair, its product row)."""
     if self._pseudo_rate and rng.random() < self._pseudo_rate:
       pseudo = self._pseudo_pair(rng)
       if pseudo is not None:
         product_index, product, text = pseudo
-        out = _product_features(product, self._tok, self._lens, self._augment, rng, with_title=True)
-        out.update(query_tokens=self._tok.encode([text], self._lens.query_len)[0],
-                   product_index=np.int32(product_index), query_index=np.int32(batch_spec.PAD_INDEX),
-                   grade=np.float32(1.0), positives=_pad_positives([product_index], self._lens.positives_k))
-        return out
+        return self.pseudo_example(product_index, product, text, rng), text, product
     pair = self._pairs[int(index)]
     product_index = int(np.asarray(pair["product_index"]))
     if not 0 <= product_index < self._num_products:
@@ -209,7 +220,53 @@ class Stage2Example(grain.transforms.RandomMap):
         positives=_pad_positives(pair["positives"],
                                  self._lens.positives_k),  # [K]
     )
-    return out
+    return out, None, product
+
+
+class HardNegativeGroup(grain.transforms.RandomMap):
+  """Stream index -> a group of 1 + n stage-2 examples stacked [1 + n, ...] (`hard_negatives.py`).
+
+  The first is `Stage2Example`'s; the others are pseudo-queries of n products drawn from its product's
+  BM25 neighbours (`neighbours` [num_products, pool], pad -1; random products that are not held out fill
+  a short pool). A pseudo-query's positives are every product of the group that holds all its words.
+  """
+
+  def __init__(self, stream: Stage2Example, products: Source, neighbours: np.ndarray, n: int):
+    self._stream, self._products, self._neighbours, self._n = stream, products, neighbours, n
+    self._num_products = len(products)
+
+  def _fill(self, chosen: list[int], rng: np.random.Generator) -> None:
+    for _ in range(64 * self._n):
+      if len(chosen) > self._n:
+        return
+      index = int(rng.integers(self._num_products))
+      row = self._products[index]
+      if (index not in chosen and not bool(np.asarray(row["heldout"])) and pseudo_queries.candidate_terms(
+          row_text(row, "title"), row_text(row, "attributes"), row_text(row, "description"))):
+        chosen.append(index)
+    raise ValueError(f"config.data.hard_negatives={self._n}: too few products with text that are not held "
+                     "out to fill a group")
+
+  def random_map(self, index, rng: np.random.Generator):
+    first, first_text, first_product = self._stream.example(index, rng)
+    anchor = int(first["product_index"])
+    pool = self._neighbours[anchor]
+    pool = pool[pool >= 0]
+    chosen = [anchor] + [int(i) for i in rng.permutation(pool)[:self._n]]
+    if len(chosen) <= self._n:
+      self._fill(chosen, rng)
+    rows = [first_product] + [self._products[i] for i in chosen[1:]]
+    texts = [first_text] + [pseudo_queries.sample(row_text(r, "title"), row_text(r, "attributes"),
+                                                  row_text(r, "description"), rng) for r in rows[1:]]
+    product_words = [hard_negatives.words(row_text(r, "text")) for r in rows]
+    examples = [first]
+    if first_text is not None:  # a labelled pair keeps its labelled positives
+      also = [chosen[k] for k in hard_negatives.positives(first_text, product_words) if k != 0]
+      first["positives"] = _pad_positives([anchor, *also], len(first["positives"]))
+    for j in range(1, len(chosen)):
+      also = [chosen[k] for k in hard_negatives.positives(texts[j], product_words) if k != j]
+      examples.append(self._stream.pseudo_example(chosen[j], rows[j], texts[j], rng, also))
+    return stack(examples)
 
 
 class _EvalRows(grain.transforms.Map):
@@ -257,4 +314,9 @@ class EvalQuery(_EvalRows):
 def stack(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
   """Returns the examples stacked on a new leading batch axis."""
   return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
+
+def concat(groups: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Returns stacked groups of examples ([G, ...] each) as one batch: their rows in order ([sum G, ...])."""
+  return {k: np.concatenate([g[k] for g in groups]) for k in groups[0]}
 

@@ -59,6 +59,9 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
       dtype="float32",          # compute dtype ("bfloat16" on TPU/GPU)
       param_dtype="float32",
       contrastive="softmax",    # sets the init of loss/logit_scale: "softmax" | "sigmoid"
+      # The contrastive temperature's initial value (logit scale 1 / t; learnt from there): 0 takes the
+      # loss's usual one (CLIP's 0.07 for softmax, SigLIP's 0.1 for sigmoid).
+      temperature_init=0.0,
       # A `heads/image_words` Dense from the pooled image to the vocabulary: embed_title_image also returns
       # "image_word_logits" (stage 1's image -> product words term; set from loss.image_words when a run starts).
       image_words=False,
@@ -216,7 +219,10 @@ class TwoTower(nn.Module):
                        vocab_size=cfg.text.vocab_size if cfg.get("image_words") else 0)
     # CLIP's 1/0.07 for softmax; SigLIP's t' = log 10, b = -10 for sigmoid (the bias makes
     # the many negatives start near p = 0, the imbalance SigLIP's paper discusses).
-    scale_init = math.log(1 / 0.07) if cfg.contrastive == "softmax" else math.log(10.0)
+    t = float(cfg.get("temperature_init", 0.0)) or (0.07 if cfg.contrastive == "softmax" else 0.1)
+    if t <= 0:
+      raise ValueError(f"config.model.temperature_init={t} must be > 0 (or 0 for the loss's default)")
+    scale_init = math.log(1 / t)
     self.loss = ContrastiveParams(scale_init, -10.0)
     if cfg.get("lexical_dim", 0):
       if cfg.variant in ("image_only", "fusion_qw"):

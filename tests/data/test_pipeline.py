@@ -493,3 +493,82 @@ def test_stage1_over_pairs_reads_stage2s_stream(data_dir):
   with pytest.raises(ValueError, match="stage1_source='bogus'"):
     pipeline.make_train_iterator(data_dir, 1, _config(stage1_source="bogus"), seed=0, process_index=0,
                                  process_count=1)
+
+
+def test_hard_negative_neighbours_are_bm25s_best_and_skip_heldout(data_dir):
+  from mmr_jax.data import hard_negatives  # pylint: disable=g-import-not-at-top
+  from mmr_jax.evals import keyword  # pylint: disable=g-import-not-at-top
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  rows = [products[i] for i in range(len(products))]
+  heldout = np.array([bool(r["heldout"]) for r in rows])
+  nb = hard_negatives.neighbours(products, pool=3)
+  assert nb.shape == (len(rows), 3) and nb.dtype == np.int32
+  assert np.all(nb[heldout] == -1)  # held-out products are never trained on
+  bm25 = keyword.BM25([r["text"].decode() for r in rows])
+  for i in np.flatnonzero(~heldout):
+    got = nb[i][nb[i] >= 0]
+    assert len(got) == 3 and i not in got and not heldout[got].any()
+    # The best-scoring trainable products for the product's title and attribute values, best first.
+    scores = bm25.scores(hard_negatives.mining_text(rows[i]))
+    others = [j for j in np.flatnonzero(~heldout) if j != i]
+    assert np.all(np.diff(scores[got]) <= 0)
+    assert scores[got[-1]] >= max(scores[j] for j in others if j not in got)
+  with pytest.raises(ValueError, match="hard_negative_pool=0"):
+    hard_negatives.neighbours(products, pool=0)
+
+
+def test_hard_negative_positives_hold_every_query_word():
+  from mmr_jax.data import hard_negatives  # pylint: disable=g-import-not-at-top
+  docs = [hard_negatives.words(t) for t in ("Red Wool Scarf", "red cotton scarf", "Blue wool hat", "赤いスカーフ")]
+  assert hard_negatives.positives("red scarf", docs) == [0, 1]
+  assert hard_negatives.positives("WOOL", docs) == [0, 2]
+  assert hard_negatives.positives("スカーフ", docs) == [3]  # unspaced scripts match by character
+  assert hard_negatives.positives("red hat", docs) == []
+  assert hard_negatives.positives("", docs) == []
+
+
+def test_hard_negative_batches_group_each_example_with_neighbours(data_dir):
+  from mmr_jax.data import hard_negatives  # pylint: disable=g-import-not-at-top
+  cfg = _config(hard_negatives=1, hard_negative_pool=4, pseudo_queries=0.5, batch_size=8, query_len=32)
+  make = lambda: pipeline.make_train_iterator(data_dir, 2, cfg, seed=1, process_index=0,  # noqa: E731
+                                              process_count=1)
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  nb = hard_negatives.neighbours(products, pool=4)
+  tok = sources.load_tokenizer(data_dir)
+  labelled = {(int(p["query_index"]), int(p["product_index"])): sorted(int(x) for x in p["positives"])
+              for p in _pairs(data_dir)}
+  it = make()
+  batches = _take(it, 6)
+  assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == batch_spec.from_config(2, cfg, 8)
+  anchors_labelled = 0
+  for b in batches:
+    for g in range(0, 8, 2):
+      anchor, other = int(b["product_index"][g]), int(b["product_index"][g + 1])
+      assert other in nb[anchor]  # the pool holds 4 products sharing words with each trainable product
+      assert b["query_index"][g + 1] == batch_spec.PAD_INDEX  # the neighbour comes with a pseudo-query
+      group_words = [hard_negatives.words(products[p]["text"].decode()) for p in (anchor, other)]
+      for row in (g, g + 1):
+        pos = [int(x) for x in b["positives"][row] if x >= 0]
+        if b["query_index"][row] >= 0:  # a labelled pair keeps its labels
+          anchors_labelled += 1
+          key = (int(b["query_index"][row]), anchor)
+          assert sorted(pos) == labelled[key]  # (at most positives_k of them here)
+          continue
+        query = tok.decode(b["query_tokens"][row:row + 1])[0]
+        own = int(b["product_index"][row])
+        expected = [own] + [p for p, w in zip((anchor, other), group_words)
+                            if p != own and hard_negatives.words(query) <= w]
+        assert pos == expected, (query, pos, expected)
+  assert 0 < anchors_labelled < 24
+  # The iterator state still resumes exactly.
+  state = it.get_state()
+  expected = _take(it, 2)
+  resumed = make()
+  resumed.set_state(state)
+  _assert_batches_equal(expected, _take(resumed, 2))
+  # Validation batches are the labelled pairs, ungrouped; stage 1 over products has no groups.
+  assert pipeline.group_size(1, cfg) == 1 and pipeline.group_size(2, cfg) == 2
+  assert pipeline.group_size(1, _config(hard_negatives=1, stage1_source="pairs")) == 2
+  with pytest.raises(ValueError, match=r"multiple of 1 \+ hard_negatives = 3"):
+    pipeline.make_train_iterator(data_dir, 2, _config(hard_negatives=2), seed=0, process_index=0,
+                                 process_count=1)

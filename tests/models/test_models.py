@@ -278,12 +278,15 @@ def test_initial_values():
   w, _ = heads.init_with_output(jax.random.PRNGKey(0), t[:, 0],
                                 method=lambda m, x: jax.nn.softmax(m.segment_weights(x)))
   np.testing.assert_allclose(w, 1 / 3, rtol=1e-6)
-  for contrastive, scale in [("softmax", math.log(1 / 0.07)), ("sigmoid", math.log(10.0))]:
-    model = two_tower.TwoTower(_config(contrastive=contrastive))
+  for contrastive, t, scale in [("softmax", 0.0, math.log(1 / 0.07)), ("sigmoid", 0.0, math.log(10.0)),
+                                ("softmax", 0.02, math.log(50.0))]:
+    model = two_tower.TwoTower(_config(contrastive=contrastive, temperature_init=t))
     lp, v = model.init_with_output(jax.random.PRNGKey(0), method=model.logit_params)
     assert set(v["params"]) == {"loss"}
     assert float(lp["logit_scale"]) == pytest.approx(scale)
     assert float(lp["logit_bias"]) == -10.0
+  with pytest.raises(ValueError, match="temperature_init=-0.1"):
+    two_tower.TwoTower(_config(temperature_init=-0.1)).init(jax.random.PRNGKey(0), method="logit_params")
 
 
 def test_fusion_qw_is_one_weighted_inner_product():

@@ -1,0 +1,87 @@
+"""Hard in-batch negatives: training batches in groups of lexically close products.
+
+With random batches almost every in-batch negative differs from the query's product in category and
+words, so the towers learn coarse topic matching and little of what ranks the top ten: which of the
+products that share the query's words is the right one (often only the image tells: the same "Dress
+Women Summer" title in three colours). `config.data.hard_negatives = n` builds each training batch from
+groups of 1 + n examples: a stream example (labelled pair or pseudo-query) and pseudo-queries of n of
+its product's BM25 neighbours (`neighbours`: the products whose text scores highest against its title
+and attributes). Each query of a group then has the group's other products as negatives, and the batch
+keeps its size, so this costs no compute (DPR's BM25 negatives, without the extra product column).
+
+False negatives: a group's products share words by construction, so a pseudo-query of one may describe
+another as well. Every product of the group whose text holds all of a pseudo-query's words counts as a
+positive of that pseudo-query (`positives`, masked out of its negatives as duplicates are). Labelled
+queries keep their labelled positives.
+
+Only product text is read (title, attributes, description; BM25 with `evals.keyword`'s tokenisation),
+so this works on any catalogue and language. Mining scores every product against every other: seconds
+for tens of thousands of products, minutes for a million (progress is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from mmr_jax.data import pseudo_queries
+from mmr_jax.data.sources import Source, row_text
+from mmr_jax.evals import keyword
+
+_log = logging.getLogger(__name__)
+
+
+def mining_text(product) -> str:
+  """Returns the text a product's neighbours are mined with: its title and attribute values."""
+  return " ".join([row_text(product, "title")] + pseudo_queries.attribute_values(row_text(product, "attributes")))
+
+
+def neighbours(products: Source, pool: int) -> np.ndarray:
+  """Returns int32 [N, pool]: each product's `pool` best BM25 neighbours, best first (pad -1).
+
+  A product's title and attributes are scored against every product's full text (title, description,
+  attributes); the product itself and held-out products (which no stage trains on) are never neighbours,
+  nor are products that share no word with it. Held-out products get no neighbours.
+  """
+  if pool < 1:
+    raise ValueError(f"config.data.hard_negative_pool={pool} must be >= 1")
+  n = len(products)
+  rows = [products[i] for i in range(n)]
+  heldout = np.array([bool(np.asarray(r["heldout"])) for r in rows], bool)
+  index = keyword.BM25([row_text(r, "text") for r in rows])
+  out = np.full((n, pool), -1, np.int32)
+  start = last = time.monotonic()
+  for i, row in enumerate(rows):
+    if heldout[i]:
+      continue
+    scores = index.scores(mining_text(row))
+    scores[i] = 0.0
+    scores[heldout] = 0.0
+    hit = np.flatnonzero(scores > 0)
+    if len(hit) > pool:
+      hit = hit[np.argpartition(-scores[hit], pool - 1)[:pool]]
+    top = hit[np.lexsort((hit, -scores[hit]))]
+    out[i, :len(top)] = top
+    now = time.monotonic()
+    if now - last > 30:
+      last = now
+      _log.info("hard negatives: mined %d / %d products (%.0f s)", i + 1, n, now - start)
+  _log.info("hard negatives: %d products, %d nearest each, mined in %.1f s; %.0f%% have a full pool",
+            n, pool, time.monotonic() - start, 100.0 * np.mean((out[~heldout] >= 0).all(axis=1)) if
+            (~heldout).any() else 0.0)
+  return out
+
+
+def words(text: str) -> frozenset[str]:
+  """Returns the BM25 terms of `text` (`keyword.tokenize`: case-folded words, CJK by character)."""
+  return frozenset(keyword.tokenize(text))
+
+
+def positives(query: str, product_words: list[frozenset[str]]) -> list[int]:
+  """Returns the positions of the products (by their word sets) that hold every word of `query`."""
+  need = words(query)
+  if not need:
+    return []
+  return [j for j, have in enumerate(product_words) if need <= have]
