@@ -278,6 +278,9 @@ def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, 
     raise KeyError(f"rows {sorted(unknown)} are not in {config_path}'s get_sweep()")
   uses_stage1 = lambda point: any("{" + STAGE1 + "}" in str(v) for v in point.values())  # noqa: E731
   with_stage1 = any(uses_stage1(s) for s in sweep)
+  # Rows without stage 1 get its steps whenever the config's ablation has a stage 1, whichever rows run: a row's
+  # numbers must not depend on which others were asked for.
+  equal_steps = any(uses_stage1(s) for s in mod.get_sweep(config_arg))
   row_points = [sweep_runner.Point(s["name"], {k: v for k, v in s.items() if k != "name"},
                                    (STAGE1,) if uses_stage1(s) else ()) for s in sweep]
   row_points = sweep_runner.resolve(row_points, str(root), {}, [STAGE1] + [p.name for p in row_points])
@@ -289,7 +292,7 @@ def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, 
   for point in row_points:
     cfg = mod.get_config(f"stage=2,{base_arg}")
     cfg.data.dir = str(data_dir)
-    if with_stage1 and not point.depends:
+    if equal_steps and not point.depends:
       cfg.train.steps = steps + stage1_steps  # the optimiser steps stage 1 gives the other rows
     apply_overrides(cfg, point.overrides)
     configs[point.name] = apply_overrides(cfg, overrides or {})

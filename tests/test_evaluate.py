@@ -130,6 +130,11 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
     ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
                  rows=("text_only",), steps=6, stage1_steps=4, batch=8)
   assert (tmp_path / "abl" / "ablation.json").read_text() == before
+  # A row without stage 1 gets stage 1's steps whichever rows are asked for (here without any stage-1 row).
+  mod = sweep_runner.load_config_module(str(ROOT / "configs" / "demo.py"))
+  points, configs = ablation._points(tmp_path / "other", tiny_data, "demo", mod, ("text_only",), 6, 4, 16, "", {},
+                                     "default")
+  assert [p.name for p in points] == ["text_only"] and configs["text_only"].train.steps == 10
   # A row saved before a config key existed (its config.json lacks it) ran with that key's default: reused.
   saved = tmp_path / "abl" / "text_only" / "config.json"
   older = json.loads(saved.read_text())

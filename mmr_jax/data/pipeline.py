@@ -277,13 +277,13 @@ def group_size(stage: int, config: Any) -> int:
   return 1 + n
 
 
-_NEIGHBOURS: dict[tuple[str, int, int], np.ndarray] = {}
+_NEIGHBOURS: dict[tuple[str, int, str, int], np.ndarray] = {}
 
 
 def _neighbours(data_dir: str, products: sources.Source, config: Any) -> np.ndarray:
   """Returns hard_negatives.neighbours of the catalogue, mined once per process and catalogue."""
   pool = int(config.hard_negative_pool)
-  key = (str(data_dir), len(products), pool)
+  key = (str(data_dir), len(products), str(sources.catalog_info(data_dir).get("products_sha256", "")), pool)
   if key not in _NEIGHBOURS:
     _NEIGHBOURS[key] = hard_negatives.neighbours(products, pool)
   return _NEIGHBOURS[key]

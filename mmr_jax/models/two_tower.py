@@ -62,6 +62,10 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
       # The contrastive temperature's initial value (logit scale 1 / t; learnt from there): 0 takes the
       # loss's usual one (CLIP's 0.07 for softmax, SigLIP's 0.1 for sigmoid).
       temperature_init=0.0,
+      # fusion / fusion_qw: the fused head also reads the image tower's pooled output (the vector stage 1 aligns
+      # with titles, which concat's head reads) beside the fusion network's pooled text and image streams, so the
+      # fused branch starts from what naive concatenation sees. False: the streams alone.
+      fused_pooled_image=True,
       # A `heads/image_words` Dense from the pooled image to the vocabulary: embed_title_image also returns
       # "image_word_logits" (stage 1's image -> product words term; set from loss.image_words when a run starts).
       image_words=False,
@@ -306,7 +310,8 @@ class TwoTower(nn.Module):
     else:
       f = self.fusion(t_tokens, t_mask, i_tokens, jnp.asarray(has_image).astype(bool),
                       train=train)
-      fused = layers.l2_normalize(h.fused(jnp.concatenate([f["text"], f["image"]], -1)))
+      streams = [f["text"], f["image"]] + ([i_pooled] if self.config.get("fused_pooled_image") else [])
+      fused = layers.l2_normalize(h.fused(jnp.concatenate(streams, -1)))
       out["fused_emb"] = fused
       if variant == "fusion":
         g = f["gate"][:, None]

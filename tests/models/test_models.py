@@ -519,3 +519,22 @@ def test_lexical_segment_counts_shared_terms_in_the_one_inner_product():
   with pytest.raises(ValueError, match="lexical_dim=32 needs a product text tower"):
     bad = two_tower.TwoTower(two_tower.get_config("fusion_qw", "pico", vocab_size=100, max_len=8, lexical_dim=32))
     bad.init(jax.random.PRNGKey(0), two_tower.dummy_batch(bad.config, image_size=16))
+
+
+def test_fused_head_can_read_the_pooled_image():
+  model, params, out = _run("fusion")  # the default
+  cfg = model.config
+  params = jax.tree.map(np.asarray, nn.meta.unbox(params))
+  kernel = params["heads"]["fused"]["kernel"]
+  streams = 2 * cfg.fusion.width  # the fusion network's pooled text and image streams, then the pooled image
+  assert kernel.shape[0] == streams + cfg.vit.width
+  # The pooled image's rows of the kernel matter: zeroing them changes the fused embedding; a product without an
+  # image still embeds as its text alone (gate 0).
+  cut = jax.tree.map(np.copy, params)
+  cut["heads"]["fused"]["kernel"][streams:] = 0.0
+  out2 = _jit(model.apply)({"params": cut}, _batch(title=True))
+  f1, f2 = np.asarray(out["product"]["fused_emb"]), np.asarray(out2["product"]["fused_emb"])
+  assert np.abs(f1[0] - f2[0]).max() > 1e-3
+  np.testing.assert_allclose(out2["product"]["emb"][1], out["product"]["emb"][1], rtol=1e-5, atol=1e-6)
+  _, plain, _ = _run("fusion", fused_pooled_image=False)
+  assert nn.meta.unbox(plain)["heads"]["fused"]["kernel"].shape[0] == streams
