@@ -456,7 +456,7 @@ def test_resume_on_another_process_count_restarts_the_data_at_the_step(tiny_data
     (data / f"process_{p}-of-2.json").write_text(json.dumps({"next_index": batch}))
   with caplog.at_level("WARNING", logger="mmr_jax.train"):
     assert train.train_and_evaluate(cfg(4), str(wd))["step"] == 4
-  assert "written by 2 process(es), on 1" in caplog.text and f"restarts at example {2 * batch}" in caplog.text
+  assert "written by 2 process(es), on 1" in caplog.text and f"restarts at element {2 * batch}" in caplog.text
   # Two steps after position 2 * batch of the one stream, as if one process had trained all along.
   state = json.loads((wd / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
   assert state == {"next_index": 4 * batch}
