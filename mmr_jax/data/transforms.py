@@ -170,18 +170,27 @@ class Stage2Example(grain.transforms.RandomMap):
     self._num_products = len(products)
     self._pseudo_rate = pseudo_rate
 
-  def _pseudo_pair(self, rng: np.random.Generator):
-    # Rejection sampling: held-out products are a small fraction of any catalogue that trains.
+  def trainable_product(self, rng: np.random.Generator, exclude: Sequence[int] = ()):
+    """Returns (index, row) of a random product that is not held out, not in `exclude` and has text a
+    pseudo-query can be drawn from, or None after 64 draws (rejection sampling: the products it skips are a
+    small fraction of any catalogue that trains)."""
     for _ in range(64):
       index = int(rng.integers(self._num_products))
-      product = self._products[index]
-      if bool(np.asarray(product["heldout"])):
+      if index in exclude:
         continue
-      text = pseudo_queries.sample(row_text(product, "title"), row_text(product, "attributes"),
-                                   row_text(product, "description"), rng)
-      if text:
-        return index, product, text
+      product = self._products[index]
+      if not bool(np.asarray(product["heldout"])) and pseudo_queries.candidate_terms(
+          row_text(product, "title"), row_text(product, "attributes"), row_text(product, "description")):
+        return index, product
     return None
+
+  def _pseudo_pair(self, rng: np.random.Generator):
+    picked = self.trainable_product(rng)
+    if picked is None:
+      return None
+    index, product = picked
+    return index, product, pseudo_queries.sample(row_text(product, "title"), row_text(product, "attributes"),
+                                                 row_text(product, "description"), rng)
 
   def pseudo_example(self, product_index: int, product: Mapping[str, Any], text: str,
                      rng: np.random.Generator, positives: Sequence[int] = ()) -> dict[str, np.ndarray]:
@@ -233,19 +242,14 @@ class HardNegativeGroup(grain.transforms.RandomMap):
 
   def __init__(self, stream: Stage2Example, products: Source, neighbours: np.ndarray, n: int):
     self._stream, self._products, self._neighbours, self._n = stream, products, neighbours, n
-    self._num_products = len(products)
 
   def _fill(self, chosen: list[int], rng: np.random.Generator) -> None:
-    for _ in range(64 * self._n):
-      if len(chosen) > self._n:
-        return
-      index = int(rng.integers(self._num_products))
-      row = self._products[index]
-      if (index not in chosen and not bool(np.asarray(row["heldout"])) and pseudo_queries.candidate_terms(
-          row_text(row, "title"), row_text(row, "attributes"), row_text(row, "description"))):
-        chosen.append(index)
-    raise ValueError(f"config.data.hard_negatives={self._n}: too few products with text that are not held "
-                     "out to fill a group")
+    while len(chosen) <= self._n:
+      picked = self._stream.trainable_product(rng, exclude=chosen)
+      if picked is None:
+        raise ValueError(f"config.data.hard_negatives={self._n}: too few products with text that are not held "
+                         "out to fill a group")
+      chosen.append(picked[0])
 
   def random_map(self, index, rng: np.random.Generator):
     first, first_text, first_product = self._stream.example(index, rng)

@@ -572,3 +572,19 @@ def test_hard_negative_batches_group_each_example_with_neighbours(data_dir):
   with pytest.raises(ValueError, match=r"multiple of 1 \+ hard_negatives = 3"):
     pipeline.make_train_iterator(data_dir, 2, _config(hard_negatives=2), seed=0, process_index=0,
                                  process_count=1)
+
+
+def test_hard_negative_groups_fill_a_short_pool_with_random_trainable_products(data_dir):
+  from mmr_jax.data import hard_negatives  # pylint: disable=g-import-not-at-top
+  cfg = _config(hard_negatives=3, hard_negative_pool=1, batch_size=8)
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  nb = hard_negatives.neighbours(products, pool=1)
+  it = pipeline.make_train_iterator(data_dir, 2, cfg, seed=3, process_index=0, process_count=1)
+  for b in _take(it, 3):
+    for g in range(0, 8, 4):
+      group = [int(x) for x in b["product_index"][g:g + 4]]
+      assert len(set(group)) == 4  # one neighbour, then two distinct random products
+      assert group[1] in nb[group[0]]
+      for p in group[1:]:
+        assert not bool(products[p]["heldout"]) and products[p]["title"]
+        assert b["query_index"][g + group.index(p)] == batch_spec.PAD_INDEX
