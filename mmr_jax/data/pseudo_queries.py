@@ -49,7 +49,11 @@ def candidate_terms(title: str, attributes: str, description: str = "") -> list[
 
 def sample(title: str, attributes: str, description: str, rng: np.random.Generator) -> str:
   """Returns a pseudo-query of 1..MAX_TERMS distinct terms of the product, in random order ("" if none)."""
-  terms = candidate_terms(title, attributes, description)
+  return sample_terms(candidate_terms(title, attributes, description), rng)
+
+
+def sample_terms(terms: list[str], rng: np.random.Generator) -> str:
+  """Returns a pseudo-query of 1..MAX_TERMS of `terms` (`candidate_terms`'s), in random order ("" if none)."""
   if not terms:
     return ""
   n = int(rng.integers(1, min(MAX_TERMS, len(terms)) + 1))

@@ -171,26 +171,28 @@ class Stage2Example(grain.transforms.RandomMap):
     self._pseudo_rate = pseudo_rate
 
   def trainable_product(self, rng: np.random.Generator, exclude: Sequence[int] = ()):
-    """Returns (index, row) of a random product that is not held out, not in `exclude` and has text a
-    pseudo-query can be drawn from, or None after 64 draws (rejection sampling: the products it skips are a
-    small fraction of any catalogue that trains)."""
+    """Returns (index, row, its `pseudo_queries.candidate_terms`) of a random product that is not held out, not in
+    `exclude` and has text a pseudo-query can be drawn from, or None after 64 draws (rejection sampling: the
+    products it skips are a small fraction of any catalogue that trains)."""
     for _ in range(64):
       index = int(rng.integers(self._num_products))
       if index in exclude:
         continue
       product = self._products[index]
-      if not bool(np.asarray(product["heldout"])) and pseudo_queries.candidate_terms(
-          row_text(product, "title"), row_text(product, "attributes"), row_text(product, "description")):
-        return index, product
+      if bool(np.asarray(product["heldout"])):
+        continue
+      terms = pseudo_queries.candidate_terms(row_text(product, "title"), row_text(product, "attributes"),
+                                             row_text(product, "description"))
+      if terms:
+        return index, product, terms
     return None
 
   def _pseudo_pair(self, rng: np.random.Generator):
     picked = self.trainable_product(rng)
     if picked is None:
       return None
-    index, product = picked
-    return index, product, pseudo_queries.sample(row_text(product, "title"), row_text(product, "attributes"),
-                                                 row_text(product, "description"), rng)
+    index, product, terms = picked
+    return index, product, pseudo_queries.sample_terms(terms, rng)
 
   def pseudo_example(self, product_index: int, product: Mapping[str, Any], text: str,
                      rng: np.random.Generator, positives: Sequence[int] = ()) -> dict[str, np.ndarray]:
