@@ -103,6 +103,9 @@ def base_config() -> ConfigDict:
       # its words as negatives. 0: random batches. The per-host batch must be a multiple of the group.
       hard_negatives=0,
       hard_negative_pool=16,
+      # With hard_negatives: a labelled pair's group takes its query's I-labelled products (judged irrelevant:
+      # the pairs table's `negatives`) before BM25 neighbours. False: BM25 neighbours only.
+      labelled_negatives=True,
       # Stage 1: leave out products without an image, so every batch row is an image<->title pair. False
       # keeps them (has_image=False: zero weight in that loss, still in the pseudo-query term).
       stage1_skip_no_image=False,

@@ -66,7 +66,7 @@ CheckpointSave = grain.checkpoint.CheckpointSave
 CheckpointRestore = grain.checkpoint.CheckpointRestore
 
 _log = logging.getLogger(__name__)
-_WARNED: set = set()  # (data_dir, split, positives_k) already warned about
+_WARNED: set = set()  # what was already warned about: (data_dir, split, positives_k), (data_dir, "negatives")
 
 
 def _host(process_index: int | None, process_count: int | None
@@ -238,8 +238,15 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
     example = transforms.Stage2Example(pairs, products, tok, lens, aug, pseudo_rate)
     table = f"pairs/{split}"
     if group > 1:
+      labelled_negatives = bool(config.labelled_negatives)
+      if labelled_negatives and len(pairs) and "negatives" not in pairs[0] \
+          and (data_dir, "negatives") not in _WARNED:
+        _WARNED.add((data_dir, "negatives"))
+        _log.warning("%s: the pairs table has no `negatives` (imported by an older mmr_jax): hard-negative "
+                     "groups use BM25 neighbours only; re-import the catalogue to add its I-labelled products",
+                     data_dir)
       example = transforms.HardNegativeGroup(example, products, _neighbours(data_dir, products, config),
-                                             group - 1)
+                                             group - 1, labelled_negatives)
   if num_rows == 0:
     how = " with config.data.stage1_source='pairs'" if stage1_pairs else ""
     raise ValueError(f"{data_dir}: {table} has no rows (stage {stage}{how} needs some)")

@@ -76,6 +76,8 @@ def _features(table: str) -> tfds.features.FeaturesDict:
         "product_index": tfds.features.Tensor(shape=(), dtype=np.int64),
         "grade": tfds.features.Tensor(shape=(), dtype=np.float32),
         "positives": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+        # The query's I-labelled products (not held out); catalogues imported before this field have none.
+        "negatives": tfds.features.Tensor(shape=(None,), dtype=np.int64),
     })
   raise ValueError(f"unknown table {table!r}; expected one of {TABLES}")
 
@@ -210,6 +212,7 @@ class MmrCatalog(tfds.core.GeneratorBasedBuilder):
           "product_index": row["product_index"],
           "grade": row["grade"],
           "positives": np.asarray(row["positives"], np.int64),
+          "negatives": np.asarray(row["negatives"], np.int64),
       }
 
 

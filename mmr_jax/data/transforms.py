@@ -147,6 +147,9 @@ class Stage1Example(grain.transforms.RandomMap):
     return out
 
 
+_NONE = np.zeros((0,), np.int64)  # no labelled negatives
+
+
 def _pad_positives(values: Any, k: int) -> np.ndarray:
   """Returns int32 [k]: the first k values, padded with batch_spec.PAD_INDEX."""
   values = np.asarray(values, dtype=np.int64).reshape(-1)[:k]
@@ -208,12 +211,13 @@ class Stage2Example(grain.transforms.RandomMap):
     return self.example(index, rng)[0]
 
   def example(self, index, rng: np.random.Generator):
-    """Returns (example, its query text or None for a labelled pair, its product row)."""
+    """Returns (example, its query text or None for a labelled pair, its product row, the labelled pair's
+    I-labelled products: int64 [n], empty for a pseudo-query or a pairs table imported without them)."""
     if self._pseudo_rate and rng.random() < self._pseudo_rate:
       pseudo = self._pseudo_pair(rng)
       if pseudo is not None:
         product_index, product, text = pseudo
-        return self.pseudo_example(product_index, product, text, rng), text, product
+        return self.pseudo_example(product_index, product, text, rng), text, product, _NONE
     pair = self._pairs[int(index)]
     product_index = int(np.asarray(pair["product_index"]))
     if not 0 <= product_index < self._num_products:
@@ -231,19 +235,24 @@ class Stage2Example(grain.transforms.RandomMap):
         positives=_pad_positives(pair["positives"],
                                  self._lens.positives_k),  # [K]
     )
-    return out, None, product
+    negatives = np.asarray(pair["negatives"], np.int64).reshape(-1) if "negatives" in pair else _NONE
+    return out, None, product, negatives
 
 
 class HardNegativeGroup(grain.transforms.RandomMap):
   """Stream index -> a group of 1 + n stage-2 examples stacked [1 + n, ...] (`hard_negatives.py`).
 
-  The first is `Stage2Example`'s; the others are pseudo-queries of n products drawn from its product's
-  BM25 neighbours (`neighbours` [num_products, pool], pad -1; random products that are not held out fill
-  a short pool). A pseudo-query's positives are every product of the group that holds all its words.
+  The first is `Stage2Example`'s; the others are pseudo-queries of n products: with `labelled_negatives`, a
+  labelled pair's I-labelled products first (its query's judged-irrelevant products), then products drawn
+  from its product's BM25 neighbours (`neighbours` [num_products, pool], pad -1; random products that are
+  not held out fill a short pool). A pseudo-query's positives are every product of the group that holds all
+  its words; a labelled pair keeps its labelled positives (an I label outranks shared words).
   """
 
-  def __init__(self, stream: Stage2Example, products: Source, neighbours: np.ndarray, n: int):
+  def __init__(self, stream: Stage2Example, products: Source, neighbours: np.ndarray, n: int,
+               labelled_negatives: bool = True):
     self._stream, self._products, self._neighbours, self._n = stream, products, neighbours, n
+    self._labelled_negatives = labelled_negatives
 
   def _fill(self, chosen: list[int], rng: np.random.Generator) -> None:
     while len(chosen) <= self._n:
@@ -254,11 +263,20 @@ class HardNegativeGroup(grain.transforms.RandomMap):
       chosen.append(picked[0])
 
   def random_map(self, index, rng: np.random.Generator):
-    first, first_text, first_product = self._stream.example(index, rng)
+    first, first_text, first_product, labelled = self._stream.example(index, rng)
     anchor = int(first["product_index"])
+    chosen = [anchor]
+    if self._labelled_negatives and len(labelled):
+      for i in rng.permutation(labelled):
+        if len(chosen) <= self._n and int(i) not in chosen:
+          chosen.append(int(i))
     pool = self._neighbours[anchor]
     pool = pool[pool >= 0]
-    chosen = [anchor] + [int(i) for i in rng.permutation(pool)[:self._n]]
+    for i in rng.permutation(pool):
+      if len(chosen) > self._n:
+        break
+      if int(i) not in chosen:
+        chosen.append(int(i))
     if len(chosen) <= self._n:
       self._fill(chosen, rng)
     rows = [first_product] + [self._products[i] for i in chosen[1:]]

@@ -53,7 +53,7 @@ QUERIES = [
 
 QRELS = [("q0", "p0", "E"), ("q0", "p1", "S"), ("q1", "p1", "E"), ("q2", "p2", "E"), ("q2", "p3", "C"),
          ("q3", "p4", "E"), ("q3", "p2", "I"), ("q4", "p0", "E"), ("q5", "p2", "E"), ("q6", "p5", "E"),
-         ("q6", "p9", "E"), ("q1", "p1", "X")]
+         ("q6", "p9", "E"), ("q1", "p3", "I"), ("q1", "p2", "I"), ("q1", "p1", "X")]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_summary_reports_every_skip(imported):
   _, data_dir, summary = imported
   on_disk = json.loads((data_dir / "import_summary.json").read_text(encoding="utf-8"))
   assert on_disk == summary
-  assert (summary["products"], summary["queries"], summary["qrels"]) == (8, 7, 10)
+  assert (summary["products"], summary["queries"], summary["qrels"]) == (8, 7, 12)
   skipped = summary["skipped"]
   assert set(skipped) == {catalog.IMAGE_MISSING, catalog.IMAGE_CORRUPT, catalog.IMAGE_PATH_REFUSED,
                           catalog.DUPLICATE_PRODUCT_ID, catalog.MALFORMED_JSON, catalog.EMPTY_TEXT,
@@ -154,9 +154,11 @@ def test_heldout_and_pairs(imported):
   rows = [pairs[i] for i in range(len(pairs))]
   assert [(int(r["query_index"]), int(r["product_index"])) for r in rows] == [(1, 1)]
   np.testing.assert_array_equal(rows[0]["positives"], [1])
+  np.testing.assert_array_equal(rows[0]["negatives"], [3])  # q1's I labels, but p2 is held out
   assert _s(rows[0]["query_text"]) == "赤 ワンピース" and float(rows[0]["grade"]) == 1.0
   validation = tfds_builder.load_source(data_dir, "pairs", "validation")
   assert len(validation) == 1 and int(validation[0]["product_index"]) == 4
+  assert validation[0]["negatives"].shape == (0,)  # q3's only I label, p2, is held out
   info = tfds_builder.catalog_info(data_dir)
   assert info["num_pairs"] == {"train": 1, "validation": 1}
   assert info["num_heldout"] == 3 and info["num_products"] == 8

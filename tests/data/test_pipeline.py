@@ -51,6 +51,9 @@ def _write_folder(src: pathlib.Path) -> None:
       g.write(f"q{q}\tp{q}\tE\n")
       g.write(f"q{q}\tp{q + 16}\tE\n")
       g.write(f"q{q}\tp{(q + 3) % NUM_PRODUCTS}\tS\n")
+      if split == "train" and q % 2 == 0:  # judged irrelevant: hard negatives of the labelled pairs
+        g.write(f"q{q}\tp{(q + 7) % NUM_PRODUCTS}\tI\n")
+        g.write(f"q{q}\tp{(q + 9) % NUM_PRODUCTS}\tI\n")
 
 
 @pytest.fixture(scope="module")
@@ -537,6 +540,7 @@ def test_hard_negative_batches_group_each_example_with_neighbours(data_dir):
   tok = sources.load_tokenizer(data_dir)
   labelled = {(int(p["query_index"]), int(p["product_index"])): sorted(int(x) for x in p["positives"])
               for p in _pairs(data_dir)}
+  judged = {int(p["query_index"]): [int(x) for x in p["negatives"]] for p in _pairs(data_dir)}
   it = make()
   batches = _take(it, 6)
   assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == batch_spec.from_config(2, cfg, 8)
@@ -544,7 +548,10 @@ def test_hard_negative_batches_group_each_example_with_neighbours(data_dir):
   for b in batches:
     for g in range(0, 8, 2):
       anchor, other = int(b["product_index"][g]), int(b["product_index"][g + 1])
-      assert other in nb[anchor]  # the pool holds 4 products sharing words with each trainable product
+      if b["query_index"][g] >= 0 and judged[int(b["query_index"][g])]:
+        assert other in judged[int(b["query_index"][g])]  # a labelled pair's I-labelled products come first
+      else:
+        assert other in nb[anchor]  # the pool holds 4 products sharing words with each trainable product
       assert b["query_index"][g + 1] == batch_spec.PAD_INDEX  # the neighbour comes with a pseudo-query
       group_words = [hard_negatives.words(products[p]["text"].decode()) for p in (anchor, other)]
       for row in (g, g + 1):
@@ -576,7 +583,7 @@ def test_hard_negative_batches_group_each_example_with_neighbours(data_dir):
 
 def test_hard_negative_groups_fill_a_short_pool_with_random_trainable_products(data_dir):
   from mmr_jax.data import hard_negatives  # pylint: disable=g-import-not-at-top
-  cfg = _config(hard_negatives=3, hard_negative_pool=1, batch_size=8)
+  cfg = _config(hard_negatives=3, hard_negative_pool=1, batch_size=8, labelled_negatives=False)
   products = tfds_builder.load_source(data_dir, "products", "all")
   nb = hard_negatives.neighbours(products, pool=1)
   it = pipeline.make_train_iterator(data_dir, 2, cfg, seed=3, process_index=0, process_count=1)
@@ -588,3 +595,40 @@ def test_hard_negative_groups_fill_a_short_pool_with_random_trainable_products(d
       for p in group[1:]:
         assert not bool(products[p]["heldout"]) and products[p]["title"]
         assert b["query_index"][g + group.index(p)] == batch_spec.PAD_INDEX
+
+
+def test_hard_negative_groups_take_a_labelled_pairs_i_labelled_products_first(data_dir):
+  from mmr_jax.data import hard_negatives  # pylint: disable=g-import-not-at-top
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  heldout = {i for i in range(len(products)) if products[i]["heldout"]}
+  pairs = _pairs(data_dir)
+  judged = {int(p["query_index"]): sorted(int(x) for x in p["negatives"]) for p in pairs}
+  positives = {int(p["query_index"]): sorted(int(x) for x in p["positives"]) for p in pairs}
+  # The import keeps every I label of a train query that is not held out, and only those.
+  for q, got in judged.items():
+    want = sorted(i for i in ((q + 7) % NUM_PRODUCTS, (q + 9) % NUM_PRODUCTS) if q % 2 == 0 and i not in heldout)
+    assert got == want, q
+  assert sum(map(len, judged.values())) >= 8 and heldout & {(q + k) % NUM_PRODUCTS for q in range(0, 16, 2)
+                                                            for k in (7, 9)}
+  nb = hard_negatives.neighbours(products, pool=4)
+  seen = {True: 0, False: 0}
+  for labelled_negatives in (True, False):
+    cfg = _config(hard_negatives=2, hard_negative_pool=4, pseudo_queries=0.0, batch_size=6,
+                  labelled_negatives=labelled_negatives)
+    it = pipeline.make_train_iterator(data_dir, 2, cfg, seed=2, process_index=0, process_count=1)
+    for b in _take(it, 8):
+      for g in range(0, 6, 3):
+        q, anchor = int(b["query_index"][g]), int(b["product_index"][g])
+        others = [int(x) for x in b["product_index"][g + 1:g + 3]]
+        assert len({anchor, *others}) == 3
+        # The labelled pair keeps its labels: an I-labelled product is never its positive.
+        assert sorted(int(x) for x in b["positives"][g] if x >= 0) == positives[q][:3]
+        if labelled_negatives and judged[q]:
+          seen[True] += 1
+          n = len(judged[q])
+          assert sorted(others[:n]) == judged[q][:2]  # both slots when it has two, then BM25 neighbours
+          assert all(o in nb[anchor] for o in others[n:])
+        else:
+          seen[False] += labelled_negatives is False and bool(judged[q])
+          assert all(o in nb[anchor] for o in others)
+  assert seen[True] > 0 and seen[False] > 0

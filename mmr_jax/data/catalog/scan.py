@@ -94,6 +94,10 @@ class QueryRow:
   def positives(self) -> list[int]:
     return [p for p, g in self.labels if g == "E"]
 
+  @property
+  def negatives(self) -> list[int]:
+    return [p for p, g in self.labels if g == "I"]
+
 
 @dataclasses.dataclass
 class CatalogPlan:
@@ -150,13 +154,18 @@ class CatalogPlan:
     return chunks
 
   def iter_pairs(self, split: str) -> Iterator[dict]:
-    """Yields pair rows for a pairs split: (query, product) with grade in pair_grades, not held out."""
+    """Yields pair rows for a pairs split: (query, product) with grade in pair_grades, not held out.
+
+    Each row also carries its query's E-labelled products (`positives`) and its I-labelled products that are
+    not held out (`negatives`: judged irrelevant, the hardest negatives a query has; data/hard_negatives.py).
+    """
     for qi, q in enumerate(self.queries[split]):
       positives = q.positives
+      negatives = [p for p in q.negatives if not self.heldout[p]]
       for p, g in q.labels:
         if g in self.pair_grades and not self.heldout[p]:
           yield {"query_index": qi, "query_text": q.text, "product_index": p,
-                 "grade": GRADE_GAIN[g], "positives": positives}
+                 "grade": GRADE_GAIN[g], "positives": positives, "negatives": negatives}
 
   def num_pairs(self, split: str) -> int:
     return sum(1 for _ in self.iter_pairs(split))
