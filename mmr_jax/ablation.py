@@ -336,10 +336,22 @@ class _InProcess:
       log.info("== stage 1: image <-> title domain alignment")
     else:
       log.info("== row %s", point.name)
+      self._embed_for_mining(point)
     train.train_and_evaluate(self.configs[point.name], workdir)
     if not stage1:
       evaluate.evaluate_workdir(workdir, self.data_dir)
     return sweep_runner.Result(point.name, "ok")
+
+  def _embed_for_mining(self, point: sweep_runner.Point) -> None:
+    """Writes RUN/product_embeddings.npy when the row mines hard negatives from a trained run's (e.g.
+    "data.hard_negative_embeddings": "{stage1}/product_embeddings.npy") and it is not there yet."""
+    path = epath.Path(str(self.configs[point.name].data.hard_negative_embeddings or ""))
+    if not str(path) or path.exists() or path.name != "product_embeddings.npy":
+      return
+    if (path.parent / "config.json").exists():
+      log.info("== %s: embedding %s's products (the row's hard negatives are mined from them)", point.name,
+               path.parent.name)
+      evaluate.embed_catalogue(str(path.parent), self.data_dir)
 
   def finish(self, point: sweep_runner.Point, workdir: str, seconds: float) -> None:
     del seconds

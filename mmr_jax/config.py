@@ -106,6 +106,10 @@ def base_config() -> ConfigDict:
       # With hard_negatives: a labelled pair's group takes its query's I-labelled products (judged irrelevant:
       # the pairs table's `negatives`) before BM25 neighbours. False: BM25 neighbours only.
       labelled_negatives=True,
+      # "" mines the pool with BM25. A path to a trained run's product embeddings (.npy [num_products, D],
+      # `python -m mmr_jax.evaluate --workdir RUN --products_only` writes RUN/product_embeddings.npy): the pool
+      # is each product's nearest products by that model instead (model-mined negatives).
+      hard_negative_embeddings="",
       # Stage 1: leave out products without an image, so every batch row is an image<->title pair. False
       # keeps them (has_image=False: zero weight in that loss, still in the pseudo-query term).
       stage1_skip_no_image=False,

@@ -2,6 +2,7 @@ r"""Retrieval evaluation of a trained workdir: embed the catalogue, search it wi
 score the rankings beside BM25 keyword search and the hybrid of both.
 
   python -m mmr_jax.evaluate --workdir DIR [--data DATA_DIR] [--split test]
+  python -m mmr_jax.evaluate --workdir DIR --products_only   # product_embeddings.npy alone (any stage)
 
 Writes into the workdir: metrics.json, metrics.md (tables), recall_at_k.png, product_embeddings.npy and
 the ScaNN index (index/, ScaNN's own serialisation, reusable by export). The measures themselves live in
@@ -67,12 +68,7 @@ def _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_
       queries[retrieval.FUSION_SPLIT] = retrieval.load_queries(data_dir, retrieval.FUSION_SPLIT)
   num_words, product_texts = retrieval.load_products(data_dir)
   t0 = time.time()
-  prod_emb, prod_idx = embedding.embed_table(
-      tm.embed_products,
-      pipeline.make_eval_iterator(data_dir, "products", "all", tm.config.data, batch_size),
-      total=len(num_words), desc="embed products")
-  if not np.array_equal(prod_idx, np.arange(len(num_words))):
-    raise RuntimeError(f"embedded {len(prod_idx)} products but the catalogue has {len(num_words)}")
+  prod_emb = _embed_products(tm, data_dir, batch_size, len(num_words))
   for split, q in queries.items():
     batches = pipeline.make_eval_iterator(data_dir, "queries", split, tm.config.data, batch_size)
     q["emb"], _ = embedding.embed_table(tm.embed_queries, batches, total=q["num"], desc=f"embed {split}")
@@ -94,6 +90,35 @@ def _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_
   return results
 
 
+def _embed_products(tm: embedding.Embedder, data_dir: str, batch_size: int, num_products: int) -> np.ndarray:
+  """Returns float32 [num_products, D]: the catalogue's product embeddings, in product-index order."""
+  prod_emb, prod_idx = embedding.embed_table(
+      tm.embed_products,
+      pipeline.make_eval_iterator(data_dir, "products", "all", tm.config.data, batch_size),
+      total=num_products, desc="embed products")
+  if not np.array_equal(prod_idx, np.arange(num_products)):
+    raise RuntimeError(f"embedded {len(prod_idx)} products but the catalogue has {num_products}")
+  return prod_emb
+
+
+def embed_catalogue(workdir: str, data_dir: str | None = None, batch_size: int = 256) -> str:
+  """Embeds the catalogue with a trained workdir's product tower (any stage) into WORKDIR/product_embeddings.npy
+  (what `config.data.hard_negative_embeddings` mines hard negatives from); returns its path. No metrics."""
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      stack.enter_context(fileio.WorkdirLock(workdir, "evaluate"))
+    tm = embedding.load_trained(workdir, data_dir)
+    data_dir = tm.config.data.dir
+    batch_size = shd.data_parallel_batch(batch_size, tm.mesh)
+    num_products = len(tfds_builder.load_source(data_dir, "products", "all"))
+    prod_emb = _embed_products(tm, data_dir, batch_size, num_products)
+    path = epath.Path(workdir) / "product_embeddings.npy"
+    if jax.process_index() == 0:
+      fileio.write_atomic(path, lambda p: np.save(p, prod_emb))
+    log.info("%s: %d product embeddings of step %d", path, num_products, tm.step)
+  return str(path)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Writes metrics.json/.md and a plot.",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +130,9 @@ def main(argv=None):
   p.add_argument("--scann", default=None, help='JSON dict of ScaNN parameter overrides, e.g. \'{"num_leaves": 100}\'')
   p.add_argument("--no_keyword", action="store_true",
                  help="skip the BM25 and hybrid (learned + BM25) rows scored beside the model")
+  p.add_argument("--products_only", action="store_true",
+                 help="only embed the catalogue into WORKDIR/product_embeddings.npy (any stage's run; what "
+                 "config.data.hard_negative_embeddings mines hard negatives from), no metrics")
   p.add_argument("--verbosity", type=int, default=0, choices=(0, 1, 2),
                  help="0: progress and warnings; 1: every INFO line; 2: everything, native libraries' logs included "
                  "(WORKDIR/logs/evaluate.log gets INFO and native logs at any level)")
@@ -112,6 +140,9 @@ def main(argv=None):
   runtime.setup_logging(args.verbosity, headline=("mmr_jax.evaluate",),
                         log_file=runtime.log_file_for(args.workdir, "evaluate"))
   runtime.enable_compilation_cache()
+  if args.products_only:
+    print(embed_catalogue(args.workdir, args.data, args.batch_size))
+    return
   res = evaluate_workdir(args.workdir, args.data, tuple(args.split or retrieval.EVAL_SPLITS), args.batch_size,
                          json.loads(args.scann) if args.scann else None, keyword_search=not args.no_keyword)
   print(report.markdown_report(res))

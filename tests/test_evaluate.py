@@ -122,6 +122,47 @@ def test_evaluate_workdir_writes_reports(tiny_workdir, tiny_data):
   assert saved["splits"]["test"]["bm25"]["overall"]["ndcg@10"] > 0.2  # keyword search finds the products
 
 
+def test_model_mined_hard_negatives_come_from_a_runs_product_embeddings(tiny_workdir, tiny_data, tmp_path, capsys):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from mmr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mmr_jax.data import hard_negatives, pipeline, tfds_builder  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  shutil.copytree(tiny_workdir, run, ignore=shutil.ignore_patterns("product_embeddings.npy", "index", "metrics.*"))
+  # The ablation embeds a row's named run first when its product embeddings are not there yet.
+  cfg = config_lib.base_config()
+  cfg.data.hard_negative_embeddings = str(run / "product_embeddings.npy")
+  ablation._InProcess({"row": cfg}, tiny_data)._embed_for_mining(sweep_runner.Point("row", {}))
+  emb = np.load(run / "product_embeddings.npy")
+  # ... the same embeddings `evaluate --products_only` writes, those of the run's product tower.
+  (run / "product_embeddings.npy").unlink()
+  evaluate.main(["--workdir", str(run), "--products_only"])
+  assert capsys.readouterr().out.strip() == str(run / "product_embeddings.npy")
+  np.testing.assert_array_equal(np.load(run / "product_embeddings.npy"), emb)
+  tm = embedding.load_trained(str(run), tiny_data)
+  want, _ = embedding.embed_table(tm.embed_products, pipeline.make_eval_iterator(tiny_data, "products", "all",
+                                                                                 tm.config.data, 64))
+  np.testing.assert_allclose(emb, want, atol=1e-5)
+  assert not (run / "metrics.json").exists()  # embeddings only
+  # Training groups then draw each example's companions from the products that model puts nearest.
+  data = config_lib.base_config().data
+  data.update(dict(dir=tiny_data, batch_size=8, image_size=16, query_len=8, product_len=16, title_len=8,
+                   num_workers=0, hard_negatives=1, hard_negative_pool=3, labelled_negatives=False,
+                   hard_negative_embeddings=str(run / "product_embeddings.npy")))
+  products = tfds_builder.load_source(tiny_data, "products", "all")
+  heldout = hard_negatives.heldout_flags(products)
+  nearest = hard_negatives.nearest_by_embedding(emb, heldout, 3)
+  bm25 = hard_negatives.neighbours(products, 3)
+  it = pipeline.make_train_iterator(tiny_data, 2, data, seed=0, process_index=0, process_count=1)
+  from_bm25 = 0
+  for _ in range(3):
+    b = next(it)
+    for g in range(0, 8, 2):
+      anchor, other = int(b["product_index"][g]), int(b["product_index"][g + 1])
+      assert other in nearest[anchor]
+      from_bm25 += other in bm25[anchor]
+  assert from_bm25 < 12  # not BM25's pool
+
+
 def test_evaluate_cli_help():
   r = subprocess.run([sys.executable, "-m", "mmr_jax.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True)
   assert r.returncode == 0 and "--workdir" in r.stdout

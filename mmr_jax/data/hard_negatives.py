@@ -4,9 +4,10 @@ With random batches almost every in-batch negative differs from the query's prod
 words, so the towers learn coarse topic matching and little of what ranks the top ten: which of the
 products that share the query's words is the right one (often only the image tells: the same "Dress
 Women Summer" title in three colours). `config.data.hard_negatives = n` builds each training batch from
-groups of 1 + n examples: a stream example (labelled pair or pseudo-query) and pseudo-queries of n of
-its product's BM25 neighbours (`neighbours`: the products whose text scores highest against its title
-and attributes). Each query of a group then has the group's other products as negatives, and the batch
+groups of 1 + n examples: a stream example (labelled pair or pseudo-query) and pseudo-queries of n other
+products: a labelled pair's I-labelled products first (its query's judged-irrelevant products, the pairs
+table's `negatives`; `config.data.labelled_negatives`), then products of its product's pool, by default its
+BM25 neighbours (`neighbours`: the products whose text scores highest against its title and attributes). Each query of a group then has the group's other products as negatives, and the batch
 keeps its size, so this costs no compute (DPR's BM25 negatives, without the extra product column).
 
 False negatives: a group's products share words by construction, so a pseudo-query of one may describe
@@ -17,6 +18,13 @@ queries keep their labelled positives.
 Only product text is read (title, attributes, description; BM25 with `evals.keyword`'s tokenisation),
 so this works on any catalogue and language. Mining scores every product against every other: seconds
 for tens of thousands of products, minutes for a million (progress is logged).
+
+Model-mined neighbours (`nearest_by_embedding`, `config.data.hard_negative_embeddings`): the products a
+trained model places closest to each product, from its product embeddings (`python -m mmr_jax.evaluate`
+writes them into a run's workdir as product_embeddings.npy; `--products_only` writes just those). They
+replace BM25's pool: the negatives a model of the previous round (stage 1, or a finished run) confuses with
+the product, whatever words they share (ANCE's negatives, mined once rather than refreshed during training).
+Labelled pairs' I-labelled products still come first.
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ import logging
 import time
 
 import numpy as np
+from etils import epath
 
 from mmr_jax.data import pseudo_queries
 from mmr_jax.data.sources import Source, row_text
+from mmr_jax.evals import index as index_lib
 from mmr_jax.evals import keyword
 
 _log = logging.getLogger(__name__)
@@ -49,7 +59,7 @@ def neighbours(products: Source, pool: int) -> np.ndarray:
     raise ValueError(f"config.data.hard_negative_pool={pool} must be >= 1")
   n = len(products)
   rows = [products[i] for i in range(n)]
-  heldout = np.array([bool(np.asarray(r["heldout"])) for r in rows], bool)
+  heldout = heldout_flags(rows)
   index = keyword.BM25([row_text(r, "text") for r in rows])
   out = np.full((n, pool), -1, np.int32)
   start = last = time.monotonic()
@@ -72,6 +82,63 @@ def neighbours(products: Source, pool: int) -> np.ndarray:
             n, pool, time.monotonic() - start, 100.0 * np.mean((out[~heldout] >= 0).all(axis=1)) if
             (~heldout).any() else 0.0)
   return out
+
+
+def heldout_flags(products: Source | list) -> np.ndarray:
+  """Returns bool [N]: which products (a source or its rows) are held out (no stage trains on them)."""
+  return np.array([bool(np.asarray(products[i]["heldout"])) for i in range(len(products))], bool)
+
+
+def nearest_by_embedding(embeddings: np.ndarray, heldout: np.ndarray, pool: int) -> np.ndarray:
+  """Returns int32 [N, pool]: each product's `pool` nearest products by inner product of `embeddings`
+  [N, D] (a trained model's product embeddings), nearest first (pad -1).
+
+  As `neighbours`: never the product itself nor a held-out product, and held-out products get none.
+  Exact search (`evals.index.exact_search`, chunked on device): N^2 D multiply-adds, seconds for a
+  hundred thousand products on an accelerator.
+  """
+  if pool < 1:
+    raise ValueError(f"config.data.hard_negative_pool={pool} must be >= 1")
+  heldout = np.asarray(heldout, bool)
+  emb = np.asarray(embeddings, np.float32)
+  n = len(emb)
+  out = np.full((n, pool), -1, np.int32)
+  keep = np.flatnonzero(~heldout)
+  if len(keep) < 2:
+    return out
+  start = time.monotonic()
+  found, _ = index_lib.exact_search(emb[keep], emb[keep], min(pool + 1, len(keep)))
+  for row, i in enumerate(keep):
+    got = keep[found[row][found[row] >= 0]]
+    got = got[got != i][:pool]
+    out[i, :len(got)] = got
+  _log.info("hard negatives: %d products, %d nearest each by the model's embeddings, mined in %.1f s",
+            n, pool, time.monotonic() - start)
+  return out
+
+
+def load_embeddings(path: str, num_products: int) -> np.ndarray:
+  """Returns float32 [num_products, D] read from the .npy at `path` (config.data.hard_negative_embeddings).
+
+  Raises FileNotFoundError or ValueError naming the file when it is missing or does not hold one finite
+  row per product of this catalogue.
+  """
+  what = f"config.data.hard_negative_embeddings={path!r}"
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"{what}: no such file (python -m mmr_jax.evaluate --workdir RUN --products_only "
+                            "writes a trained run's RUN/product_embeddings.npy)")
+  try:
+    with p.open("rb") as f:
+      emb = np.load(f, allow_pickle=False)
+  except ValueError as e:
+    raise ValueError(f"{what}: not a .npy array ({e})") from e
+  if emb.ndim != 2 or emb.shape[0] != num_products or not np.issubdtype(emb.dtype, np.floating):
+    raise ValueError(f"{what}: holds a {emb.dtype} array of shape {emb.shape}; expected one float row per "
+                     f"product of this catalogue, [{num_products}, D] (embeddings of another catalogue?)")
+  if not np.isfinite(emb).all():
+    raise ValueError(f"{what}: holds NaN or infinite values")
+  return emb.astype(np.float32)
 
 
 def words(text: str) -> frozenset[str]:

@@ -284,15 +284,21 @@ def group_size(stage: int, config: Any) -> int:
   return 1 + n
 
 
-_NEIGHBOURS: dict[tuple[str, int, str, int], np.ndarray] = {}
+_NEIGHBOURS: dict[tuple, np.ndarray] = {}
 
 
 def _neighbours(data_dir: str, products: sources.Source, config: Any) -> np.ndarray:
-  """Returns hard_negatives.neighbours of the catalogue, mined once per process and catalogue."""
+  """Returns each product's pool of hard negatives, mined once per process, catalogue and source: BM25
+  (`hard_negatives.neighbours`) or, with config.hard_negative_embeddings, a model's nearest products."""
   pool = int(config.hard_negative_pool)
-  key = (str(data_dir), len(products), str(sources.catalog_info(data_dir).get("products_sha256", "")), pool)
+  path = str(config.hard_negative_embeddings or "")
+  key = (str(data_dir), len(products), str(sources.catalog_info(data_dir).get("products_sha256", "")), pool, path)
   if key not in _NEIGHBOURS:
-    _NEIGHBOURS[key] = hard_negatives.neighbours(products, pool)
+    if path:
+      emb = hard_negatives.load_embeddings(path, len(products))
+      _NEIGHBOURS[key] = hard_negatives.nearest_by_embedding(emb, hard_negatives.heldout_flags(products), pool)
+    else:
+      _NEIGHBOURS[key] = hard_negatives.neighbours(products, pool)
   return _NEIGHBOURS[key]
 
 

@@ -632,3 +632,39 @@ def test_hard_negative_groups_take_a_labelled_pairs_i_labelled_products_first(da
           seen[False] += labelled_negatives is False and bool(judged[q])
           assert all(o in nb[anchor] for o in others)
   assert seen[True] > 0 and seen[False] > 0
+
+
+def test_model_mined_neighbours_are_the_nearest_trainable_products_by_embedding(tmp_path):
+  from mmr_jax.data import hard_negatives  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(12, 4)).astype(np.float32)
+  emb[7] = emb[3]  # a duplicate: each is the other's nearest
+  heldout = np.zeros(12, bool)
+  heldout[[2, 9]] = True
+  nb = hard_negatives.nearest_by_embedding(emb, heldout, pool=3)
+  assert nb.shape == (12, 3) and nb.dtype == np.int32
+  assert (nb[[2, 9]] == -1).all()
+  scores = emb @ emb.T
+  for i in np.flatnonzero(~heldout):
+    cand = [j for j in np.argsort(-scores[i], kind="stable") if j != i and not heldout[j]]
+    assert list(nb[i]) == cand[:3], i
+  assert nb[3][0] == 7 and nb[7][0] == 3
+  assert (hard_negatives.nearest_by_embedding(emb[:3], np.array([False, True, True]), 2) == -1).all()
+  with pytest.raises(ValueError, match="hard_negative_pool=0"):
+    hard_negatives.nearest_by_embedding(emb, heldout, pool=0)
+  # The embeddings file is checked against the catalogue, naming the setting and the file.
+  path = tmp_path / "product_embeddings.npy"
+  with pytest.raises(FileNotFoundError, match="hard_negative_embeddings=.*products_only"):
+    hard_negatives.load_embeddings(str(path), 12)
+  np.save(path, emb)
+  np.testing.assert_array_equal(hard_negatives.load_embeddings(str(path), 12), emb)
+  with pytest.raises(ValueError, match=r"shape \(12, 4\).*\[13, D\]"):
+    hard_negatives.load_embeddings(str(path), 13)
+  bad = emb.copy()
+  bad[5, 1] = np.nan
+  np.save(path, bad)
+  with pytest.raises(ValueError, match="NaN"):
+    hard_negatives.load_embeddings(str(path), 12)
+  path.write_bytes(b"not numpy")
+  with pytest.raises(ValueError, match="not a .npy"):
+    hard_negatives.load_embeddings(str(path), 12)
