@@ -10,12 +10,15 @@ Rows (same steps, batch and examples for every row; see README):
   fusion_e2e  fusion trained end to end without stage 1 (the paper says two stages win)
   fusion_qw   stage 1 + query-conditioned modality weighting (still one inner product); not run by default:
               it trains far more slowly than the others at the demo budget (README), --rows ...,fusion_qw adds it
+  text_only_mined  text_only with hard negatives mined by stage 1's model (data.hard_negative_embeddings);
+              not run by default either
 
 Writes DIR/ablation.json (a list of rows), DIR/ablation.md and DIR/ablation.png; each row's own
 workdir (DIR/<row>/) holds its checkpoints and metrics.json. Finished rows are skipped on re-run.
 
 The stage-1 run and the rows are the points of one sweep (`mmr_jax/sweep_runner.py`, the runner of
-`launch.sweep` too): the rows that start from stage 1 depend on it. They train and evaluate in this
+`launch.sweep` too): the rows that name stage 1 depend on it (rows that only mine hard negatives with its
+model still train stage 1's steps themselves). They train and evaluate in this
 process, one after another.
 """
 
@@ -25,6 +28,8 @@ import argparse
 import json
 import logging
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from etils import epath
 
@@ -289,12 +294,16 @@ def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, 
   if unknown:
     raise KeyError(f"rows {sorted(unknown)} are not in {config_path}'s get_sweep()")
   uses_stage1 = lambda point: any("{" + STAGE1 + "}" in str(v) for v in point.values())  # noqa: E731
+  # A row that starts from stage 1's weights; one that only reads a file of it (mined hard negatives) still
+  # trains all its steps itself.
+  from_stage1 = lambda point: "{" + STAGE1 + "}" in str(point.get("init.workdir", ""))  # noqa: E731
   with_stage1 = any(uses_stage1(s) for s in sweep)
   # Rows without stage 1 get its steps whenever the config's ablation has a stage 1, whichever rows run: a row's
   # numbers must not depend on which others were asked for.
-  equal_steps = any(uses_stage1(s) for s in mod.get_sweep(config_arg))
+  equal_steps = any(from_stage1(s) for s in mod.get_sweep(config_arg))
   row_points = [sweep_runner.Point(s["name"], {k: v for k, v in s.items() if k != "name"},
                                    (STAGE1,) if uses_stage1(s) else ()) for s in sweep]
+  trains_stage1_steps = {s["name"]: not from_stage1(s) for s in sweep}
   row_points = sweep_runner.resolve(row_points, str(root), {}, [STAGE1] + [p.name for p in row_points])
   configs = {}
   if with_stage1:
@@ -304,7 +313,7 @@ def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, 
   for point in row_points:
     cfg = mod.get_config(f"stage=2,{base_arg}")
     cfg.data.dir = str(data_dir)
-    if equal_steps and not point.depends:
+    if equal_steps and trains_stage1_steps[point.name]:
       cfg.train.steps = steps + stage1_steps  # the optimiser steps stage 1 gives the other rows
     apply_overrides(cfg, point.overrides)
     configs[point.name] = apply_overrides(cfg, overrides or {})
@@ -343,12 +352,15 @@ class _InProcess:
     return sweep_runner.Result(point.name, "ok")
 
   def _embed_for_mining(self, point: sweep_runner.Point) -> None:
-    """Writes RUN/product_embeddings.npy when the row mines hard negatives from a trained run's (e.g.
-    "data.hard_negative_embeddings": "{stage1}/product_embeddings.npy") and it is not there yet."""
-    path = epath.Path(str(self.configs[point.name].data.hard_negative_embeddings or ""))
-    if not str(path) or path.exists() or path.name != "product_embeddings.npy":
-      return
-    if (path.parent / "config.json").exists():
+    """Writes RUN/catalogue_embeddings.npy when the row mines hard negatives from a trained run's (e.g.
+    "data.hard_negative_embeddings": "{stage1}/catalogue_embeddings.npy") and it is not there yet."""
+    name = str(self.configs[point.name].data.hard_negative_embeddings or "")
+    path = epath.Path(name)
+    need = bool(name) and path.name == evaluate.CATALOGUE_EMBEDDINGS and not path.exists() \
+        and (path.parent / "config.json").exists()
+    if jax.process_count() > 1:  # every process must agree: embedding is a collective
+      need = bool(multihost_utils.broadcast_one_to_all(np.int32(need)))
+    if need:
       log.info("== %s: embedding %s's products (the row's hard negatives are mined from them)", point.name,
                path.parent.name)
       evaluate.embed_catalogue(str(path.parent), self.data_dir)

@@ -98,17 +98,17 @@ def base_config() -> ConfigDict:
       # teaches while its image tower aligns (stage1_pseudo_queries is then moot).
       stage1_source="products",
       # Hard in-batch negatives (mmr_jax/data/hard_negatives.py): training batches of stage 2's stream come
-      # in groups of 1 + hard_negatives examples, an example and pseudo-queries of that many of its product's
-      # BM25 neighbours (drawn from the hard_negative_pool nearest), so every query meets products that share
-      # its words as negatives. 0: random batches. The per-host batch must be a multiple of the group.
+      # in groups of 1 + hard_negatives examples, an example and pseudo-queries of that many other products
+      # (drawn from the hard_negative_pool nearest to its product), so every query meets products close to
+      # its own as negatives. 0: random batches. The per-host batch must be a multiple of the group.
       hard_negatives=0,
       hard_negative_pool=16,
       # With hard_negatives: a labelled pair's group takes its query's I-labelled products (judged irrelevant:
-      # the pairs table's `negatives`) before BM25 neighbours. False: BM25 neighbours only.
-      labelled_negatives=True,
-      # "" mines the pool with BM25. A path to a trained run's product embeddings (.npy [num_products, D],
-      # `python -m mmr_jax.evaluate --workdir RUN --products_only` writes RUN/product_embeddings.npy): the pool
-      # is each product's nearest products by that model instead (model-mined negatives).
+      # the pairs table's `negatives`) before products of the pool.
+      labelled_negatives=False,
+      # The pool: "" mines it with BM25 (products sharing words). A path to a trained run's product embeddings
+      # (.npy [num_products, D]; `python -m mmr_jax.evaluate --workdir RUN --products_only` writes
+      # RUN/catalogue_embeddings.npy): each product's nearest products by that model (model-mined negatives).
       hard_negative_embeddings="",
       # Stage 1: leave out products without an image, so every batch row is an image<->title pair. False
       # keeps them (has_image=False: zero weight in that loss, still in the pseudo-query term).

@@ -2,7 +2,7 @@ r"""Retrieval evaluation of a trained workdir: embed the catalogue, search it wi
 score the rankings beside BM25 keyword search and the hybrid of both.
 
   python -m mmr_jax.evaluate --workdir DIR [--data DATA_DIR] [--split test]
-  python -m mmr_jax.evaluate --workdir DIR --products_only   # product_embeddings.npy alone (any stage)
+  python -m mmr_jax.evaluate --workdir DIR --products_only   # catalogue_embeddings.npy alone (any stage)
 
 Writes into the workdir: metrics.json, metrics.md (tables), recall_at_k.png, product_embeddings.npy and
 the ScaNN index (index/, ScaNN's own serialisation, reusable by export). The measures themselves live in
@@ -101,9 +101,16 @@ def _embed_products(tm: embedding.Embedder, data_dir: str, batch_size: int, num_
   return prod_emb
 
 
+CATALOGUE_EMBEDDINGS = "catalogue_embeddings.npy"
+
+
 def embed_catalogue(workdir: str, data_dir: str | None = None, batch_size: int = 256) -> str:
-  """Embeds the catalogue with a trained workdir's product tower (any stage) into WORKDIR/product_embeddings.npy
-  (what `config.data.hard_negative_embeddings` mines hard negatives from); returns its path. No metrics."""
+  """Embeds the catalogue with a trained workdir's product tower (any stage) into WORKDIR/catalogue_embeddings.npy
+  (what `config.data.hard_negative_embeddings` mines hard negatives from); returns its path. No metrics.
+
+  Not product_embeddings.npy: export reuses the evaluation's index/ when that file matches, and this writes
+  no index. A collective on a multi-host run: every process calls it; it returns once the file is written.
+  """
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:
       stack.enter_context(fileio.WorkdirLock(workdir, "evaluate"))
@@ -112,10 +119,11 @@ def embed_catalogue(workdir: str, data_dir: str | None = None, batch_size: int =
     batch_size = shd.data_parallel_batch(batch_size, tm.mesh)
     num_products = len(tfds_builder.load_source(data_dir, "products", "all"))
     prod_emb = _embed_products(tm, data_dir, batch_size, num_products)
-    path = epath.Path(workdir) / "product_embeddings.npy"
+    path = epath.Path(workdir) / CATALOGUE_EMBEDDINGS
     if jax.process_index() == 0:
       fileio.write_atomic(path, lambda p: np.save(p, prod_emb))
     log.info("%s: %d product embeddings of step %d", path, num_products, tm.step)
+  runtime.barrier("mmr_embed_catalogue")
   return str(path)
 
 
@@ -131,8 +139,8 @@ def main(argv=None):
   p.add_argument("--no_keyword", action="store_true",
                  help="skip the BM25 and hybrid (learned + BM25) rows scored beside the model")
   p.add_argument("--products_only", action="store_true",
-                 help="only embed the catalogue into WORKDIR/product_embeddings.npy (any stage's run; what "
-                 "config.data.hard_negative_embeddings mines hard negatives from), no metrics")
+                 help=f"only embed the catalogue into WORKDIR/{CATALOGUE_EMBEDDINGS} (any stage's run; what "
+                 "config.data.hard_negative_embeddings mines hard negatives from), no metrics and no index")
   p.add_argument("--verbosity", type=int, default=0, choices=(0, 1, 2),
                  help="0: progress and warnings; 1: every INFO line; 2: everything, native libraries' logs included "
                  "(WORKDIR/logs/evaluate.log gets INFO and native logs at any level)")

@@ -19,6 +19,7 @@ import sys
 
 from absl import logging as absl_logging
 import jax
+from jax.experimental import multihost_utils
 from etils import epath
 
 from mmr_jax import fileio
@@ -281,3 +282,7 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing to wait for on one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -122,35 +122,33 @@ def test_evaluate_workdir_writes_reports(tiny_workdir, tiny_data):
   assert saved["splits"]["test"]["bm25"]["overall"]["ndcg@10"] > 0.2  # keyword search finds the products
 
 
-def test_model_mined_hard_negatives_come_from_a_runs_product_embeddings(tiny_workdir, tiny_data, tmp_path, capsys):
-  import shutil  # pylint: disable=g-import-not-at-top
-  from mmr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+def test_model_mined_hard_negatives_come_from_a_runs_product_embeddings(tiny_data, tmp_path, capsys):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from mmr_jax import train  # pylint: disable=g-import-not-at-top
   from mmr_jax.data import hard_negatives, pipeline, tfds_builder  # pylint: disable=g-import-not-at-top
-  run = tmp_path / "run"
-  shutil.copytree(tiny_workdir, run, ignore=shutil.ignore_patterns("product_embeddings.npy", "index", "metrics.*"))
-  # The ablation embeds a row's named run first when its product embeddings are not there yet.
-  cfg = config_lib.base_config()
-  cfg.data.hard_negative_embeddings = str(run / "product_embeddings.npy")
+  run = tmp_path / "stage1"  # a stage-1 run: its product tower is what the ablation's rows mine with
+  train.train_and_evaluate(tiny_config(tiny_data, stage=1, steps=2, progress=False), str(run))
+  mined = run / evaluate.CATALOGUE_EMBEDDINGS
+  # The ablation embeds the named run first when its catalogue embeddings are not there yet.
+  cfg = tiny_config(tiny_data)
+  cfg.data.hard_negative_embeddings = str(mined)
   ablation._InProcess({"row": cfg}, tiny_data)._embed_for_mining(sweep_runner.Point("row", {}))
-  emb = np.load(run / "product_embeddings.npy")
-  # ... the same embeddings `evaluate --products_only` writes, those of the run's product tower.
-  (run / "product_embeddings.npy").unlink()
-  evaluate.main(["--workdir", str(run), "--products_only"])
-  assert capsys.readouterr().out.strip() == str(run / "product_embeddings.npy")
-  np.testing.assert_array_equal(np.load(run / "product_embeddings.npy"), emb)
+  emb = np.load(mined)
   tm = embedding.load_trained(str(run), tiny_data)
   want, _ = embedding.embed_table(tm.embed_products, pipeline.make_eval_iterator(tiny_data, "products", "all",
                                                                                  tm.config.data, 64))
-  np.testing.assert_allclose(emb, want, atol=1e-5)
-  assert not (run / "metrics.json").exists()  # embeddings only
+  np.testing.assert_allclose(emb, want, atol=1e-5)  # the run's product tower, every product in index order
+  assert not (run / "metrics.json").exists() and not (run / "index").exists()  # embeddings only
+  assert not (run / "product_embeddings.npy").exists()  # export trusts that one beside an index
+  mined.unlink()
+  evaluate.main(["--workdir", str(run), "--products_only"])
+  assert capsys.readouterr().out.strip() == str(mined)
+  np.testing.assert_array_equal(np.load(mined), emb)
   # Training groups then draw each example's companions from the products that model puts nearest.
-  data = config_lib.base_config().data
-  data.update(dict(dir=tiny_data, batch_size=8, image_size=16, query_len=8, product_len=16, title_len=8,
-                   num_workers=0, hard_negatives=1, hard_negative_pool=3, labelled_negatives=False,
-                   hard_negative_embeddings=str(run / "product_embeddings.npy")))
+  data = cfg.data
+  data.update(dict(batch_size=8, num_workers=0, hard_negatives=1, hard_negative_pool=3))
   products = tfds_builder.load_source(tiny_data, "products", "all")
-  heldout = hard_negatives.heldout_flags(products)
-  nearest = hard_negatives.nearest_by_embedding(emb, heldout, 3)
+  nearest = hard_negatives.nearest_by_embedding(emb, hard_negatives.heldout_flags(products), 3)
   bm25 = hard_negatives.neighbours(products, 3)
   it = pipeline.make_train_iterator(tiny_data, 2, data, seed=0, process_index=0, process_count=1)
   from_bm25 = 0
@@ -161,6 +159,20 @@ def test_model_mined_hard_negatives_come_from_a_runs_product_embeddings(tiny_wor
       assert other in nearest[anchor]
       from_bm25 += other in bm25[anchor]
   assert from_bm25 < 12  # not BM25's pool
+
+
+def test_an_ablation_row_that_mines_with_stage_1_still_trains_stage_1s_steps(tiny_data, tmp_path):
+  mod = sweep_runner.load_config_module(str(ROOT / "configs" / "demo.py"))
+  points, configs = ablation._points(tmp_path, tiny_data, "demo", mod, ("text_only", "text_only_mined", "fusion_ft"),
+                                     6, 4, 16, "", {}, "default")
+  by = {p.name: p for p in points}
+  assert [p.name for p in points] == ["stage1", "text_only", "fusion_ft", "text_only_mined"]
+  assert by["text_only_mined"].depends == ("stage1",)  # runs after stage 1, whose products it mines with
+  mined = configs["text_only_mined"]
+  assert mined.data.hard_negative_embeddings == str(tmp_path / "stage1" / evaluate.CATALOGUE_EMBEDDINGS)
+  assert mined.data.hard_negatives == 1 and not mined.init.workdir
+  # ... but starts from scratch, so it trains the steps text_only does, not fusion_ft's stage-2 share.
+  assert mined.train.steps == configs["text_only"].train.steps == 10 and configs["fusion_ft"].train.steps == 6
 
 
 def test_evaluate_cli_help():

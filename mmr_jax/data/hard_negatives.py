@@ -1,34 +1,36 @@
-"""Hard in-batch negatives: training batches in groups of lexically close products.
+"""Hard in-batch negatives: training batches in groups of products a query could be confused with.
 
 With random batches almost every in-batch negative differs from the query's product in category and
 words, so the towers learn coarse topic matching and little of what ranks the top ten: which of the
 products that share the query's words is the right one (often only the image tells: the same "Dress
 Women Summer" title in three colours). `config.data.hard_negatives = n` builds each training batch from
 groups of 1 + n examples: a stream example (labelled pair or pseudo-query) and pseudo-queries of n other
-products: a labelled pair's I-labelled products first (its query's judged-irrelevant products, the pairs
-table's `negatives`; `config.data.labelled_negatives`), then products of its product's pool, by default its
-BM25 neighbours (`neighbours`: the products whose text scores highest against its title and attributes). Each query of a group then has the group's other products as negatives, and the batch
-keeps its size, so this costs no compute (DPR's BM25 negatives, without the extra product column).
+products. With `config.data.labelled_negatives`, a labelled pair's I-labelled products come first (its
+query's judged-irrelevant products, the pairs table's `negatives`); the rest are drawn from the pool of the
+example's product: by default its BM25 neighbours (`neighbours`: the products whose text scores highest
+against its title and attributes). Each query of a group then has the group's other products as negatives,
+and the batch keeps its size, so this costs no compute (DPR's BM25 negatives, without the extra column).
 
-False negatives: a group's products share words by construction, so a pseudo-query of one may describe
+False negatives: a group's products are close by construction, so a pseudo-query of one may describe
 another as well. Every product of the group whose text holds all of a pseudo-query's words counts as a
 positive of that pseudo-query (`positives`, masked out of its negatives as duplicates are). Labelled
-queries keep their labelled positives.
+queries keep their labelled positives (an I label outranks shared words).
 
-Only product text is read (title, attributes, description; BM25 with `evals.keyword`'s tokenisation),
-so this works on any catalogue and language. Mining scores every product against every other: seconds
-for tens of thousands of products, minutes for a million (progress is logged).
+BM25 reads only product text (title, attributes, description; `evals.keyword`'s tokenisation), so it works
+on any catalogue and language. Mining scores every product against every other: seconds for tens of
+thousands of products, minutes for a million (progress is logged).
 
-Model-mined neighbours (`nearest_by_embedding`, `config.data.hard_negative_embeddings`): the products a
-trained model places closest to each product, from its product embeddings (`python -m mmr_jax.evaluate`
-writes them into a run's workdir as product_embeddings.npy; `--products_only` writes just those). They
-replace BM25's pool: the negatives a model of the previous round (stage 1, or a finished run) confuses with
-the product, whatever words they share (ANCE's negatives, mined once rather than refreshed during training).
-Labelled pairs' I-labelled products still come first.
+Model-mined pools (`nearest_by_embedding`, `config.data.hard_negative_embeddings`): the products a trained
+model places closest to each product, from its product embeddings (`python -m mmr_jax.evaluate --workdir RUN
+--products_only` writes RUN/catalogue_embeddings.npy for a run of any stage; an evaluated run's
+product_embeddings.npy serves too). They replace BM25's pool: the products a model of the previous round
+(stage 1, or a finished run) confuses with the product, whatever words they share (ANCE's negatives, mined
+once before the run rather than refreshed during it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -117,22 +119,31 @@ def nearest_by_embedding(embeddings: np.ndarray, heldout: np.ndarray, pool: int)
   return out
 
 
-def load_embeddings(path: str, num_products: int) -> np.ndarray:
+def load_embeddings(path: str, num_products: int, products_sha256: str = "") -> np.ndarray:
   """Returns float32 [num_products, D] read from the .npy at `path` (config.data.hard_negative_embeddings).
 
   Raises FileNotFoundError or ValueError naming the file when it is missing or does not hold one finite
-  row per product of this catalogue.
+  row per product of this catalogue. When the file sits in a trained run's workdir, the catalogue that run
+  was trained on (its data_fingerprint.json) must be this one (`products_sha256`, catalog_info.json's).
   """
   what = f"config.data.hard_negative_embeddings={path!r}"
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"{what}: no such file (python -m mmr_jax.evaluate --workdir RUN --products_only "
-                            "writes a trained run's RUN/product_embeddings.npy)")
+                            "writes a trained run's RUN/catalogue_embeddings.npy)")
   try:
     with p.open("rb") as f:
       emb = np.load(f, allow_pickle=False)
-  except ValueError as e:
-    raise ValueError(f"{what}: not a .npy array ({e})") from e
+  except (ValueError, EOFError, OSError) as e:
+    raise ValueError(f"{what}: not a .npy array ({type(e).__name__}: {e})") from e
+  if not isinstance(emb, np.ndarray):
+    raise ValueError(f"{what}: holds {type(emb).__name__} (an .npz archive?), not one .npy array")
+  fingerprint = p.parent / "data_fingerprint.json"
+  if products_sha256 and fingerprint.exists():
+    theirs = json.loads(fingerprint.read_text()).get("products_sha256")
+    if theirs and theirs != products_sha256:
+      raise ValueError(f"{what}: its run ({fingerprint}) was trained on another catalogue (products_sha256 "
+                       f"{theirs[:12]}…, this catalogue's {products_sha256[:12]}…)")
   if emb.ndim != 2 or emb.shape[0] != num_products or not np.issubdtype(emb.dtype, np.floating):
     raise ValueError(f"{what}: holds a {emb.dtype} array of shape {emb.shape}; expected one float row per "
                      f"product of this catalogue, [{num_products}, D] (embeddings of another catalogue?)")

@@ -51,6 +51,7 @@ from absl import flags
 import grain
 import jax
 import numpy as np
+from etils import epath
 
 from mmr_jax import batch_spec
 from mmr_jax.data import catalog
@@ -243,8 +244,8 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
           and (data_dir, "negatives") not in _WARNED:
         _WARNED.add((data_dir, "negatives"))
         _log.warning("%s: the pairs table has no `negatives` (imported by an older mmr_jax): hard-negative "
-                     "groups use BM25 neighbours only; re-import the catalogue to add its I-labelled products",
-                     data_dir)
+                     "groups take products of the pool only; re-import the catalogue to add its I-labelled "
+                     "products", data_dir)
       example = transforms.HardNegativeGroup(example, products, _neighbours(data_dir, products, config),
                                              group - 1, labelled_negatives)
   if num_rows == 0:
@@ -292,10 +293,15 @@ def _neighbours(data_dir: str, products: sources.Source, config: Any) -> np.ndar
   (`hard_negatives.neighbours`) or, with config.hard_negative_embeddings, a model's nearest products."""
   pool = int(config.hard_negative_pool)
   path = str(config.hard_negative_embeddings or "")
-  key = (str(data_dir), len(products), str(sources.catalog_info(data_dir).get("products_sha256", "")), pool, path)
+  sha = str(sources.catalog_info(data_dir).get("products_sha256", ""))
+  stamp = None
+  if path and epath.Path(path).exists():  # a file written again under the same name is mined again
+    st = epath.Path(path).stat()
+    stamp = (st.length, st.mtime)
+  key = (str(data_dir), len(products), sha, pool, path, stamp)
   if key not in _NEIGHBOURS:
     if path:
-      emb = hard_negatives.load_embeddings(path, len(products))
+      emb = hard_negatives.load_embeddings(path, len(products), sha)
       _NEIGHBOURS[key] = hard_negatives.nearest_by_embedding(emb, hard_negatives.heldout_flags(products), pool)
     else:
       _NEIGHBOURS[key] = hard_negatives.neighbours(products, pool)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import logging
 import math
 from typing import Any, Mapping, Sequence
@@ -244,44 +245,53 @@ class HardNegativeGroup(grain.transforms.RandomMap):
 
   The first is `Stage2Example`'s; the others are pseudo-queries of n products: with `labelled_negatives`, a
   labelled pair's I-labelled products first (its query's judged-irrelevant products), then products drawn
-  from its product's BM25 neighbours (`neighbours` [num_products, pool], pad -1; random products that are
-  not held out fill a short pool). A pseudo-query's positives are every product of the group that holds all
-  its words; a labelled pair keeps its labelled positives (an I label outranks shared words).
+  from its product's pool (`neighbours` [num_products, pool], pad -1: BM25's or a model's nearest; random
+  products that are not held out fill a short pool). Only products with text a pseudo-query can be drawn
+  from join. A pseudo-query's positives are every product of the group that holds all its words; a labelled
+  pair keeps its labelled positives (an I label outranks shared words).
   """
 
   def __init__(self, stream: Stage2Example, products: Source, neighbours: np.ndarray, n: int,
-               labelled_negatives: bool = True):
+               labelled_negatives: bool = False):
     self._stream, self._products, self._neighbours, self._n = stream, products, neighbours, n
     self._labelled_negatives = labelled_negatives
 
-  def _fill(self, chosen: list[int], rng: np.random.Generator) -> None:
-    while len(chosen) <= self._n:
+  def _companion(self, index: int, chosen: Sequence[int]):
+    """Returns (row, pseudo-query terms) of product `index` if it may join the group (not in it yet, not held
+    out, with terms), else None."""
+    if index in chosen:
+      return None
+    row = self._products[index]
+    if bool(np.asarray(row["heldout"])):
+      return None
+    terms = pseudo_queries.candidate_terms(row_text(row, "title"), row_text(row, "attributes"),
+                                           row_text(row, "description"))
+    return (row, terms) if terms else None
+
+  def random_map(self, index, rng: np.random.Generator):
+    first, first_text, first_product, labelled = self._stream.example(index, rng)
+    anchor = int(first["product_index"])
+    pool = self._neighbours[anchor]
+    orders = [rng.permutation(labelled)] if self._labelled_negatives and len(labelled) else []
+    orders.append(rng.permutation(pool[pool >= 0]))
+    chosen, rows, terms = [anchor], [first_product], [None]
+    for i in itertools.chain.from_iterable(orders):
+      if len(chosen) > self._n:
+        break
+      joined = self._companion(int(i), chosen)
+      if joined is not None:
+        chosen.append(int(i))
+        rows.append(joined[0])
+        terms.append(joined[1])
+    while len(chosen) <= self._n:  # a short pool: random trainable products
       picked = self._stream.trainable_product(rng, exclude=chosen)
       if picked is None:
         raise ValueError(f"config.data.hard_negatives={self._n}: too few products with text that are not held "
                          "out to fill a group")
       chosen.append(picked[0])
-
-  def random_map(self, index, rng: np.random.Generator):
-    first, first_text, first_product, labelled = self._stream.example(index, rng)
-    anchor = int(first["product_index"])
-    chosen = [anchor]
-    if self._labelled_negatives and len(labelled):
-      for i in rng.permutation(labelled):
-        if len(chosen) <= self._n and int(i) not in chosen:
-          chosen.append(int(i))
-    pool = self._neighbours[anchor]
-    pool = pool[pool >= 0]
-    for i in rng.permutation(pool):
-      if len(chosen) > self._n:
-        break
-      if int(i) not in chosen:
-        chosen.append(int(i))
-    if len(chosen) <= self._n:
-      self._fill(chosen, rng)
-    rows = [first_product] + [self._products[i] for i in chosen[1:]]
-    texts = [first_text] + [pseudo_queries.sample(row_text(r, "title"), row_text(r, "attributes"),
-                                                  row_text(r, "description"), rng) for r in rows[1:]]
+      rows.append(picked[1])
+      terms.append(picked[2])
+    texts = [first_text] + [pseudo_queries.sample_terms(t, rng) for t in terms[1:]]
     product_words = [hard_negatives.words(row_text(r, "text")) for r in rows]
     examples = [first]
     if first_text is not None:  # a labelled pair keeps its labelled positives

@@ -42,6 +42,7 @@ from mmr_jax.data import pipeline
 from mmr_jax.data import tfds_builder
 from mmr_jax.evals import index as index_lib
 from mmr_jax import fileio
+from mmr_jax import runtime
 from mmr_jax import sharding as shd
 
 log = logging.getLogger("mmr_jax.export")
@@ -81,12 +82,6 @@ def _local_embed_fn(tm):
     return np.asarray(multihost_utils.global_array_to_host_local_array(out, tm.mesh, P(shd.BATCH_AXES)))
 
   return call
-
-
-def barrier(name: str) -> None:
-  """Waits until every process reaches the barrier `name` (nothing to wait for on one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def min_over_processes(value: int) -> int:
@@ -194,7 +189,7 @@ def embed_catalogue(tm, data_dir: str, out_dir: str, *, batch_size: int = 256, s
       fileio.write_atomic(base + ".npz", write_npz)
       state = {"iterator_state": it.get_state(), "rows": len(idx), "rows_total": rows_done}
       fileio.write_text(base + ".json", json.dumps(state))
-  barrier("mmr_export_embedded")
+  runtime.barrier("mmr_export_embedded")
   if p != 0:
     return None
   dim = None

@@ -37,6 +37,7 @@ from mmr_jax.export import preprocess
 from mmr_jax.export import saving
 from mmr_jax.export import towers
 from mmr_jax import fileio
+from mmr_jax import runtime
 from mmr_jax.models import two_tower
 
 log = logging.getLogger("mmr_jax.export")
@@ -182,7 +183,7 @@ def _export_workdir(workdir: str, out: str, data_dir: str | None = None, *, k: i
         "timings": timings, "versions": versions()}
     fileio.write_json(os.path.join(out, SUMMARY_FILE), summary)
     step(f"done in {timings['total_s']:.0f} s: {out}")
-  embeddings.barrier("mmr_export_done")
+  runtime.barrier("mmr_export_done")
   if summary is not None and summary["parity_failures"]:
     msg = (f"{out}: the SavedModels do not match the JAX model: " + "; ".join(summary["parity_failures"]) +
            f" (details in {SUMMARY_FILE})")

@@ -45,13 +45,17 @@ def resolve_config(config):
   """Fills run-time values (vocab size from the run's tokenizer); returns a locked copy.
 
   A configured tokenizer path becomes absolute, so the workdir's config.json names the file that
-  evaluation and export must tokenise with.
+  evaluation and export must tokenise with; so does data.hard_negative_embeddings (a resume elsewhere mines
+  the same file).
   """
   config = config.copy_and_resolve_references()
   with config.unlocked():
     tok_cfg = config.data.get("tokenizer")
     if tok_cfg is not None and tok_cfg.get("path"):
       tok_cfg.path = os.path.abspath(os.path.expanduser(tok_cfg.path))
+    mined = config.data.get("hard_negative_embeddings")
+    if mined and "://" not in mined:
+      config.data.hard_negative_embeddings = os.path.abspath(os.path.expanduser(mined))
     conventions = sources.tokenizer_conventions(config.data)
     if config.model.text.get("pool") == "last" and conventions.eos != "sticky":
       raise ValueError(f"model.text.pool='last' embeds each row's last position, which is padding unless "
