@@ -13,8 +13,8 @@ Hardware: one CPU host (written for a 2-core, 24 GiB machine).
 Expected (test split, exact search, the same on every run; README has the table): text_only R@100 74.6 /
 NDCG@10 56.7 against BM25's 63.7 / 56.4, the hybrid 71.5 / 60.0; fusion_ft 72.6 / 55.6 and concat_ft 70.8 / 55.0
 (stage 1 250 steps, then 200 stage-2 steps: within ~2-4 points of text_only's 450, the image adds little at 32 px
-and this budget; with `--budget long` they pass text_only, fusion_ft 87.6 / 64.7 and concat_ft 88.4 / 64.2 against
-81.3 / 61.5, ScaNN ranking). `bash tools/demo.sh` takes about 10 minutes on the 2-core machine (stage 1 and the
+and this budget; with `--budget long` they pass text_only, fusion_ft 88.2 / 64.7 and concat_ft 88.8 / 64.1 against
+81.6 / 61.7). `bash tools/demo.sh` takes about 10 minutes on the 2-core machine (stage 1 and the
 five rows 9.5 min).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
