@@ -676,3 +676,29 @@ def test_model_mined_neighbours_are_the_nearest_trainable_products_by_embedding(
   np.testing.assert_array_equal(hard_negatives.load_embeddings(str(path), 12, "a" * 64), emb)
   with pytest.raises(ValueError, match="trained on another catalogue"):
     hard_negatives.load_embeddings(str(path), 12, "b" * 64)
+
+
+def test_a_pairs_table_imported_without_negatives_warns_and_groups_from_the_pool(data_dir, monkeypatch, caplog):
+  from mmr_jax.data import hard_negatives  # pylint: disable=g-import-not-at-top
+
+  class OlderPairs:  # a pairs table from before the import kept I labels: rows without `negatives`
+    def __init__(self, src):
+      self._src = src
+
+    def __len__(self):
+      return len(self._src)
+
+    def __getitem__(self, i):
+      return {k: v for k, v in self._src[i].items() if k != "negatives"}
+
+  opened = sources.open_source
+  monkeypatch.setattr(sources, "open_source", lambda d, table, split: (
+      OlderPairs(opened(d, table, split)) if table == "pairs" else opened(d, table, split)))
+  cfg = _config(hard_negatives=1, hard_negative_pool=4, pseudo_queries=0.0, batch_size=8, labelled_negatives=True)
+  with caplog.at_level("WARNING", logger="mmr_jax.data.pipeline"):
+    it = pipeline.make_train_iterator(data_dir, 2, cfg, seed=2, process_index=0, process_count=1)
+    b = next(it)
+  assert "has no `negatives` (imported by an older mmr_jax)" in caplog.text and "re-import" in caplog.text
+  nb = hard_negatives.neighbours(tfds_builder.load_source(data_dir, "products", "all"), pool=4)
+  for g in range(0, 8, 2):
+    assert int(b["product_index"][g + 1]) in nb[int(b["product_index"][g])]
