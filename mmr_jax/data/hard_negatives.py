@@ -50,6 +50,11 @@ def mining_text(product) -> str:
   return " ".join([row_text(product, "title")] + pseudo_queries.attribute_values(row_text(product, "attributes")))
 
 
+def _check_pool(pool: int) -> None:
+  if pool < 1:
+    raise ValueError(f"config.data.hard_negative_pool={pool} must be >= 1")
+
+
 def neighbours(products: Source, pool: int) -> np.ndarray:
   """Returns int32 [N, pool]: each product's `pool` best BM25 neighbours, best first (pad -1).
 
@@ -57,8 +62,7 @@ def neighbours(products: Source, pool: int) -> np.ndarray:
   attributes); the product itself and held-out products (which no stage trains on) are never neighbours,
   nor are products that share no word with it. Held-out products get no neighbours.
   """
-  if pool < 1:
-    raise ValueError(f"config.data.hard_negative_pool={pool} must be >= 1")
+  _check_pool(pool)
   n = len(products)
   rows = [products[i] for i in range(n)]
   heldout = heldout_flags(rows)
@@ -99,8 +103,7 @@ def nearest_by_embedding(embeddings: np.ndarray, heldout: np.ndarray, pool: int)
   Exact search (`evals.index.exact_search`, chunked on device): N^2 D multiply-adds, seconds for a
   hundred thousand products on an accelerator.
   """
-  if pool < 1:
-    raise ValueError(f"config.data.hard_negative_pool={pool} must be >= 1")
+  _check_pool(pool)
   heldout = np.asarray(heldout, bool)
   emb = np.asarray(embeddings, np.float32)
   n = len(emb)

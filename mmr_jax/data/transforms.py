@@ -151,6 +151,14 @@ class Stage1Example(grain.transforms.RandomMap):
 _NONE = np.zeros((0,), np.int64)  # no labelled negatives
 
 
+def _trainable_terms(product: Mapping[str, Any]) -> list[str]:
+  """Returns the `pseudo_queries.candidate_terms` of a product training may use ([] if it is held out)."""
+  if bool(np.asarray(product["heldout"])):
+    return []
+  return pseudo_queries.candidate_terms(row_text(product, "title"), row_text(product, "attributes"),
+                                        row_text(product, "description"))
+
+
 def _pad_positives(values: Any, k: int) -> np.ndarray:
   """Returns int32 [k]: the first k values, padded with batch_spec.PAD_INDEX."""
   values = np.asarray(values, dtype=np.int64).reshape(-1)[:k]
@@ -183,10 +191,7 @@ class Stage2Example(grain.transforms.RandomMap):
       if index in exclude:
         continue
       product = self._products[index]
-      if bool(np.asarray(product["heldout"])):
-        continue
-      terms = pseudo_queries.candidate_terms(row_text(product, "title"), row_text(product, "attributes"),
-                                             row_text(product, "description"))
+      terms = _trainable_terms(product)
       if terms:
         return index, product, terms
     return None
@@ -262,10 +267,7 @@ class HardNegativeGroup(grain.transforms.RandomMap):
     if index in chosen:
       return None
     row = self._products[index]
-    if bool(np.asarray(row["heldout"])):
-      return None
-    terms = pseudo_queries.candidate_terms(row_text(row, "title"), row_text(row, "attributes"),
-                                           row_text(row, "description"))
+    terms = _trainable_terms(row)
     return (row, terms) if terms else None
 
   def random_map(self, index, rng: np.random.Generator):
