@@ -115,6 +115,17 @@ def _report_truncation(config, workdir) -> None:
              rep["product_len"], tokens["max"], rep["sampled"])
 
 
+def check_grade_weighting(config) -> None:
+  """Warns when loss.grade_weighted cannot weigh anything: the catalogue's pairs all carry one grade."""
+  if config.stage != 2 or not config.loss.grade_weighted:
+    return
+  grades = tfds_builder.catalog_info(config.data.dir).get("pair_grades") or []
+  if len(set(grades)) == 1:
+    log.warning("loss.grade_weighted=True, but %s's training pairs are all %s-labelled (imported with "
+                "--pair_grades %s): every pair weighs the same and the setting changes nothing; import with "
+                "--pair_grades E,S (or E,S,C) to train on graded pairs", config.data.dir, grades[0], grades[0])
+
+
 def _evaluators(config, trainer: Trainer) -> tuple[int, list]:
   """Returns (eval_every, evaluators) of the run: none when the catalogue has nothing to validate on.
 
@@ -215,6 +226,7 @@ def _train(config, workdir: epath.Path, mesh, hooks) -> dict:
   start = int(jax.device_get(state.step))
   if start == 0 and jax.process_index() == 0:
     _report_truncation(config, workdir)
+    check_grade_weighting(config)
   # Written only once the state exists: a run refused for a mismatching checkpoint leaves the workdir as it was.
   if jax.process_index() == 0:
     ckpt_lib.write_json(workdir / "config.json", config.to_dict())

@@ -460,3 +460,21 @@ def test_resume_on_another_process_count_restarts_the_data_at_the_step(tiny_data
   # Two steps after position 2 * batch of the one stream, as if one process had trained all along.
   state = json.loads((wd / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
   assert state == {"next_index": 4 * batch}
+
+
+@pytest.mark.parametrize("grades, warns", [(["E"], True), (["E", "S"], False)])
+def test_grade_weighting_on_pairs_of_one_grade_warns_that_it_changes_nothing(tmp_path, caplog, grades, warns):
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "catalog_info.json").write_text(json.dumps({"pair_grades": grades}))
+  cfg = config_lib.base_config()
+  cfg.data.dir = str(data)
+  cfg.loss.grade_weighted = True
+  with caplog.at_level("WARNING", logger="mmr_jax.train"):
+    train.check_grade_weighting(cfg)
+  assert ("changes nothing" in caplog.text) == warns
+  caplog.clear()
+  cfg.loss.grade_weighted = False
+  with caplog.at_level("WARNING", logger="mmr_jax.train"):
+    train.check_grade_weighting(cfg)
+  assert not caplog.text
