@@ -91,6 +91,9 @@ def get_sweep(arg=None):
       # text_only with hard negatives mined by stage 1's model (each labelled pair brings a pseudo-query of one
       # of its product's 16 nearest products; the ablation embeds the catalogue with stage 1 first). Not a
       # default row: it trades R@100 for NDCG@10 here (README).
+      # text_only from stage 1's text towers, without an image: fusion_ft and concat_ft minus this row is what
+      # the image adds (ablation_margins.json "image_adds"). Not a default row (the demo's time budget).
+      {"name": "text_only_ft", "model.variant": "text_only", "init.workdir": "{stage1}"},
       {"name": "text_only_mined", "model.variant": "text_only", "data.hard_negatives": 1, "data.pseudo_queries": 0.0,
        "data.hard_negative_embeddings": "{stage1}/catalogue_embeddings.npy"},
   ]

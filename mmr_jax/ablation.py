@@ -12,6 +12,8 @@ Rows (same steps, batch and examples for every row; see README):
               it trains far more slowly than the others at the demo budget (README), --rows ...,fusion_qw adds it
   text_only_mined  text_only with hard negatives mined by stage 1's model (data.hard_negative_embeddings);
               not run by default either
+  text_only_ft  text_only from stage 1's text towers: the stage-1 rows without an image, so fusion_ft and
+              concat_ft minus it is what the image adds (ablation_margins.json "image_adds"); not run by default
 
 Writes DIR/ablation.json (a list of rows), DIR/ablation.md and DIR/ablation.png; each row's own
 workdir (DIR/<row>/) holds its checkpoints and metrics.json. Finished rows are skipped on re-run.
@@ -400,6 +402,12 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
       f"{k}: R@100 {v['recall@100']:+.1f}, NDCG@10 {v['ndcg@10']:+.1f}" for k, v in g.items())
   if gains:
     md += ["", "fusion_ft minus text_only (points): " + fmt_gains(gains)]
+  # The stage-1 rows minus the same stage-1 text towers without an image: what the image itself adds.
+  image_adds = {name: margins(out_rows, name, "text_only_ft") for name in ("fusion_ft", "concat_ft")}
+  image_adds = {k: v for k, v in image_adds.items() if v}
+  if image_adds:
+    md += ["", "What the image adds (minus text_only_ft, stage 1's text towers without an image, points):"]
+    md += [f"- {name}: {fmt_gains(g)}" for name, g in image_adds.items()]
   learned = [r["row"] for r in out_rows if r["row"] not in ("bm25", "hybrid")]
   vs_bm25 = {name: margins(out_rows, name, "bm25") for name in learned + ["hybrid"]}
   vs_bm25 = {k: v for k, v in vs_bm25.items() if v}
@@ -413,7 +421,8 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
     md += [f"- {name}: {fmt_gains(g)}" for name, g in vs_bm25.items()]
   fileio.write_text(root / "ablation.md", "\n".join(md) + "\n")
   fileio.write_json(root / "ablation_margins.json",
-                    {"fusion_ft_minus_text_only": gains, "minus_bm25": vs_bm25, "timings_s": timings})
+                    {"fusion_ft_minus_text_only": gains, "minus_bm25": vs_bm25, "image_adds": image_adds,
+                     "timings_s": timings})
   fileio.write_atomic(root / "ablation.png", lambda p: plot_rows(out_rows, p))
 
 

@@ -175,6 +175,33 @@ def test_an_ablation_row_that_mines_with_stage_1_still_trains_stage_1s_steps(tin
   assert mined.train.steps == configs["text_only"].train.steps == 10 and configs["fusion_ft"].train.steps == 6
 
 
+def test_text_only_ft_is_the_stage_1_rows_without_an_image_and_the_margins_say_what_the_image_adds(tiny_data,
+                                                                                                    tmp_path):
+  mod = sweep_runner.load_config_module(str(ROOT / "configs" / "demo.py"))
+  points, configs = ablation._points(tmp_path, tiny_data, "demo", mod, ("text_only_ft", "fusion_ft"), 6, 4, 16, "",
+                                     {}, "default")
+  assert {p.name: p for p in points}["text_only_ft"].depends == ("stage1",)
+  control, fusion = configs["text_only_ft"], configs["fusion_ft"]
+  assert control.model.variant == "text_only" and control.init.workdir == fusion.init.workdir
+  assert tuple(control.init.load) == tuple(fusion.init.load) and control.train.steps == fusion.train.steps == 6
+
+  def row(name, recall, ndcg):
+    m = {"recall@100": recall, "ndcg@10": ndcg}
+    return {"row": name, "overall": m, "by_tag": {"visual": m}, "by_sparsity": {}, "splits": {},
+            "scann_recall_vs_exact": 1.0}
+  rows = [row("text_only_ft", 0.70, 0.50), row("fusion_ft", 0.76, 0.49), row("concat_ft", 0.68, 0.55)]
+  ablation._write_reports(tmp_path, tiny_data, "demo", {"num_products": 300}, rows, {})
+  adds = json.loads((tmp_path / "ablation_margins.json").read_text())["image_adds"]
+  assert adds["fusion_ft"]["overall"] == pytest.approx({"recall@100": 6.0, "ndcg@10": -1.0})
+  assert adds["concat_ft"]["tag:visual"] == pytest.approx({"recall@100": -2.0, "ndcg@10": 5.0})
+  md = (tmp_path / "ablation.md").read_text()
+  assert "What the image adds" in md and "- fusion_ft: overall: R@100 +6.0, NDCG@10 -1.0" in md
+  # Without the control row there is nothing to subtract.
+  ablation._write_reports(tmp_path, tiny_data, "demo", {"num_products": 300}, rows[1:], {})
+  assert json.loads((tmp_path / "ablation_margins.json").read_text())["image_adds"] == {}
+  assert "What the image adds" not in (tmp_path / "ablation.md").read_text()
+
+
 def test_evaluate_cli_help():
   r = subprocess.run([sys.executable, "-m", "mmr_jax.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True)
   assert r.returncode == 0 and "--workdir" in r.stdout
