@@ -138,6 +138,10 @@ def base_config() -> ConfigDict:
       # for the image tower (colours, patterns, categories the title names) while image <-> title is still
       # weak; the head (model.image_words) exists only in stage-1 runs with a weight > 0.
       image_words=0.0,
+      # Stage 1: the image <-> title term trains the image side only (stop-gradient on the title embedding), so
+      # the image tower aligns into the text space that the query <-> product-text term trains, and the text
+      # towers learn from the queries alone (LiT's locked tower, the other way round). Titles stay in the batch.
+      stage1_lock_text=False,
       chunk_size=0,  # >0: compute logits in row blocks of this size (bounded memory)
       # Global-batch loss over the mesh's data-parallel axes (mmr_jax/training/sharded_loss.py): auto (ring
       # when there is more than one data-parallel shard) | ring | gather | none (one device's logits).

@@ -115,15 +115,20 @@ def _report_truncation(config, workdir) -> None:
              rep["product_len"], tokens["max"], rep["sampled"])
 
 
-def check_grade_weighting(config) -> None:
-  """Warns when loss.grade_weighted cannot weigh anything: the catalogue's pairs all carry one grade."""
-  if config.stage != 2 or not config.loss.grade_weighted:
-    return
-  grades = tfds_builder.catalog_info(config.data.dir).get("pair_grades") or []
-  if len(set(grades)) == 1:
-    log.warning("loss.grade_weighted=True, but %s's training pairs are all %s-labelled (imported with "
-                "--pair_grades %s): every pair weighs the same and the setting changes nothing; import with "
-                "--pair_grades E,S (or E,S,C) to train on graded pairs", config.data.dir, grades[0], grades[0])
+def check_loss_settings(config) -> None:
+  """Warns about loss settings that cannot do what they say on this run's data and init."""
+  if config.stage == 2 and config.loss.grade_weighted:
+    grades = tfds_builder.catalog_info(config.data.dir).get("pair_grades") or []
+    if len(set(grades)) == 1:
+      log.warning("loss.grade_weighted=True, but %s's training pairs are all %s-labelled (imported with "
+                  "--pair_grades %s): every pair weighs the same and the setting changes nothing; import with "
+                  "--pair_grades E,S (or E,S,C) to train on graded pairs", config.data.dir, grades[0], grades[0])
+  text_term = config.data.stage1_source == "pairs" or config.data.stage1_pseudo_queries
+  if config.stage == 1 and config.loss.get("stage1_lock_text") and not text_term and not config.init.two_tower_npz:
+    log.warning("loss.stage1_lock_text=True without a text term in stage 1 (data.stage1_source='products', "
+                "data.stage1_pseudo_queries=False) or pretrained text towers (init.two_tower_npz): the image "
+                "tower aligns with untrained text towers; set data.stage1_source='pairs' or "
+                "data.stage1_pseudo_queries=True")
 
 
 def _evaluators(config, trainer: Trainer) -> tuple[int, list]:
@@ -226,7 +231,7 @@ def _train(config, workdir: epath.Path, mesh, hooks) -> dict:
   start = int(jax.device_get(state.step))
   if start == 0 and jax.process_index() == 0:
     _report_truncation(config, workdir)
-    check_grade_weighting(config)
+    check_loss_settings(config)
   # Written only once the state exists: a run refused for a mismatching checkpoint leaves the workdir as it was.
   if jax.process_index() == 0:
     ckpt_lib.write_json(workdir / "config.json", config.to_dict())

@@ -471,10 +471,24 @@ def test_grade_weighting_on_pairs_of_one_grade_warns_that_it_changes_nothing(tmp
   cfg.data.dir = str(data)
   cfg.loss.grade_weighted = True
   with caplog.at_level("WARNING", logger="mmr_jax.train"):
-    train.check_grade_weighting(cfg)
+    train.check_loss_settings(cfg)
   assert ("changes nothing" in caplog.text) == warns
   caplog.clear()
   cfg.loss.grade_weighted = False
   with caplog.at_level("WARNING", logger="mmr_jax.train"):
-    train.check_grade_weighting(cfg)
+    train.check_loss_settings(cfg)
+  assert not caplog.text
+
+
+def test_stage1_lock_text_without_a_text_term_warns(tmp_path, caplog):
+  cfg = config_lib.base_config()
+  cfg.stage = 1
+  cfg.loss.stage1_lock_text = True
+  with caplog.at_level("WARNING", logger="mmr_jax.train"):
+    train.check_loss_settings(cfg)
+  assert "aligns with untrained text towers" in caplog.text
+  caplog.clear()
+  cfg.data.stage1_source = "pairs"  # stage 1 trains the text towers on queries: nothing to warn about
+  with caplog.at_level("WARNING", logger="mmr_jax.train"):
+    train.check_loss_settings(cfg)
   assert not caplog.text

@@ -64,7 +64,10 @@ def _stage1_loss(model, params, batch, config, train, rng):
   # Products without an image have nothing to align: they carry zero weight.
   weights = batch["has_image"].astype(jnp.float32)
   pos = (batch["product_index"], None)
-  loss, m = _contrastive(config, out["image_emb"], out["title_emb"], logit, pos, weights)
+  title = out["title_emb"]
+  if config.loss.get("stage1_lock_text"):
+    title = jax.lax.stop_gradient(title)
+  loss, m = _contrastive(config, out["image_emb"], title, logit, pos, weights)
   metrics = {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
   metrics["i2t/loss"] = loss
   if config.loss.image_words > 0:

@@ -161,3 +161,22 @@ def test_aux_query_fused_trains_the_fused_branch_whatever_the_gate(model_and_bat
   norm = lambda tree: float(sum(np.abs(np.asarray(g)).sum() for g in jax.tree.leaves(tree)))  # noqa: E731
   assert norm({k: v for k, v in grad["fusion"].items() if not k.startswith("gate")}) > 0
   assert norm({k: v for k, v in grad["fusion"].items() if k.startswith("gate")}) == 0
+
+
+def test_stage1_lock_text_keeps_the_image_title_term_off_the_text_side(model_and_batch):
+  cfg, model, params, batch = model_and_batch
+  s1 = {k: batch[k] for k in ("image", "has_image", "title_tokens", "product_index")}  # image <-> title only
+
+  def grads(lock):
+    c = cfg.copy_and_resolve_references()
+    c.loss.stage1_lock_text = lock
+    fn = lambda p: objectives.get(1).loss(model, p, s1, c, train=False, rng=jax.random.PRNGKey(0))[0]  # noqa: E731
+    return jax.value_and_grad(fn)(params)
+
+  (free, g_free), (locked, g_locked) = grads(False), grads(True)
+  np.testing.assert_allclose(float(locked), float(free), rtol=1e-6)  # the same term, only its gradient differs
+  text = lambda g: max(float(np.abs(x).max()) for x in jax.tree.leaves(  # noqa: E731
+      (g["product_text_tower"], g["heads"]["product_text"])))
+  assert text(g_free) > 1e-6 and text(g_locked) == 0.0
+  for a, b in zip(jax.tree.leaves(g_free["image_tower"]), jax.tree.leaves(g_locked["image_tower"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
