@@ -14,8 +14,9 @@ Expected (test split, exact search, the same on every run; README has the table)
 NDCG@10 56.7 against BM25's 63.7 / 56.4, the hybrid 71.5 / 60.0; fusion_ft 72.6 / 55.6 and concat_ft 70.8 / 55.0
 (stage 1 250 steps, then 200 stage-2 steps: within ~2-4 points of text_only's 450, the image adds little at 32 px
 and this budget; with `--budget long` they pass text_only, fusion_ft 88.2 / 64.7 and concat_ft 88.8 / 64.1 against
-81.6 / 61.7). `bash tools/demo.sh` takes about 10 minutes on the 2-core machine (stage 1 and the
-five rows 9.5 min).
+81.6 / 61.7). Against the same stage-1 text towers without an image (`--rows ...,text_only_ft`: 73.0 / 55.2 here,
+83.5 / 62.5 with `--budget long`) the image adds nothing at this budget and +4.7 / +2.2 with `--budget long`.
+`bash tools/demo.sh` takes about 10 minutes on the 2-core machine (stage 1 and the five rows 9.5 min).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
 width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
@@ -88,12 +89,12 @@ def get_sweep(arg=None):
       {"name": "fusion_e2e", "model.variant": "fusion"},
       # Three query segments leave no place for one lexical segment.
       {"name": "fusion_qw", "model.variant": "fusion_qw", "init.workdir": "{stage1}", "model.lexical_dim": 0},
-      # text_only with hard negatives mined by stage 1's model (each labelled pair brings a pseudo-query of one
-      # of its product's 16 nearest products; the ablation embeds the catalogue with stage 1 first). Not a
-      # default row: it trades R@100 for NDCG@10 here (README).
       # text_only from stage 1's text towers, without an image: fusion_ft and concat_ft minus this row is what
       # the image adds (ablation_margins.json "image_adds"). Not a default row (the demo's time budget).
       {"name": "text_only_ft", "model.variant": "text_only", "init.workdir": "{stage1}"},
+      # text_only with hard negatives mined by stage 1's model (each labelled pair brings a pseudo-query of one
+      # of its product's 16 nearest products; the ablation embeds the catalogue with stage 1 first). Not a
+      # default row: it trades R@100 for NDCG@10 here (README).
       {"name": "text_only_mined", "model.variant": "text_only", "data.hard_negatives": 1, "data.pseudo_queries": 0.0,
        "data.hard_negative_embeddings": "{stage1}/catalogue_embeddings.npy"},
   ]
