@@ -28,6 +28,7 @@ from etils import epath
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from mmr_jax import batch_spec
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax.data import pipeline
 from mmr_jax.data import tfds_builder
@@ -123,8 +124,9 @@ def check_loss_settings(config) -> None:
       log.warning("loss.grade_weighted=True, but %s's training pairs are all %s-labelled (imported with "
                   "--pair_grades %s): every pair weighs the same and the setting changes nothing; import with "
                   "--pair_grades E,S (or E,S,C) to train on graded pairs", config.data.dir, grades[0], grades[0])
-  text_term = config.data.stage1_source == "pairs" or config.data.stage1_pseudo_queries
-  if config.stage == 1 and config.loss.get("stage1_lock_text") and not text_term and not config.init.two_tower_npz:
+  # Stage 1's objective has a query <-> product-text term exactly when its batches carry queries.
+  text_term = "query_tokens" in batch_spec.from_config(1, config.data, 1)
+  if config.stage == 1 and config.loss.stage1_lock_text and not text_term and not config.init.two_tower_npz:
     log.warning("loss.stage1_lock_text=True without a text term in stage 1 (data.stage1_source='products', "
                 "data.stage1_pseudo_queries=False) or pretrained text towers (init.two_tower_npz): the image "
                 "tower aligns with untrained text towers; set data.stage1_source='pairs' or "

@@ -65,7 +65,7 @@ def _stage1_loss(model, params, batch, config, train, rng):
   weights = batch["has_image"].astype(jnp.float32)
   pos = (batch["product_index"], None)
   title = out["title_emb"]
-  if config.loss.get("stage1_lock_text"):
+  if config.loss.stage1_lock_text:
     title = jax.lax.stop_gradient(title)
   loss, m = _contrastive(config, out["image_emb"], title, logit, pos, weights)
   metrics = {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
