@@ -42,6 +42,7 @@ def test_loss_decreases(tiny_data, tmp_path, variant):
   cfg.data.pseudo_queries = 0.0  # the loss of the labelled pairs alone, comparable from step to step
   if variant in ("image_only", "fusion_qw"):
     cfg.model.lexical_dim = 0  # no product text tower / three query segments: no lexical segment
+    cfg.model.image_expansion_k = 0
   train.train_and_evaluate(cfg, str(tmp_path / variant))
   losses = _losses(tmp_path / variant)
   first, last = np.mean([losses[5], losses[10]]), np.mean([losses[35], losses[40]])
@@ -64,16 +65,19 @@ def test_stage1_learns_and_stage2_loads_its_image_tower(tiny_data, tmp_path, cap
 
   cfg2 = _quiet(tiny_config(tiny_data, stage=2), steps=1, eval_every=0)
   cfg2.init.workdir = str(s1)
-  cfg2.init.load = ("image_tower",)
+  cfg2.init.load = ("image_tower", "heads/image_words")  # the head that puts the image's words in the product's bag
   cfg2 = train.resolve_config(cfg2)
+  assert cfg2.model.image_expansion_k > 0
   trainer = train.Trainer(cfg2, str(tmp_path / "s2"))
   state = trainer.init_state()
   with caplog.at_level("WARNING"):
     src, _ = ckpt_lib.restore_params(str(s1))
   assert "could not be restored" not in caplog.text  # the data iterator item is known, just not read
   got = jax.device_get(state.params)
-  for a, b in zip(jax.tree.leaves(src["image_tower"]), jax.tree.leaves(got["image_tower"])):
-    np.testing.assert_array_equal(a, b)
+  for part in ("image_tower", "heads/image_words"):
+    mine, theirs = trainer_lib._at_path(got, part), trainer_lib._at_path(src, part)
+    for a, b in zip(jax.tree.leaves(theirs), jax.tree.leaves(mine), strict=True):
+      np.testing.assert_array_equal(a, b)
   # Towers not named in init.load keep their fresh initialisation.
   fresh = jax.device_get(train.Trainer(cfg2.copy_and_resolve_references(), str(tmp_path / "s3"))._init(
       jax.random.PRNGKey(cfg2.seed)).params)
@@ -81,6 +85,13 @@ def test_stage1_learns_and_stage2_loads_its_image_tower(tiny_data, tmp_path, cap
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh["image_tower"]),
                                                        jax.tree.leaves(got["image_tower"])))
+  # A part this model has and stage 1 does not (the demo adds the image's words in stage 2 only): the error names
+  # what is there at that level.
+  cfg2 = cfg2.copy_and_resolve_references()
+  with cfg2.unlocked():
+    cfg2.init.load = ("heads/image_expansion_scale",)
+  with pytest.raises(KeyError, match=r"has only \[.*'image_words'.*\] at heads \(drop 'heads/image_expansion_scale'"):
+    train.Trainer(cfg2, str(tmp_path / "s4")).init_state()
 
 
 def _final_params(workdir):

@@ -69,6 +69,11 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
       # A `heads/image_words` Dense from the pooled image to the vocabulary: embed_title_image also returns
       # "image_word_logits" (stage 1's image -> product words term; set from loss.image_words when a run starts).
       image_words=False,
+      # >0 (needs lexical_dim > 0): the image's k most likely words (heads/image_words, which stage 1's image ->
+      # title words term trains) join the product's lexical bag, word v as k * p(v | image) occurrences times a
+      # learned scale (heads/image_expansion_scale, 1 at init): a product whose text omits what its photo shows
+      # ("red", "striped") still matches the query's term, inside the one product vector.
+      image_expansion_k=0,
   ))
   cfg.update(overrides)
   return cfg
@@ -97,12 +102,17 @@ class LexicalSegment(nn.Module):
   dim: int
 
   @nn.compact
-  def __call__(self, tokens):
+  def __call__(self, tokens, extra_tokens=None, extra_values=None):
+    """`extra_tokens` [B, K] ids with `extra_values` [B, K] >= 0: soft occurrences added to the bag (each counts
+    `extra_values` times the token's learned weight), e.g. the words a product's image predicts."""
     raw = self.param("token_weight", layers.logical(nn.initializers.constant(math.log(math.e - 1.0)), ("vocab",)),
                      (self.vocab_size,), jnp.float32)
     tokens = jnp.asarray(tokens)
     mask = (tokens != text_lib.PAD_ID).astype(jnp.float32)  # [B, L]
-    values = jax.nn.softplus(raw)[jnp.clip(tokens, 0, self.vocab_size - 1)] * mask  # [B, L]
+    if extra_tokens is not None:
+      tokens = jnp.concatenate([tokens, jnp.asarray(extra_tokens, tokens.dtype)], axis=-1)
+      mask = jnp.concatenate([mask, jnp.asarray(extra_values, jnp.float32)], axis=-1)
+    values = jax.nn.softplus(raw)[jnp.clip(tokens, 0, self.vocab_size - 1)] * mask  # [B, L (+ K)]
     if self.dim >= self.vocab_size:
       bucket = tokens
     else:
@@ -166,6 +176,7 @@ class Heads(nn.Module):
   image_width: int
   param_dtype: Any = jnp.float32
   vocab_size: int = 0
+  image_expansion: bool = False
 
   def setup(self):
     def proj(in_axis):
@@ -196,6 +207,11 @@ class Heads(nn.Module):
           self.vocab_size, param_dtype=self.param_dtype,
           kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
           bias_init=layers.logical(nn.initializers.zeros, ("vocab",)))
+    if self.image_expansion:
+      # softplus(0.5413) = 1: at init the image's top word counts as one occurrence in the product's text.
+      self.image_expansion_scale = self.param(
+          "image_expansion_scale", layers.logical(nn.initializers.constant(math.log(math.e - 1.0)), ()),
+          (), jnp.float32)
 
 
 class TwoTower(nn.Module):
@@ -218,9 +234,16 @@ class TwoTower(nn.Module):
       self.product_text_tower = text_lib.from_config(cfg.text, **kw)
     self.image_tower = vit_lib.from_config(cfg.vit, **kw)
     self.fusion = fusion_lib.from_config(cfg.fusion, gate=cfg.variant == "fusion", **kw)
+    expansion_k = int(cfg.get("image_expansion_k", 0))
+    if expansion_k < 0 or (expansion_k and not cfg.get("lexical_dim", 0)):
+      raise ValueError(f"config.model.image_expansion_k={expansion_k} adds image words to the lexical segment: "
+                       f"it must be >= 0, and > 0 needs config.model.lexical_dim > 0 (it is {cfg.get('lexical_dim', 0)})")
+    if expansion_k > cfg.text.vocab_size:
+      raise ValueError(f"config.model.image_expansion_k={expansion_k} > the vocabulary ({cfg.text.vocab_size})")
     self.heads = Heads(cfg.embed_dim, cfg.vit.get("head_dim") or cfg.vit.width,
                        param_dtype=kw["param_dtype"],
-                       vocab_size=cfg.text.vocab_size if cfg.get("image_words") else 0)
+                       vocab_size=cfg.text.vocab_size if cfg.get("image_words") or expansion_k else 0,
+                       image_expansion=bool(expansion_k))
     # CLIP's 1/0.07 for softmax; SigLIP's t' = log 10, b = -10 for sigmoid (the bias makes
     # the many negatives start near p = 0, the imbalance SigLIP's paper discusses).
     t = float(cfg.get("temperature_init", 0.0)) or (0.07 if cfg.contrastive == "softmax" else 0.1)
@@ -322,9 +345,25 @@ class TwoTower(nn.Module):
             [fused, out["text_emb"], out["image_emb"]], -1) / math.sqrt(NUM_SEGMENTS)
     if self.config.get("lexical_dim", 0):
       out["dense_emb"] = out["emb"]
-      out["emb"] = self.lexical_mix(out["emb"], self.lexical(product_tokens))
+      extra = (self._image_words(i_pooled, has_image)
+               if variant != "text_only" and self.config.get("image_expansion_k", 0) else {})
+      out["emb"] = self.lexical_mix(out["emb"], self.lexical(product_tokens, **extra))
     out["emb"] = nn.with_logical_constraint(out["emb"], ("batch", None))
     return out
+
+  def _image_words(self, i_pooled, has_image) -> dict[str, jax.Array]:
+    """Returns the lexical segment's extra_tokens / extra_values [B, K]: the image's K most likely words, word v
+    counting K * p(v | image) times the learned scale (0 for products without an image).
+
+    The K words share K occurrences in proportion to the image's confidence: an image sure of its words adds
+    about one occurrence each, an image that spreads its probability over the vocabulary adds next to nothing.
+    """
+    h = self.heads
+    k = int(self.config.image_expansion_k)
+    probs = jax.nn.softmax(h.image_words(i_pooled).astype(jnp.float32), axis=-1)  # [B, V]
+    top, ids = jax.lax.top_k(probs, k)
+    scale = k * jax.nn.softplus(h.image_expansion_scale)
+    return {"extra_tokens": ids, "extra_values": top * scale * jnp.asarray(has_image).astype(jnp.float32)[:, None]}
 
   def embed_text_product(self, product_tokens, train=False) -> dict[str, jax.Array]:
     """Returns {"emb": [B, D']}: the product embedding from its text alone (the text_only variant's),

@@ -223,11 +223,20 @@ class Trainer:
       loaded = []
       for name in cfg.load:
         sub, mine = _at_path(src, name), _at_path(params, name)
-        if mine is None:  # e.g. `lexical` with model.lexical_dim=0 here
-          log.warning("init.load names %r, which this model does not have: not loaded", name)
+        if mine is None:
+          # A head this variant does not use (text_only has no heads/image_words) is expected; a top-level part
+          # the model lacks (`lexical` with model.lexical_dim=0, a misspelt name) is worth a warning.
+          level = logging.INFO if name.split("/")[0] in params else logging.WARNING
+          log.log(level, "init.load names %r, which this model does not have: not loaded", name)
           continue
         if sub is None:
-          raise KeyError(f"init.load names {name!r} but {cfg.workdir} has only {sorted(src)}")
+          have, at = src, []
+          for key in name.split("/"):
+            if not isinstance(have, dict) or key not in have:
+              break
+            have, at = have[key], at + [key]
+          raise KeyError(f"init.load names {name!r} but {cfg.workdir} has only {sorted(have)} at "
+                         f"{'/'.join(at) or 'its top level'} (drop {name!r} from config.init.load to start it afresh)")
         params = pretrained.merge_subtree(params, sub, name)
         loaded.append(name)
       log.info("initialised %s from %s (step %d)", loaded, cfg.workdir, step)

@@ -521,6 +521,48 @@ def test_lexical_segment_counts_shared_terms_in_the_one_inner_product():
     bad.init(jax.random.PRNGKey(0), two_tower.dummy_batch(bad.config, image_size=16))
 
 
+def test_image_expansion_adds_the_words_the_image_predicts_to_the_product_lexical_segment():
+  k, dim = 4, 128
+  cfg = two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, embed_dim=16, lexical_dim=dim,
+                             image_expansion_k=k)
+  model = two_tower.TwoTower(cfg)
+  batch = two_tower.dummy_batch(cfg, image_size=16)
+  params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch)["params"]))
+  # An image sure of word 42 (whatever it shows): p(42 | image) ~ 1, the other top-k words ~ 0.
+  params["heads"]["image_words"]["kernel"] = np.zeros_like(params["heads"]["image_words"]["kernel"])
+  params["heads"]["image_words"]["bias"] = np.zeros(100, np.float32)
+  params["heads"]["image_words"]["bias"][42] = 30.0
+  tokens = np.array([[5, 6, 0, 0, 0, 0, 0, 0]] * 2)
+  p = model.apply({"params": params}, tokens, batch["image"], np.array([True, False]), method="embed_product")
+  q = model.apply({"params": params}, np.array([[42, 0, 0, 0, 0, 0, 0, 0]]), method="embed_query")
+  lex = np.asarray(p["emb"][:, 16:])
+  lex = lex / np.linalg.norm(lex, axis=-1, keepdims=True)
+  # At init every token weighs 1 and the scale is 1: word 42 counts k * p = 4 occurrences, saturated as log(1 + 4).
+  want = np.zeros((2, dim), np.float32)
+  want[:, [5, 6]] = np.log(2.0)
+  want[0, 42] = np.log1p(k)
+  want /= np.linalg.norm(want, axis=-1, keepdims=True)
+  np.testing.assert_allclose(lex, want, atol=1e-5)  # the product without an image gets no image words
+  scores = np.asarray(p["emb"] @ q["emb"][0])
+  assert scores[0] > scores[1]
+  np.testing.assert_allclose(np.linalg.norm(p["emb"], axis=-1), 1.0, rtol=1e-5)
+  # The image-words head learns from the retrieval loss through the lexical segment: the more sure the image is
+  # of the query's word, the higher the product scores.
+  def score(bias):
+    ps = dict(params, heads=dict(params["heads"], image_words=dict(params["heads"]["image_words"], bias=bias)))
+    e = model.apply({"params": ps}, tokens, batch["image"], np.array([True, False]), method="embed_product")["emb"]
+    return jnp.sum(e[0] * q["emb"][0])
+  grad = np.asarray(jax.grad(score)(np.eye(100, dtype=np.float32)[42] * 3.0))
+  assert grad[42] > 1e-3 and np.all(grad[np.arange(100) != 42] <= 0)
+  # Not without a lexical segment, nor more words than the vocabulary.
+  for bad_cfg, msg in (({"lexical_dim": 0}, "needs config.model.lexical_dim > 0"),
+                       ({"image_expansion_k": 101}, "image_expansion_k=101 > the vocabulary")):
+    bad = two_tower.TwoTower(two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8,
+                                                  **{"lexical_dim": dim, "image_expansion_k": k, **bad_cfg}))
+    with pytest.raises(ValueError, match=msg):
+      bad.init(jax.random.PRNGKey(0), two_tower.dummy_batch(bad.config, image_size=16))
+
+
 def test_fused_head_can_read_the_pooled_image():
   model, params, out = _run("fusion")  # the default
   cfg = model.config
