@@ -447,7 +447,6 @@ def test_evaluate_workdir_without_queries_fails_before_embedding(catalog_writer,
 @pytest.mark.slow
 def test_unseen_catalogue_trains_evaluates_and_ablates(unseen, tmp_path):
   _, data_dir, _ = unseen
-  t0 = time.time()
   rows = ablation.run(str(tmp_path / "abl"), str(data_dir), str(ROOT / "configs" / "demo.py"), rows=("fusion_ft",),
                       steps=2, stage1_steps=2, batch=8, config_arg="runlocal=True",
                       overrides={"train.eval_every": 0})  # No validation compiles: keeps it under a minute.
@@ -459,4 +458,3 @@ def test_unseen_catalogue_trains_evaluates_and_ablates(unseen, tmp_path):
   assert "多语言" in row["by_tag"]
   metrics = json.loads((tmp_path / "abl" / "fusion_ft" / "metrics.json").read_text())
   assert metrics["num_products"] == len(IMAGES)
-  assert time.time() - t0 < 120
