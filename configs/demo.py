@@ -15,7 +15,8 @@ NDCG@10 57.1 and concat_ft 78.8 / 56.0 against BM25's 63.7 / 56.4 and text_only'
 (fusion_ft + BM25) 79.0 / 59.9 (stage 1 250 steps, then 200 stage-2 steps; the other rows 450). Most of the
 stage-1 rows' lead comes from the words their image predicts in the product's lexical segment
 (model.image_expansion_k: without it fusion_ft 72.0 / 55.5). Against the same stage-1 text towers without an image
-(`--rows ...,text_only_ft`: 73.0 / 55.3) the image adds +6.4 / +1.9.
+(`--rows ...,text_only_ft`: 73.0 / 55.3) the image adds +6.4 / +1.9. With `--budget long` (5x the steps) fusion_ft
+reaches 91.9 / 65.3 and concat_ft 92.0 / 66.1 (text_only_ft 82.8 / 62.1).
 `bash tools/demo.sh` takes about 10 minutes on the 2-core machine (stage 1 and the five rows 9.5 min).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
