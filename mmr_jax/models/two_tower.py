@@ -361,7 +361,11 @@ class TwoTower(nn.Module):
     h = self.heads
     k = int(self.config.image_expansion_k)
     probs = jax.nn.softmax(h.image_words(i_pooled).astype(jnp.float32), axis=-1)  # [B, V]
-    top, ids = jax.lax.top_k(probs, k)
+    # A stable sort, not lax.top_k (same words, ties to the lower id): top_k lowers to a StableHLO composite that
+    # TensorFlow's XlaCallModule (the exported product tower) cannot load.
+    ids = jax.lax.broadcasted_iota(jnp.int32, probs.shape, 1)
+    neg, ids = jax.lax.sort((-probs, ids), dimension=1, is_stable=True, num_keys=1)
+    top, ids = -neg[:, :k], ids[:, :k]
     scale = k * jax.nn.softplus(h.image_expansion_scale)
     return {"extra_tokens": ids, "extra_values": top * scale * jnp.asarray(has_image).astype(jnp.float32)[:, None]}
 
