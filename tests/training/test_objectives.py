@@ -136,11 +136,19 @@ def test_stage1_image_words_term_trains_a_head_that_only_stage1_runs_have(tiny_d
   np.testing.assert_allclose(float(m["words/loss"]), float(want), rtol=1e-5)
   text = float(m.get("q2t/loss", 0.0))  # the demo's stage 1 reads pairs: its query <-> text term
   np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + text + 0.5 * float(want), rtol=1e-5)
-  # Stage 2 (and a stage 1 without the term) has no such head: its parameters and exports are unchanged.
-  s2 = train.resolve_config(tiny_config(tiny_data, stage=2, variant="fusion"))
+  # Stage 2 without the image's words in the lexical segment has no such head: its parameters and exports
+  # are unchanged. With them (model.image_expansion_k, the demo's stage 2) the head is there to be loaded.
+  s2 = tiny_config(tiny_data, stage=2, variant="fusion")
+  s2.model.image_expansion_k = 0
+  s2 = train.resolve_config(s2)
   assert not s2.model.image_words
   s2_params = models.create_model(s2).init(jax.random.PRNGKey(0), objectives.init_batch(s2), train=False)["params"]
   assert "image_words" not in s2_params["heads"]
+  s2x = tiny_config(tiny_data, stage=2, variant="fusion")
+  s2x.model.image_expansion_k = 4
+  s2x = train.resolve_config(s2x)
+  s2x_params = models.create_model(s2x).init(jax.random.PRNGKey(0), objectives.init_batch(s2x), train=False)["params"]
+  assert "image_words" in s2x_params["heads"]
 
 
 def test_aux_query_fused_trains_the_fused_branch_whatever_the_gate(model_and_batch):
