@@ -240,10 +240,11 @@ class TwoTower(nn.Module):
                        f"it must be >= 0, and > 0 needs config.model.lexical_dim > 0 (it is {cfg.get('lexical_dim', 0)})")
     if expansion_k > cfg.text.vocab_size:
       raise ValueError(f"config.model.image_expansion_k={expansion_k} > the vocabulary ({cfg.text.vocab_size})")
+    expands = bool(expansion_k) and cfg.variant != "text_only"  # text_only never sees the image
     self.heads = Heads(cfg.embed_dim, cfg.vit.get("head_dim") or cfg.vit.width,
                        param_dtype=kw["param_dtype"],
-                       vocab_size=cfg.text.vocab_size if cfg.get("image_words") or expansion_k else 0,
-                       image_expansion=bool(expansion_k))
+                       vocab_size=cfg.text.vocab_size if cfg.get("image_words") or expands else 0,
+                       image_expansion=expands)
     # CLIP's 1/0.07 for softmax; SigLIP's t' = log 10, b = -10 for sigmoid (the bias makes
     # the many negatives start near p = 0, the imbalance SigLIP's paper discusses).
     t = float(cfg.get("temperature_init", 0.0)) or (0.07 if cfg.contrastive == "softmax" else 0.1)
@@ -345,8 +346,7 @@ class TwoTower(nn.Module):
             [fused, out["text_emb"], out["image_emb"]], -1) / math.sqrt(NUM_SEGMENTS)
     if self.config.get("lexical_dim", 0):
       out["dense_emb"] = out["emb"]
-      extra = (self._image_words(i_pooled, has_image)
-               if variant != "text_only" and self.config.get("image_expansion_k", 0) else {})
+      extra = self._image_words(i_pooled, has_image) if self.heads.image_expansion else {}
       out["emb"] = self.lexical_mix(out["emb"], self.lexical(product_tokens, **extra))
     out["emb"] = nn.with_logical_constraint(out["emb"], ("batch", None))
     return out

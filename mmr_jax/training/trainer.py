@@ -77,13 +77,20 @@ def resolve_config(config):
   return config
 
 
-def _at_path(tree, path: str):
-  """Returns the subtree of nested dict `tree` at "a/b" (None when absent)."""
+def _deepest(tree, path: str) -> tuple[Any, list[str]]:
+  """Returns (subtree, keys) for the longest prefix of "a/b" that nested dict `tree` has."""
+  at = []
   for key in path.split("/"):
     if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
+      break
+    tree, at = tree[key], at + [key]
+  return tree, at
+
+
+def _at_path(tree, path: str):
+  """Returns the subtree of nested dict `tree` at "a/b" (None when absent)."""
+  sub, at = _deepest(tree, path)
+  return sub if len(at) == len(path.split("/")) else None
 
 
 def initialised_towers(init) -> tuple[str, ...]:
@@ -230,11 +237,7 @@ class Trainer:
           log.log(level, "init.load names %r, which this model does not have: not loaded", name)
           continue
         if sub is None:
-          have, at = src, []
-          for key in name.split("/"):
-            if not isinstance(have, dict) or key not in have:
-              break
-            have, at = have[key], at + [key]
+          have, at = _deepest(src, name)
           raise KeyError(f"init.load names {name!r} but {cfg.workdir} has only {sorted(have)} at "
                          f"{'/'.join(at) or 'its top level'} (drop {name!r} from config.init.load to start it afresh)")
         params = pretrained.merge_subtree(params, sub, name)
