@@ -95,7 +95,7 @@ def get_sweep(arg=None):
       {"name": "fusion_e2e", "model.variant": "fusion"},
       # Three query segments leave no place for one lexical segment (nor for the image's words in it).
       {"name": "fusion_qw", "model.variant": "fusion_qw", "init.workdir": "{stage1}", "model.lexical_dim": 0,
-       "model.image_expansion_k": 0},
+       "model.image_expansion_k": 0, "init.lexical_idf": False},
       # text_only from stage 1's text towers, without an image: fusion_ft and concat_ft minus this row is what
       # the image adds (ablation_margins.json "image_adds"). Not a default row (the demo's time budget).
       {"name": "text_only_ft", "model.variant": "text_only", "init.workdir": "{stage1}"},

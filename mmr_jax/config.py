@@ -174,6 +174,10 @@ def base_config() -> ConfigDict:
       # towers, t / b -> loss/logit_scale / logit_bias (big_vision_npz.load_two_tower_npz_into).
       # Loaded first; init.workdir and init.vit_npz then overwrite what they name.
       two_tower_npz="",
+      # Start the lexical segment's token weights (model.lexical_dim > 0) at the catalogue's BM25 idf
+      # (data.pipeline.token_idf over the non-held-out products) instead of 1: rare words weigh more from step 0.
+      # Before init.workdir, so a stage-1 `lexical` in init.load replaces it.
+      lexical_idf=False,
   ))
 
   c.train = ConfigDict(dict(

@@ -15,6 +15,7 @@ import pytest
 from conftest import tiny_config
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
+from mmr_jax.data import pipeline
 from mmr_jax.evals import embedding
 from mmr_jax.evals import retrieval
 from mmr_jax import train
@@ -92,6 +93,21 @@ def test_stage1_learns_and_stage2_loads_its_image_tower(tiny_data, tmp_path, cap
     cfg2.init.load = ("heads/image_expansion_scale",)
   with pytest.raises(KeyError, match=r"has only \[.*'image_words'.*\] at heads \(drop 'heads/image_expansion_scale'"):
     train.Trainer(cfg2, str(tmp_path / "s4")).init_state()
+  # init.lexical_idf starts the lexical segment at the catalogue's BM25 idf; a `lexical` in init.load replaces it.
+  def token_weight(load, lexical_idf=True, lexical_dim=None):
+    c = cfg2.copy_and_resolve_references()
+    with c.unlocked():
+      c.init.load, c.init.lexical_idf = load, lexical_idf
+      if lexical_dim is not None:
+        c.model.lexical_dim, c.model.image_expansion_k = lexical_dim, 0
+    params = jax.device_get(train.Trainer(c, str(tmp_path / "s5")).init_state().params)
+    return np.asarray(jax.tree.leaves(trainer_lib._at_path(params, "lexical/token_weight"))[0])
+  idf = pipeline.token_idf(tiny_data, cfg2.data, cfg2.model.text.vocab_size)
+  np.testing.assert_allclose(jax.nn.softplus(token_weight(("image_tower",))) ** 2, np.maximum(idf, 1e-4), rtol=1e-4)
+  np.testing.assert_array_equal(token_weight(("image_tower", "lexical")),
+                                jax.tree.leaves(trainer_lib._at_path(src, "lexical/token_weight"))[0])
+  with pytest.raises(ValueError, match=r"init.lexical_idf=True .* no lexical segment \(config.model.lexical_dim=0\)"):
+    token_weight(("image_tower",), lexical_dim=0)
 
 
 def _final_params(workdir):

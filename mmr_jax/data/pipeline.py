@@ -45,6 +45,7 @@ Checkpointing with Orbax (what checkpoint.py does):
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from absl import flags
@@ -344,6 +345,41 @@ def product_truncation(data_dir: str, config: Any, sample: int = 2000,
           "by_field": {k: v / m for k, v in cut.items()},
           "tokens": {"p50": float(np.percentile(totals, 50)), "p95": float(np.percentile(totals, 95)),
                      "max": int(totals.max())}}
+
+
+def token_idf(data_dir: str, config: Any, vocab_size: int, sample: int = 100_000, seed: int = 0) -> np.ndarray:
+  """Returns float32 [vocab_size]: each token id's BM25 inverse document frequency over the catalogue's products.
+
+  `config` is `config.data`. Products are tokenised as training sees them (`product_len`, the tokenizer's
+  conventions); held-out products (the novel-product split) are left out, and catalogues larger than `sample`
+  products are estimated on a seeded sample of that many. idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5)),
+  Lucene's BM25 idf: near 0 for a token in every product, ln(2N + 2) for one in none.
+  """
+  products = sources.open_source(data_dir, "products", "all")
+  tok = sources.load_tokenizer(data_dir, config)
+  n = len(products)
+  rows = (np.arange(n) if n <= sample else
+          np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)))
+  df = np.zeros(vocab_size, np.int64)
+  docs = 0
+  start = last = time.monotonic()
+  for j, i in enumerate(rows):
+    row = products[int(i)]
+    if bool(np.asarray(row["heldout"])):
+      continue
+    ids = tok.encode([sources.row_text(row, "text")], int(config.product_len))[0]
+    ids = np.unique(ids[ids != tok.conventions.pad_id])
+    if ids.size and ids.max() >= vocab_size:
+      raise ValueError(f"{data_dir}: token id {int(ids.max())} >= the model's vocabulary ({vocab_size}); "
+                       "config.model.text.vocab_size must cover the tokenizer")
+    df[ids] += 1
+    docs += 1
+    if time.monotonic() - last > 30:
+      last = time.monotonic()
+      _log.info("token idf: %d / %d products (%.0f s)", j + 1, len(rows), last - start)
+  if not docs:
+    raise ValueError(f"{data_dir}: no product outside the held-out split to count token frequencies on")
+  return np.log1p((docs - df + 0.5) / (df + 0.5)).astype(np.float32)
 
 
 def move_train_iterator(it: grain.DatasetIterator, position: int) -> bool:

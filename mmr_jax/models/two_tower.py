@@ -126,6 +126,18 @@ class LexicalSegment(nn.Module):
     return layers.l2_normalize(bag)
 
 
+def lexical_token_weights(idf: np.ndarray) -> np.ndarray:
+  """Returns LexicalSegment's `token_weight` [V] (pre-softplus) that start the segment at BM25's term weights.
+
+  A token's weight applies on both sides of the inner product, so w_t = sqrt(idf_t) makes a shared token add
+  idf_t (times both sides' saturated counts) before normalisation: a rare word ("burgundy") starts far above a
+  word in every product ("dress"), where the default init weighs every word alike and a few hundred steps at the
+  usual learning rates move the weights only by tens of percent.
+  """
+  w = np.sqrt(np.maximum(np.asarray(idf, np.float64), 1e-4))
+  return np.log(np.expm1(w)).astype(np.float32)  # softplus^-1
+
+
 class LexicalMix(nn.Module):
   """Returns concat(sqrt(1 - a) dense, sqrt(a) lexical): inner products add (1 - a) dense + a lexical similarity.
 

@@ -21,10 +21,12 @@ import optax
 from etils import epath
 
 from mmr_jax import checkpoint as ckpt_lib
+from mmr_jax.data import pipeline
 from mmr_jax.data import sources
 from mmr_jax.data import tokenizer as tok_lib
 from mmr_jax.models import create_model
 from mmr_jax.models import pretrained
+from mmr_jax.models import two_tower
 from mmr_jax import sharding as shd
 from mmr_jax.training import big_vision_npz
 from mmr_jax.training import objectives
@@ -224,6 +226,15 @@ class Trainer:
       log.info("initialised %d arrays from %s; identity heads %s; %d arrays kept at init: %s",
                len(report["loaded"]), cfg.two_tower_npz, report["identity"], len(report["kept_init"]),
                sorted({"/".join(k.split("/")[:2]) for k in report["kept_init"]}))
+      changed = True
+    if cfg.get("lexical_idf"):
+      if _at_path(params, "lexical/token_weight") is None:
+        raise ValueError("config.init.lexical_idf=True starts the lexical segment's token weights at BM25's idf, "
+                         "but this model has no lexical segment (config.model.lexical_dim=0)")
+      idf = pipeline.token_idf(self.config.data.dir, self.config.data, int(self.config.model.text.vocab_size))
+      params = pretrained.merge_subtree(params, {"token_weight": two_tower.lexical_token_weights(idf)}, "lexical")
+      log.info("initialised lexical/token_weight from the catalogue's idf (%.2f at the median, %.2f .. %.2f)",
+               float(np.median(idf)), float(idf.min()), float(idf.max()))
       changed = True
     if cfg.workdir:
       src, step = ckpt_lib.restore_params(cfg.workdir)

@@ -465,6 +465,28 @@ def test_product_truncation_names_the_fields_cut(data_dir):
   assert short["by_field"]["attributes"] == pytest.approx(short["truncated"])
 
 
+def test_token_idf_is_bm25s_idf_over_the_trainable_products(data_dir):
+  cfg = _config(product_len=32)
+  tok = sources.load_tokenizer(data_dir)
+  products = tfds_builder.load_source(data_dir, "products", "all")
+  rows = [products[i] for i in range(len(products))]
+  kept = [set(tok.encode([r["text"].decode()], 32)[0].tolist()) - {0} for r in rows if not r["heldout"]]
+  idf = pipeline.token_idf(data_dir, cfg, tok.vocab_size)
+  assert idf.shape == (tok.vocab_size,) and idf.dtype == np.float32
+  n = len(kept)
+  for t in range(tok.vocab_size):
+    df = sum(t in k for k in kept)
+    assert idf[t] == pytest.approx(np.log1p((n - df + 0.5) / (df + 0.5)), rel=1e-5), t
+  assert 0 < n < len(rows)  # the held-out products (the novel-product split) are not counted
+  assert idf[0] == pytest.approx(np.log(2 * n + 2))  # the pad id is in no product
+  common = max(range(1, tok.vocab_size), key=lambda t: sum(t in k for k in kept))
+  assert idf[common] < np.median(idf)
+  # A sample estimates it on fewer products; a vocabulary that does not cover the tokenizer is named.
+  assert not np.allclose(pipeline.token_idf(data_dir, cfg, tok.vocab_size, sample=10), idf)
+  with pytest.raises(ValueError, match="config.model.text.vocab_size"):
+    pipeline.token_idf(data_dir, cfg, 5)
+
+
 def test_stage1_pseudo_queries_come_with_each_product(data_dir):
   from mmr_jax.data import pseudo_queries  # pylint: disable=g-import-not-at-top
   cfg = _config(stage1_pseudo_queries=True, query_len=32)

@@ -585,3 +585,17 @@ def test_fused_head_can_read_the_pooled_image():
                                                 lexical_dim=dim, image_expansion_k=k))
   heads = txt.init(jax.random.PRNGKey(0), two_tower.dummy_batch(txt.config, image_size=16))["params"]["heads"]
   assert "image_words" not in heads and "image_expansion_scale" not in heads
+
+
+def test_lexical_token_weights_start_shared_words_at_their_idf():
+  idf = np.array([0.0, 0.05, 1.0, 7.5], np.float32)
+  raw = two_tower.lexical_token_weights(idf)
+  np.testing.assert_allclose(jax.nn.softplus(raw) ** 2, np.maximum(idf, 1e-4), rtol=1e-4)
+  # In the segment: a query sharing a rare word with a product scores above one sharing a common word.
+  seg = two_tower.LexicalSegment(vocab_size=4, dim=8)
+  params = {"params": {"token_weight": raw}}
+  bag = np.asarray(seg.apply(params, np.array([[1, 3], [3, 0], [1, 0]])))
+  assert bag[0] @ bag[1] > 5 * (bag[0] @ bag[2]) > 0
+  flat = np.asarray(seg.apply({"params": {"token_weight": np.full(4, np.log(np.e - 1), np.float32)}},
+                              np.array([[1, 3], [3, 0], [1, 0]])))
+  np.testing.assert_allclose(flat[0] @ flat[1], flat[0] @ flat[2], rtol=1e-6)  # the default weighs them alike
