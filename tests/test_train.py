@@ -94,20 +94,21 @@ def test_stage1_learns_and_stage2_loads_its_image_tower(tiny_data, tmp_path, cap
   with pytest.raises(KeyError, match=r"has only \[.*'image_words'.*\] at heads \(drop 'heads/image_expansion_scale'"):
     train.Trainer(cfg2, str(tmp_path / "s4")).init_state()
   # init.lexical_idf starts the lexical segment at the catalogue's BM25 idf; a `lexical` in init.load replaces it.
-  def token_weight(load, lexical_idf=True, lexical_dim=None):
+  def token_weight(load):
     c = cfg2.copy_and_resolve_references()
     with c.unlocked():
-      c.init.load, c.init.lexical_idf = load, lexical_idf
-      if lexical_dim is not None:
-        c.model.lexical_dim, c.model.image_expansion_k = lexical_dim, 0
+      c.init.load, c.init.lexical_idf = load, True
     params = jax.device_get(train.Trainer(c, str(tmp_path / "s5")).init_state().params)
     return np.asarray(jax.tree.leaves(trainer_lib._at_path(params, "lexical/token_weight"))[0])
   idf = pipeline.token_idf(tiny_data, cfg2.data, cfg2.model.text.vocab_size)
   np.testing.assert_allclose(jax.nn.softplus(token_weight(("image_tower",))) ** 2, np.maximum(idf, 1e-4), rtol=1e-4)
   np.testing.assert_array_equal(token_weight(("image_tower", "lexical")),
                                 jax.tree.leaves(trainer_lib._at_path(src, "lexical/token_weight"))[0])
+  # Without a lexical segment the setting is refused before any work.
+  bad = tiny_config(tiny_data, stage=2)
+  bad.init.lexical_idf, bad.model.lexical_dim, bad.model.image_expansion_k = True, 0, 0
   with pytest.raises(ValueError, match=r"init.lexical_idf=True .* no lexical segment \(config.model.lexical_dim=0\)"):
-    token_weight(("image_tower",), lexical_dim=0)
+    train.resolve_config(bad)
 
 
 def _final_params(workdir):

@@ -73,6 +73,9 @@ def resolve_config(config):
             "import_catalog / make_synthetic wrote: --config configs/demo.py:data=DATA_DIR or "
             "--config.data.dir=DATA_DIR") from None
       config.model.text.vocab_size = tok.vocab_size
+    if config.init.get("lexical_idf") and not config.model.get("lexical_dim", 0):
+      raise ValueError("config.init.lexical_idf=True starts the lexical segment's token weights at BM25's idf, "
+                       "but this model has no lexical segment (config.model.lexical_dim=0)")
     config.model.contrastive = config.loss.kind
     config.model.image_words = config.stage == 1 and float(config.loss.get("image_words", 0.0)) > 0
   config.lock()
@@ -228,9 +231,6 @@ class Trainer:
                sorted({"/".join(k.split("/")[:2]) for k in report["kept_init"]}))
       changed = True
     if cfg.get("lexical_idf"):
-      if _at_path(params, "lexical/token_weight") is None:
-        raise ValueError("config.init.lexical_idf=True starts the lexical segment's token weights at BM25's idf, "
-                         "but this model has no lexical segment (config.model.lexical_dim=0)")
       idf = pipeline.token_idf(self.config.data.dir, self.config.data, int(self.config.model.text.vocab_size))
       params = pretrained.merge_subtree(params, {"token_weight": two_tower.lexical_token_weights(idf)}, "lexical")
       log.info("initialised lexical/token_weight from the catalogue's idf (%.2f at the median, %.2f .. %.2f)",
