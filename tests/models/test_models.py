@@ -561,6 +561,11 @@ def test_image_expansion_adds_the_words_the_image_predicts_to_the_product_lexica
                                                   **{"lexical_dim": dim, "image_expansion_k": k, **bad_cfg}))
     with pytest.raises(ValueError, match=msg):
       bad.init(jax.random.PRNGKey(0), two_tower.dummy_batch(bad.config, image_size=16))
+  # text_only never sees the image: the setting leaves it without the head and the scale.
+  txt = two_tower.TwoTower(two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8, embed_dim=16,
+                                                lexical_dim=dim, image_expansion_k=k))
+  heads = txt.init(jax.random.PRNGKey(0), two_tower.dummy_batch(txt.config, image_size=16))["params"]["heads"]
+  assert "image_words" not in heads and "image_expansion_scale" not in heads
 
 
 def test_fused_head_can_read_the_pooled_image():
@@ -580,11 +585,6 @@ def test_fused_head_can_read_the_pooled_image():
   np.testing.assert_allclose(out2["product"]["emb"][1], out["product"]["emb"][1], rtol=1e-5, atol=1e-6)
   _, plain, _ = _run("fusion", fused_pooled_image=False)
   assert nn.meta.unbox(plain)["heads"]["fused"]["kernel"].shape[0] == streams
-  # text_only never sees the image: the setting leaves it without the head and the scale.
-  txt = two_tower.TwoTower(two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8, embed_dim=16,
-                                                lexical_dim=dim, image_expansion_k=k))
-  heads = txt.init(jax.random.PRNGKey(0), two_tower.dummy_batch(txt.config, image_size=16))["params"]["heads"]
-  assert "image_words" not in heads and "image_expansion_scale" not in heads
 
 
 def test_lexical_token_weights_start_shared_words_at_their_idf():
