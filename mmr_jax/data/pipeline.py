@@ -309,6 +309,11 @@ def _neighbours(data_dir: str, products: sources.Source, config: Any) -> np.ndar
   return _NEIGHBOURS[key]
 
 
+def _sample_rows(n: int, sample: int, seed: int) -> np.ndarray:
+  """Returns every row index below `n`, or a sorted seeded sample of `sample` of them when there are more."""
+  return np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+
+
 def product_truncation(data_dir: str, config: Any, sample: int = 2000,
                        seed: int = 0) -> dict[str, Any]:
   """Returns how `config.product_len` cuts the product text (title | description | attributes), on a sample.
@@ -322,8 +327,7 @@ def product_truncation(data_dir: str, config: Any, sample: int = 2000,
   tok = sources.load_tokenizer(data_dir, config)
   product_len = int(config.product_len)
   n = len(products)
-  rows = (np.arange(n) if n <= sample else
-          np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)))
+  rows = _sample_rows(n, sample, seed)
   cut = {"title": 0, "description": 0, "attributes": 0}
   totals = []
   count = tok.num_tokens
@@ -358,8 +362,7 @@ def token_idf(data_dir: str, config: Any, vocab_size: int, sample: int = 100_000
   products = sources.open_source(data_dir, "products", "all")
   tok = sources.load_tokenizer(data_dir, config)
   n = len(products)
-  rows = (np.arange(n) if n <= sample else
-          np.sort(np.random.default_rng(seed).choice(n, sample, replace=False)))
+  rows = _sample_rows(n, sample, seed)
   df = np.zeros(vocab_size, np.int64)
   docs = 0
   start = last = time.monotonic()
