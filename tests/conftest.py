@@ -46,6 +46,16 @@ def write_catalog(src: pathlib.Path, products: Iterable[Any], queries: Iterable[
   return src
 
 
+def pytest_itemcollected(item):
+  """Keeps the tests of a module that has module-scoped fixtures on one pytest-xdist worker (tools/test.sh
+  runs `--dist loadgroup`): those fixtures train or compile for minutes, and every worker would otherwise
+  build its own. Other tests are dealt out one by one."""
+  module = getattr(item, "module", None)
+  if module is not None and any(getattr(getattr(v, "_fixture_function_marker", None), "scope", None) == "module"
+                                for v in vars(module).values()):
+    item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def catalog_writer():
   """Returns write_catalog (see its docstring)."""
