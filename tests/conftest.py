@@ -47,50 +47,19 @@ def write_catalog(src: pathlib.Path, products: Iterable[Any], queries: Iterable[
 
 
 def pytest_itemcollected(item):
-  """Keeps the tests of a module that has module-scoped fixtures on one pytest-xdist worker (tools/test.sh
-  runs `--dist loadgroup`): those fixtures train or compile for minutes, and every worker would otherwise
-  build its own. Other tests are dealt out one by one."""
+  """Keeps the tests that share a module-scoped fixture on one pytest-xdist worker (tools/test.sh runs
+  `--dist loadgroup`): those fixtures train or compile for minutes, and every worker would otherwise build
+  its own. Other tests, those of the same module included, are dealt out one by one."""
   module = getattr(item, "module", None)
-  if module is not None and any(getattr(getattr(v, "_fixture_function_marker", None), "scope", None) == "module"
-                                for v in vars(module).values()):
+  if module is None:
+    return
+  shared = set()
+  for attr, value in vars(module).items():
+    marker = getattr(value, "_fixture_function_marker", None)
+    if getattr(marker, "scope", None) == "module":
+      shared.add(marker.name or attr)
+  if shared & set(getattr(item, "fixturenames", ())):
     item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-
-
-@pytest.fixture(scope="session")
-def catalog_writer():
-  """Returns write_catalog (see its docstring)."""
-  return write_catalog
-
-
-
-@pytest.fixture(autouse=True)
-def _command_logging():
-  """Undoes the logging set-up of a command's main() a test ran: its console handler writes to that test's
-  captured stderr, which is closed once the test ends."""
-  import logging  # pylint: disable=g-import-not-at-top
-  from mmr_jax import runtime  # pylint: disable=g-import-not-at-top
-  level = logging.getLogger().level
-  yield
-  runtime.reset_logging()
-  logging.getLogger().setLevel(level)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """Shares compiled executables between the tests' many identical tiny trainers."""
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> str:
-  """Returns a DATA_DIR with the `tiny` synthetic catalogue (300 products, 32 px), made once per session."""
-  from mmr_jax.data import make_synthetic, synthetic  # pylint: disable=g-import-not-at-top
-  out = tmp_path_factory.mktemp("tiny_data") / "data"
-  make_synthetic.make_synthetic(out, synthetic.preset("tiny"), progress=False, verbose=False)
-  return str(out)
 
 
 def tiny_config(data_dir: str, stage: int = 2, variant: str = "fusion", **train):

@@ -13,6 +13,6 @@ fi
 cd "$ROOT"
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
 # With no paths given, pytest collects pyproject's testpaths (tests/). Two pytest-xdist workers (most tests keep
-# about one core busy); a module with module-scoped fixtures stays on one worker (tests/conftest.py).
+# about one core busy); tests that share a module-scoped fixture stay on one worker (tests/conftest.py).
 # MMR_TEST_WORKERS=0 runs in one process, as does `-n 0` among the arguments.
 exec "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider -n "${MMR_TEST_WORKERS:-2}" --dist loadgroup "$@"
