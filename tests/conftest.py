@@ -46,6 +46,42 @@ def write_catalog(src: pathlib.Path, products: Iterable[Any], queries: Iterable[
   return src
 
 
+@pytest.fixture(scope="session")
+def catalog_writer():
+  """Returns write_catalog (see its docstring)."""
+  return write_catalog
+
+
+@pytest.fixture(autouse=True)
+def _command_logging():
+  """Undoes the logging set-up of a command's main() a test ran: its console handler writes to that test's
+  captured stderr, which is closed once the test ends."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from mmr_jax import runtime  # pylint: disable=g-import-not-at-top
+  level = logging.getLogger().level
+  yield
+  runtime.reset_logging()
+  logging.getLogger().setLevel(level)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """Shares compiled executables between the tests' many identical tiny trainers."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+  """Returns a DATA_DIR with the `tiny` synthetic catalogue (300 products, 32 px), made once per session."""
+  from mmr_jax.data import make_synthetic, synthetic  # pylint: disable=g-import-not-at-top
+  out = tmp_path_factory.mktemp("tiny_data") / "data"
+  make_synthetic.make_synthetic(out, synthetic.preset("tiny"), progress=False, verbose=False)
+  return str(out)
+
+
 def pytest_itemcollected(item):
   """Keeps the tests that share a module-scoped fixture on one pytest-xdist worker (tools/test.sh runs
   `--dist loadgroup`): those fixtures train or compile for minutes, and every worker would otherwise build
