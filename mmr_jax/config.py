@@ -142,6 +142,9 @@ def base_config() -> ConfigDict:
       # the image tower aligns into the text space that the query <-> product-text term trains, and the text
       # towers learn from the queries alone (LiT's locked tower, the other way round). Titles stay in the batch.
       stage1_lock_text=False,
+      # Stage 1: weight of the query <-> product-text term (when the stage-1 stream carries queries), against the
+      # image terms' 1.0: the text towers that the stage-1 rows start from learn from this term alone.
+      stage1_text=1.0,
       chunk_size=0,  # >0: compute logits in row blocks of this size (bounded memory)
       # Global-batch loss over the mesh's data-parallel axes (mmr_jax/training/sharded_loss.py): auto (ring
       # when there is more than one data-parallel shard) | ring | gather | none (one device's logits).

@@ -85,7 +85,7 @@ def _stage1_loss(model, params, batch, config, train, rng):
                     rngs={"dropout": rng})
     text_pos = (batch["product_index"], batch.get("positives"))
     text_loss, tm = _contrastive(config, q["emb"], p["emb"], logit, text_pos, None)
-    loss = loss + text_loss
+    loss = loss + config.loss.stage1_text * text_loss
     metrics["q2t/loss"] = text_loss
     metrics["q2t/acc_a2b"] = tm["acc_a2b"]
   return loss, metrics

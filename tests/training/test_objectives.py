@@ -76,6 +76,13 @@ def test_stage1_adds_the_pseudo_query_text_term_when_its_batch_has_queries(model
   both, m2 = objectives.get(1).loss(model, params, dict(s1, query_tokens=batch["query_tokens"]), cfg, train=False,
                                     rng=jax.random.PRNGKey(0))
   np.testing.assert_allclose(float(both), float(loss) + float(m2["q2t/loss"]), rtol=1e-5)
+  # loss.stage1_text weighs the text term against the image terms; the term itself is the same.
+  c3 = cfg.copy_and_resolve_references()
+  c3.loss.stage1_text = 3.0
+  both3, m3 = objectives.get(1).loss(model, params, dict(s1, query_tokens=batch["query_tokens"]), c3, train=False,
+                                     rng=jax.random.PRNGKey(0))
+  np.testing.assert_allclose(float(m3["q2t/loss"]), float(m2["q2t/loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(both3), float(loss) + 3.0 * float(m2["q2t/loss"]), rtol=1e-5)
   v = {"params": params}
   q = model.apply(v, batch["query_tokens"], method="embed_query")["emb"]
   p = model.apply(v, batch["product_tokens"], method="embed_text_product")["emb"]
@@ -135,7 +142,8 @@ def test_stage1_image_words_term_trains_a_head_that_only_stage1_runs_have(tiny_d
                                      batch["has_image"].astype(np.float32), cfg.data.tokenizer.pad_id)
   np.testing.assert_allclose(float(m["words/loss"]), float(want), rtol=1e-5)
   text = float(m.get("q2t/loss", 0.0))  # the demo's stage 1 reads pairs: its query <-> text term
-  np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + text + 0.5 * float(want), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + cfg.loss.stage1_text * text + 0.5 * float(want),
+                             rtol=1e-5)
   # Stage 2 without the image's words in the lexical segment has no such head: its parameters and exports
   # are unchanged. With them (model.image_expansion_k, the demo's stage 2) the head is there to be loaded.
   s2 = tiny_config(tiny_data, stage=2, variant="fusion")
