@@ -143,7 +143,8 @@ def base_config() -> ConfigDict:
       # towers learn from the queries alone (LiT's locked tower, the other way round). Titles stay in the batch.
       stage1_lock_text=False,
       # Stage 1: weight of the query <-> product-text term (when the stage-1 stream carries queries), against the
-      # image terms' 1.0: the text towers that the stage-1 rows start from learn from this term alone.
+      # image terms' 1.0: the stage-1 rows start from the text towers this term trains (with image <-> title
+      # through the titles, unless stage1_lock_text), so it sets how far along their text side is.
       stage1_text=1.0,
       chunk_size=0,  # >0: compute logits in row blocks of this size (bounded memory)
       # Global-batch loss over the mesh's data-parallel axes (mmr_jax/training/sharded_loss.py): auto (ring
