@@ -131,6 +131,10 @@ def check_loss_settings(config) -> None:
                 "data.stage1_pseudo_queries=False) or pretrained text towers (init.two_tower_npz): the image "
                 "tower aligns with untrained text towers; set data.stage1_source='pairs' or "
                 "data.stage1_pseudo_queries=True")
+  if config.stage == 1 and config.loss.stage1_text != 1.0 and not text_term:
+    log.warning("loss.stage1_text=%s weighs stage 1's query <-> product-text term, but stage 1 has none "
+                "(data.stage1_source='products', data.stage1_pseudo_queries=False): the setting changes nothing; "
+                "set data.stage1_source='pairs' or data.stage1_pseudo_queries=True", config.loss.stage1_text)
 
 
 def _evaluators(config, trainer: Trainer) -> tuple[int, list]:

@@ -520,3 +520,17 @@ def test_stage1_lock_text_without_a_text_term_warns(tmp_path, caplog):
   with caplog.at_level("WARNING", logger="mmr_jax.train"):
     train.check_loss_settings(cfg)
   assert not caplog.text
+
+
+def test_stage1_text_weight_without_a_text_term_warns(caplog):
+  cfg = config_lib.base_config()
+  cfg.stage = 1
+  cfg.loss.stage1_text = 2.0
+  with caplog.at_level("WARNING", logger="mmr_jax.train"):
+    train.check_loss_settings(cfg)
+  assert "loss.stage1_text=2.0" in caplog.text and "changes nothing" in caplog.text
+  caplog.clear()
+  cfg.data.stage1_source = "pairs"  # a query <-> product-text term for the weight to scale
+  with caplog.at_level("WARNING", logger="mmr_jax.train"):
+    train.check_loss_settings(cfg)
+  assert not caplog.text
