@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,46 @@ class LexicalMix(nn.Module):
   def __call__(self, dense, lexical):
     a = jax.nn.sigmoid(self.param("mix_logit", layers.logical(nn.initializers.zeros, ()), (), jnp.float32))
     return jnp.concatenate([jnp.sqrt(1.0 - a) * dense.astype(jnp.float32), jnp.sqrt(a) * lexical], axis=-1)
+
+
+# Parts of a trained product embedding that `without_part` switches off in its parameters, with no retraining
+# (tools/components.py measures what each adds). What the rest of the model learnt alongside a part stays, so
+# the drop without it is what the trained model leans on that part for, not what training without it would give.
+PARTS = {
+    "image_words": "the image's words in the product's lexical segment (model.image_expansion_k): scale 0",
+    "fused_branch": "the fusion network's fused embedding (variant fusion): gate 0, the dense product is its text's",
+    "text_branch": "the text embedding beside the fused one (variant fusion): gate 1 for products with an image",
+    "lexical": "the lexical segment (model.lexical_dim), queries' and products': mix 0, dense similarity only",
+    "dense": "the dense segment beside the lexical one: mix 1, lexical similarity only",
+}
+_OFF = 1e4  # a logit or softplus input this far out is exactly 0 or 1 after sigmoid / softplus in float32
+
+
+def product_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Returns the names of the `PARTS` that the model of `config` (config.model) has, in `PARTS` order."""
+  has = {"image_words": bool(int(config.get("image_expansion_k", 0))) and config.variant != "text_only",
+         "fused_branch": config.variant == "fusion", "text_branch": config.variant == "fusion",
+         "lexical": bool(config.get("lexical_dim", 0)), "dense": bool(config.get("lexical_dim", 0))}
+  return tuple(name for name in PARTS if has[name])
+
+
+def without_part(params: Mapping[str, Any], config: ml_collections.ConfigDict, part: str) -> dict:
+  """Returns a copy of trained `params` (of `TwoTower(config)`) in which the product embedding's `part` adds
+  nothing (see `PARTS`); the inputs `params` are not changed."""
+  if part not in product_parts(config):
+    raise ValueError(f"part={part!r}: the {config.variant} model of this config has the parts "
+                     f"{product_parts(config)} (of {tuple(PARTS)})")
+  flat = traverse_util.flatten_dict(dict(params))
+  settings = {"image_words": {("heads", "image_expansion_scale"): -_OFF},
+              "fused_branch": {("fusion", "gate_out", "kernel"): 0.0, ("fusion", "gate_out", "bias"): -_OFF},
+              "text_branch": {("fusion", "gate_out", "kernel"): 0.0, ("fusion", "gate_out", "bias"): _OFF},
+              "lexical": {("lexical_mix", "mix_logit"): -_OFF},
+              "dense": {("lexical_mix", "mix_logit"): _OFF}}[part]
+  for path, value in settings.items():
+    if path not in flat:
+      raise KeyError(f"{'/'.join(path)} is not among the parameters: are they of a {config.variant} model?")
+    flat[path] = jnp.full_like(flat[path], value)
+  return traverse_util.unflatten_dict(flat)
 
 
 def dummy_batch(config: ml_collections.ConfigDict, *, batch_size: int = 2,

@@ -599,3 +599,54 @@ def test_lexical_token_weights_start_shared_words_at_their_idf():
   flat = np.asarray(seg.apply({"params": {"token_weight": np.full(4, np.log(np.e - 1), np.float32)}},
                               np.array([[1, 3], [3, 0], [1, 0]])))
   np.testing.assert_allclose(flat[0] @ flat[1], flat[0] @ flat[2], rtol=1e-6)  # the default weighs them alike
+
+
+def test_without_part_switches_one_part_of_the_product_embedding_off():
+  d, dim = 16, 64
+  cfg = two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, embed_dim=d, lexical_dim=dim,
+                             image_expansion_k=4)
+  model = two_tower.TwoTower(cfg)
+  batch = two_tower.dummy_batch(cfg, image_size=16)
+  params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch)["params"]))
+  params["fusion"]["gate_out"]["kernel"] = np.random.default_rng(0).normal(
+      size=params["fusion"]["gate_out"]["kernel"].shape).astype(np.float32)  # a gate that depends on the product
+  assert two_tower.product_parts(cfg) == ("image_words", "fused_branch", "text_branch", "lexical", "dense")
+  tokens = np.array([[5, 6, 7, 0, 0, 0, 0, 0]] * 2)
+  has = np.array([True, False])
+  rng = np.random.default_rng(1)
+  img_a = rng.integers(0, 256, size=batch["image"][:2].shape, dtype=np.uint8)
+  img_b = rng.integers(0, 256, size=img_a.shape, dtype=np.uint8)
+
+  def product(p, image=img_a):
+    return {k: np.asarray(v) for k, v in
+            model.apply({"params": p}, tokens, image, has, method="embed_product").items()}
+
+  def query(p):
+    return np.asarray(model.apply({"params": p}, tokens[:1], method="embed_query")["emb"])
+
+  full = product(params)
+  before = jax.tree.map(np.copy, params)
+  off = {part: two_tower.without_part(params, cfg, part) for part in two_tower.product_parts(cfg)}
+  jax.tree.map(np.testing.assert_array_equal, params, before)  # the trained parameters are not touched
+  # The image's words: with them the product's lexical segment follows its image; without, only its text.
+  assert not np.allclose(full["emb"][0, d:], product(params, img_b)["emb"][0, d:])
+  np.testing.assert_allclose(product(off["image_words"])["emb"][0, d:],
+                             product(off["image_words"], img_b)["emb"][0, d:], atol=1e-6)
+  # The fused branch off: the dense product is its text embedding; the text branch off: the fused one (with an
+  # image; a product without one keeps its text embedding).
+  assert 0.0 < full["gate"][0] < 1.0
+  got = product(off["fused_branch"])
+  np.testing.assert_allclose(got["dense_emb"], got["text_emb"], atol=1e-6)
+  got = product(off["text_branch"])
+  np.testing.assert_allclose(got["dense_emb"][0], got["fused_emb"][0], atol=1e-6)
+  np.testing.assert_allclose(got["dense_emb"][1], got["text_emb"][1], atol=1e-6)
+  # The lexical segment off: queries and products are their dense embeddings (zeros after them); dense off: the
+  # other way round. Either way a unit vector.
+  for part, kept, zero in (("lexical", slice(0, d), slice(d, None)), ("dense", slice(d, None), slice(0, d))):
+    p, q = product(off[part])["emb"], query(off[part])
+    for e in (p, q):
+      np.testing.assert_array_equal(e[:, zero], 0.0)
+      np.testing.assert_allclose(np.linalg.norm(e[:, kept], axis=-1), 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"has the parts \('lexical', 'dense'\)"):
+    txt = two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8, embed_dim=d, lexical_dim=dim)
+    two_tower.without_part(params, txt, "fused_branch")
