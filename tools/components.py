@@ -21,6 +21,7 @@ text sparsity); OUT is the workdir unless --out says otherwise:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,12 +31,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmr_jax import fileio  # pylint: disable=g-import-not-at-top
+from mmr_jax import sharding as shd  # pylint: disable=g-import-not-at-top
 from mmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from mmr_jax.evals import embedding  # pylint: disable=g-import-not-at-top
 from mmr_jax.evals import index as index_lib  # pylint: disable=g-import-not-at-top
 from mmr_jax.evals import retrieval  # pylint: disable=g-import-not-at-top
 from mmr_jax.models import two_tower  # pylint: disable=g-import-not-at-top
-
 
 
 def _log(msg: str) -> None:
@@ -44,9 +45,7 @@ def _log(msg: str) -> None:
 
 def _score(tm: embedding.Embedder, queries: dict, num_words: np.ndarray, data_dir: str, split: str,
            batch_size: int) -> dict:
-  """Returns {"overall", "by_tag", "by_sparsity"} of the exact ranking of `tm`'s current parameters."""
-  for name in ("embed_queries", "embed_products"):  # their jitted functions hold the parameters they were made with
-    tm.__dict__.pop(name, None)
+  """Returns {"overall", "by_tag", "by_sparsity"} of the exact ranking of `tm`'s model and parameters."""
   q = dict(queries)
   q["emb"], _ = embedding.embed_table(
       tm.embed_queries, pipeline.make_eval_iterator(data_dir, "queries", split, tm.config.data, batch_size),
@@ -56,12 +55,12 @@ def _score(tm: embedding.Embedder, queries: dict, num_words: np.ndarray, data_di
       total=len(num_words), desc="embed products")
   if not np.array_equal(idx, np.arange(len(num_words))):
     raise RuntimeError(f"embedded {len(idx)} products but the catalogue has {len(num_words)}")
-  k = min(retrieval.K_MAX, len(num_words))
-  ranked, _ = index_lib.exact_search(q["emb"], prod, k)
+  ks = _ks(len(num_words))
+  ranked, _ = index_lib.exact_search(q["emb"], prod, min(retrieval.K_MAX, len(num_words)))  # MRR over all of it
   # The sparse-text bins and per-query scores are evaluate_embeddings' (the ablation's exact columns).
   product_sparse = num_words <= retrieval.sparse_threshold(num_words, 0.25)
   tags, bins = retrieval.query_groups(q["tags"], q["labels"], product_sparse)
-  return retrieval.score_ranking(ranked, q["labels"], tags, bins, _ks(len(num_words)), min(10, len(num_words)))
+  return retrieval.score_ranking(ranked, q["labels"], tags, bins, ks, min(10, len(num_words)))
 
 
 def _ks(num_products: int) -> tuple[int, ...]:
@@ -84,17 +83,15 @@ def components(workdir: str, data_dir: str | None = None, split: str = "test", b
   if not queries["num"]:
     raise ValueError(f"{data_dir} has no queries in the split {split!r}")
   num_words, _ = retrieval.load_products(data_dir)
-  batch_size = embedding.shd.data_parallel_batch(batch_size, tm.mesh)
+  batch_size = shd.data_parallel_batch(batch_size, tm.mesh)
   shown = (f"recall@{_ks(len(num_words))[-1]}", f"ndcg@{min(10, len(num_words))}")
-  trained = tm.params
   _log(f"{workdir}: full model, then without each of {', '.join(parts)} ({queries['num']} {split} queries)")
   results = {"full": _score(tm, queries, num_words, data_dir, split, batch_size)}
   for part in parts:
-    tm.params = two_tower.without_part(trained, tm.config.model, part)
-    results[f"without_{part}"] = _score(tm, queries, num_words, data_dir, split, batch_size)
+    edited = dataclasses.replace(tm, params=two_tower.without_part(tm.params, tm.config.model, part))
+    results[f"without_{part}"] = _score(edited, queries, num_words, data_dir, split, batch_size)
     o = results[f"without_{part}"]["overall"]
     _log(f"without {part}: " + ", ".join(f"{k} {100 * o[k]:.1f}" for k in shown))
-  tm.params = trained
 
   def points(full: dict, without: dict) -> dict:
     return {k: round(100 * (full[k] - without[k]), 2) for k in shown}
@@ -106,8 +103,8 @@ def components(workdir: str, data_dir: str | None = None, split: str = "test", b
     minus[part] = {"overall": points(full["overall"], w["overall"])}
     minus[part].update({f"tag:{t}": points(m, w["by_tag"][t]) for t, m in sorted(full["by_tag"].items())})
   return {"workdir": str(workdir), "data_dir": str(data_dir), "split": split, "step": tm.step,
-          "num_queries": queries["num"], "metrics": list(shown), "parts": {p: two_tower.PARTS[p] for p in parts}, "results": results,
-          "minus": minus}
+          "num_queries": queries["num"], "metrics": list(shown), "parts": {p: two_tower.PARTS[p] for p in parts},
+          "results": results, "minus": minus}
 
 
 def markdown(report: dict) -> str:
