@@ -134,10 +134,15 @@ def base_config() -> ConfigDict:
       aux_query_fused=0.0,
       grade_weighted=False,  # weight positives by their ESCI gain
       # Stage 1: weight of the image -> words term: from its image, predict the words of each product's title
-      # (softmax cross-entropy against the bag of its tokens; objectives.image_words_loss). A direct signal
+      # (softmax cross-entropy against the bag of its tokens; objectives.words_loss). A direct signal
       # for the image tower (colours, patterns, categories the title names) while image <-> title is still
       # weak; the head (model.image_words) exists only in stage-1 runs with a weight > 0.
       image_words=0.0,
+      # Weight of the query -> product words term (both stages, wherever a batch pairs queries with products):
+      # from the query, predict the words of its product's text (softmax cross-entropy against their bag, as
+      # image_words). It trains the head whose words model.query_expansion_k adds to the query's lexical segment
+      # (needs it > 0): the catalogue's words for what shoppers say in theirs.
+      query_words=0.0,
       # Stage 1: the image <-> title term trains the image side only (stop-gradient on the title embedding), so
       # the image tower aligns into the text space that the query <-> product-text term trains, and the text
       # towers learn from the queries alone (LiT's locked tower, the other way round). Titles stay in the batch.
@@ -163,7 +168,8 @@ def base_config() -> ConfigDict:
       grad_accum=1,  # micro-batches per step (each micro-batch has its own in-batch negatives)
       # Per-tower learning-rate multipliers, by top-level parameter name; 0.0 freezes the tower.
       lr_mult=ConfigDict(dict(image_tower=1.0, query_tower=1.0, product_text_tower=1.0, text_tower=1.0,
-                              fusion=1.0, heads=1.0, loss=1.0, lexical=1.0, lexical_mix=1.0)),
+                              fusion=1.0, heads=1.0, loss=1.0, lexical=1.0, lexical_mix=1.0,
+                              query_expansion=1.0)),
       # Extra multiplier, per top-level parameter name (like lr_mult), for a tower this run initialises from
       # init.workdir (init.load) or init.vit_npz (image_tower): weights that already learnt can move slowly while
       # the same tower trained from scratch in another run gets the full rate. Unlisted: 1.

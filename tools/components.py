@@ -1,10 +1,12 @@
-"""What each part of a trained product embedding adds: the same model scored with one part switched off at a time.
+"""What each part of a trained model's embeddings adds: the same model scored with one part switched off at a time.
 
   python tools/components.py --workdir workdirs/demo/fusion_ft [--data DATA_DIR] [--split test]
 
 A trained stage-2 workdir is scored on the split's queries (exact search: the model's own ranking, as the
 ablation scores its rows) as it is ("full"), then once per part it has (`two_tower.PARTS`):
   image_words   the image's words in the product's lexical segment (model.image_expansion_k) at scale 0
+  query_words   the product words the query predicts, in the query's lexical segment (model.query_expansion_k)
+                at scale 0
   fused_branch  gate 0 (variant fusion): the dense product embedding is its text embedding
   text_branch   gate 1 for products with an image: the dense product embedding is the fused one
   lexical       the lexical segment off (mix 0, queries and products): dense similarity only
@@ -75,7 +77,7 @@ def components(workdir: str, data_dir: str | None = None, split: str = "test", b
   if int(getattr(tm.config, "stage", 2)) == 1:
     raise ValueError(f"{workdir} is a stage-1 run: its query tower was never trained; give a stage-2 workdir")
   data_dir = tm.config.data.dir
-  parts = two_tower.product_parts(tm.config.model)
+  parts = two_tower.embedding_parts(tm.config.model)
   if not parts:
     raise ValueError(f"{workdir}: its {tm.config.model.variant} model has no part to switch off "
                      f"(parts: {tuple(two_tower.PARTS)})")

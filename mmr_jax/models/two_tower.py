@@ -75,6 +75,12 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
       # learned scale (heads/image_expansion_scale, 1 at init): a product whose text omits what its photo shows
       # ("red", "striped") still matches the query's term, inside the one product vector.
       image_expansion_k=0,
+      # >0 (needs lexical_dim > 0): the query's k most likely product words (QueryExpansion, top-level
+      # `query_expansion`: a Dense from the pooled query to the vocabulary that loss.query_words trains to predict
+      # the words of the query's relevant products) join the query's lexical bag, word v as k * p(v | query)
+      # occurrences times a learned scale (1 at init): a query in the shoppers' words ("gray pants", "plaid") also
+      # matches the catalogue's ("grey trousers", "checked"), and the image's words, which are the catalogue's.
+      query_expansion_k=0,
   ))
   cfg.update(overrides)
   return cfg
@@ -102,18 +108,24 @@ class LexicalSegment(nn.Module):
   vocab_size: int
   dim: int
 
-  @nn.compact
+  def setup(self):
+    self.token_weight = self.param(
+        "token_weight", layers.logical(nn.initializers.constant(math.log(math.e - 1.0)), ("vocab",)),
+        (self.vocab_size,), jnp.float32)
+
+  def token_weights(self) -> jax.Array:
+    """Returns w [V]: each token id's learned weight (what one occurrence adds to the bag before saturation)."""
+    return jax.nn.softplus(self.token_weight)
+
   def __call__(self, tokens, extra_tokens=None, extra_values=None):
     """`extra_tokens` [B, K] ids with `extra_values` [B, K] >= 0: soft occurrences added to the bag (each counts
     `extra_values` times the token's learned weight), e.g. the words a product's image predicts."""
-    raw = self.param("token_weight", layers.logical(nn.initializers.constant(math.log(math.e - 1.0)), ("vocab",)),
-                     (self.vocab_size,), jnp.float32)
     tokens = jnp.asarray(tokens)
     mask = (tokens != text_lib.PAD_ID).astype(jnp.float32)  # [B, L]
     if extra_tokens is not None:
       tokens = jnp.concatenate([tokens, jnp.asarray(extra_tokens, tokens.dtype)], axis=-1)
       mask = jnp.concatenate([mask, jnp.asarray(extra_values, jnp.float32)], axis=-1)
-    values = jax.nn.softplus(raw)[jnp.clip(tokens, 0, self.vocab_size - 1)] * mask  # [B, L (+ K)]
+    values = self.token_weights()[jnp.clip(tokens, 0, self.vocab_size - 1)] * mask  # [B, L (+ K)]
     if self.dim >= self.vocab_size:
       bucket = tokens
     else:
@@ -152,11 +164,13 @@ class LexicalMix(nn.Module):
     return jnp.concatenate([jnp.sqrt(1.0 - a) * dense.astype(jnp.float32), jnp.sqrt(a) * lexical], axis=-1)
 
 
-# Parts of a trained product embedding that `without_part` switches off in its parameters, with no retraining
+# Parts of a trained model's embeddings (the product's, and the query's words) that `without_part` switches off in
+# its parameters, with no retraining
 # (tools/components.py measures what each adds). What the rest of the model learnt alongside a part stays, so
 # the drop without it is what the trained model leans on that part for, not what training without it would give.
 PARTS = {
     "image_words": "the image's words in the product's lexical segment (model.image_expansion_k): scale 0",
+    "query_words": "the product words the query predicts, in its lexical segment (model.query_expansion_k): scale 0",
     "fused_branch": "the fusion network's fused embedding (variant fusion): gate 0, the dense product is its text's",
     "text_branch": "the text embedding beside the fused one (variant fusion): gate 1 for products with an image",
     "lexical": "the lexical segment (model.lexical_dim), queries' and products': mix 0, dense similarity only",
@@ -165,9 +179,10 @@ PARTS = {
 _OFF = 1e4  # a logit or softplus input this far out is exactly 0 or 1 after sigmoid / softplus in float32
 
 
-def product_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+def embedding_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Returns the names of the `PARTS` that the model of `config` (config.model) has, in `PARTS` order."""
   has = {"image_words": bool(int(config.get("image_expansion_k", 0))) and config.variant != "text_only",
+         "query_words": bool(int(config.get("query_expansion_k", 0))),
          "fused_branch": config.variant == "fusion", "text_branch": config.variant == "fusion",
          "lexical": bool(config.get("lexical_dim", 0)), "dense": bool(config.get("lexical_dim", 0))}
   return tuple(name for name in PARTS if has[name])
@@ -176,11 +191,12 @@ def product_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def without_part(params: Mapping[str, Any], config: ml_collections.ConfigDict, part: str) -> dict:
   """Returns a copy of trained `params` (of `TwoTower(config)`) in which the product embedding's `part` adds
   nothing (see `PARTS`); the inputs `params` are not changed."""
-  if part not in product_parts(config):
+  if part not in embedding_parts(config):
     raise ValueError(f"part={part!r}: the {config.variant} model of this config has the parts "
-                     f"{product_parts(config)} (of {tuple(PARTS)})")
+                     f"{embedding_parts(config)} (of {tuple(PARTS)})")
   flat = traverse_util.flatten_dict(dict(params))
   settings = {"image_words": {("heads", "image_expansion_scale"): -_OFF},
+              "query_words": {("query_expansion", "scale"): -_OFF},
               "fused_branch": {("fusion", "gate_out", "kernel"): 0.0, ("fusion", "gate_out", "bias"): -_OFF},
               "text_branch": {("fusion", "gate_out", "kernel"): 0.0, ("fusion", "gate_out", "bias"): _OFF},
               "lexical": {("lexical_mix", "mix_logit"): -_OFF},
@@ -190,6 +206,24 @@ def without_part(params: Mapping[str, Any], config: ml_collections.ConfigDict, p
       raise KeyError(f"{'/'.join(path)} is not among the parameters: are they of a {config.variant} model?")
     flat[path] = jnp.full_like(flat[path], value)
   return traverse_util.unflatten_dict(flat)
+
+
+def _top_words(logits, k: int, raw_scale, on=None) -> dict[str, jax.Array]:
+  """Returns LexicalSegment's extra_tokens / extra_values [B, K] from word logits [B, V]: the K most likely words,
+  word v counting K * p(v) times softplus(raw_scale) occurrences (0 for rows where `on` [B] is False).
+
+  The K words share K occurrences in proportion to the head's confidence: a head sure of its words adds about one
+  occurrence each, one that spreads its probability over the vocabulary adds next to nothing.
+  """
+  probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
+  # A stable sort, not lax.top_k (same words, ties to the lower id): top_k lowers to a StableHLO composite that
+  # TensorFlow's XlaCallModule (the exported towers) cannot load.
+  ids = jax.lax.broadcasted_iota(jnp.int32, probs.shape, 1)
+  neg, ids = jax.lax.sort((-probs, ids), dimension=1, is_stable=True, num_keys=1)
+  values = -neg[:, :k] * (k * jax.nn.softplus(raw_scale))
+  if on is not None:
+    values = values * on.astype(jnp.float32)[:, None]
+  return {"extra_tokens": ids[:, :k], "extra_values": values}
 
 
 def dummy_batch(config: ml_collections.ConfigDict, *, batch_size: int = 2,
@@ -267,6 +301,32 @@ class Heads(nn.Module):
           (), jnp.float32)
 
 
+class QueryExpansion(nn.Module):
+  """The product words a query predicts (`words`: a Dense from the pooled query to the vocabulary), of which its
+  `k` most likely join its lexical bag (`_top_words`, times the learned `scale`). A top-level module, so it has a
+  learning rate of its own (optim.lr_mult.query_expansion): its logits must spread over several units in a few
+  hundred steps, as the lexical token weights must."""
+  vocab_size: int
+  k: int
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.words = nn.Dense(self.vocab_size, param_dtype=self.param_dtype,
+                          kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
+                          bias_init=layers.logical(nn.initializers.zeros, ("vocab",)))
+    # softplus(0.5413) = 1: at init a word the query is sure of counts as one occurrence.
+    self.scale = self.param("scale", layers.logical(nn.initializers.constant(math.log(math.e - 1.0)), ()),
+                            (), jnp.float32)
+
+  def logits(self, pooled) -> jax.Array:
+    """Returns the word logits [B, V] (float32) of pooled queries [B, W]."""
+    return self.words(pooled).astype(jnp.float32)
+
+  def __call__(self, pooled) -> dict[str, jax.Array]:
+    """Returns LexicalSegment's extra_tokens / extra_values [B, k] for pooled queries [B, W]."""
+    return _top_words(self.logits(pooled), self.k, self.scale)
+
+
 class TwoTower(nn.Module):
   """Two-tower retrieval model configured by `config.model` (see `get_config`)."""
   config: ml_collections.ConfigDict
@@ -294,10 +354,17 @@ class TwoTower(nn.Module):
     if expansion_k > cfg.text.vocab_size:
       raise ValueError(f"config.model.image_expansion_k={expansion_k} > the vocabulary ({cfg.text.vocab_size})")
     expands = bool(expansion_k) and cfg.variant != "text_only"  # text_only never sees the image
+    query_k = int(cfg.get("query_expansion_k", 0))
+    if query_k < 0 or query_k > cfg.text.vocab_size or (query_k and not cfg.get("lexical_dim", 0)):
+      raise ValueError(f"config.model.query_expansion_k={query_k} adds product words to the query's lexical segment: "
+                       f"it must be in [0, the vocabulary ({cfg.text.vocab_size})], and > 0 needs "
+                       f"config.model.lexical_dim > 0 (it is {cfg.get('lexical_dim', 0)})")
     self.heads = Heads(cfg.embed_dim, cfg.vit.get("head_dim") or cfg.vit.width,
                        param_dtype=kw["param_dtype"],
                        vocab_size=cfg.text.vocab_size if cfg.get("image_words") or expands else 0,
                        image_expansion=expands)
+    if query_k:
+      self.query_expansion = QueryExpansion(cfg.text.vocab_size, query_k, param_dtype=kw["param_dtype"])
     # CLIP's 1/0.07 for softmax; SigLIP's t' = log 10, b = -10 for sigmoid (the bias makes
     # the many negatives start near p = 0, the imbalance SigLIP's paper discusses).
     t = float(cfg.get("temperature_init", 0.0)) or (0.07 if cfg.contrastive == "softmax" else 0.1)
@@ -335,7 +402,11 @@ class TwoTower(nn.Module):
     return self.loss()
 
   def embed_query(self, query_tokens, train=False) -> dict[str, jax.Array]:
-    """Returns {"emb": [B, D'] unit norm, "segment_weights": [B, 3] (fusion_qw only)}.
+    """Returns {"emb": [B, D'] unit norm, "segment_weights": [B, 3] (fusion_qw only)}; with a lexical segment
+    also "dense_emb" [B, D], and with model.query_expansion_k "query_word_logits" [B, vocab] (float32; the
+    query -> product words term's input, which trains the head alone: the query tower below it gets no gradient
+    from that term) and "word_weights" [vocab] (the lexical segment's token weights, without gradient: the term
+    weighs each target word by them, so the head learns the words that count in the bag, not "size" or "|").
 
     fusion_qw: three unit segments q_k (fused, text, image) and softmax weights w(q); the
     query emb is concat_k(w_k q_k) / ||w||_2, so for a product emb p = concat_k(p_k) / sqrt(3)
@@ -352,7 +423,14 @@ class TwoTower(nn.Module):
       dense = layers.l2_normalize(h.query(pooled))
       if not self.config.get("lexical_dim", 0):
         return {"emb": dense}
-      return {"emb": self.lexical_mix(dense, self.lexical(query_tokens)), "dense_emb": dense}
+      out, extra = {"dense_emb": dense}, {}
+      if self.config.get("query_expansion_k", 0):
+        out["query_word_logits"] = self.query_expansion.logits(jax.lax.stop_gradient(pooled))
+        out["word_weights"] = jax.lax.stop_gradient(self.lexical.token_weights())
+        # The same head on the query tower's output with its gradient: the retrieval loss trains both through the bag.
+        extra = self.query_expansion(pooled)
+      out["emb"] = self.lexical_mix(dense, self.lexical(query_tokens, **extra))
+      return out
     segments = [layers.l2_normalize(p(pooled))
                 for p in (h.query_fused, h.query_text, h.query_image)]
     w = jax.nn.softmax(h.segment_weights(pooled), axis=-1)  # [B, 3]
@@ -405,22 +483,11 @@ class TwoTower(nn.Module):
     return out
 
   def _image_words(self, i_pooled, has_image) -> dict[str, jax.Array]:
-    """Returns the lexical segment's extra_tokens / extra_values [B, K]: the image's K most likely words, word v
-    counting K * p(v | image) times the learned scale (0 for products without an image).
-
-    The K words share K occurrences in proportion to the image's confidence: an image sure of its words adds
-    about one occurrence each, an image that spreads its probability over the vocabulary adds next to nothing.
-    """
+    """Returns the lexical segment's extra_tokens / extra_values [B, K]: the image's K most likely words (see
+    `_top_words`; none for products without an image)."""
     h = self.heads
-    k = int(self.config.image_expansion_k)
-    probs = jax.nn.softmax(h.image_words(i_pooled).astype(jnp.float32), axis=-1)  # [B, V]
-    # A stable sort, not lax.top_k (same words, ties to the lower id): top_k lowers to a StableHLO composite that
-    # TensorFlow's XlaCallModule (the exported product tower) cannot load.
-    ids = jax.lax.broadcasted_iota(jnp.int32, probs.shape, 1)
-    neg, ids = jax.lax.sort((-probs, ids), dimension=1, is_stable=True, num_keys=1)
-    top, ids = -neg[:, :k], ids[:, :k]
-    scale = k * jax.nn.softplus(h.image_expansion_scale)
-    return {"extra_tokens": ids, "extra_values": top * scale * jnp.asarray(has_image).astype(jnp.float32)[:, None]}
+    return _top_words(h.image_words(i_pooled).astype(jnp.float32), int(self.config.image_expansion_k),
+                      h.image_expansion_scale, jnp.asarray(has_image))
 
   def embed_text_product(self, product_tokens, train=False) -> dict[str, jax.Array]:
     """Returns {"emb": [B, D']}: the product embedding from its text alone (the text_only variant's),

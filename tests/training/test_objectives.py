@@ -1,5 +1,6 @@
 """Stage objectives: the auxiliary query<->modality terms and grade weighting add what they say."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from mmr_jax.training import objectives
 @pytest.fixture(scope="module")
 def model_and_batch(tiny_data):
   cfg = tiny_config(tiny_data, variant="fusion")
-  cfg.loss.aux_query_fused = 0.0  # the demo's stage 2 sets it; each test turns on the terms it checks
+  # Each test turns on the terms it checks; the query's expansion words are there for the query -> words term.
+  cfg.loss.aux_query_fused, cfg.loss.query_words, cfg.model.query_expansion_k = 0.0, 0.0, 4
   cfg = train.resolve_config(cfg)
   model = models.create_model(cfg)
   params = model.init(jax.random.PRNGKey(0), objectives.init_batch(cfg), train=False)["params"]
@@ -109,16 +111,16 @@ def test_stage1_over_pairs_counts_every_relevant_product_of_a_query_in_the_text_
   np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + float(want), rtol=1e-5)
 
 
-def test_image_words_loss_is_the_cross_entropy_against_each_rows_bag_of_words():
+def test_words_loss_is_the_cross_entropy_against_each_rows_bag_of_words():
   logits = np.log(np.asarray([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]], np.float32))
   tokens = np.asarray([[2, 3, 3, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.int32)  # pad 0; a repeat counts once
   weights = np.asarray([1.0, 0.5, 1.0], np.float32)
-  got = float(objectives.image_words_loss(logits, tokens, weights, pad_id=0))
+  got = float(objectives.words_loss(logits, tokens, weights, pad_id=0))
   row0 = -(0.5 * np.log(0.3) + 0.5 * np.log(0.4))
   row1 = -np.log(0.25)
   np.testing.assert_allclose(got, (row0 + 0.5 * row1) / 1.5, rtol=1e-5)  # the empty row has no weight
   # Another pad id (SigLIP pads with its eos, 1): those ids leave the bag and 0 becomes a word.
-  got1 = float(objectives.image_words_loss(logits, tokens, np.ones(3, np.float32), pad_id=1))
+  got1 = float(objectives.words_loss(logits, tokens, np.ones(3, np.float32), pad_id=1))
   want1 = np.mean([-np.mean(np.log([0.1, 0.3, 0.4])), -np.log(0.25), -np.log(0.7)])
   np.testing.assert_allclose(got1, want1, rtol=1e-5)
 
@@ -138,12 +140,13 @@ def test_stage1_image_words_term_trains_a_head_that_only_stage1_runs_have(tiny_d
   loss, m = objectives.get(1).loss(model, params, batch, cfg, train=False, rng=jax.random.PRNGKey(0))
   v = {"params": params}
   out = model.apply(v, batch["title_tokens"], batch["image"], batch["has_image"], method="embed_title_image")
-  want = objectives.image_words_loss(out["image_word_logits"], batch["title_tokens"],
+  want = objectives.words_loss(out["image_word_logits"], batch["title_tokens"],
                                      batch["has_image"].astype(np.float32), cfg.data.tokenizer.pad_id)
   np.testing.assert_allclose(float(m["words/loss"]), float(want), rtol=1e-5)
-  text = float(m.get("q2t/loss", 0.0))  # the demo's stage 1 reads pairs: its query <-> text term
-  np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + cfg.loss.stage1_text * text + 0.5 * float(want),
-                             rtol=1e-5)
+  # The demo's stage 1 reads pairs: its query <-> text term (and the query -> product words term where it is on).
+  text, qwords = float(m.get("q2t/loss", 0.0)), float(m.get("qwords/loss", 0.0))
+  np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + cfg.loss.stage1_text * text
+                             + cfg.loss.query_words * qwords + 0.5 * float(want), rtol=1e-5)
   # Stage 2 without the image's words in the lexical segment has no such head: its parameters and exports
   # are unchanged. With them (model.image_expansion_k, the demo's stage 2) the head is there to be loaded.
   s2 = tiny_config(tiny_data, stage=2, variant="fusion")
@@ -196,3 +199,32 @@ def test_stage1_lock_text_keeps_the_image_title_term_off_the_text_side(model_and
   assert text(g_free) > 1e-6 and text(g_locked) == 0.0
   for a, b in zip(jax.tree.leaves(g_free["image_tower"]), jax.tree.leaves(g_locked["image_tower"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
+
+
+def test_query_words_term_trains_the_query_expansion_head_on_its_products_words(model_and_batch):
+  cfg, model, params, batch = model_and_batch
+  base, m0 = _loss(cfg, model, params, batch, query_words=0.0)
+  assert "qwords/loss" not in m0
+  total, m = _loss(cfg, model, params, batch, query_words=0.5)
+  q = model.apply({"params": params}, batch["query_tokens"], method="embed_query")
+  # Each target word weighs its lexical token weight: other weights make another loss.
+  weights = np.array(jax.nn.softplus(nn.meta.unbox(params)["lexical"]["token_weight"]))
+  np.testing.assert_allclose(q["word_weights"], weights, rtol=1e-6)
+  weights[batch["product_tokens"][:, 0]] *= 10.0
+  want = objectives.words_loss(q["query_word_logits"], batch["product_tokens"], np.ones(8, np.float32),
+                               cfg.data.tokenizer.pad_id, word_weights=q["word_weights"])
+  alike = objectives.words_loss(q["query_word_logits"], batch["product_tokens"], np.ones(8, np.float32),
+                                cfg.data.tokenizer.pad_id, word_weights=weights)
+  assert abs(float(want) - float(alike)) > 1e-4
+  np.testing.assert_allclose(float(m["qwords/loss"]), float(want), rtol=1e-5)
+  np.testing.assert_allclose(float(total), float(base) + 0.5 * float(want), rtol=1e-5)
+  # It trains the head alone: neither the query tower under it nor the token weights that weigh its targets.
+  grad = nn.meta.unbox(jax.grad(lambda p: _loss(cfg, model, p, batch, query_words=1.0)[1]["qwords/loss"])(params))
+  assert float(np.abs(grad["query_expansion"]["words"]["kernel"]).sum()) > 0
+  assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(grad["query_tower"])) == 0
+  assert float(np.abs(grad["lexical"]["token_weight"]).sum()) == 0
+  # The term needs the head: a config that weighs it without one is refused before any work.
+  bad = tiny_config(cfg.data.dir)
+  bad.loss.query_words, bad.model.query_expansion_k = 1.0, 0
+  with pytest.raises(ValueError, match=r"loss.query_words=.* \(config.model.query_expansion_k=0\)"):
+    train.resolve_config(bad)
