@@ -226,6 +226,17 @@ def _top_words(logits, k: int, raw_scale, on=None) -> dict[str, jax.Array]:
   return {"extra_tokens": ids[:, :k], "extra_values": values}
 
 
+def _expansion_k(config: ml_collections.ConfigDict, key: str, what: str) -> int:
+  """Returns config.<key>, the number of words an expansion adds to the lexical segment, after checking it."""
+  k, dim = int(config.get(key, 0)), config.get("lexical_dim", 0)
+  if k < 0 or (k and not dim):
+    raise ValueError(f"config.model.{key}={k} adds {what} to the lexical segment: it must be >= 0, and > 0 needs "
+                     f"config.model.lexical_dim > 0 (it is {dim})")
+  if k > config.text.vocab_size:
+    raise ValueError(f"config.model.{key}={k} > the vocabulary ({config.text.vocab_size})")
+  return k
+
+
 def dummy_batch(config: ml_collections.ConfigDict, *, batch_size: int = 2,
                 image_size: int = 224, text_len: int | None = None) -> dict[str, np.ndarray]:
   """Returns a numpy batch with every input key, for `model.init` of all parameters.
@@ -347,18 +358,9 @@ class TwoTower(nn.Module):
       self.product_text_tower = text_lib.from_config(cfg.text, **kw)
     self.image_tower = vit_lib.from_config(cfg.vit, **kw)
     self.fusion = fusion_lib.from_config(cfg.fusion, gate=cfg.variant == "fusion", **kw)
-    expansion_k = int(cfg.get("image_expansion_k", 0))
-    if expansion_k < 0 or (expansion_k and not cfg.get("lexical_dim", 0)):
-      raise ValueError(f"config.model.image_expansion_k={expansion_k} adds image words to the lexical segment: "
-                       f"it must be >= 0, and > 0 needs config.model.lexical_dim > 0 (it is {cfg.get('lexical_dim', 0)})")
-    if expansion_k > cfg.text.vocab_size:
-      raise ValueError(f"config.model.image_expansion_k={expansion_k} > the vocabulary ({cfg.text.vocab_size})")
+    expansion_k = _expansion_k(cfg, "image_expansion_k", "image words")
     expands = bool(expansion_k) and cfg.variant != "text_only"  # text_only never sees the image
-    query_k = int(cfg.get("query_expansion_k", 0))
-    if query_k < 0 or query_k > cfg.text.vocab_size or (query_k and not cfg.get("lexical_dim", 0)):
-      raise ValueError(f"config.model.query_expansion_k={query_k} adds product words to the query's lexical segment: "
-                       f"it must be in [0, the vocabulary ({cfg.text.vocab_size})], and > 0 needs "
-                       f"config.model.lexical_dim > 0 (it is {cfg.get('lexical_dim', 0)})")
+    query_k = _expansion_k(cfg, "query_expansion_k", "the query's product words")
     self.heads = Heads(cfg.embed_dim, cfg.vit.get("head_dim") or cfg.vit.width,
                        param_dtype=kw["param_dtype"],
                        vocab_size=cfg.text.vocab_size if cfg.get("image_words") or expands else 0,

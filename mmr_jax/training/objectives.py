@@ -71,8 +71,7 @@ def _stage1_loss(model, params, batch, config, train, rng):
   metrics = {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
   metrics["i2t/loss"] = loss
   if config.loss.image_words > 0:
-    words = words_loss(out["image_word_logits"], batch["title_tokens"], weights,
-                             int(config.data.tokenizer.pad_id))
+    words = words_loss(out["image_word_logits"], batch["title_tokens"], weights, int(config.data.tokenizer.pad_id))
     loss = loss + config.loss.image_words * words
     metrics["words/loss"] = words
   if "query_tokens" in batch:

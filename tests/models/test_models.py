@@ -521,17 +521,24 @@ def test_lexical_segment_counts_shared_terms_in_the_one_inner_product():
     bad.init(jax.random.PRNGKey(0), two_tower.dummy_batch(bad.config, image_size=16))
 
 
-def test_image_expansion_adds_the_words_the_image_predicts_to_the_product_lexical_segment():
-  k, dim = 4, 128
-  cfg = two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, embed_dim=16, lexical_dim=dim,
-                             image_expansion_k=k)
+def _sure_of_word_42(variant, head, **model_cfg):
+  """Returns (model, batch, params) of a pico model (vocabulary 100, width 16) whose word head (`head`, a path of
+  params) predicts word 42 whatever its input: p(42) ~ 1, every other word ~ 0."""
+  cfg = two_tower.get_config(variant, "pico", vocab_size=100, max_len=8, embed_dim=16, **model_cfg)
   model = two_tower.TwoTower(cfg)
   batch = two_tower.dummy_batch(cfg, image_size=16)
   params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch)["params"]))
-  # An image sure of word 42 (whatever it shows): p(42 | image) ~ 1, the other top-k words ~ 0.
-  params["heads"]["image_words"]["kernel"] = np.zeros_like(params["heads"]["image_words"]["kernel"])
-  params["heads"]["image_words"]["bias"] = np.zeros(100, np.float32)
-  params["heads"]["image_words"]["bias"][42] = 30.0
+  dense = params[head[0]][head[1]]
+  dense["kernel"] = np.zeros_like(dense["kernel"])
+  dense["bias"] = np.zeros(100, np.float32)
+  dense["bias"][42] = 30.0
+  return model, batch, params
+
+
+def test_image_expansion_adds_the_words_the_image_predicts_to_the_product_lexical_segment():
+  k, dim = 4, 128
+  # An image sure of word 42 (whatever it shows).
+  model, batch, params = _sure_of_word_42("fusion", ("heads", "image_words"), lexical_dim=dim, image_expansion_k=k)
   tokens = np.array([[5, 6, 0, 0, 0, 0, 0, 0]] * 2)
   p = model.apply({"params": params}, tokens, batch["image"], np.array([True, False]), method="embed_product")
   q = model.apply({"params": params}, np.array([[42, 0, 0, 0, 0, 0, 0, 0]]), method="embed_query")
@@ -603,15 +610,8 @@ def test_lexical_token_weights_start_shared_words_at_their_idf():
 
 def test_query_expansion_adds_the_product_words_the_query_predicts_to_its_lexical_segment():
   k, dim, d = 4, 128, 16
-  cfg = two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8, embed_dim=d, lexical_dim=dim,
-                             query_expansion_k=k)
-  model = two_tower.TwoTower(cfg)
-  batch = two_tower.dummy_batch(cfg, image_size=16)
-  params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch)["params"]))
   # A query sure that its products say word 42 (a catalogue's "grey" for the shopper's "gray", say).
-  params["query_expansion"]["words"]["kernel"] = np.zeros_like(params["query_expansion"]["words"]["kernel"])
-  params["query_expansion"]["words"]["bias"] = np.zeros(100, np.float32)
-  params["query_expansion"]["words"]["bias"][42] = 30.0
+  model, _, params = _sure_of_word_42("text_only", ("query_expansion", "words"), lexical_dim=dim, query_expansion_k=k)
   query = np.array([[7, 0, 0, 0, 0, 0, 0, 0]])
   q = model.apply({"params": params}, query, method="embed_query")
   assert q["query_word_logits"].shape == (1, 100) and q["word_weights"].shape == (100,)
@@ -636,10 +636,11 @@ def test_query_expansion_adds_the_product_words_the_query_predicts_to_its_lexica
   grad = np.asarray(jax.grad(score)(np.eye(100, dtype=np.float32)[42] * 3.0))
   assert grad[42] > 1e-3
   # Not without a lexical segment, nor more words than the vocabulary.
-  for bad_cfg in ({"lexical_dim": 0}, {"query_expansion_k": 101}):
+  for bad_cfg, msg in (({"lexical_dim": 0}, r"query_expansion_k=4 adds .* needs config.model.lexical_dim > 0"),
+                       ({"query_expansion_k": 101}, "query_expansion_k=101 > the vocabulary")):
     bad = two_tower.TwoTower(two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8,
                                                   **{"lexical_dim": dim, "query_expansion_k": k, **bad_cfg}))
-    with pytest.raises(ValueError, match=r"config.model.query_expansion_k=\d+ adds product words"):
+    with pytest.raises(ValueError, match=msg):
       bad.init(jax.random.PRNGKey(0), two_tower.dummy_batch(bad.config, image_size=16))
 
 

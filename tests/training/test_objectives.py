@@ -141,7 +141,7 @@ def test_stage1_image_words_term_trains_a_head_that_only_stage1_runs_have(tiny_d
   v = {"params": params}
   out = model.apply(v, batch["title_tokens"], batch["image"], batch["has_image"], method="embed_title_image")
   want = objectives.words_loss(out["image_word_logits"], batch["title_tokens"],
-                                     batch["has_image"].astype(np.float32), cfg.data.tokenizer.pad_id)
+                               batch["has_image"].astype(np.float32), cfg.data.tokenizer.pad_id)
   np.testing.assert_allclose(float(m["words/loss"]), float(want), rtol=1e-5)
   # The demo's stage 1 reads pairs: its query <-> text term (and the query -> product words term where it is on).
   text, qwords = float(m.get("q2t/loss", 0.0)), float(m.get("qwords/loss", 0.0))
