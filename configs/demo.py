@@ -77,6 +77,9 @@ def get_config(arg=None):
   # steps; Adam moves a parameter by about the learning rate per step, so at the towers' rate they stay within
   # +-25 % of their init after 450 steps. At ten times the rate the pairs set them (0.1 ... 2.9 after 450 steps).
   c.optim.lr_mult.lexical = 10.0
+  # A query word that no product uses ("gray" against "grey") also puts the catalogue's words for it into the query's
+  # lexical bag: up to 3 per token, from the training pairs (model.query_translation_k, data.query_translation).
+  c.model.query_translation_k = 3
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 20
   c.train.eval_every = 100
@@ -113,7 +116,7 @@ def get_sweep(arg=None):
       {"name": "fusion_e2e", "model.variant": "fusion"},
       # Three query segments leave no place for one lexical segment (nor for the image's words in it).
       {"name": "fusion_qw", "model.variant": "fusion_qw", "init.workdir": "{stage1}", "model.lexical_dim": 0,
-       "model.image_expansion_k": 0, "init.lexical_idf": False},
+       "model.image_expansion_k": 0, "model.query_translation_k": 0, "init.lexical_idf": False},
       # text_only from stage 1's text towers, without an image: fusion_ft and concat_ft minus this row is what
       # the image adds (ablation_margins.json "image_adds"). Not a default row (the demo's time budget).
       {"name": "text_only_ft", "model.variant": "text_only", "init.workdir": "{stage1}"},

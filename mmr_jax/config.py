@@ -113,6 +113,10 @@ def base_config() -> ConfigDict:
       # Stage 1: leave out products without an image, so every batch row is an image<->title pair. False
       # keeps them (has_image=False: zero weight in that loss, still in the pseudo-query term).
       stage1_skip_no_image=False,
+      # The table of model.query_translation_k (mmr_jax/data/query_translation.py), fitted when a run starts: a query
+      # token that no product uses, in min_queries or more training queries, is translated to the product tokens
+      # found in min_prob of those queries' best-graded products and min_lift times commoner there than overall.
+      query_translation=ConfigDict(dict(min_prob=0.3, min_lift=3.0, min_queries=2)),
       augment=ConfigDict(dict(random_crop=True, crop_scale_min=0.6, flip=True)),
       # The SentencePiece model every text goes through (pipeline, evaluation, exported graphs):
       # path "" is DATA_DIR/tokenizer.model; a pretrained two-tower needs the .model it was trained
@@ -169,7 +173,7 @@ def base_config() -> ConfigDict:
       # Per-tower learning-rate multipliers, by top-level parameter name; 0.0 freezes the tower.
       lr_mult=ConfigDict(dict(image_tower=1.0, query_tower=1.0, product_text_tower=1.0, text_tower=1.0,
                               fusion=1.0, heads=1.0, loss=1.0, lexical=1.0, lexical_mix=1.0,
-                              query_expansion=1.0)),
+                              query_expansion=1.0, query_translation=0.0)),
       # Extra multiplier, per top-level parameter name (like lr_mult), for a tower this run initialises from
       # init.workdir (init.load) or init.vit_npz (image_tower): weights that already learnt can move slowly while
       # the same tower trained from scratch in another run gets the full rate. Unlisted: 1.

@@ -16,6 +16,7 @@ from conftest import tiny_config
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax import config as config_lib
 from mmr_jax.data import pipeline
+from mmr_jax.data import query_translation
 from mmr_jax.evals import embedding
 from mmr_jax.evals import retrieval
 from mmr_jax import train
@@ -109,6 +110,27 @@ def test_stage1_learns_and_stage2_loads_its_image_tower(tiny_data, tmp_path, cap
   bad.init.lexical_idf, bad.model.lexical_dim, bad.model.image_expansion_k = True, 0, 0
   with pytest.raises(ValueError, match=r"init.lexical_idf=True .* no lexical segment \(config.model.lexical_dim=0\)"):
     train.resolve_config(bad)
+
+
+def test_query_translation_is_fitted_at_init_and_kept_through_training(tiny_workdir, tiny_data, tmp_path):
+  cfg = embedding.load_config(tiny_workdir)
+  k, qt = int(cfg.model.query_translation_k), cfg.data.query_translation
+  assert k > 0 and cfg.optim.lr_mult.query_translation == 0.0  # the demo's setting, frozen
+  targets, report = query_translation.fit(tiny_data, cfg.data, cfg.model.text.vocab_size, k, min_prob=qt.min_prob,
+                                          min_lift=qt.min_lift, min_queries=qt.min_queries)
+  assert json.loads((pathlib.Path(tiny_workdir) / "query_translation.json").read_text()) == report
+  params, step = ckpt_lib.restore_params(tiny_workdir)
+  assert step > 0  # trained, and the table is as fitted (empty slots -1 too: no weight decay, no update)
+  np.testing.assert_array_equal(params["query_translation"]["targets"], targets.astype(np.float32))
+  # The tiny catalogue's 28 training queries use two tokens no product uses, each in one query: translated with
+  # min_queries=1, into the parameters of a run's initial state.
+  one = tiny_config(tiny_data)
+  one.data.query_translation.min_queries = 1
+  targets, report = query_translation.fit(tiny_data, one.data, cfg.model.text.vocab_size, k, min_queries=1)
+  assert report["translated"] > 0
+  state = trainer_lib.Trainer(train.resolve_config(one), str(tmp_path)).init_state()
+  np.testing.assert_array_equal(jax.device_get(state.params)["query_translation"]["targets"],
+                                targets.astype(np.float32))
 
 
 def _final_params(workdir):

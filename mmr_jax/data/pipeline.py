@@ -351,13 +351,13 @@ def product_truncation(data_dir: str, config: Any, sample: int = 2000,
                      "max": int(totals.max())}}
 
 
-def token_idf(data_dir: str, config: Any, vocab_size: int, sample: int = 100_000, seed: int = 0) -> np.ndarray:
-  """Returns float32 [vocab_size]: each token id's BM25 inverse document frequency over the catalogue's products.
+def token_document_frequency(data_dir: str, config: Any, vocab_size: int, sample: int = 100_000,
+                             seed: int = 0) -> tuple[np.ndarray, int]:
+  """Returns (df int64 [vocab_size], products counted): in how many of the catalogue's products each token id occurs.
 
   `config` is `config.data`. Products are tokenised as training sees them (`product_len`, the tokenizer's
   conventions); held-out products (the novel-product split) are left out, and catalogues larger than `sample`
-  products are estimated on a seeded sample of that many. idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5)),
-  Lucene's BM25 idf: near 0 for a token in every product, ln(2N + 2) for one in none.
+  products are counted on a seeded sample of that many.
   """
   products = sources.open_source(data_dir, "products", "all")
   tok = sources.load_tokenizer(data_dir, config)
@@ -379,9 +379,19 @@ def token_idf(data_dir: str, config: Any, vocab_size: int, sample: int = 100_000
     docs += 1
     if time.monotonic() - last > 30:
       last = time.monotonic()
-      _log.info("token idf: %d / %d products (%.0f s)", j + 1, len(rows), last - start)
+      _log.info("token frequencies: %d / %d products (%.0f s)", j + 1, len(rows), last - start)
   if not docs:
     raise ValueError(f"{data_dir}: no product outside the held-out split to count token frequencies on")
+  return df, docs
+
+
+def token_idf(data_dir: str, config: Any, vocab_size: int, sample: int = 100_000, seed: int = 0) -> np.ndarray:
+  """Returns float32 [vocab_size]: each token id's BM25 inverse document frequency over the catalogue's products.
+
+  Counted as `token_document_frequency` counts. idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5)),
+  Lucene's BM25 idf: near 0 for a token in every product, ln(2N + 2) for one in none.
+  """
+  df, docs = token_document_frequency(data_dir, config, vocab_size, sample, seed)
   return np.log1p((docs - df + 0.5) / (df + 0.5)).astype(np.float32)
 
 

@@ -81,6 +81,11 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
       # occurrences times a learned scale (1 at init): a query in the shoppers' words ("gray pants", "plaid") also
       # matches the catalogue's ("grey trousers", "checked"), and the image's words, which are the catalogue's.
       query_expansion_k=0,
+      # >0 (needs lexical_dim > 0): each query token that no product uses joins the query's lexical bag with up to
+      # k product tokens it stands for (QueryTranslation, top-level `query_translation`: a table [vocab, k] that the
+      # trainer estimates from the labelled training pairs, data.query_translation; frozen): "gray" adds "grey",
+      # "plaid" adds "checked", so a query in the shoppers' words matches the catalogue's.
+      query_translation_k=0,
   ))
   cfg.update(overrides)
   return cfg
@@ -171,6 +176,7 @@ class LexicalMix(nn.Module):
 PARTS = {
     "image_words": "the image's words in the product's lexical segment (model.image_expansion_k): scale 0",
     "query_words": "the product words the query predicts, in its lexical segment (model.query_expansion_k): scale 0",
+    "query_translation": "the catalogue's words for the query's unmatched words (model.query_translation_k): none",
     "fused_branch": "the fusion network's fused embedding (variant fusion): gate 0, the dense product is its text's",
     "text_branch": "the text embedding beside the fused one (variant fusion): gate 1 for products with an image",
     "lexical": "the lexical segment (model.lexical_dim), queries' and products': mix 0, dense similarity only",
@@ -183,6 +189,7 @@ def embedding_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Returns the names of the `PARTS` that the model of `config` (config.model) has, in `PARTS` order."""
   has = {"image_words": bool(int(config.get("image_expansion_k", 0))) and config.variant != "text_only",
          "query_words": bool(int(config.get("query_expansion_k", 0))),
+         "query_translation": bool(int(config.get("query_translation_k", 0))),
          "fused_branch": config.variant == "fusion", "text_branch": config.variant == "fusion",
          "lexical": bool(config.get("lexical_dim", 0)), "dense": bool(config.get("lexical_dim", 0))}
   return tuple(name for name in PARTS if has[name])
@@ -197,6 +204,7 @@ def without_part(params: Mapping[str, Any], config: ml_collections.ConfigDict, p
   flat = traverse_util.flatten_dict(dict(params))
   settings = {"image_words": {("heads", "image_expansion_scale"): -_OFF},
               "query_words": {("query_expansion", "scale"): -_OFF},
+              "query_translation": {("query_translation", "targets"): -1.0},
               "fused_branch": {("fusion", "gate_out", "kernel"): 0.0, ("fusion", "gate_out", "bias"): -_OFF},
               "text_branch": {("fusion", "gate_out", "kernel"): 0.0, ("fusion", "gate_out", "bias"): _OFF},
               "lexical": {("lexical_mix", "mix_logit"): -_OFF},
@@ -338,6 +346,40 @@ class QueryExpansion(nn.Module):
     return _top_words(self.logits(pooled), self.k, self.scale)
 
 
+class QueryTranslation(nn.Module):
+  """The catalogue's tokens for the query's: `targets` [vocab, k] holds, per token id, up to k token ids (-1: none)
+  that each occurrence of it adds to the query's lexical bag as one more occurrence.
+
+  The table is data, not learnt: the trainer fills it from the labelled training pairs
+  (mmr_jax/data/query_translation.py) and optim.lr_mult.query_translation=0 keeps it. It is a parameter so that
+  checkpoints, sharding and the exported query tower carry it like every other weight; the ids are stored as
+  float32 (exact below 2^24) so the parameter tree stays differentiable, and no gradient reaches them.
+  """
+  vocab_size: int
+  k: int
+
+  def setup(self):
+    self.targets = self.param("targets", layers.logical(nn.initializers.constant(-1.0), ("vocab", None)),
+                              (self.vocab_size, self.k), jnp.float32)
+
+  def __call__(self, tokens) -> dict[str, jax.Array]:
+    """Returns LexicalSegment's extra_tokens / extra_values [B, L * k] for query token ids [B, L]."""
+    tokens = jnp.asarray(tokens)
+    found = jax.lax.stop_gradient(self.targets)[jnp.clip(tokens, 0, self.vocab_size - 1)]  # [B, L, k]
+    on = (found >= 0) & (tokens != text_lib.PAD_ID)[..., None]
+    b = tokens.shape[0]
+    return {"extra_tokens": jnp.where(on, found, 0).astype(jnp.int32).reshape(b, -1),
+            "extra_values": on.astype(jnp.float32).reshape(b, -1)}
+
+
+def _join_extras(*extras: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Returns the extra_tokens / extra_values of several lexical additions side by side ({} for none)."""
+  extras = [e for e in extras if e]
+  if len(extras) < 2:
+    return extras[0] if extras else {}
+  return {key: jnp.concatenate([e[key] for e in extras], axis=-1) for key in ("extra_tokens", "extra_values")}
+
+
 class TwoTower(nn.Module):
   """Two-tower retrieval model configured by `config.model` (see `get_config`)."""
   config: ml_collections.ConfigDict
@@ -367,6 +409,9 @@ class TwoTower(nn.Module):
                        image_expansion=expands)
     if query_k:
       self.query_expansion = QueryExpansion(cfg.text.vocab_size, query_k, param_dtype=kw["param_dtype"])
+    translation_k = _expansion_k(cfg, "query_translation_k", "the catalogue's words for the query's")
+    if translation_k:
+      self.query_translation = QueryTranslation(cfg.text.vocab_size, translation_k)
     # CLIP's 1/0.07 for softmax; SigLIP's t' = log 10, b = -10 for sigmoid (the bias makes
     # the many negatives start near p = 0, the imbalance SigLIP's paper discusses).
     t = float(cfg.get("temperature_init", 0.0)) or (0.07 if cfg.contrastive == "softmax" else 0.1)
@@ -425,13 +470,15 @@ class TwoTower(nn.Module):
       dense = layers.l2_normalize(h.query(pooled))
       if not self.config.get("lexical_dim", 0):
         return {"emb": dense}
-      out, extra = {"dense_emb": dense}, {}
+      out, expansion, translation = {"dense_emb": dense}, {}, {}
       if self.config.get("query_expansion_k", 0):
         out["query_word_logits"] = self.query_expansion.logits(jax.lax.stop_gradient(pooled))
         out["word_weights"] = jax.lax.stop_gradient(self.lexical.token_weights())
         # The same head on the query tower's output with its gradient: the retrieval loss trains both through the bag.
-        extra = self.query_expansion(pooled)
-      out["emb"] = self.lexical_mix(dense, self.lexical(query_tokens, **extra))
+        expansion = self.query_expansion(pooled)
+      if self.config.get("query_translation_k", 0):
+        translation = self.query_translation(query_tokens)
+      out["emb"] = self.lexical_mix(dense, self.lexical(query_tokens, **_join_extras(translation, expansion)))
       return out
     segments = [layers.l2_normalize(p(pooled))
                 for p in (h.query_fused, h.query_text, h.query_image)]

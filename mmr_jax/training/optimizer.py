@@ -8,7 +8,8 @@ import jax
 import optax
 from flax import traverse_util
 
-NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls", "probe", "logit_scale", "logit_bias", "embedding_missing")
+NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls", "probe", "logit_scale", "logit_bias", "embedding_missing",
+                 "targets")  # targets: query_translation's table of token ids, never a weight to decay
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:

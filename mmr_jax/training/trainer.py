@@ -22,6 +22,7 @@ from etils import epath
 
 from mmr_jax import checkpoint as ckpt_lib
 from mmr_jax.data import pipeline
+from mmr_jax.data import query_translation
 from mmr_jax.data import sources
 from mmr_jax.data import tokenizer as tok_lib
 from mmr_jax.models import create_model
@@ -239,6 +240,10 @@ class Trainer:
       log.info("initialised lexical/token_weight from the catalogue's idf (%.2f at the median, %.2f .. %.2f)",
                float(np.median(idf)), float(idf.min()), float(idf.max()))
       changed = True
+    translation_k = int(self.config.model.get("query_translation_k", 0))
+    if translation_k and "query_translation" in params:
+      params = self._fit_query_translation(params, translation_k)
+      changed = True
     if cfg.workdir:
       src, step = ckpt_lib.restore_params(cfg.workdir)
       loaded = []
@@ -268,6 +273,20 @@ class Trainer:
     with self.context():
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
     return state.replace(params=params, opt_state=opt_state)
+
+  def _fit_query_translation(self, params, k: int):
+    """Returns `params` with query_translation/targets fitted on the data's training pairs; writes the table's
+    report to the workdir's query_translation.json."""
+    qt = self.config.data.query_translation
+    targets, report = query_translation.fit(
+        self.config.data.dir, self.config.data, int(self.config.model.text.vocab_size), k,
+        min_prob=float(qt.min_prob), min_lift=float(qt.min_lift), min_queries=int(qt.min_queries))
+    if jax.process_index() == 0:
+      ckpt_lib.write_json(self.workdir / "query_translation.json", report)
+    shown = ", ".join(f"{e['token']} -> {' '.join(t['token'] for t in e['targets'])}" for e in report["entries"][:8])
+    log.info("query translation: %d of the %d query tokens that no product uses translated "
+             "(query_translation.json): %s", report["translated"], report["unmatched_query_tokens"], shown or "none")
+    return pretrained.merge_subtree(params, {"targets": targets.astype(np.float32)}, "query_translation")
 
   def memory_analysis(self) -> dict:
     """Returns the compiled step's memory figures (bytes), logged before the loop."""

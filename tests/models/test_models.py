@@ -644,6 +644,49 @@ def test_query_expansion_adds_the_product_words_the_query_predicts_to_its_lexica
       bad.init(jax.random.PRNGKey(0), two_tower.dummy_batch(bad.config, image_size=16))
 
 
+def test_query_translation_adds_the_catalogues_words_for_the_querys_to_its_lexical_segment():
+  k, dim, d = 2, 128, 16
+  cfg = two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8, embed_dim=d, lexical_dim=dim,
+                             query_translation_k=k)
+  model = two_tower.TwoTower(cfg)
+  params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(jax.random.PRNGKey(0), two_tower.dummy_batch(
+      cfg, image_size=16))["params"]))
+  targets = params["query_translation"]["targets"]
+  np.testing.assert_array_equal(targets, -1.0)  # an empty table until the trainer fills it
+  query = np.array([[7, 9, 0, 0, 0, 0, 0, 0]])
+
+  def lex(p, tokens=query, method="embed_query", *extra):
+    e = np.asarray(model.apply({"params": p}, tokens, *extra, method=method)["emb"][:, d:])
+    return e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+  plain = lex(params)
+  table = targets.copy()
+  table[7] = [42, -1]  # the shopper's 7 is the catalogue's 42
+  table[9] = [43, 44]
+  table[0] = [50, 51]  # padding adds nothing, whatever the table says
+  params["query_translation"]["targets"] = table
+  # At init every token weighs 1: the bag holds 7, 9 and their translations, one occurrence each.
+  want = np.zeros(dim, np.float32)
+  want[[7, 9, 42, 43, 44]] = np.log(2.0)
+  np.testing.assert_allclose(lex(params)[0], want / np.linalg.norm(want), atol=1e-6)
+  # A product that says 42 and not 7 now shares a term with the query; without the table it shared none.
+  products = np.array([[42, 11, 0, 0, 0, 0, 0, 0], [11, 12, 0, 0, 0, 0, 0, 0]])
+  p_lex = lex(params, products, "embed_product", None, None)
+  assert lex(params)[0] @ p_lex[0] > 0.1 and abs(plain[0] @ p_lex[0]) < 1e-6 and abs(lex(params)[0] @ p_lex[1]) < 1e-6
+  # The table is data: no gradient reaches it.
+  def score(t):
+    ps = dict(params, query_translation={"targets": t})
+    return jnp.sum(model.apply({"params": ps}, query, method="embed_query")["emb"][0, d:] * p_lex[0])
+  np.testing.assert_array_equal(jax.grad(score)(table), 0.0)
+  # without_part empties it: the plain bag again.
+  np.testing.assert_allclose(lex(two_tower.without_part(params, cfg, "query_translation")), plain, atol=1e-6)
+  # Not without a lexical segment.
+  bad = two_tower.TwoTower(two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8,
+                                                query_translation_k=k))
+  with pytest.raises(ValueError, match=r"query_translation_k=2 adds .* needs config.model.lexical_dim > 0"):
+    bad.init(jax.random.PRNGKey(0), two_tower.dummy_batch(bad.config, image_size=16))
+
+
 def test_without_part_switches_one_part_of_the_embeddings_off():
   d, dim = 16, 64
   cfg = two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, embed_dim=d, lexical_dim=dim,

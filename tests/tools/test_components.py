@@ -35,7 +35,8 @@ def test_components_scores_the_trained_model_and_each_part_switched_off(tiny_wor
   assert saved["metrics"] == ["recall@100", "ndcg@10"]
   tm = embedding.load_trained(tiny_workdir, tiny_data)
   parts = two_tower.embedding_parts(tm.config.model)
-  assert parts == ("image_words", "fused_branch", "text_branch", "lexical", "dense")  # the demo's fusion model
+  assert parts == ("image_words", "query_translation", "fused_branch", "text_branch", "lexical",
+                   "dense")  # the demo's fusion model
   assert set(saved["results"]) == {"full"} | {f"without_{p}" for p in parts}
   # "full" is the model's own exact ranking, and "without_lexical" the same embeddings' dense segments ranked
   # alone (the mix scales every dense segment alike): recomputed here from the embeddings.
