@@ -142,11 +142,6 @@ def base_config() -> ConfigDict:
       # for the image tower (colours, patterns, categories the title names) while image <-> title is still
       # weak; the head (model.image_words) exists only in stage-1 runs with a weight > 0.
       image_words=0.0,
-      # Weight of the query -> product words term (both stages, wherever a batch pairs queries with products):
-      # from the query, predict the words of its product's text (softmax cross-entropy against their bag, as
-      # image_words). It trains the head whose words model.query_expansion_k adds to the query's lexical segment
-      # (needs it > 0): the catalogue's words for what shoppers say in theirs.
-      query_words=0.0,
       # Stage 1: the image <-> title term trains the image side only (stop-gradient on the title embedding), so
       # the image tower aligns into the text space that the query <-> product-text term trains, and the text
       # towers learn from the queries alone (LiT's locked tower, the other way round). Titles stay in the batch.
@@ -173,7 +168,7 @@ def base_config() -> ConfigDict:
       # Per-tower learning-rate multipliers, by top-level parameter name; 0.0 freezes the tower.
       lr_mult=ConfigDict(dict(image_tower=1.0, query_tower=1.0, product_text_tower=1.0, text_tower=1.0,
                               fusion=1.0, heads=1.0, loss=1.0, lexical=1.0, lexical_mix=1.0,
-                              query_expansion=1.0, query_translation=0.0)),
+                              query_translation=0.0)),
       # Extra multiplier, per top-level parameter name (like lr_mult), for a tower this run initialises from
       # init.workdir (init.load) or init.vit_npz (image_tower): weights that already learnt can move slowly while
       # the same tower trained from scratch in another run gets the full rate. Unlisted: 1.

@@ -5,8 +5,6 @@
 A trained stage-2 workdir is scored on the split's queries (exact search: the model's own ranking, as the
 ablation scores its rows) as it is ("full"), then once per part it has (`two_tower.PARTS`):
   image_words   the image's words in the product's lexical segment (model.image_expansion_k) at scale 0
-  query_words   the product words the query predicts, in the query's lexical segment (model.query_expansion_k)
-                at scale 0
   query_translation  the catalogue's words for the query's unmatched words (model.query_translation_k): an
                 empty table
   fused_branch  gate 0 (variant fusion): the dense product embedding is its text embedding

@@ -75,12 +75,6 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
       # learned scale (heads/image_expansion_scale, 1 at init): a product whose text omits what its photo shows
       # ("red", "striped") still matches the query's term, inside the one product vector.
       image_expansion_k=0,
-      # >0 (needs lexical_dim > 0): the query's k most likely product words (QueryExpansion, top-level
-      # `query_expansion`: a Dense from the pooled query to the vocabulary that loss.query_words trains to predict
-      # the words of the query's relevant products) join the query's lexical bag, word v as k * p(v | query)
-      # occurrences times a learned scale (1 at init): a query in the shoppers' words ("gray pants", "plaid") also
-      # matches the catalogue's ("grey trousers", "checked"), and the image's words, which are the catalogue's.
-      query_expansion_k=0,
       # >0 (needs lexical_dim > 0): each query token that no product uses joins the query's lexical bag with up to
       # k product tokens it stands for (QueryTranslation, top-level `query_translation`: a table [vocab, k] that the
       # trainer estimates from the labelled training pairs, data.query_translation; frozen): "gray" adds "grey",
@@ -169,13 +163,11 @@ class LexicalMix(nn.Module):
     return jnp.concatenate([jnp.sqrt(1.0 - a) * dense.astype(jnp.float32), jnp.sqrt(a) * lexical], axis=-1)
 
 
-# Parts of a trained model's embeddings (the product's, and the query's words) that `without_part` switches off in
-# its parameters, with no retraining
-# (tools/components.py measures what each adds). What the rest of the model learnt alongside a part stays, so
+# Parts of a trained model's embeddings (the product's, and the query's translations) that `without_part` switches
+# off in its parameters, with no retraining (tools/components.py measures what each adds). What the rest of the model learnt alongside a part stays, so
 # the drop without it is what the trained model leans on that part for, not what training without it would give.
 PARTS = {
     "image_words": "the image's words in the product's lexical segment (model.image_expansion_k): scale 0",
-    "query_words": "the product words the query predicts, in its lexical segment (model.query_expansion_k): scale 0",
     "query_translation": "the catalogue's words for the query's unmatched words (model.query_translation_k): none",
     "fused_branch": "the fusion network's fused embedding (variant fusion): gate 0, the dense product is its text's",
     "text_branch": "the text embedding beside the fused one (variant fusion): gate 1 for products with an image",
@@ -188,7 +180,6 @@ _OFF = 1e4  # a logit or softplus input this far out is exactly 0 or 1 after sig
 def embedding_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Returns the names of the `PARTS` that the model of `config` (config.model) has, in `PARTS` order."""
   has = {"image_words": bool(int(config.get("image_expansion_k", 0))) and config.variant != "text_only",
-         "query_words": bool(int(config.get("query_expansion_k", 0))),
          "query_translation": bool(int(config.get("query_translation_k", 0))),
          "fused_branch": config.variant == "fusion", "text_branch": config.variant == "fusion",
          "lexical": bool(config.get("lexical_dim", 0)), "dense": bool(config.get("lexical_dim", 0))}
@@ -203,7 +194,6 @@ def without_part(params: Mapping[str, Any], config: ml_collections.ConfigDict, p
                      f"{embedding_parts(config)} (of {tuple(PARTS)})")
   flat = traverse_util.flatten_dict(dict(params))
   settings = {"image_words": {("heads", "image_expansion_scale"): -_OFF},
-              "query_words": {("query_expansion", "scale"): -_OFF},
               "query_translation": {("query_translation", "targets"): -1.0},
               "fused_branch": {("fusion", "gate_out", "kernel"): 0.0, ("fusion", "gate_out", "bias"): -_OFF},
               "text_branch": {("fusion", "gate_out", "kernel"): 0.0, ("fusion", "gate_out", "bias"): _OFF},
@@ -320,32 +310,6 @@ class Heads(nn.Module):
           (), jnp.float32)
 
 
-class QueryExpansion(nn.Module):
-  """The product words a query predicts (`words`: a Dense from the pooled query to the vocabulary), of which its
-  `k` most likely join its lexical bag (`_top_words`, times the learned `scale`). A top-level module, so it has a
-  learning rate of its own (optim.lr_mult.query_expansion): its logits must spread over several units in a few
-  hundred steps, as the lexical token weights must."""
-  vocab_size: int
-  k: int
-  param_dtype: Any = jnp.float32
-
-  def setup(self):
-    self.words = nn.Dense(self.vocab_size, param_dtype=self.param_dtype,
-                          kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
-                          bias_init=layers.logical(nn.initializers.zeros, ("vocab",)))
-    # softplus(0.5413) = 1: at init a word the query is sure of counts as one occurrence.
-    self.scale = self.param("scale", layers.logical(nn.initializers.constant(math.log(math.e - 1.0)), ()),
-                            (), jnp.float32)
-
-  def logits(self, pooled) -> jax.Array:
-    """Returns the word logits [B, V] (float32) of pooled queries [B, W]."""
-    return self.words(pooled).astype(jnp.float32)
-
-  def __call__(self, pooled) -> dict[str, jax.Array]:
-    """Returns LexicalSegment's extra_tokens / extra_values [B, k] for pooled queries [B, W]."""
-    return _top_words(self.logits(pooled), self.k, self.scale)
-
-
 class QueryTranslation(nn.Module):
   """The catalogue's tokens for the query's: `targets` [vocab, k] holds, per token id, up to k token ids (-1: none)
   that each occurrence of it adds to the query's lexical bag as one more occurrence.
@@ -372,14 +336,6 @@ class QueryTranslation(nn.Module):
             "extra_values": on.astype(jnp.float32).reshape(b, -1)}
 
 
-def _join_extras(*extras: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Returns the extra_tokens / extra_values of several lexical additions side by side ({} for none)."""
-  extras = [e for e in extras if e]
-  if len(extras) < 2:
-    return extras[0] if extras else {}
-  return {key: jnp.concatenate([e[key] for e in extras], axis=-1) for key in ("extra_tokens", "extra_values")}
-
-
 class TwoTower(nn.Module):
   """Two-tower retrieval model configured by `config.model` (see `get_config`)."""
   config: ml_collections.ConfigDict
@@ -402,13 +358,10 @@ class TwoTower(nn.Module):
     self.fusion = fusion_lib.from_config(cfg.fusion, gate=cfg.variant == "fusion", **kw)
     expansion_k = _expansion_k(cfg, "image_expansion_k", "image words")
     expands = bool(expansion_k) and cfg.variant != "text_only"  # text_only never sees the image
-    query_k = _expansion_k(cfg, "query_expansion_k", "the query's product words")
     self.heads = Heads(cfg.embed_dim, cfg.vit.get("head_dim") or cfg.vit.width,
                        param_dtype=kw["param_dtype"],
                        vocab_size=cfg.text.vocab_size if cfg.get("image_words") or expands else 0,
                        image_expansion=expands)
-    if query_k:
-      self.query_expansion = QueryExpansion(cfg.text.vocab_size, query_k, param_dtype=kw["param_dtype"])
     translation_k = _expansion_k(cfg, "query_translation_k", "the catalogue's words for the query's")
     if translation_k:
       self.query_translation = QueryTranslation(cfg.text.vocab_size, translation_k)
@@ -450,10 +403,7 @@ class TwoTower(nn.Module):
 
   def embed_query(self, query_tokens, train=False) -> dict[str, jax.Array]:
     """Returns {"emb": [B, D'] unit norm, "segment_weights": [B, 3] (fusion_qw only)}; with a lexical segment
-    also "dense_emb" [B, D], and with model.query_expansion_k "query_word_logits" [B, vocab] (float32; the
-    query -> product words term's input, which trains the head alone: the query tower below it gets no gradient
-    from that term) and "word_weights" [vocab] (the lexical segment's token weights, without gradient: the term
-    weighs each target word by them, so the head learns the words that count in the bag, not "size" or "|").
+    also "dense_emb" [B, D].
 
     fusion_qw: three unit segments q_k (fused, text, image) and softmax weights w(q); the
     query emb is concat_k(w_k q_k) / ||w||_2, so for a product emb p = concat_k(p_k) / sqrt(3)
@@ -470,16 +420,8 @@ class TwoTower(nn.Module):
       dense = layers.l2_normalize(h.query(pooled))
       if not self.config.get("lexical_dim", 0):
         return {"emb": dense}
-      out, expansion, translation = {"dense_emb": dense}, {}, {}
-      if self.config.get("query_expansion_k", 0):
-        out["query_word_logits"] = self.query_expansion.logits(jax.lax.stop_gradient(pooled))
-        out["word_weights"] = jax.lax.stop_gradient(self.lexical.token_weights())
-        # The same head on the query tower's output with its gradient: the retrieval loss trains both through the bag.
-        expansion = self.query_expansion(pooled)
-      if self.config.get("query_translation_k", 0):
-        translation = self.query_translation(query_tokens)
-      out["emb"] = self.lexical_mix(dense, self.lexical(query_tokens, **_join_extras(translation, expansion)))
-      return out
+      translation = self.query_translation(query_tokens) if self.config.get("query_translation_k", 0) else {}
+      return {"dense_emb": dense, "emb": self.lexical_mix(dense, self.lexical(query_tokens, **translation))}
     segments = [layers.l2_normalize(p(pooled))
                 for p in (h.query_fused, h.query_text, h.query_image)]
     w = jax.nn.softmax(h.segment_weights(pooled), axis=-1)  # [B, 3]

@@ -87,33 +87,17 @@ def _stage1_loss(model, params, batch, config, train, rng):
     loss = loss + config.loss.stage1_text * text_loss
     metrics["q2t/loss"] = text_loss
     metrics["q2t/acc_a2b"] = tm["acc_a2b"]
-    loss = _query_words(config, q, batch, loss, metrics)
   return loss, metrics
 
 
-def _query_words(config, q, batch, loss, metrics):
-  """Returns `loss` plus the query -> product words term (loss.query_words; metrics["qwords/loss"]): from the
-  query, predict the words of its product's text (the row's positive), each weighed by its lexical token weight:
-  what model.query_expansion_k adds to the query's lexical segment."""
-  if config.loss.query_words <= 0:
-    return loss
-  words = words_loss(q["query_word_logits"], batch["product_tokens"], jnp.ones(q["emb"].shape[:1], jnp.float32),
-                     int(config.data.tokenizer.pad_id), word_weights=q["word_weights"])
-  metrics["qwords/loss"] = words
-  return loss + config.loss.query_words * words
-
-
-def words_loss(logits, tokens, weights, pad_id: int, word_weights=None):
+def words_loss(logits, tokens, weights, pad_id: int):
   """Returns the weighted mean over rows of the cross-entropy of softmax(logits [B, V]) against each row's bag
-  of words: the distinct ids of `tokens` [B, L] other than `pad_id`, each 1/count (rows without one: 0); with
-  `word_weights` [V] >= 0, word v's share is proportional to word_weights[v] instead."""
+  of words: the distinct ids of `tokens` [B, L] other than `pad_id`, each 1/count (rows without one: 0)."""
   b, v = logits.shape
   tokens = jnp.asarray(tokens)
   valid = (tokens != pad_id) & (tokens >= 0) & (tokens < v)
   rows = jnp.arange(b)[:, None]
   bag = jnp.zeros((b, v), jnp.float32).at[rows, jnp.clip(tokens, 0, v - 1)].max(valid.astype(jnp.float32))
-  if word_weights is not None:
-    bag = bag * jnp.asarray(word_weights, jnp.float32)[None, :]
   count = jnp.sum(bag, axis=-1)
   target = bag / jnp.maximum(count, 1.0)[:, None]
   per_row = -jnp.sum(target * jax.nn.log_softmax(logits, axis=-1), axis=-1)
@@ -147,7 +131,6 @@ def _stage2_loss(model, params, batch, config, train, rng):
       loss = loss + weight * aux
       metrics[f"{name}/loss"] = aux
       metrics[f"{name}/acc_a2b"] = am["acc_a2b"]
-  loss = _query_words(config, q, batch, loss, metrics)
   if "gate" in p:
     has = batch["has_image"].astype(jnp.float32)
     metrics["gate/mean_with_image"] = jnp.sum(p["gate"] * has) / jnp.maximum(jnp.sum(has), 1.0)

@@ -77,9 +77,6 @@ def resolve_config(config):
     if config.init.get("lexical_idf") and not config.model.get("lexical_dim", 0):
       raise ValueError("config.init.lexical_idf=True starts the lexical segment's token weights at BM25's idf, "
                        "but this model has no lexical segment (config.model.lexical_dim=0)")
-    if float(config.loss.get("query_words", 0.0)) > 0 and not int(config.model.get("query_expansion_k", 0)):
-      raise ValueError(f"config.loss.query_words={config.loss.query_words} trains the head of the query's expansion "
-                       "words, which this model does not have (config.model.query_expansion_k=0)")
     config.model.contrastive = config.loss.kind
     config.model.image_words = config.stage == 1 and float(config.loss.get("image_words", 0.0)) > 0
   config.lock()

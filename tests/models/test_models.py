@@ -608,42 +608,6 @@ def test_lexical_token_weights_start_shared_words_at_their_idf():
   np.testing.assert_allclose(flat[0] @ flat[1], flat[0] @ flat[2], rtol=1e-6)  # the default weighs them alike
 
 
-def test_query_expansion_adds_the_product_words_the_query_predicts_to_its_lexical_segment():
-  k, dim, d = 4, 128, 16
-  # A query sure that its products say word 42 (a catalogue's "grey" for the shopper's "gray", say).
-  model, _, params = _sure_of_word_42("text_only", ("query_expansion", "words"), lexical_dim=dim, query_expansion_k=k)
-  query = np.array([[7, 0, 0, 0, 0, 0, 0, 0]])
-  q = model.apply({"params": params}, query, method="embed_query")
-  assert q["query_word_logits"].shape == (1, 100) and q["word_weights"].shape == (100,)
-  lex = np.asarray(q["emb"][0, d:])
-  # At init every token weighs 1 and the scale is 1: word 42 counts k * p = 4 occurrences, saturated as log(1 + 4).
-  want = np.zeros(dim, np.float32)
-  want[7], want[42] = np.log(2.0), np.log1p(k)
-  np.testing.assert_allclose(lex / np.linalg.norm(lex), want / np.linalg.norm(want), atol=1e-5)
-  np.testing.assert_allclose(np.linalg.norm(q["emb"], axis=-1), 1.0, rtol=1e-5)
-  # A product that says word 42 (and not the query's own word) now shares a term with the query.
-  products = np.array([[42, 9, 0, 0, 0, 0, 0, 0], [9, 11, 0, 0, 0, 0, 0, 0]])
-  p = model.apply({"params": params}, products, None, None, method="embed_product")["emb"]
-  p_lex = np.asarray(p[:, d:])
-  assert lex @ p_lex[0] > 0.1 and abs(lex @ p_lex[1]) < 1e-6
-  # The head learns from the retrieval loss through the lexical segment: the surer the query of word 42, the
-  # higher the product that says it scores.
-  def score(bias):
-    qe = params["query_expansion"]
-    ps = dict(params, query_expansion=dict(qe, words=dict(qe["words"], bias=bias)))
-    e = model.apply({"params": ps}, query, method="embed_query")["emb"]
-    return jnp.sum(e[0, d:] * p_lex[0])
-  grad = np.asarray(jax.grad(score)(np.eye(100, dtype=np.float32)[42] * 3.0))
-  assert grad[42] > 1e-3
-  # Not without a lexical segment, nor more words than the vocabulary.
-  for bad_cfg, msg in (({"lexical_dim": 0}, r"query_expansion_k=4 adds .* needs config.model.lexical_dim > 0"),
-                       ({"query_expansion_k": 101}, "query_expansion_k=101 > the vocabulary")):
-    bad = two_tower.TwoTower(two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8,
-                                                  **{"lexical_dim": dim, "query_expansion_k": k, **bad_cfg}))
-    with pytest.raises(ValueError, match=msg):
-      bad.init(jax.random.PRNGKey(0), two_tower.dummy_batch(bad.config, image_size=16))
-
-
 def test_query_translation_adds_the_catalogues_words_for_the_querys_to_its_lexical_segment():
   k, dim, d = 2, 128, 16
   cfg = two_tower.get_config("text_only", "pico", vocab_size=100, max_len=8, embed_dim=d, lexical_dim=dim,
@@ -690,14 +654,13 @@ def test_query_translation_adds_the_catalogues_words_for_the_querys_to_its_lexic
 def test_without_part_switches_one_part_of_the_embeddings_off():
   d, dim = 16, 64
   cfg = two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, embed_dim=d, lexical_dim=dim,
-                             image_expansion_k=4, query_expansion_k=4)
+                             image_expansion_k=4)
   model = two_tower.TwoTower(cfg)
   batch = two_tower.dummy_batch(cfg, image_size=16)
   params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch)["params"]))
   params["fusion"]["gate_out"]["kernel"] = np.random.default_rng(0).normal(
       size=params["fusion"]["gate_out"]["kernel"].shape).astype(np.float32)  # a gate that depends on the product
-  assert two_tower.embedding_parts(cfg) == ("image_words", "query_words", "fused_branch", "text_branch", "lexical",
-                                            "dense")
+  assert two_tower.embedding_parts(cfg) == ("image_words", "fused_branch", "text_branch", "lexical", "dense")
   tokens = np.array([[5, 6, 7, 0, 0, 0, 0, 0]] * 2)
   has = np.array([True, False])
   rng = np.random.default_rng(1)
@@ -719,13 +682,6 @@ def test_without_part_switches_one_part_of_the_embeddings_off():
   assert not np.allclose(full["emb"][0, d:], product(params, img_b)["emb"][0, d:])
   np.testing.assert_allclose(product(off["image_words"])["emb"][0, d:],
                              product(off["image_words"], img_b)["emb"][0, d:], atol=1e-6)
-  # The query's words: without them its lexical segment is the bag of its own tokens alone (the product's, whose
-  # text is the query's, without its image's words).
-  bag = product(off["image_words"])["emb"][0, d:]
-  lex = query(off["query_words"])[0, d:]
-  np.testing.assert_allclose(lex / np.linalg.norm(lex), bag / np.linalg.norm(bag), atol=1e-6)
-  lex = query(params)[0, d:]
-  assert np.linalg.norm(lex / np.linalg.norm(lex) - bag / np.linalg.norm(bag)) > 1e-3
   # The fused branch off: the dense product is its text embedding; the text branch off: the fused one (with an
   # image; a product without one keeps its text embedding).
   assert 0.0 < full["gate"][0] < 1.0

@@ -15,8 +15,7 @@ from mmr_jax.training import objectives
 @pytest.fixture(scope="module")
 def model_and_batch(tiny_data):
   cfg = tiny_config(tiny_data, variant="fusion")
-  # Each test turns on the terms it checks; the query's expansion words are there for the query -> words term.
-  cfg.loss.aux_query_fused, cfg.loss.query_words, cfg.model.query_expansion_k = 0.0, 0.0, 4
+  cfg.loss.aux_query_fused = 0.0  # each test turns on the terms it checks
   cfg = train.resolve_config(cfg)
   model = models.create_model(cfg)
   params = model.init(jax.random.PRNGKey(0), objectives.init_batch(cfg), train=False)["params"]
@@ -143,10 +142,10 @@ def test_stage1_image_words_term_trains_a_head_that_only_stage1_runs_have(tiny_d
   want = objectives.words_loss(out["image_word_logits"], batch["title_tokens"],
                                batch["has_image"].astype(np.float32), cfg.data.tokenizer.pad_id)
   np.testing.assert_allclose(float(m["words/loss"]), float(want), rtol=1e-5)
-  # The demo's stage 1 reads pairs: its query <-> text term (and the query -> product words term where it is on).
-  text, qwords = float(m.get("q2t/loss", 0.0)), float(m.get("qwords/loss", 0.0))
-  np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + cfg.loss.stage1_text * text
-                             + cfg.loss.query_words * qwords + 0.5 * float(want), rtol=1e-5)
+  # The demo's stage 1 reads pairs: its query <-> text term.
+  text = float(m.get("q2t/loss", 0.0))
+  np.testing.assert_allclose(float(loss), float(m["i2t/loss"]) + cfg.loss.stage1_text * text + 0.5 * float(want),
+                             rtol=1e-5)
   # Stage 2 without the image's words in the lexical segment has no such head: its parameters and exports
   # are unchanged. With them (model.image_expansion_k, the demo's stage 2) the head is there to be loaded.
   s2 = tiny_config(tiny_data, stage=2, variant="fusion")
@@ -201,30 +200,3 @@ def test_stage1_lock_text_keeps_the_image_title_term_off_the_text_side(model_and
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
 
 
-def test_query_words_term_trains_the_query_expansion_head_on_its_products_words(model_and_batch):
-  cfg, model, params, batch = model_and_batch
-  base, m0 = _loss(cfg, model, params, batch, query_words=0.0)
-  assert "qwords/loss" not in m0
-  total, m = _loss(cfg, model, params, batch, query_words=0.5)
-  q = model.apply({"params": params}, batch["query_tokens"], method="embed_query")
-  # Each target word weighs its lexical token weight: other weights make another loss.
-  weights = np.array(jax.nn.softplus(nn.meta.unbox(params)["lexical"]["token_weight"]))
-  np.testing.assert_allclose(q["word_weights"], weights, rtol=1e-6)
-  weights[batch["product_tokens"][:, 0]] *= 10.0
-  want = objectives.words_loss(q["query_word_logits"], batch["product_tokens"], np.ones(8, np.float32),
-                               cfg.data.tokenizer.pad_id, word_weights=q["word_weights"])
-  alike = objectives.words_loss(q["query_word_logits"], batch["product_tokens"], np.ones(8, np.float32),
-                                cfg.data.tokenizer.pad_id, word_weights=weights)
-  assert abs(float(want) - float(alike)) > 1e-4
-  np.testing.assert_allclose(float(m["qwords/loss"]), float(want), rtol=1e-5)
-  np.testing.assert_allclose(float(total), float(base) + 0.5 * float(want), rtol=1e-5)
-  # It trains the head alone: neither the query tower under it nor the token weights that weigh its targets.
-  grad = nn.meta.unbox(jax.grad(lambda p: _loss(cfg, model, p, batch, query_words=1.0)[1]["qwords/loss"])(params))
-  assert float(np.abs(grad["query_expansion"]["words"]["kernel"]).sum()) > 0
-  assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(grad["query_tower"])) == 0
-  assert float(np.abs(grad["lexical"]["token_weight"]).sum()) == 0
-  # The term needs the head: a config that weighs it without one is refused before any work.
-  bad = tiny_config(cfg.data.dir)
-  bad.loss.query_words, bad.model.query_expansion_k = 1.0, 0
-  with pytest.raises(ValueError, match=r"loss.query_words=.* \(config.model.query_expansion_k=0\)"):
-    train.resolve_config(bad)
