@@ -164,8 +164,9 @@ class LexicalMix(nn.Module):
 
 
 # Parts of a trained model's embeddings (the product's, and the query's translations) that `without_part` switches
-# off in its parameters, with no retraining (tools/components.py measures what each adds). What the rest of the model learnt alongside a part stays, so
-# the drop without it is what the trained model leans on that part for, not what training without it would give.
+# off in its parameters, with no retraining (tools/components.py measures what each adds). What the rest of the
+# model learnt alongside a part stays, so the drop without it is what the trained model leans on that part for, not
+# what training without it would give.
 PARTS = {
     "image_words": "the image's words in the product's lexical segment (model.image_expansion_k): scale 0",
     "query_translation": "the catalogue's words for the query's unmatched words (model.query_translation_k): none",
