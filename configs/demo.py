@@ -20,7 +20,7 @@ without it). The lexical segment's own learning rate (optim.lr_mult.lexical=10) 
 BM25's (text_only 74.6 / 56.7 without it, and without the table); stage 1's text term at twice the weight
 (loss.stage1_text=2) and the stage-1 text side at 3x the rate in stage 2 (optim.init_lr_mult) lift the stage-1 rows.
 Against the same stage-1 text towers without an image (`--rows ...,text_only_ft`: 77.5 / 67.7) the image adds
-+5.0 / +2.2 to fusion_ft; fusion_ft - text_only is +2.6 / +1.8 (seed 1: +5.5 / +1.1), short of the paper's
++5.0 / +2.2 to fusion_ft; fusion_ft - text_only is +2.6 / +1.8 (seed 1: +5.6 / +1.1), short of the paper's
 +5.1 / +3.9 on NDCG@10.
 With `--budget long` (5x the steps, 76 min here; measured without the translation table) fusion_ft reaches
 90.5 / 65.1, concat_ft 90.5 / 65.3 and text_only 82.0 / 62.6.

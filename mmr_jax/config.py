@@ -231,12 +231,38 @@ def base_config() -> ConfigDict:
   return c
 
 
+# Keys an older config.json may hold that the code no longer has, each with the value that left its part off (None:
+# any value, a setting of nothing else). A saved run with those values is what today's code trains without the key.
+REMOVED_KEYS = {
+    # The learned query expansion head, replaced by the query translation table (model.query_translation_k).
+    "model.query_expansion_k": 0, "loss.query_words": 0.0, "optim.lr_mult.query_expansion": None,
+}
+
+
+def _drop_removed(config: ConfigDict) -> None:
+  """Deletes REMOVED_KEYS from a saved run's `config`; raises ValueError for one that turned on a part since removed."""
+  for dotted, off in REMOVED_KEYS.items():
+    *path, key = dotted.split(".")
+    parent = config
+    for name in path:
+      parent = parent.get(name) if isinstance(parent, ConfigDict) else None
+    if not isinstance(parent, ConfigDict) or key not in parent:
+      continue
+    if off is not None and parent[key] != off:
+      raise ValueError(f"config.{dotted}={parent[key]!r}: this run was trained with a part the code no longer has "
+                       f"(only {dotted}={off!r} loads); train it again with this version")
+    del parent[key]
+
+
 def fill_defaults(config: ConfigDict, defaults: ConfigDict | None = None) -> ConfigDict:
   """Returns `config` with every key of `defaults` (default: `base_config()`) that it lacks added, recursively.
 
   A workdir's config.json holds the keys of the code that trained it; code reads every key as a plain
-  attribute, so a key added since takes its default (which keeps the behaviour of the code before it).
+  attribute, so a key added since takes its default (which keeps the behaviour of the code before it). With the
+  default `defaults`, keys removed since (REMOVED_KEYS) are dropped first.
   """
+  if defaults is None:
+    _drop_removed(config)
   defaults = base_config() if defaults is None else defaults
   for key, value in defaults.items():
     if key not in config:

@@ -116,7 +116,11 @@ def tiny_workdir(tiny_data, tmp_path_factory) -> str:
   """Returns a workdir of a few stage-2 fusion steps on `tiny_data` (for evaluation / export tests)."""
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
   wd = tmp_path_factory.mktemp("tiny_workdir") / "fusion"
-  train.train_and_evaluate(tiny_config(tiny_data, progress=False), str(wd))
+  cfg = tiny_config(tiny_data, progress=False)
+  # The tiny catalogue's shoppers' words no product uses each come in one training query: one is evidence enough
+  # here, so the run (and what evaluation and export read from it) has a query translation table that is not empty.
+  cfg.data.query_translation.min_queries = 1
+  train.train_and_evaluate(cfg, str(wd))
   return str(wd)
 
 

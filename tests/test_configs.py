@@ -138,3 +138,15 @@ def test_fill_defaults_adds_keys_an_older_config_json_lacks():
   cfg = config_lib.fill_defaults(config_lib.ConfigDict(json.loads(json.dumps(saved))))
   assert (cfg.data.read_threads, cfg.data.shuffle_seed, cfg.model.lexical_dim) == (8, None, 0)
   assert cfg.data.batch_size == 3  # what the workdir saved stays
+
+
+def test_fill_defaults_drops_keys_removed_since_and_refuses_a_part_the_code_no_longer_has():
+  saved = config_lib.base_config().to_dict()
+  saved["model"]["query_expansion_k"], saved["loss"]["query_words"] = 0, 0.0
+  saved["optim"]["lr_mult"]["query_expansion"] = 10.0  # a rate of a head that was off: nothing to keep
+  cfg = config_lib.fill_defaults(config_lib.ConfigDict(json.loads(json.dumps(saved))))
+  as_json = lambda c: json.loads(json.dumps(c.to_dict()))  # noqa: E731  (tuples saved as lists)
+  assert as_json(cfg) == as_json(config_lib.base_config())  # what today's code trains without them
+  saved["model"]["query_expansion_k"] = 16
+  with pytest.raises(ValueError, match=r"config.model.query_expansion_k=16: .* part the code no longer has"):
+    config_lib.fill_defaults(config_lib.ConfigDict(json.loads(json.dumps(saved))))

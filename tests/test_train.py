@@ -118,19 +118,21 @@ def test_query_translation_is_fitted_at_init_and_kept_through_training(tiny_work
   assert k > 0 and cfg.optim.lr_mult.query_translation == 0.0  # the demo's setting, frozen
   targets, report = query_translation.fit(tiny_data, cfg.data, cfg.model.text.vocab_size, k, min_prob=qt.min_prob,
                                           min_lift=qt.min_lift, min_queries=qt.min_queries)
+  # The fixture's run takes one training query as evidence enough (min_queries=1): the tiny catalogue's two
+  # tokens that no product uses are translated.
+  assert qt.min_queries == 1 and report["translated"] > 0
   assert json.loads((pathlib.Path(tiny_workdir) / "query_translation.json").read_text()) == report
   params, step = ckpt_lib.restore_params(tiny_workdir)
   assert step > 0  # trained, and the table is as fitted (empty slots -1 too: no weight decay, no update)
   np.testing.assert_array_equal(params["query_translation"]["targets"], targets.astype(np.float32))
-  # The tiny catalogue's 28 training queries use two tokens no product uses, each in one query: translated with
-  # min_queries=1, into the parameters of a run's initial state.
-  one = tiny_config(tiny_data)
-  one.data.query_translation.min_queries = 1
-  targets, report = query_translation.fit(tiny_data, one.data, cfg.model.text.vocab_size, k, min_queries=1)
-  assert report["translated"] > 0
-  state = trainer_lib.Trainer(train.resolve_config(one), str(tmp_path)).init_state()
+  # A table that init.load takes from a trained run replaces the fit: the demo's min_queries=2 would leave it empty.
+  two = tiny_config(tiny_data)
+  two.init.workdir, two.init.load = tiny_workdir, ("image_tower", "query_translation")
+  assert query_translation.fit(tiny_data, two.data, cfg.model.text.vocab_size, k)[1]["translated"] == 0
+  state = trainer_lib.Trainer(train.resolve_config(two), str(tmp_path)).init_state()
   np.testing.assert_array_equal(jax.device_get(state.params)["query_translation"]["targets"],
                                 targets.astype(np.float32))
+  assert not (tmp_path / "query_translation.json").exists()  # no fit, so no report of one
 
 
 def _final_params(workdir):

@@ -5,7 +5,8 @@
 A trained stage-2 workdir is scored on the split's queries (exact search: the model's own ranking, as the
 ablation scores its rows) as it is ("full"), then once per part it has (`two_tower.PARTS`):
   image_words   the image's words in the product's lexical segment (model.image_expansion_k) at scale 0
-  query_translation  the catalogue's words for the query's unmatched words (model.query_translation_k): an
+  query_translation
+                the catalogue's words for the query's words no product uses (model.query_translation_k): an
                 empty table
   fused_branch  gate 0 (variant fusion): the dense product embedding is its text embedding
   text_branch   gate 1 for products with an image: the dense product embedding is the fused one

@@ -3,12 +3,14 @@
 A query word that no product uses ("gray", "pants", "plaid" against a catalogue that says "grey", "trousers",
 "checked") can never match a product's words, so keyword search and the model's lexical segment both miss it.
 The training queries show what such a word stands for: the products labelled relevant to the queries that use
-it. For each token id t of the training queries that occurs in no product (counted as the lexical segment and
-BM25 count: the catalogue's products, tokenised as training sees them), and that `min_queries` or more training
-queries use, the table keeps up to `k` product tokens v with
+it. For each token id t of the training queries that occurs in no product (counted as the lexical idf counts:
+the products outside the novel-product split, tokenised as training sees them, on a sample of `sample` of them in
+a bigger catalogue), and that `min_queries` or more training queries use, the table keeps up to `k` product
+tokens v with
 
     p(v | t) >= min_prob    the share of those queries whose best-graded products contain v (each query's
-                            products sharing one vote)
+                            products sharing one vote; the novel-product split's products, test products, do
+                            not vote)
     lift = p(v | t) / (df(v) / N) >= min_lift   v is that much more common there than in the catalogue
 
 ranked by p log(lift): a translation model estimated from relevance labels (Berger and Lafferty 1999), kept to
@@ -52,6 +54,8 @@ def fit(data_dir: str, config: Any, vocab_size: int, k: int, *, min_prob: float 
   df, docs = pipeline.token_document_frequency(data_dir, config, vocab_size, sample, seed)
   tok = sources.load_tokenizer(data_dir, config)
   pad = tok.conventions.pad_id
+  # Ids that stand for no word (padding, unknown, bos, eos) are never translated.
+  special = {pad, tok.bos_id, tok.eos_id, tok.unk_id}
   queries = sources.open_source(data_dir, "queries", "train")
   products = sources.open_source(data_dir, "products", "all")
   product_tokens: dict[int, np.ndarray] = {}
@@ -68,11 +72,15 @@ def fit(data_dir: str, config: Any, vocab_size: int, k: int, *, min_prob: float 
   for i in range(len(queries)):
     row = queries[i]
     ids = tok.encode([sources.row_text(row, "text")], int(config.query_len))[0]
-    unmatched = [int(t) for t in np.unique(ids[ids != pad]) if t < vocab_size and df[t] == 0]
+    unmatched = [int(t) for t in np.unique(ids) if t not in special and t < vocab_size and df[t] == 0]
+    # The novel-product split's products are test products: no training signal comes from their text.
+    index = np.asarray(row["relevant_index"], np.int64)
     grades = np.asarray(row["relevant_grade"], np.float64)
+    keep = np.asarray([not bool(np.asarray(products[int(p)]["heldout"])) for p in index], bool)
+    index, grades = index[keep], grades[keep]
     if not unmatched or not grades.size:
       continue
-    best = np.asarray(row["relevant_index"], np.int64)[grades == grades.max()]
+    best = index[grades == grades.max()]
     for t in unmatched:
       uses[t] += 1
       for p in best:

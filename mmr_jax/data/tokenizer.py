@@ -282,6 +282,10 @@ class Tokenizer:
   def bos_id(self) -> int:
     return self._sp.bos_id()
 
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
   def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
     """Returns int32 [B, max_len] ids, truncated and padded as `self.conventions` say.
 

@@ -188,8 +188,8 @@ def embedding_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def without_part(params: Mapping[str, Any], config: ml_collections.ConfigDict, part: str) -> dict:
-  """Returns a copy of trained `params` (of `TwoTower(config)`) in which the product embedding's `part` adds
-  nothing (see `PARTS`); the inputs `params` are not changed."""
+  """Returns a copy of trained `params` (of `TwoTower(config)`) in which `part` of the embeddings adds nothing
+  (see `PARTS`); the inputs `params` are not changed."""
   if part not in embedding_parts(config):
     raise ValueError(f"part={part!r}: the {config.variant} model of this config has the parts "
                      f"{embedding_parts(config)} (of {tuple(PARTS)})")
@@ -364,6 +364,9 @@ class TwoTower(nn.Module):
                        vocab_size=cfg.text.vocab_size if cfg.get("image_words") or expands else 0,
                        image_expansion=expands)
     translation_k = _expansion_k(cfg, "query_translation_k", "the catalogue's words for the query's")
+    if translation_k and cfg.text.vocab_size > 2 ** 24:
+      raise ValueError(f"config.model.query_translation_k={translation_k} stores token ids as float32, exact up to "
+                       f"2^24; the vocabulary has {cfg.text.vocab_size}")
     if translation_k:
       self.query_translation = QueryTranslation(cfg.text.vocab_size, translation_k)
     # CLIP's 1/0.07 for softmax; SigLIP's t' = log 10, b = -10 for sigmoid (the bias makes

@@ -238,7 +238,8 @@ class Trainer:
                float(np.median(idf)), float(idf.min()), float(idf.max()))
       changed = True
     translation_k = int(self.config.model.get("query_translation_k", 0))
-    if translation_k and "query_translation" in params:
+    # A table that init.load takes from init.workdir replaces the fitted one, so it is not fitted.
+    if translation_k and "query_translation" in params and "query_translation" not in initialised_towers(cfg):
       params = self._fit_query_translation(params, translation_k)
       changed = True
     if cfg.workdir:
