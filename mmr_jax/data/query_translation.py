@@ -73,12 +73,14 @@ def fit(data_dir: str, config: Any, vocab_size: int, k: int, *, min_prob: float 
     row = queries[i]
     ids = tok.encode([sources.row_text(row, "text")], int(config.query_len))[0]
     unmatched = [int(t) for t in np.unique(ids) if t not in special and t < vocab_size and df[t] == 0]
+    if not unmatched:
+      continue
     # The novel-product split's products are test products: no training signal comes from their text.
     index = np.asarray(row["relevant_index"], np.int64)
     grades = np.asarray(row["relevant_grade"], np.float64)
     keep = np.asarray([not bool(np.asarray(products[int(p)]["heldout"])) for p in index], bool)
     index, grades = index[keep], grades[keep]
-    if not unmatched or not grades.size:
+    if not grades.size:
       continue
     best = index[grades == grades.max()]
     for t in unmatched:
