@@ -43,8 +43,8 @@ def test_loss_decreases(tiny_data, tmp_path, variant):
   cfg.optim.lr = 3e-3
   cfg.data.pseudo_queries = 0.0  # the loss of the labelled pairs alone, comparable from step to step
   if variant in ("image_only", "fusion_qw"):
-    cfg.model.lexical_dim = 0  # no product text tower / three query segments: no lexical segment
-    cfg.model.image_expansion_k = 0
+    # No product text tower / three query segments: no lexical segment, so nothing that adds words to it.
+    cfg.model.lexical_dim, cfg.model.image_expansion_k, cfg.model.query_translation_k = 0, 0, 0
   train.train_and_evaluate(cfg, str(tmp_path / variant))
   losses = _losses(tmp_path / variant)
   first, last = np.mean([losses[5], losses[10]]), np.mean([losses[35], losses[40]])
