@@ -351,6 +351,12 @@ def product_truncation(data_dir: str, config: Any, sample: int = 2000,
                      "max": int(totals.max())}}
 
 
+def product_token_set(tok: Any, row: Any, config: Any) -> np.ndarray:
+  """Returns the distinct token ids (no padding) of a products-source `row`'s text, tokenised as training sees it."""
+  ids = tok.encode([sources.row_text(row, "text")], int(config.product_len))[0]
+  return np.unique(ids[ids != tok.conventions.pad_id])
+
+
 def token_document_frequency(data_dir: str, config: Any, vocab_size: int, sample: int = 100_000,
                              seed: int = 0) -> tuple[np.ndarray, int]:
   """Returns (df int64 [vocab_size], products counted): in how many of the catalogue's products each token id occurs.
@@ -370,8 +376,7 @@ def token_document_frequency(data_dir: str, config: Any, vocab_size: int, sample
     row = products[int(i)]
     if bool(np.asarray(row["heldout"])):
       continue
-    ids = tok.encode([sources.row_text(row, "text")], int(config.product_len))[0]
-    ids = np.unique(ids[ids != tok.conventions.pad_id])
+    ids = product_token_set(tok, row, config)
     if ids.size and ids.max() >= vocab_size:
       raise ValueError(f"{data_dir}: token id {int(ids.max())} >= the model's vocabulary ({vocab_size}); "
                        "config.model.text.vocab_size must cover the tokenizer")

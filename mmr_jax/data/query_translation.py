@@ -53,17 +53,15 @@ def fit(data_dir: str, config: Any, vocab_size: int, k: int, *, min_prob: float 
                      f"min_queries={min_queries} (>= 1)")
   df, docs = pipeline.token_document_frequency(data_dir, config, vocab_size, sample, seed)
   tok = sources.load_tokenizer(data_dir, config)
-  pad = tok.conventions.pad_id
   # Ids that stand for no word (padding, unknown, bos, eos) are never translated.
-  special = {pad, tok.bos_id, tok.eos_id, tok.unk_id}
+  special = {tok.conventions.pad_id, tok.bos_id, tok.eos_id, tok.unk_id}
   queries = sources.open_source(data_dir, "queries", "train")
   products = sources.open_source(data_dir, "products", "all")
   product_tokens: dict[int, np.ndarray] = {}
 
   def tokens_of(index: int) -> np.ndarray:
     if index not in product_tokens:
-      ids = tok.encode([sources.row_text(products[index], "text")], int(config.product_len))[0]
-      product_tokens[index] = np.unique(ids[ids != pad])
+      product_tokens[index] = pipeline.product_token_set(tok, products[index], config)
     return product_tokens[index]
 
   uses = collections.Counter()  # t -> training queries that use it (and have a labelled product)
