@@ -85,7 +85,13 @@ def test_derive_scann_params():
   p = index.derive_scann_params(1_000_000, 128)
   assert p["num_leaves"] == 1000 and not p["brute_force"] and p["num_leaves_to_search"] == 30
   assert index.derive_scann_params(1_000_000, 128, {"leaves_per_sqrt_n": 2})["num_leaves"] == 2000
-  assert index.derive_scann_params(5000, 8)["num_leaves_to_search"] == 10  # the minimum
+  assert index.derive_scann_params(20_000, 8)["num_leaves_to_search"] == 10  # the minimum
+  # A small catalogue's searched leaves hold >= min_candidates_per_k * search_k products: 55 leaves of ~55.
+  assert index.derive_scann_params(3000, 8)["num_leaves_to_search"] == 19  # ceil(10 * 100 * 55 / 3000)
+  assert index.derive_scann_params(3000, 8, {"search_k": 10})["num_leaves_to_search"] == 10
+  assert index.derive_scann_params(3000, 8, {"min_candidates_per_k": 0})["num_leaves_to_search"] == 10
+  with pytest.raises(ValueError, match="min_candidates_per_k"):
+    index.derive_scann_params(3000, 8, {"min_candidates_per_k": -1})
   assert 1 <= p["num_leaves_to_search"] < p["num_leaves"]
   assert index.derive_scann_params(500, 8)["brute_force"]
   assert index.derive_scann_params(5000, 8, {"num_leaves_to_search": 9999})["num_leaves_to_search"] == 71
