@@ -22,8 +22,8 @@ BM25's (text_only 74.6 / 56.7 without it, and without the table); stage 1's text
 Against the same stage-1 text towers without an image (`--rows ...,text_only_ft`: 78.0 / 67.3) the image adds
 +5.0 / +2.3 to fusion_ft; fusion_ft - text_only is +3.4 / +1.5 (seed 1: +5.6 / +1.1), short of the paper's
 +5.1 / +3.9 on NDCG@10.
-With `--budget long` (5x the steps, 76 min here; measured without the translation table) fusion_ft reaches
-90.5 / 65.1, concat_ft 90.5 / 65.3 and text_only 82.0 / 62.6.
+With `--budget long` (5x the steps, about an hour here) fusion_ft reaches 93.2 / 72.1, concat_ft 92.7 / 73.0 and
+text_only 83.3 / 68.4.
 `bash tools/demo.sh` takes about 10 minutes on the 2-core machine (stage 1 and the five rows 9.5 min).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
