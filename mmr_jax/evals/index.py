@@ -196,12 +196,13 @@ def recall_vs_exact(approx_idx, exact_idx, k: int | None = None) -> float:
 SCANN_DEFAULTS: dict[str, Any] = {
     "num_leaves": None,  # None: round(leaves_per_sqrt_n * sqrt(N)), leaves >= min_partition_size
     "leaves_per_sqrt_n": 1.0,
-    "num_leaves_to_search": None,  # None: max(ceil(leaves_search_fraction * leaves), min_leaves_to_search)
+    # None: max(ceil(leaves_search_fraction * leaves), min_leaves_to_search,
+    #           ceil(min_candidates_per_k * search_k * leaves / N))
+    "num_leaves_to_search": None,
     "leaves_search_fraction": 0.03,
     "min_leaves_to_search": 10,
-  # and at least ceil(min_candidates_per_k * search_k * leaves / N) leaves (0: no such floor)
-  "min_candidates_per_k": 10,
-  "search_k": 100,  # the k that floor is sized for (evaluation's)
+    "min_candidates_per_k": 10,  # 0: no floor from the catalogue's size
+    "search_k": 100,  # the k that floor is sized for (evaluation's)
     "training_sample_size": None,  # None: min(N, 250_000)
     "min_partition_size": 50,
     "training_iterations": 12,
@@ -230,6 +231,9 @@ def derive_scann_params(n: int, d: int, overrides: Mapping[str, Any] | None = No
   if p["num_leaves"] is None:
     max_leaves = max(2, n // max(1, int(p["min_partition_size"])))
     p["num_leaves"] = int(min(max(2, round(p["leaves_per_sqrt_n"] * math.sqrt(n))), max_leaves))
+  if p["min_candidates_per_k"] < 0 or int(p["search_k"]) < 1:
+    raise ValueError(f"min_candidates_per_k must be >= 0 and search_k >= 1, got {p['min_candidates_per_k']} "
+                     f"and {p['search_k']}")
   if p["num_leaves_to_search"] is None:
     floor = math.ceil(float(p["min_candidates_per_k"]) * int(p["search_k"]) * p["num_leaves"] / n)
     p["num_leaves_to_search"] = max(int(math.ceil(p["leaves_search_fraction"] * p["num_leaves"])),
@@ -237,9 +241,6 @@ def derive_scann_params(n: int, d: int, overrides: Mapping[str, Any] | None = No
   p["num_leaves_to_search"] = int(min(p["num_leaves_to_search"], p["num_leaves"]))
   if p["training_sample_size"] is None:
     p["training_sample_size"] = int(min(n, 250_000))
-  if p["min_candidates_per_k"] < 0 or int(p["search_k"]) < 1:
-    raise ValueError(f"min_candidates_per_k must be >= 0 and search_k >= 1, got {p['min_candidates_per_k']} "
-                     f"and {p['search_k']}")
   if p["dims_per_block"] < 1 or p["dims_per_block"] > d:
     raise ValueError(f"dims_per_block must be in [1, {d}], got {p['dims_per_block']}")
   if p["hash_type"] not in ("lut16", "lut256"):
