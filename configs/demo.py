@@ -83,6 +83,11 @@ def get_config(arg=None):
   # A query word that no product uses ("gray" against "grey") also puts the catalogue's words for it into the query's
   # lexical bag: up to 3 per token, from the training pairs (model.query_translation_k, data.query_translation).
   c.model.query_translation_k = 3
+  # The image -> words head (stage 1's image -> title words term, the image's words in the product's bag) also
+  # reads each image's colour histogram (4^3 joint RGB bins): a ViT trained from scratch for a few hundred steps
+  # on 32-pixel images learns colour slowly, a linear read of the histogram from the first steps. Both stages
+  # set it, so stage 2 loads stage 1's head.
+  c.model.image_words_color_bins = 4
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 20
   c.train.eval_every = 100

@@ -80,6 +80,11 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
       # trainer estimates from the labelled training pairs, data.query_translation; frozen): "gray" adds "grey",
       # "plaid" adds "checked", so a query in the shoppers' words matches the catalogue's.
       query_translation_k=0,
+      # >0: the image -> words head (heads/image_words) also reads the image's colour histogram, bins^3 joint RGB
+      # bins (`color_histogram`): colour is what shoppers' visual words name most, and a linear read of the
+      # histogram gives the head colour evidence from its first steps, where a ViT trained from scratch learns it
+      # slowly. 0: the pooled image alone.
+      image_words_color_bins=0,
   ))
   cfg.update(overrides)
   return cfg
@@ -89,6 +94,18 @@ def embedding_dim(config: ml_collections.ConfigDict) -> int:
   """Returns the size of the `emb` vectors (query and product) the model outputs."""
   dense = config.embed_dim * (NUM_SEGMENTS if config.variant == "fusion_qw" else 1)
   return dense + int(config.get("lexical_dim", 0))
+
+
+def color_histogram(image: jax.Array, bins: int) -> jax.Array:
+  """Returns each uint8 image's [B, H, W, 3] joint RGB histogram [B, bins^3]: the square roots of the fractions of
+  its pixels per bin (the square root keeps a large background from drowning the rest), times sqrt(bins^3) so that
+  the features' mean square is 1, as a layer-normed feature's is."""
+  if image.dtype != jnp.uint8:
+    raise TypeError(f"color_histogram expects uint8 images, got {image.dtype}")
+  q = (image.astype(jnp.int32) * bins) // 256  # [B, H, W, 3] in [0, bins)
+  idx = (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]  # [B, H, W]
+  counts = jnp.mean(jax.nn.one_hot(idx.reshape(idx.shape[0], -1), bins ** 3, dtype=jnp.float32), axis=1)
+  return jnp.sqrt(counts) * math.sqrt(bins ** 3)
 
 
 _HASH_MULT = np.uint32(2654435761)  # Knuth's multiplicative hash (odd, so the map is a bijection of uint32)
@@ -472,17 +489,26 @@ class TwoTower(nn.Module):
             [fused, out["text_emb"], out["image_emb"]], -1) / math.sqrt(NUM_SEGMENTS)
     if self.config.get("lexical_dim", 0):
       out["dense_emb"] = out["emb"]
-      extra = self._image_words(i_pooled, has_image) if self.heads.image_expansion else {}
+      extra = self._image_words(self._word_logits(i_pooled, image), has_image) if self.heads.image_expansion else {}
       out["emb"] = self.lexical_mix(out["emb"], self.lexical(product_tokens, **extra))
     out["emb"] = nn.with_logical_constraint(out["emb"], ("batch", None))
     return out
 
-  def _image_words(self, i_pooled, has_image) -> dict[str, jax.Array]:
-    """Returns the lexical segment's extra_tokens / extra_values [B, K]: the image's K most likely words (see
-    `_top_words`; none for products without an image)."""
-    h = self.heads
-    return _top_words(h.image_words(i_pooled).astype(jnp.float32), int(self.config.image_expansion_k),
-                      h.image_expansion_scale, jnp.asarray(has_image))
+  def _word_logits(self, i_pooled, image) -> jax.Array:
+    """Returns the image -> words logits [B, V] float32 from the pooled image (and its colour histogram)."""
+    bins = int(self.config.get("image_words_color_bins", 0))
+    if bins < 0:
+      raise ValueError(f"config.model.image_words_color_bins={bins} must be >= 0")
+    feats = i_pooled.astype(jnp.float32)
+    if bins:
+      feats = jnp.concatenate([feats, color_histogram(jnp.asarray(image), bins)], axis=-1)
+    return self.heads.image_words(feats).astype(jnp.float32)
+
+  def _image_words(self, logits, has_image) -> dict[str, jax.Array]:
+    """Returns the lexical segment's extra_tokens / extra_values [B, K] from the image's word logits [B, V]: its K
+    most likely words (see `_top_words`; none for products without an image)."""
+    return _top_words(logits, int(self.config.image_expansion_k), self.heads.image_expansion_scale,
+                      jnp.asarray(has_image))
 
   def embed_text_product(self, product_tokens, train=False) -> dict[str, jax.Array]:
     """Returns {"emb": [B, D']}: the product embedding from its text alone (the text_only variant's),
@@ -506,7 +532,7 @@ class TwoTower(nn.Module):
     out = {"title_emb": layers.l2_normalize(self.heads.product_text(t_pooled)),
            "image_emb": layers.l2_normalize(self.heads.image(i_pooled))}
     if self.config.get("image_words"):
-      out["image_word_logits"] = self.heads.image_words(i_pooled).astype(jnp.float32)
+      out["image_word_logits"] = self._word_logits(i_pooled, image)
     return out
 
   def __call__(self, batch: Mapping[str, Any], train=False) -> dict[str, Any]:

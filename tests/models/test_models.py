@@ -575,6 +575,52 @@ def test_image_expansion_adds_the_words_the_image_predicts_to_the_product_lexica
   assert "image_words" not in heads and "image_expansion_scale" not in heads
 
 
+def test_color_histogram_counts_each_images_pixels_per_joint_rgb_bin():
+  img = np.zeros((3, 4, 4, 3), np.uint8)
+  img[0] = (255, 0, 0)  # all red
+  img[1, :2], img[1, 2:] = (255, 0, 0), (0, 0, 255)  # half red, half blue
+  img[2] = (127, 128, 255)  # the bin edges: 127 -> bin 0, 128 -> bin 1 of 2
+  h = np.asarray(two_tower.color_histogram(jnp.asarray(img), 2))
+  assert h.shape == (3, 8)
+  scale = np.sqrt(8.0)  # mean square 1 per bin
+  red, blue = (1 * 2 + 0) * 2 + 0, (0 * 2 + 0) * 2 + 1  # (r * bins + g) * bins + b
+  want = np.zeros((3, 8), np.float32)
+  want[0, red] = scale
+  want[1, [red, blue]] = np.sqrt(0.5) * scale
+  want[2, (0 * 2 + 1) * 2 + 1] = scale
+  np.testing.assert_allclose(h, want, rtol=1e-6)
+  np.testing.assert_allclose(np.mean(h ** 2, axis=-1), 1.0, rtol=1e-6)
+  with pytest.raises(TypeError, match="uint8"):
+    two_tower.color_histogram(jnp.asarray(img, jnp.float32), 2)
+
+
+def test_image_words_head_reads_the_color_histogram():
+  cfg = two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, embed_dim=16, lexical_dim=128,
+                             image_expansion_k=4, image_words_color_bins=2)
+  model = two_tower.TwoTower(cfg)
+  batch = two_tower.dummy_batch(cfg, image_size=16)
+  params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch)["params"]))
+  width = cfg.vit.get("head_dim") or cfg.vit.width
+  assert params["heads"]["image_words"]["kernel"].shape == (width + 8, 100)
+  # A head that reads only the histogram's red bin, into word 42: a red image adds word 42 to the product's bag,
+  # a blue one does not, whatever the ViT makes of them.
+  kernel = np.zeros_like(params["heads"]["image_words"]["kernel"])
+  kernel[width + 4, 42] = 10.0
+  params["heads"]["image_words"] = {"kernel": kernel, "bias": np.zeros(100, np.float32)}
+  img = np.zeros((2, 16, 16, 3), np.uint8)
+  img[0], img[1] = (255, 0, 0), (0, 0, 255)
+  tokens = np.array([[5, 6, 0, 0, 0, 0, 0, 0]] * 2)
+  p = model.apply({"params": params}, tokens, img, np.array([True, True]), method="embed_product")
+  q = model.apply({"params": params}, np.array([[42, 0, 0, 0, 0, 0, 0, 0]]), method="embed_query")
+  lex_q = np.asarray(q["emb"][0, 16:])
+  lex_p = np.asarray(p["emb"][:, 16:])
+  assert lex_p[0] @ lex_q > 0.1 and abs(lex_p[1] @ lex_q) < 1e-3
+  bad = two_tower.TwoTower(two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, lexical_dim=128,
+                                                image_expansion_k=4, image_words_color_bins=-1))
+  with pytest.raises(ValueError, match="image_words_color_bins=-1"):
+    bad.init(jax.random.PRNGKey(0), batch)
+
+
 def test_fused_head_can_read_the_pooled_image():
   model, params, out = _run("fusion")  # the default
   cfg = model.config
