@@ -11,10 +11,10 @@ Hardware: one CPU host (written for a 2-core, 24 GiB machine).
       --workdir workdirs/demo/fusion_ft --config.init.workdir=workdirs/demo/stage1
 
 Expected (test split, exact search, the same on every run; README has the table): every learned row above BM25's
-63.7 / 56.4 (R@100 / NDCG@10) overall and on every tag: fusion_ft 87.9 / 71.8, concat_ft 88.4 / 71.0, text_only
-79.6 / 68.2, fusion_e2e 78.5 / 68.3; visual queries' NDCG@10 63.3 ... 65.6 against BM25's 50.8; the hybrid
-(fusion_ft + BM25) 86.7 / 72.0 (stage 1 250 steps, then 200 stage-2 steps; the other rows 450). fusion_ft -
-text_only is +8.4 / +3.6 (the paper's +5.1 / +3.9), level on textual queries (NDCG@10 90.8 each); against the same
+63.7 / 56.4 (R@100 / NDCG@10) overall and on every tag: fusion_ft 87.9 / 71.8, concat_ft 88.4 / 71.0, text_only 79.6
+/ 68.2, fusion_e2e 78.5 / 68.3; visual queries' NDCG@10 63.3 ... 65.6 against BM25's 50.8; the hybrid (fusion_ft +
+BM25) 86.7 / 72.0 (stage 1 250 steps, then 200 stage-2 steps; the other rows 450). fusion_ft - text_only is +8.4 /
++3.6 (the paper's +5.1 / +3.9; seed 1 +8.5 / +1.4), level on textual queries (NDCG@10 90.8 each); against the same
 stage-1 text towers without an image (`--rows ...,text_only_ft`: 77.2 / 67.0) the image adds +10.7 / +4.8. The image
 pays through its words in the product's lexical segment, from a head that reads the pooled image and its colour
 histogram (model.image_words_color_bins=4; without it fusion_ft 84.0 / 70.3). The query's translation table
@@ -24,7 +24,8 @@ pairs) is worth 8.5 NDCG@10 inside the trained fusion_ft. The lexical segment's 
 (loss.stage1_text=2) and the stage-1 text side at 3x the rate in stage 2 (optim.init_lr_mult) lift the stage-1 rows.
 With `--budget long` (5x the steps, about an hour here; measured without the colour histogram) fusion_ft reached
 93.2 / 72.1, concat_ft 92.7 / 73.0 and text_only 83.3 / 68.4.
-`bash tools/demo.sh` takes about 10 minutes on the 2-core machine (stage 1 and the five rows 9.5 min).
+`bash tools/demo.sh` takes about 10 minutes on the 2-core machine (10 min 5 s from a warm venv, the catalogue
+generated on the way).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
 width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
