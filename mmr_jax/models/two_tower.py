@@ -383,6 +383,8 @@ class TwoTower(nn.Module):
                        param_dtype=kw["param_dtype"],
                        vocab_size=cfg.text.vocab_size if cfg.get("image_words") or expands else 0,
                        image_expansion=expands)
+    if int(cfg.get("image_words_color_bins", 0)) < 0:
+      raise ValueError(f"config.model.image_words_color_bins={cfg.image_words_color_bins} must be >= 0")
     translation_k = _expansion_k(cfg, "query_translation_k", "the catalogue's words for the query's")
     if translation_k and cfg.text.vocab_size > 2 ** 24:
       raise ValueError(f"config.model.query_translation_k={translation_k} stores token ids as float32, exact up to "
@@ -492,7 +494,7 @@ class TwoTower(nn.Module):
             [fused, out["text_emb"], out["image_emb"]], -1) / math.sqrt(NUM_SEGMENTS)
     if self.config.get("lexical_dim", 0):
       out["dense_emb"] = out["emb"]
-      extra = self._image_words(self._word_logits(i_pooled, image), has_image) if self.heads.image_expansion else {}
+      extra = self._image_words(i_pooled, image, has_image) if self.heads.image_expansion else {}
       out["emb"] = self.lexical_mix(out["emb"], self.lexical(product_tokens, **extra))
     out["emb"] = nn.with_logical_constraint(out["emb"], ("batch", None))
     return out
@@ -500,18 +502,16 @@ class TwoTower(nn.Module):
   def _word_logits(self, i_pooled, image) -> jax.Array:
     """Returns the image -> words logits [B, V] float32 from the pooled image (and its colour histogram)."""
     bins = int(self.config.get("image_words_color_bins", 0))
-    if bins < 0:
-      raise ValueError(f"config.model.image_words_color_bins={bins} must be >= 0")
     feats = i_pooled.astype(jnp.float32)
     if bins:
       feats = jnp.concatenate([feats, color_histogram(jnp.asarray(image), bins)], axis=-1)
     return self.heads.image_words(feats).astype(jnp.float32)
 
-  def _image_words(self, logits, has_image) -> dict[str, jax.Array]:
-    """Returns the lexical segment's extra_tokens / extra_values [B, K] from the image's word logits [B, V]: its K
-    most likely words (see `_top_words`; none for products without an image)."""
-    return _top_words(logits, int(self.config.image_expansion_k), self.heads.image_expansion_scale,
-                      jnp.asarray(has_image))
+  def _image_words(self, i_pooled, image, has_image) -> dict[str, jax.Array]:
+    """Returns the lexical segment's extra_tokens / extra_values [B, K]: the image's K most likely words (see
+    `_top_words`; none for products without an image)."""
+    return _top_words(self._word_logits(i_pooled, image), int(self.config.image_expansion_k),
+                      self.heads.image_expansion_scale, jnp.asarray(has_image))
 
   def embed_text_product(self, product_tokens, train=False) -> dict[str, jax.Array]:
     """Returns {"emb": [B, D']}: the product embedding from its text alone (the text_only variant's),
