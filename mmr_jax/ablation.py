@@ -18,6 +18,11 @@ Rows (same steps, batch and examples for every row; see README):
 Writes DIR/ablation.json (a list of rows), DIR/ablation.md and DIR/ablation.png; each row's own
 workdir (DIR/<row>/) holds its checkpoints and metrics.json. Finished rows are skipped on re-run.
 
+With `--seeds 0,1,2` the whole ablation runs once per seed (config `seed`: initialisation, data order,
+augmentation) in DIR/seed_<s>/, and DIR/ablation_seeds.json / .md give each row's mean, standard deviation and
+range over the seeds, and the fusion_ft - text_only margin per seed: a margin of a point or two at one seed is
+within what another seed moves it at the demo's budget.
+
 The stage-1 run and the rows are the points of one sweep (`mmr_jax/sweep_runner.py`, the runner of
 `launch.sweep` too): the rows that name stage 1 depend on it (rows that only mine hard negatives with its
 model still train stage 1's steps themselves). They train and evaluate in this
@@ -426,6 +431,90 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
   fileio.write_atomic(root / "ablation.png", lambda p: plot_rows(out_rows, p))
 
 
+def _spread(values) -> dict:
+  """Returns {"mean", "std" (population), "min", "max", "values"} of per-seed numbers, NaNs dropped."""
+  v = np.asarray([x for x in values if x is not None and not np.isnan(x)], np.float64)
+  if not v.size:
+    return {"mean": None, "std": None, "min": None, "max": None, "values": []}
+  return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
+          "values": [float(x) for x in v]}
+
+
+SEED_METRICS = ("recall@100", "ndcg@10")
+
+
+def seed_summary(per_seed: dict) -> dict:
+  """Returns ablation_seeds.json from {seed: that seed's ablation.json rows}: per row, overall and per tag, the
+  spread (`_spread`) of each metric over the seeds; and the fusion_ft - text_only margins (points) likewise."""
+  seeds = list(per_seed)
+  if not seeds:
+    raise ValueError("seed_summary: no seeds")
+  names = [r["row"] for r in per_seed[seeds[0]]]
+  by_seed = {s: {r["row"]: r for r in rows} for s, rows in per_seed.items()}
+  for s, rows in by_seed.items():
+    if set(rows) != set(names):
+      raise ValueError(f"seed {s} has the rows {sorted(rows)}, seed {seeds[0]} {sorted(names)}")
+  out_rows = {}
+  for name in names:
+    tags = sorted({t for s in seeds for t in by_seed[s][name]["by_tag"]})
+    out_rows[name] = {
+        "overall": {m: _spread([by_seed[s][name]["overall"].get(m, np.nan) for s in seeds]) for m in SEED_METRICS},
+        "by_tag": {t: {m: _spread([by_seed[s][name]["by_tag"].get(t, {}).get(m, np.nan) for s in seeds])
+                       for m in SEED_METRICS} for t in tags}}
+  gains = {s: margins(per_seed[s]) for s in seeds}
+  groups = sorted({g for m in gains.values() for g in m}, key=lambda g: (g != "overall", g))
+  margin = {g: {m: _spread([gains[s].get(g, {}).get(m, np.nan) for s in seeds]) for m in SEED_METRICS}
+            for g in groups}
+  return {"seeds": seeds, "rows": out_rows, "fusion_ft_minus_text_only": margin}
+
+
+def seed_table(summary: dict) -> str:
+  """Returns ablation_seeds.md's table: per row, mean +- std (min ... max) of R@100 and NDCG@10 in %, overall and
+  per tag's NDCG@10."""
+  def cell(sp, scale=100.0):
+    if sp["mean"] is None:
+      return "-"
+    return f"{scale * sp['mean']:.1f} ± {scale * sp['std']:.1f} ({scale * sp['min']:.1f} … {scale * sp['max']:.1f})"
+  tags = sorted({t for r in summary["rows"].values() for t in r["by_tag"]})
+  head = ["row", "R@100", "NDCG@10"] + [f"{t} NDCG@10" for t in tags]
+  body = [[name, cell(r["overall"]["recall@100"]), cell(r["overall"]["ndcg@10"])]
+          + [cell(r["by_tag"][t]["ndcg@10"]) if t in r["by_tag"] else "-" for t in tags]
+          for name, r in summary["rows"].items()]
+  return report.markdown_table(head, body)
+
+
+def run_seeds(workdir: str, seeds, data_dir: str, config_path: str, rows=ROWS, steps: int = 0,
+              stage1_steps: int = 0, batch: int = 0, config_arg: str = "", overrides: dict | None = None,
+              budget: str = "default") -> dict:
+  """Runs the ablation (`run`) once per seed in WORKDIR/seed_<s>/ (config `seed` set to s, the other settings
+  alike) and writes WORKDIR/ablation_seeds.json and .md; returns the summary (`seed_summary`)."""
+  seeds = [int(s) for s in seeds]
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds {seeds}: give one or more distinct seeds")
+  if overrides and "seed" in overrides:
+    raise ValueError("--set seed=... and --seeds: give the seeds with --seeds only")
+  root = epath.Path(workdir)
+  per_seed = {}
+  for i, s in enumerate(seeds):
+    log.info("== seed %d (%d of %d): %s", s, i + 1, len(seeds), root / f"seed_{s}")
+    per_seed[s] = run(str(root / f"seed_{s}"), data_dir, config_path, rows, steps, stage1_steps, batch, config_arg,
+                      dict(overrides or {}, seed=s), budget)
+  summary = seed_summary(per_seed)
+  if jax.process_index() == 0:
+    fmt = lambda sp: "-" if sp["mean"] is None else (  # noqa: E731
+        f"{sp['mean']:+.1f} ± {sp['std']:.1f} (" + ", ".join(f"{v:+.1f}" for v in sp["values"]) + ")")
+    md = ["# Ablation over seeds", "", f"Data: `{data_dir}`; config: `{config_path}`; seeds {seeds} (each in "
+          "`seed_<s>/`, its own ablation.md); test split, exact search; mean ± standard deviation (min … max) "
+          "over the seeds, in %.", "", seed_table(summary)]
+    margin = summary["fusion_ft_minus_text_only"]
+    if margin:
+      md += ["", "fusion_ft minus text_only (points; mean ± std, then each seed's):"]
+      md += [f"- {g}: R@100 {fmt(m['recall@100'])}; NDCG@10 {fmt(m['ndcg@10'])}" for g, m in margin.items()]
+    fileio.write_json(root / "ablation_seeds.json", summary)
+    fileio.write_text(root / "ablation_seeds.md", "\n".join(md) + "\n")
+  return summary
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -439,6 +528,9 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
   p.add_argument("--budget", choices=sorted(BUDGETS), default="default",
                  help="long: 5x every step count (how far each row goes with more training)")
+  p.add_argument("--seeds", default="", metavar="S,S,...",
+                 help="run the whole ablation once per seed (WORKDIR/seed_<s>/) and write ablation_seeds.json / .md: "
+                 "each row's mean, std and range over the seeds")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for every run, e.g. --set optim.lr=1e-3 (repeatable)")
   p.add_argument("--verbosity", type=int, default=0, choices=(0, 1, 2),
@@ -446,6 +538,12 @@ def main(argv=None):
                  "(the trainer's and evaluation's too); 2: everything, native libraries' logs included. "
                  "WORKDIR/logs/ablation.log gets INFO and native logs at any level")
   args = p.parse_args(argv)
+  try:  # checked before anything is written
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  except ValueError:
+    p.error(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. --seeds 0,1,2")
+  if seeds and any(item.split("=", 1)[0] == "seed" for item in args.set):
+    p.error("--set seed=... and --seeds: give the seeds with --seeds only")
   runtime.setup_logging(args.verbosity, headline=("mmr_jax.ablation",),
                         log_file=runtime.log_file_for(args.workdir, "ablation"))
   runtime.enable_compilation_cache()
@@ -455,8 +553,17 @@ def main(argv=None):
       p.error(f"--set {item!r} is not KEY=VALUE")
     k, v = item.split("=", 1)
     overrides[k] = v
+  rows_arg = tuple(r for r in args.rows.split(",") if r)
+  if seeds:
+    try:
+      run_seeds(args.workdir, seeds, args.data, args.config, rows_arg, args.steps, args.stage1_steps, args.batch,
+                args.config_arg, overrides, args.budget)
+    except sweep_runner.SweepError as e:
+      p.error(str(e))
+    print((epath.Path(args.workdir) / "ablation_seeds.md").read_text())
+    return
   try:
-    rows = run(args.workdir, args.data, args.config, tuple(r for r in args.rows.split(",") if r), args.steps,
+    rows = run(args.workdir, args.data, args.config, rows_arg, args.steps,
                args.stage1_steps, args.batch, args.config_arg, overrides, args.budget)
   except sweep_runner.SweepError as e:  # a missing config file, an unknown {placeholder}: one line, exit 2
     p.error(str(e))

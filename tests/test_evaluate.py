@@ -299,3 +299,55 @@ def test_learned_row_beats_keyword_search_where_it_should(tmp_path):
   fused = evaluate.evaluate_workdir(str(tmp_path / "ft"), save_index=False)["splits"]["test"]["exact"]
   assert fused["recall@100"] >= learned["recall@100"] - 0.05, (fused, learned)
   assert fused["ndcg@10"] >= learned["ndcg@10"] - 0.03, (fused, learned)
+
+
+def _fake_rows(text_only, fusion_ft):
+  """Ablation rows with the given (recall@100, ndcg@10) overall and on a "visual" tag (half the values)."""
+  row = lambda name, r, n: {"row": name, "overall": {"recall@100": r, "ndcg@10": n},  # noqa: E731
+                            "by_tag": {"visual": {"recall@100": r / 2, "ndcg@10": n / 2}}}
+  return [row("text_only", *text_only), row("fusion_ft", *fusion_ft)]
+
+
+def test_ablation_over_seeds_reports_each_rows_spread_and_the_margin_per_seed(tmp_path, monkeypatch):
+  per_seed = {0: _fake_rows((0.80, 0.68), (0.88, 0.72)), 1: _fake_rows((0.78, 0.69), (0.86, 0.70)),
+              2: _fake_rows((0.79, 0.68), (0.90, 0.71))}
+  calls = []
+
+  def fake_run(workdir, data_dir, config_path, rows, steps, stage1_steps, batch, config_arg, overrides, budget):
+    calls.append((workdir, overrides))
+    return per_seed[overrides["seed"]]
+
+  monkeypatch.setattr(ablation, "run", fake_run)
+  summary = ablation.run_seeds(str(tmp_path / "w"), [0, 1, 2], "DATA", "configs/demo.py",
+                               overrides={"optim.lr": "1e-3"})
+  # Each seed runs in its own folder with the other overrides kept.
+  assert [c[0] for c in calls] == [str(tmp_path / "w" / f"seed_{s}") for s in (0, 1, 2)]
+  assert [c[1] for c in calls] == [{"optim.lr": "1e-3", "seed": s} for s in (0, 1, 2)]
+  fusion = summary["rows"]["fusion_ft"]["overall"]["ndcg@10"]
+  assert fusion["values"] == pytest.approx([0.72, 0.70, 0.71])
+  assert fusion["mean"] == pytest.approx(0.71) and fusion["std"] == pytest.approx(np.std([0.72, 0.70, 0.71]))
+  assert (fusion["min"], fusion["max"]) == pytest.approx((0.70, 0.72))
+  assert summary["rows"]["text_only"]["by_tag"]["visual"]["recall@100"]["mean"] == pytest.approx(0.395)
+  # The margin is taken within each seed (fusion_ft - text_only of the same seed), in points.
+  margin = summary["fusion_ft_minus_text_only"]["overall"]
+  assert margin["ndcg@10"]["values"] == pytest.approx([4.0, 1.0, 3.0])
+  assert margin["recall@100"]["mean"] == pytest.approx(np.mean([8.0, 8.0, 11.0]))
+  saved = json.loads((tmp_path / "w" / "ablation_seeds.json").read_text())
+  assert saved["seeds"] == [0, 1, 2] and saved["rows"]["fusion_ft"]["overall"]["ndcg@10"]["mean"] == pytest.approx(0.71)
+  md = (tmp_path / "w" / "ablation_seeds.md").read_text()
+  assert "| fusion_ft | 88.0 ± 1.6 (86.0 … 90.0) | 71.0 ± 0.8 (70.0 … 72.0) |" in md
+  assert "NDCG@10 +2.7 ± 1.2 (+4.0, +1.0, +3.0)" in md
+  # Seeds given twice, or a seed also in --set, are refused before anything runs.
+  calls.clear()
+  with pytest.raises(ValueError, match="distinct"):
+    ablation.run_seeds(str(tmp_path / "w2"), [0, 0], "DATA", "configs/demo.py")
+  with pytest.raises(ValueError, match="--seeds only"):
+    ablation.run_seeds(str(tmp_path / "w2"), [0, 1], "DATA", "configs/demo.py", overrides={"seed": "3"})
+  assert not calls and not (tmp_path / "w2").exists()
+
+
+def test_ablation_cli_rejects_seeds_that_are_not_integers(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "mmr_jax.ablation", "--workdir", str(tmp_path / "w"), "--seeds", "0,x"],
+                     cwd=ROOT, capture_output=True, text=True)
+  assert r.returncode == 2 and "--seeds '0,x'" in r.stderr
+  assert not (tmp_path / "w").exists()  # refused before a log file or folder is written
