@@ -471,10 +471,10 @@ def seed_summary(per_seed: dict) -> dict:
 def seed_table(summary: dict) -> str:
   """Returns ablation_seeds.md's table: per row, mean +- std (min ... max) of R@100 and NDCG@10 in %, overall and
   per tag's NDCG@10."""
-  def cell(sp, scale=100.0):
+  def cell(sp):
     if sp["mean"] is None:
       return "-"
-    return f"{scale * sp['mean']:.1f} ± {scale * sp['std']:.1f} ({scale * sp['min']:.1f} … {scale * sp['max']:.1f})"
+    return f"{100 * sp['mean']:.1f} ± {100 * sp['std']:.1f} ({100 * sp['min']:.1f} … {100 * sp['max']:.1f})"
   tags = sorted({t for r in summary["rows"].values() for t in r["by_tag"]})
   head = ["row", "R@100", "NDCG@10"] + [f"{t} NDCG@10" for t in tags]
   body = [[name, cell(r["overall"]["recall@100"]), cell(r["overall"]["ndcg@10"])]
@@ -483,16 +483,21 @@ def seed_table(summary: dict) -> str:
   return report.markdown_table(head, body)
 
 
+def check_seeds(seeds: list[int], overrides: dict | None) -> None:
+  """Raises ValueError unless `seeds` are one or more distinct seeds and `overrides` leaves the seed to them."""
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds {seeds}: give one or more distinct seeds")
+  if overrides and "seed" in overrides:
+    raise ValueError("--set seed=... and --seeds: give the seeds with --seeds only")
+
+
 def run_seeds(workdir: str, seeds, data_dir: str, config_path: str, rows=ROWS, steps: int = 0,
               stage1_steps: int = 0, batch: int = 0, config_arg: str = "", overrides: dict | None = None,
               budget: str = "default") -> dict:
   """Runs the ablation (`run`) once per seed in WORKDIR/seed_<s>/ (config `seed` set to s, the other settings
   alike) and writes WORKDIR/ablation_seeds.json and .md; returns the summary (`seed_summary`)."""
   seeds = [int(s) for s in seeds]
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise ValueError(f"seeds {seeds}: give one or more distinct seeds")
-  if overrides and "seed" in overrides:
-    raise ValueError("--set seed=... and --seeds: give the seeds with --seeds only")
+  check_seeds(seeds, overrides)
   root = epath.Path(workdir)
   per_seed = {}
   for i, s in enumerate(seeds):
@@ -538,21 +543,25 @@ def main(argv=None):
                  "(the trainer's and evaluation's too); 2: everything, native libraries' logs included. "
                  "WORKDIR/logs/ablation.log gets INFO and native logs at any level")
   args = p.parse_args(argv)
-  try:  # checked before anything is written
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  except ValueError:
-    p.error(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. --seeds 0,1,2")
-  if seeds and any(item.split("=", 1)[0] == "seed" for item in args.set):
-    p.error("--set seed=... and --seeds: give the seeds with --seeds only")
-  runtime.setup_logging(args.verbosity, headline=("mmr_jax.ablation",),
-                        log_file=runtime.log_file_for(args.workdir, "ablation"))
-  runtime.enable_compilation_cache()
+  # The arguments are checked before anything is written (the log file included).
   overrides = {}
   for item in args.set:
     if "=" not in item:
       p.error(f"--set {item!r} is not KEY=VALUE")
     k, v = item.split("=", 1)
     overrides[k] = v
+  try:
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  except ValueError:
+    p.error(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. --seeds 0,1,2")
+  if seeds:
+    try:
+      check_seeds(seeds, overrides)
+    except ValueError as e:
+      p.error(str(e))
+  runtime.setup_logging(args.verbosity, headline=("mmr_jax.ablation",),
+                        log_file=runtime.log_file_for(args.workdir, "ablation"))
+  runtime.enable_compilation_cache()
   rows_arg = tuple(r for r in args.rows.split(",") if r)
   if seeds:
     try:
