@@ -94,9 +94,15 @@ def get_config(arg=None):
   # on 32-pixel images learns colour slowly, a linear read of the histogram from the first steps. Both stages
   # set it, so stage 2 loads stage 1's head.
   c.model.image_words_color_bins = 4
+  # ... and its texture: gradient energy per orientation (8 bins), at two scales, over the whole image and its
+  # central half (`two_tower.texture_histogram`): the pooled ViT at this budget carries colour but not pattern.
+  # fusion_ft over seeds 0, 1, 2: 89.2 / 71.4 -> 88.6 / 72.0 (mean R@100 / NDCG@10), validation NDCG@10 75.7 -> 76.3.
+  c.model.image_words_texture_bins = 8
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 20
-  c.train.eval_every = 100
+  # Validation (in-batch, and retrieval over the validation catalogue) every 200 steps and at the last: each one
+  # embeds the catalogue, about 4 s here, which at every 100 steps puts the whole ablation past its 10 minutes.
+  c.train.eval_every = 200
   c.train.ckpt_every = 100
   if a.stage == 2:
     # A stage-1 (or pretrained) image tower moves slowly in stage 2, as in the paper's second stage; an image

@@ -594,6 +594,52 @@ def test_color_histogram_counts_each_images_pixels_per_joint_rgb_bin():
     two_tower.color_histogram(jnp.asarray(img, jnp.float32), 2)
 
 
+def test_texture_histogram_puts_stripes_energy_in_their_orientation_bin_at_their_scale():
+  img = np.full((4, 16, 16, 3), 128, np.uint8)  # 0: plain grey
+  img[1, :, ::2] = 255  # 1: vertical stripes one pixel wide (grey varies along x: orientation 0)
+  img[2, ::4] = img[2, 1::4] = 0  # 2: horizontal stripes two pixels wide (grey varies along y: 90 degrees)
+  img[3, 4:12, 4:12, :][:, ::4] = 0  # 3: vertical stripes in the central half only
+  h = np.asarray(two_tower.texture_histogram(jnp.asarray(img), 4)).reshape(4, 2, 2, 4)  # [B, scale, region, bin]
+  np.testing.assert_array_equal(h[0], 0.0)
+  # Full resolution, whole image: one pixel wide stripes change grey between every pair of columns.
+  assert h[1, 0, 0, 0] > 1.0 and np.all(h[1, :, :, 1:] == 0.0)
+  # At half resolution they average out to a plain grey; two pixels wide ones survive it.
+  np.testing.assert_array_equal(h[1, 1], 0.0)
+  assert np.all(h[2, :, :, 2] > 0.5) and np.all(h[2, :, :, [0, 1, 3]] == 0.0)
+  # Texture in the middle weighs more in the central half's features than in the whole image's.
+  assert h[3, 0, 1, 0] > h[3, 0, 0, 0] > 0.0
+  with pytest.raises(TypeError, match="uint8"):
+    two_tower.texture_histogram(jnp.asarray(img, jnp.float32), 4)
+  with pytest.raises(ValueError, match="8x8"):
+    two_tower.texture_histogram(jnp.asarray(img[:, :4, :4]), 4)
+
+
+def test_image_words_head_reads_the_texture_histogram():
+  cfg = two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, embed_dim=16, lexical_dim=128,
+                             image_expansion_k=4, image_words_color_bins=2, image_words_texture_bins=4)
+  model = two_tower.TwoTower(cfg)
+  batch = two_tower.dummy_batch(cfg, image_size=16)
+  params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch)["params"]))
+  width = cfg.vit.get("head_dim") or cfg.vit.width
+  assert params["heads"]["image_words"]["kernel"].shape == (width + 8 + 16, 100)
+  # A head that reads only the full-resolution, whole-image orientation-0 bin, into word 42: vertical stripes add
+  # word 42 to the product's bag, a plain image of the same mean colour does not.
+  kernel = np.zeros_like(params["heads"]["image_words"]["kernel"])
+  kernel[width + 8, 42] = 10.0
+  params["heads"]["image_words"] = {"kernel": kernel, "bias": np.zeros(100, np.float32)}
+  img = np.full((2, 16, 16, 3), 128, np.uint8)
+  img[0, :, ::2], img[0, :, 1::2] = 255, 0
+  tokens = np.array([[5, 6, 0, 0, 0, 0, 0, 0]] * 2)
+  p = model.apply({"params": params}, tokens, img, np.array([True, True]), method="embed_product")
+  q = model.apply({"params": params}, np.array([[42, 0, 0, 0, 0, 0, 0, 0]]), method="embed_query")
+  lex_q, lex_p = np.asarray(q["emb"][0, 16:]), np.asarray(p["emb"][:, 16:])
+  assert lex_p[0] @ lex_q > 0.1 and abs(lex_p[1] @ lex_q) < 1e-3
+  bad = two_tower.TwoTower(two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, lexical_dim=128,
+                                                image_expansion_k=4, image_words_texture_bins=-1))
+  with pytest.raises(ValueError, match="image_words_texture_bins=-1"):
+    bad.init(jax.random.PRNGKey(0), batch)
+
+
 def test_image_words_head_reads_the_color_histogram():
   cfg = two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, embed_dim=16, lexical_dim=128,
                              image_expansion_k=4, image_words_color_bins=2)
