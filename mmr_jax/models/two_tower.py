@@ -118,7 +118,7 @@ def color_histogram(image: jax.Array, bins: int) -> jax.Array:
 
 def texture_histogram(image: jax.Array, bins: int) -> jax.Array:
   """Returns each uint8 image's [B, H, W, 3] texture features [B, 4 * bins]: the gradient energy of its grey levels
-  per unsigned orientation bin (bin k holds orientations [k, k + 1) * 180 / bins degrees), at full and half
+  per unsigned orientation bin (bin k holds the orientations within half a bin of k * 180 / bins degrees), at full and half
   resolution, over the whole image and over its central half (where a product photo's object is, away from its
   background).
 
@@ -143,7 +143,10 @@ def texture_histogram(image: jax.Array, bins: int) -> jax.Array:
     gy = x[:, 1:, :-1] - x[:, :-1, :-1]
     mag = jnp.sqrt(gx * gx + gy * gy)
     angle = jnp.mod(jnp.arctan2(gy, gx), math.pi)  # unsigned: a stripe's two edges count alike
-    idx = jnp.clip((angle * (bins / math.pi)).astype(jnp.int32), 0, bins - 1)
+    # Bins centred on the orientations: edges along the pixel grid (angle 0 or pi/2 exactly, the most common ones)
+    # fall in the middle of a bin, not on a boundary where float rounding (XLA's atan2 against TensorFlow's, in the
+    # exported tower) could move them to the next bin.
+    idx = jnp.mod(jnp.floor(angle * (bins / math.pi) + 0.5).astype(jnp.int32), bins)
     gh, gw = mag.shape[1:]
     centre = (slice(None), slice(gh // 4, gh - gh // 4), slice(gw // 4, gw - gw // 4))
     for region in ((slice(None),) * 3, centre):
@@ -272,17 +275,23 @@ def without_part(params: Mapping[str, Any], config: ml_collections.ConfigDict, p
 
 def _top_words(logits, k: int, raw_scale, on=None) -> dict[str, jax.Array]:
   """Returns LexicalSegment's extra_tokens / extra_values [B, K] from word logits [B, V]: the K most likely words,
-  word v counting K * p(v) times softplus(raw_scale) occurrences (0 for rows where `on` [B] is False).
+  word v counting K * (p(v) - p_K+1) times softplus(raw_scale) occurrences, where p_K+1 is the probability of the
+  most likely word left out (0 for rows where `on` [B] is False).
 
   The K words share K occurrences in proportion to the head's confidence: a head sure of its words adds about one
-  occurrence each, one that spreads its probability over the vocabulary adds next to nothing.
+  occurrence each, one that spreads its probability over the vocabulary adds next to nothing. Measuring from the
+  first word left out keeps the bag continuous in the logits: two words tied at the K-th place weigh 0 whichever is
+  kept, so float rounding (the exported tower against JAX, another batch size) cannot swap a word in or out.
   """
   probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
   # A stable sort, not lax.top_k (same words, ties to the lower id): top_k lowers to a StableHLO composite that
   # TensorFlow's XlaCallModule (the exported towers) cannot load.
   ids = jax.lax.broadcasted_iota(jnp.int32, probs.shape, 1)
   neg, ids = jax.lax.sort((-probs, ids), dimension=1, is_stable=True, num_keys=1)
-  values = -neg[:, :k] * (k * jax.nn.softplus(raw_scale))
+  top = -neg[:, :k]
+  if k < probs.shape[1]:
+    top = top + neg[:, k:k + 1]
+  values = top * (k * jax.nn.softplus(raw_scale))
   if on is not None:
     values = values * on.astype(jnp.float32)[:, None]
   return {"extra_tokens": ids[:, :k], "extra_values": values}
