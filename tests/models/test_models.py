@@ -594,6 +594,27 @@ def test_color_histogram_counts_each_images_pixels_per_joint_rgb_bin():
     two_tower.color_histogram(jnp.asarray(img, jnp.float32), 2)
 
 
+def test_image_words_are_continuous_at_the_kth_place():
+  """Two words tied for the K-th place weigh 0 whichever the sort keeps: a logit moved by float rounding (the exported
+  tower against JAX) cannot swap one in or out of the product's bag."""
+  k, vocab, dim = 2, 6, 8
+  seg = two_tower.LexicalSegment(vocab, dim)
+  seg_params = seg.init(jax.random.PRNGKey(0), np.zeros((1, 3), np.int32))
+  raw_scale = jnp.float32(math.log(math.e - 1.0))  # scale 1
+  tokens = np.array([[1, 0, 0]])
+  bags = []
+  for eps in (1e-6, -1e-6):  # word 4 just above word 5, then just below: the sort keeps another word
+    logits = jnp.asarray([[0.0, 0.0, 0.0, 3.0, 1.0 + eps, 1.0]], jnp.float32)
+    extra = two_tower._top_words(logits, k, raw_scale)  # pylint: disable=protected-access
+    assert int(extra["extra_tokens"][0, 0]) == 3
+    bags.append(np.asarray(seg.apply(seg_params, tokens, **extra)))
+  np.testing.assert_allclose(bags[0], bags[1], atol=1e-5)
+  # The top word counts K * (p(3) - p(k + 1-th)) occurrences, the word tied at the K-th place about none.
+  p = np.asarray(jax.nn.softmax(jnp.asarray([0.0, 0.0, 0.0, 3.0, 1.0, 1.0])))
+  extra = two_tower._top_words(jnp.asarray(np.log(p))[None], k, raw_scale)  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(extra["extra_values"][0]), [k * (p[3] - p[5]), 0.0], atol=1e-6)
+
+
 def test_texture_histogram_puts_stripes_energy_in_their_orientation_bin_at_their_scale():
   img = np.full((4, 16, 16, 3), 128, np.uint8)  # 0: plain grey
   img[1, :, ::2] = 255  # 1: vertical stripes one pixel wide (grey varies along x: orientation 0)
