@@ -118,9 +118,9 @@ def color_histogram(image: jax.Array, bins: int) -> jax.Array:
 
 def texture_histogram(image: jax.Array, bins: int) -> jax.Array:
   """Returns each uint8 image's [B, H, W, 3] texture features [B, 4 * bins]: the gradient energy of its grey levels
-  per unsigned orientation bin (bin k holds the orientations within half a bin of k * 180 / bins degrees), at full and half
-  resolution, over the whole image and over its central half (where a product photo's object is, away from its
-  background).
+  per unsigned orientation bin (bin k holds the orientations within half a bin of k * 180 / bins degrees), at full
+  and half resolution, over the whole image and over its central half (where a product photo's object is, away from
+  its background).
 
   Each feature is the square root of the mean gradient magnitude the bin receives per pixel (grey levels in [0, 1],
   forward differences), times sqrt(bins): a plain image gives zeros, stripes energy in one bin, checks in two at right
@@ -134,6 +134,7 @@ def texture_histogram(image: jax.Array, bins: int) -> jax.Array:
   b, h, w = x.shape
   if min(h, w) < 8:
     raise ValueError(f"texture_histogram needs images of at least 8x8 pixels, got {h}x{w}")
+  rows = jnp.arange(b)[:, None]
   feats = []
   for scale in (1, 2):
     if scale == 2:
@@ -151,7 +152,6 @@ def texture_histogram(image: jax.Array, bins: int) -> jax.Array:
     centre = (slice(None), slice(gh // 4, gh - gh // 4), slice(gw // 4, gw - gw // 4))
     for region in ((slice(None),) * 3, centre):
       m, k = mag[region].reshape(b, -1), idx[region].reshape(b, -1)
-      rows = jnp.arange(b)[:, None]
       energy = jnp.zeros((b, bins), jnp.float32).at[rows, k].add(m) / m.shape[1]
       feats.append(jnp.sqrt(energy) * math.sqrt(bins))
   return jnp.concatenate(feats, axis=-1)
