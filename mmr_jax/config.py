@@ -138,9 +138,9 @@ def base_config() -> ConfigDict:
       aux_query_fused=0.0,
       grade_weighted=False,  # weight positives by their ESCI gain
       # Stage 1: weight of the image -> words term: from its image, predict the words of each product's title
-      # (softmax cross-entropy against the bag of its tokens; objectives.words_loss). A direct signal
-      # for the image tower (colours, patterns, categories the title names) while image <-> title is still
-      # weak; the head (model.image_words) exists only in stage-1 runs with a weight > 0.
+      # (against the bag of its tokens, as model.image_words_activation scores it; objectives.words_loss). A
+      # direct signal for the image tower (colours, patterns, categories the title names) while image <-> title
+      # is still weak; the head (model.image_words) exists only in stage-1 runs with a weight > 0.
       image_words=0.0,
       # Stage 1: the image <-> title term trains the image side only (stop-gradient on the title embedding), so
       # the image tower aligns into the text space that the query <-> product-text term trains, and the text

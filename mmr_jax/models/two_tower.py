@@ -90,6 +90,12 @@ def get_config(variant: str = "fusion", size: str = "mu", *, patch_size: int = 1
       # half: what patterns ("striped", "checked") show as, where a ViT trained from scratch at this budget learns
       # colour alone. 0: off.
       image_words_texture_bins=0,
+      # How the image -> words head scores the vocabulary. "softmax": one distribution over it (stage 1 fits each
+      # title's bag of words; p(v | image) is spread over every word of the title, frequent ones first).
+      # "sigmoid": one independent probability per word (stage 1 fits "is v among the title's words", a
+      # multi-label classifier): p(red | photo of a red dress) can reach 1 whatever else the title says, so an
+      # image word counts as about p occurrences in the product's bag.
+      image_words_activation="softmax",
   ))
   cfg.update(overrides)
   return cfg
@@ -273,17 +279,30 @@ def without_part(params: Mapping[str, Any], config: ml_collections.ConfigDict, p
   return traverse_util.unflatten_dict(flat)
 
 
-def _top_words(logits, k: int, raw_scale, on=None) -> dict[str, jax.Array]:
-  """Returns LexicalSegment's extra_tokens / extra_values [B, K] from word logits [B, V]: the K most likely words,
-  word v counting K * (p(v) - p_K+1) times softplus(raw_scale) occurrences, where p_K+1 is the probability of the
-  most likely word left out (0 for rows where `on` [B] is False).
+IMAGE_WORDS_ACTIVATIONS = ("softmax", "sigmoid")
 
-  The K words share K occurrences in proportion to the head's confidence: a head sure of its words adds about one
-  occurrence each, one that spreads its probability over the vocabulary adds next to nothing. Measuring from the
-  first word left out keeps the bag continuous in the logits: two words tied at the K-th place weigh 0 whichever is
-  kept, so float rounding (the exported tower against JAX, another batch size) cannot swap a word in or out.
+
+def image_word_probs(logits, activation: str) -> jax.Array:
+  """Returns p(word | image) [B, V] from the image -> words head's logits [B, V] (model.image_words_activation)."""
+  if activation == "softmax":
+    return jax.nn.softmax(logits, axis=-1)
+  if activation == "sigmoid":
+    return jax.nn.sigmoid(logits)
+  raise ValueError(f"config.model.image_words_activation={activation!r}: expected one of {IMAGE_WORDS_ACTIVATIONS}")
+
+
+def _top_words(logits, k: int, raw_scale, on=None, activation: str = "softmax") -> dict[str, jax.Array]:
+  """Returns LexicalSegment's extra_tokens / extra_values [B, K] from word logits [B, V]: the K most likely words,
+  word v counting c * (p(v) - p_K+1) times softplus(raw_scale) occurrences, where p_K+1 is the probability of the
+  most likely word left out (0 for rows where `on` [B] is False), and c = K for a softmax head, 1 for a sigmoid one.
+
+  Softmax: the K words share K occurrences in proportion to the head's confidence: a head sure of its words adds
+  about one occurrence each, one that spreads its probability over the vocabulary adds next to nothing. Sigmoid:
+  each word's own probability is what it adds. Measuring from the first word left out keeps the bag continuous in
+  the logits: two words tied at the K-th place weigh 0 whichever is kept, so float rounding (the exported tower
+  against JAX, another batch size) cannot swap a word in or out.
   """
-  probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
+  probs = image_word_probs(logits, activation)  # [B, V]
   # A stable sort, not lax.top_k (same words, ties to the lower id): top_k lowers to a StableHLO composite that
   # TensorFlow's XlaCallModule (the exported towers) cannot load.
   ids = jax.lax.broadcasted_iota(jnp.int32, probs.shape, 1)
@@ -291,7 +310,7 @@ def _top_words(logits, k: int, raw_scale, on=None) -> dict[str, jax.Array]:
   top = -neg[:, :k]
   if k < probs.shape[1]:
     top = top + neg[:, k:k + 1]
-  values = top * (k * jax.nn.softplus(raw_scale))
+  values = top * ((k if activation == "softmax" else 1) * jax.nn.softplus(raw_scale))
   if on is not None:
     values = values * on.astype(jnp.float32)[:, None]
   return {"extra_tokens": ids[:, :k], "extra_values": values}
@@ -346,6 +365,9 @@ class Heads(nn.Module):
   param_dtype: Any = jnp.float32
   vocab_size: int = 0
   image_expansion: bool = False
+  # The image -> words bias at init: 0 for a softmax head; for a sigmoid one log(1 / vocab), so every word starts
+  # unlikely (a title holds a few words of the vocabulary) rather than at p = 0.5.
+  image_words_bias_init: float = 0.0
 
   def setup(self):
     def proj(in_axis):
@@ -375,7 +397,7 @@ class Heads(nn.Module):
       self.image_words = nn.Dense(
           self.vocab_size, param_dtype=self.param_dtype,
           kernel_init=layers.logical(nn.initializers.lecun_normal(), ("embed", "vocab")),
-          bias_init=layers.logical(nn.initializers.zeros, ("vocab",)))
+          bias_init=layers.logical(nn.initializers.constant(self.image_words_bias_init), ("vocab",)))
     if self.image_expansion:
       # softplus(0.5413) = 1: at init the image's top word counts as one occurrence in the product's text.
       self.image_expansion_scale = self.param(
@@ -431,10 +453,14 @@ class TwoTower(nn.Module):
     self.fusion = fusion_lib.from_config(cfg.fusion, gate=cfg.variant == "fusion", **kw)
     expansion_k = _expansion_k(cfg, "image_expansion_k", "image words")
     expands = bool(expansion_k) and cfg.variant != "text_only"  # text_only never sees the image
+    activation = cfg.get("image_words_activation", "softmax")
+    if activation not in IMAGE_WORDS_ACTIVATIONS:
+      raise ValueError(f"config.model.image_words_activation={activation!r}: expected one of {IMAGE_WORDS_ACTIVATIONS}")
     self.heads = Heads(cfg.embed_dim, cfg.vit.get("head_dim") or cfg.vit.width,
                        param_dtype=kw["param_dtype"],
                        vocab_size=cfg.text.vocab_size if cfg.get("image_words") or expands else 0,
-                       image_expansion=expands)
+                       image_expansion=expands,
+                       image_words_bias_init=-math.log(cfg.text.vocab_size) if activation == "sigmoid" else 0.0)
     for key in ("image_words_color_bins", "image_words_texture_bins"):
       if int(cfg.get(key, 0)) < 0:
         raise ValueError(f"config.model.{key}={cfg[key]} must be >= 0")
@@ -567,7 +593,8 @@ class TwoTower(nn.Module):
     """Returns the lexical segment's extra_tokens / extra_values [B, K]: the image's K most likely words (see
     `_top_words`; none for products without an image)."""
     return _top_words(self._word_logits(i_pooled, image), int(self.config.image_expansion_k),
-                      self.heads.image_expansion_scale, jnp.asarray(has_image))
+                      self.heads.image_expansion_scale, jnp.asarray(has_image),
+                      self.config.get("image_words_activation", "softmax"))
 
   def embed_text_product(self, product_tokens, train=False) -> dict[str, jax.Array]:
     """Returns {"emb": [B, D']}: the product embedding from its text alone (the text_only variant's),

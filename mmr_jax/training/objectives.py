@@ -20,6 +20,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from mmr_jax import batch_spec
 from mmr_jax.training import losses
@@ -71,7 +72,8 @@ def _stage1_loss(model, params, batch, config, train, rng):
   metrics = {f"i2t/{k}": v for k, v in m.items() if k != "loss"}
   metrics["i2t/loss"] = loss
   if config.loss.image_words > 0:
-    words = words_loss(out["image_word_logits"], batch["title_tokens"], weights, int(config.data.tokenizer.pad_id))
+    words = words_loss(out["image_word_logits"], batch["title_tokens"], weights, int(config.data.tokenizer.pad_id),
+                       config.model.get("image_words_activation", "softmax"))
     loss = loss + config.loss.image_words * words
     metrics["words/loss"] = words
   if "query_tokens" in batch:
@@ -90,17 +92,28 @@ def _stage1_loss(model, params, batch, config, train, rng):
   return loss, metrics
 
 
-def words_loss(logits, tokens, weights, pad_id: int):
-  """Returns the weighted mean over rows of the cross-entropy of softmax(logits [B, V]) against each row's bag
-  of words: the distinct ids of `tokens` [B, L] other than `pad_id`, each 1/count (rows without one: 0)."""
+def words_loss(logits, tokens, weights, pad_id: int, activation: str = "softmax"):
+  """Returns the weighted mean over rows of how well `logits` [B, V] predict each row's bag of words: the
+  distinct ids of `tokens` [B, L] other than `pad_id` (rows without one weigh 0).
+
+  "softmax": the cross-entropy of softmax(logits) against the bag, each word 1/count. "sigmoid": the binary
+  cross-entropy of every word's sigmoid(logit) against "it is in the bag", summed over the vocabulary and divided
+  by the bag's size (a multi-label classifier; the division keeps long and short titles on one scale).
+  """
   b, v = logits.shape
   tokens = jnp.asarray(tokens)
   valid = (tokens != pad_id) & (tokens >= 0) & (tokens < v)
   rows = jnp.arange(b)[:, None]
   bag = jnp.zeros((b, v), jnp.float32).at[rows, jnp.clip(tokens, 0, v - 1)].max(valid.astype(jnp.float32))
   count = jnp.sum(bag, axis=-1)
-  target = bag / jnp.maximum(count, 1.0)[:, None]
-  per_row = -jnp.sum(target * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  if activation == "sigmoid":
+    bce = optax.sigmoid_binary_cross_entropy(logits, bag)
+    per_row = jnp.sum(bce, axis=-1) / jnp.maximum(count, 1.0)
+  elif activation == "softmax":
+    target = bag / jnp.maximum(count, 1.0)[:, None]
+    per_row = -jnp.sum(target * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  else:
+    raise ValueError(f"words_loss: activation={activation!r}, expected 'softmax' or 'sigmoid'")
   w = weights * (count > 0)
   return jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)
 

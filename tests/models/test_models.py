@@ -615,6 +615,33 @@ def test_image_words_are_continuous_at_the_kth_place():
   np.testing.assert_allclose(np.asarray(extra["extra_values"][0]), [k * (p[3] - p[5]), 0.0], atol=1e-6)
 
 
+def test_sigmoid_image_words_count_each_words_own_probability():
+  """A sigmoid head's words are independent: a word the head is sure of counts one occurrence however many other
+  words it is sure of, where a softmax head's K words share K occurrences."""
+  k = 2
+  raw_scale = jnp.float32(math.log(math.e - 1.0))  # scale 1
+  logits = jnp.asarray([[-9.0, 4.0, -1.0, 0.0, 9.0, -9.0]], jnp.float32)
+  extra = two_tower._top_words(logits, k, raw_scale, activation="sigmoid")  # pylint: disable=protected-access
+  p = 1.0 / (1.0 + np.exp(-np.asarray(logits[0], np.float64)))
+  np.testing.assert_array_equal(np.asarray(extra["extra_tokens"][0]), [4, 1])
+  np.testing.assert_allclose(np.asarray(extra["extra_values"][0]), [p[4] - p[3], p[1] - p[3]], rtol=1e-5)
+  soft = two_tower._top_words(logits, k, raw_scale)  # pylint: disable=protected-access
+  assert float(soft["extra_values"][0, 1]) < 0.05 < float(extra["extra_values"][0, 1])
+  off = two_tower._top_words(  # pylint: disable=protected-access
+      logits, k, raw_scale, on=jnp.asarray([False]), activation="sigmoid")
+  np.testing.assert_array_equal(np.asarray(off["extra_values"]), 0.0)
+  # The model: a sigmoid head starts every word at p = 1 / vocab; an unknown activation is an error at init.
+  cfg = two_tower.get_config("fusion", "pico", vocab_size=100, max_len=8, embed_dim=16, lexical_dim=128,
+                             image_expansion_k=4, image_words_activation="sigmoid")
+  batch = two_tower.dummy_batch(cfg, image_size=16)
+  params = two_tower.TwoTower(cfg).init(jax.random.PRNGKey(0), batch)["params"]
+  np.testing.assert_allclose(np.asarray(nn.meta.unbox(params)["heads"]["image_words"]["bias"]), -math.log(100),
+                             rtol=1e-6)
+  cfg.image_words_activation = "tanh"
+  with pytest.raises(ValueError, match="image_words_activation='tanh'"):
+    two_tower.TwoTower(cfg).init(jax.random.PRNGKey(0), batch)
+
+
 def test_texture_histogram_puts_stripes_energy_in_their_orientation_bin_at_their_scale():
   img = np.full((4, 16, 16, 3), 128, np.uint8)  # 0: plain grey
   img[1, :, ::2] = 255  # 1: vertical stripes one pixel wide (grey varies along x: orientation 0)

@@ -124,6 +124,26 @@ def test_words_loss_is_the_cross_entropy_against_each_rows_bag_of_words():
   np.testing.assert_allclose(got1, want1, rtol=1e-5)
 
 
+def test_sigmoid_words_loss_is_each_words_binary_cross_entropy_per_word_of_the_bag():
+  logits = np.asarray([[2.0, -1.0, 0.5, -3.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
+  tokens = np.asarray([[2, 3, 3, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.int32)  # pad 0; a repeat counts once
+  weights = np.asarray([1.0, 0.5, 1.0], np.float32)
+  got = float(objectives.words_loss(logits, tokens, weights, pad_id=0, activation="sigmoid"))
+
+  def bce(x, y):
+    p = 1.0 / (1.0 + np.exp(-x))
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+  row0 = np.sum(bce(logits[0], np.array([0, 0, 1, 1]))) / 2  # words 2 and 3, each word of the vocabulary scored
+  row1 = np.sum(bce(logits[1], np.array([0, 1, 0, 0]))) / 1
+  np.testing.assert_allclose(got, (row0 + 0.5 * row1) / 1.5, rtol=1e-5)  # the empty row has no weight
+  # Unlike the softmax's, the term falls towards 0 as the head grows sure of each word on its own.
+  sure = np.where(np.array([[0, 0, 1, 1]]), 20.0, -20.0).astype(np.float32)
+  assert float(objectives.words_loss(sure, tokens[:1], np.ones(1, np.float32), 0, "sigmoid")) < 1e-6
+  assert float(objectives.words_loss(sure, tokens[:1], np.ones(1, np.float32), 0, "softmax")) > 0.69
+  with pytest.raises(ValueError, match="activation='tanh'"):
+    objectives.words_loss(logits, tokens, weights, pad_id=0, activation="tanh")
+
+
 def test_stage1_image_words_term_trains_a_head_that_only_stage1_runs_have(tiny_data):
   cfg = tiny_config(tiny_data, stage=1, variant="fusion")
   cfg.loss.image_words = 0.5
@@ -140,7 +160,8 @@ def test_stage1_image_words_term_trains_a_head_that_only_stage1_runs_have(tiny_d
   v = {"params": params}
   out = model.apply(v, batch["title_tokens"], batch["image"], batch["has_image"], method="embed_title_image")
   want = objectives.words_loss(out["image_word_logits"], batch["title_tokens"],
-                               batch["has_image"].astype(np.float32), cfg.data.tokenizer.pad_id)
+                               batch["has_image"].astype(np.float32), cfg.data.tokenizer.pad_id,
+                               cfg.model.image_words_activation)
   np.testing.assert_allclose(float(m["words/loss"]), float(want), rtol=1e-5)
   # The demo's stage 1 reads pairs: its query <-> text term.
   text = float(m.get("q2t/loss", 0.0))
