@@ -453,7 +453,8 @@ class TwoTower(nn.Module):
     self.fusion = fusion_lib.from_config(cfg.fusion, gate=cfg.variant == "fusion", **kw)
     expansion_k = _expansion_k(cfg, "image_expansion_k", "image words")
     expands = bool(expansion_k) and cfg.variant != "text_only"  # text_only never sees the image
-    activation = cfg.get("image_words_activation", "softmax")
+    # Configs saved before the option existed read as the softmax head they trained.
+    activation = self.words_activation = cfg.get("image_words_activation", "softmax")
     if activation not in IMAGE_WORDS_ACTIVATIONS:
       raise ValueError(f"config.model.image_words_activation={activation!r}: expected one of {IMAGE_WORDS_ACTIVATIONS}")
     self.heads = Heads(cfg.embed_dim, cfg.vit.get("head_dim") or cfg.vit.width,
@@ -593,8 +594,7 @@ class TwoTower(nn.Module):
     """Returns the lexical segment's extra_tokens / extra_values [B, K]: the image's K most likely words (see
     `_top_words`; none for products without an image)."""
     return _top_words(self._word_logits(i_pooled, image), int(self.config.image_expansion_k),
-                      self.heads.image_expansion_scale, jnp.asarray(has_image),
-                      self.config.get("image_words_activation", "softmax"))
+                      self.heads.image_expansion_scale, jnp.asarray(has_image), self.words_activation)
 
   def embed_text_product(self, product_tokens, train=False) -> dict[str, jax.Array]:
     """Returns {"emb": [B, D']}: the product embedding from its text alone (the text_only variant's),
