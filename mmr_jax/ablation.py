@@ -15,13 +15,16 @@ Rows (same steps, batch and examples for every row; see README):
   text_only_ft  text_only from stage 1's text towers: the stage-1 rows without an image, so fusion_ft and
               concat_ft minus it is what the image adds (ablation_margins.json "image_adds"); not run by default
 
-Writes DIR/ablation.json (a list of rows), DIR/ablation.md and DIR/ablation.png; each row's own
-workdir (DIR/<row>/) holds its checkpoints and metrics.json. Finished rows are skipped on re-run.
+Writes DIR/ablation.json (a list of rows), DIR/ablation.md, DIR/ablation_margins.json and DIR/ablation.png;
+each row's own workdir (DIR/<row>/) holds its checkpoints and metrics.json. Finished rows are skipped on re-run.
+The margins (fusion_ft - text_only, what the image adds, each row - bm25) come with a 95 % paired bootstrap
+interval over the test queries: whether another sample of queries could reverse them.
 
 With `--seeds 0,1,2` the whole ablation runs once per seed (config `seed`: initialisation, data order,
 augmentation) in DIR/seed_<s>/, and DIR/ablation_seeds.json / .md give each row's mean, standard deviation and
-range over the seeds, and the fusion_ft - text_only margin per seed: a margin of a point or two at one seed is
-within what another seed moves it at the demo's budget.
+range over the seeds, and the fusion_ft - text_only margin per seed (a margin of a point or two at one seed is
+within what another seed moves it at the demo's budget) and pooled: each query's margin averaged over the seeds,
+with its interval over the queries.
 
 The stage-1 run and the rows are the points of one sweep (`mmr_jax/sweep_runner.py`, the runner of
 `launch.sweep` too): the rows that name stage 1 depend on it (rows that only mine hard negatives with its
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import warnings
 
 import jax
 from jax.experimental import multihost_utils
@@ -55,6 +59,7 @@ from mmr_jax import train
 log = logging.getLogger("mmr_jax.ablation")
 
 ROWS = ("text_only", "concat", "concat_ft", "fusion_ft", "fusion_e2e")  # the default; get_sweep may name more
+SEED_METRICS = ("recall@100", "ndcg@10")  # the margins' metrics (the paper's two)
 PAPER = {"text_only": (72.3, 41.2), "concat": (73.1, 41.8), "concat_ft": (75.6, 43.5), "fusion_ft": (77.4, 45.1)}
 
 
@@ -95,10 +100,12 @@ def row_summary(name: str, results: dict, split: str = "test", system: str | Non
       raise KeyError(f"row {name}: its metrics.json has no exact-search breakdown (written by an older "
                      "mmr_jax.evaluate); evaluate that workdir again")
     return {"overall": v["exact"], "by_tag": v["by_tag_exact"], "by_sparsity": v["by_sparsity_exact"],
-            "scann": v["overall"], "scann_recall_vs_exact": v["scann_recall_vs_exact"]}
+            "scann": v["overall"], "scann_recall_vs_exact": v["scann_recall_vs_exact"],
+            "per_query": v.get("per_query_exact")}
 
   splits = {s: view(v) for s, v in results["splits"].items() if system is None or system in v}
   r = splits[split]
+  groups = results["splits"][split].get("query_groups")
   return {
       "row": name,
       "overall": keep(r["overall"]),
@@ -108,6 +115,9 @@ def row_summary(name: str, results: dict, split: str = "test", system: str | Non
       "scann_recall_vs_exact": r["scann_recall_vs_exact"],
       "splits": {s: {"overall": keep(v["overall"]), "scann_recall_vs_exact": v["scann_recall_vs_exact"]}
                  for s, v in splits.items()},
+      # Each query's metrics (evaluate's metrics_per_query.json; None for a workdir evaluated before it was
+      # written): `margins` pairs two rows query by query for its confidence intervals.
+      "per_query": {"values": r["per_query"], "groups": groups} if r.get("per_query") and groups else None,
   }
 
 
@@ -153,16 +163,60 @@ def table(rows: list[dict]) -> str:
   return report.markdown_table(head, body)
 
 
+CI_LEVEL = 0.95
+
+
 def margins(rows: list[dict], row: str = "fusion_ft", baseline: str = "text_only") -> dict:
-  """Returns `row` minus `baseline` (points of recall@100 / ndcg@10), overall and per tag; {} if either is missing."""
+  """Returns `row` minus `baseline` (points of recall@100 / ndcg@10), overall and per tag; {} if either is missing.
+
+  Where both rows hold their per-query values for the same queries, each group also gets "ci95": {metric: [low,
+  high]}, the paired bootstrap interval over its queries (`metrics.paired_bootstrap`): a margin whose interval
+  holds 0 is not told apart from the sample of queries.
+  """
   by = {r["row"]: r for r in rows}
   if row not in by or baseline not in by:
     return {}
+  paired = _paired_values([by[row]], [by[baseline]])
   out = {}
   for group in ["overall"] + [f"tag:{t}" for t in by[row]["by_tag"]]:
     get = (lambda r: r["overall"]) if group == "overall" else (lambda r, t=group[4:]: r["by_tag"].get(t, {}))
     a, b = get(by[row]), get(by[baseline])
-    out[group] = {m: 100 * (a.get(m, np.nan) - b.get(m, np.nan)) for m in ("recall@100", "ndcg@10")}
+    out[group] = {m: 100 * (a.get(m, np.nan) - b.get(m, np.nan)) for m in SEED_METRICS}
+    if paired is not None:
+      out[group]["ci95"] = _interval(paired, group)
+  return out
+
+
+def _paired_values(rows_a: list[dict], rows_b: list[dict]):
+  """Returns (per-query group indexes, {metric: [runs, Q] a - b}) of rows paired run by run (one run, or one per
+  seed), or None when a row lacks per-query values or two of them scored different queries."""
+  pqs = [r.get("per_query") for r in rows_a + rows_b]
+  if not all(pqs) or len({pq["groups"]["fingerprint"] for pq in pqs}) != 1:
+    if all(pqs):
+      log.warning("rows %s: their per-query values are of different queries; no confidence intervals",
+                  sorted({r["row"] for r in rows_a + rows_b}))
+    return None
+  diffs = {}
+  for m in SEED_METRICS:
+    if not all(m in pq["values"] for pq in pqs):
+      continue
+    diffs[m] = np.stack([np.asarray(a["per_query"]["values"][m], np.float64)
+                         - np.asarray(b["per_query"]["values"][m], np.float64) for a, b in zip(rows_a, rows_b)])
+  return pqs[0]["groups"], diffs
+
+
+def _interval(paired, group: str) -> dict:
+  """Returns {metric: [low, high]} (points): the CI_LEVEL interval of the mean over `group`'s queries of the
+  per-query differences, averaged over the runs first (the same queries at every seed)."""
+  groups, diffs = paired
+  out = {}
+  for m, d in diffs.items():
+    idx = np.arange(d.shape[1]) if group == "overall" else np.asarray(groups["by_tag"].get(group[4:], []), int)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # a query undefined at every run: its mean is NaN, left out
+      per_query = np.nanmean(d[:, idx], axis=0) if idx.size else np.zeros(0)
+    ci = metrics_lib.paired_bootstrap(per_query, np.zeros_like(per_query), level=CI_LEVEL)
+    out[m] = [100 * ci["low"], 100 * ci["high"]]
   return out
 
 
@@ -387,7 +441,7 @@ def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batc
   for r in sweep_runner.run(points, str(root), _InProcess(configs, data_dir)):
     if r.status == "ok":
       timings["stage1_s" if r.name == STAGE1 else r.name] = r.seconds
-  results = {p.name: json.loads((root / p.name / "metrics.json").read_text()) for p in points if p.name != STAGE1}
+  results = {p.name: evaluate.load_results(str(root / p.name)) for p in points if p.name != STAGE1}
   out_rows = [row_summary(name, res) for name, res in results.items()] + keyword_rows(results)
   _write_reports(root, data_dir, config_path, info, out_rows, timings)
   return out_rows
@@ -404,9 +458,17 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
            "judged query by construction): compare the rows by NDCG@10 and the per-row metrics.json (recall@10)."]
   gains = margins(out_rows)
   fmt_gains = lambda g: "; ".join(  # noqa: E731
-      f"{k}: R@100 {v['recall@100']:+.1f}, NDCG@10 {v['ndcg@10']:+.1f}" for k, v in g.items())
+      f"{k}: R@100 {_fmt_margin(v, 'recall@100')}, NDCG@10 {_fmt_margin(v, 'ndcg@10')}" for k, v in g.items())
   if gains:
     md += ["", "fusion_ft minus text_only (points): " + fmt_gains(gains)]
+    if "ci95" in gains["overall"]:
+      md += ["", f"[low, high]: the {CI_LEVEL:.0%} paired bootstrap interval over the test queries (the same queries "
+             "resampled for both rows); a margin whose interval holds 0 is within what another sample of queries "
+             "moves it."]
+  over_concat = margins(out_rows, "fusion_ft", "concat_ft")
+  if over_concat:
+    md += ["", "fusion_ft minus concat_ft (what the fusion network adds over concatenating the same stage-1 towers' "
+           "embeddings, points): " + fmt_gains(over_concat)]
   # The stage-1 rows minus the same stage-1 text towers without an image: what the image itself adds.
   image_adds = {name: margins(out_rows, name, "text_only_ft") for name in ("fusion_ft", "concat_ft")}
   image_adds = {k: v for k, v in image_adds.items() if v}
@@ -426,9 +488,16 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
     md += [f"- {name}: {fmt_gains(g)}" for name, g in vs_bm25.items()]
   fileio.write_text(root / "ablation.md", "\n".join(md) + "\n")
   fileio.write_json(root / "ablation_margins.json",
-                    {"fusion_ft_minus_text_only": gains, "minus_bm25": vs_bm25, "image_adds": image_adds,
+                    {"fusion_ft_minus_text_only": gains, "fusion_ft_minus_concat_ft": over_concat,
+                     "minus_bm25": vs_bm25, "image_adds": image_adds,
                      "timings_s": timings})
   fileio.write_atomic(root / "ablation.png", lambda p: plot_rows(out_rows, p))
+
+
+def _fmt_margin(v: dict, metric: str) -> str:
+  """Returns "+4.0" or, with its confidence interval, "+4.0 [+2.1, +5.9]" (points)."""
+  ci = v.get("ci95", {}).get(metric)
+  return f"{v[metric]:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
 
 
 def _spread(values) -> dict:
@@ -440,12 +509,15 @@ def _spread(values) -> dict:
           "values": [float(x) for x in v]}
 
 
-SEED_METRICS = ("recall@100", "ndcg@10")
+# The margins ablation_seeds.json follows over the seeds: the paper's headline, and what the fusion network adds
+# over naive concatenation of the same stage-1 towers.
+SEED_MARGINS = (("fusion_ft", "text_only"), ("fusion_ft", "concat_ft"))
 
 
 def seed_summary(per_seed: dict) -> dict:
   """Returns ablation_seeds.json from {seed: that seed's ablation.json rows}: per row, overall and per tag, the
-  spread (`_spread`) of each metric over the seeds; and the fusion_ft - text_only margins (points) likewise."""
+  spread (`_spread`) of each metric over the seeds; and the `SEED_MARGINS` (points) likewise, each pooled over the
+  seeds with its interval over the queries ("ci95") where the rows kept their per-query values."""
   seeds = list(per_seed)
   if not seeds:
     raise ValueError("seed_summary: no seeds")
@@ -461,11 +533,27 @@ def seed_summary(per_seed: dict) -> dict:
         "overall": {m: _spread([by_seed[s][name]["overall"].get(m, np.nan) for s in seeds]) for m in SEED_METRICS},
         "by_tag": {t: {m: _spread([by_seed[s][name]["by_tag"].get(t, {}).get(m, np.nan) for s in seeds])
                        for m in SEED_METRICS} for t in tags}}
-  gains = {s: margins(per_seed[s]) for s in seeds}
+  out = {"seeds": seeds, "rows": out_rows}
+  for row, baseline in SEED_MARGINS:
+    out[f"{row}_minus_{baseline}"] = _seed_margin(per_seed, by_seed, row, baseline)
+  return out
+
+
+def _seed_margin(per_seed: dict, by_seed: dict, row: str, baseline: str) -> dict:
+  """Returns {group: {metric: spread of `row` - `baseline` over the seeds (+ "ci95")}}; {} without both rows."""
+  seeds = list(per_seed)
+  gains = {s: margins(per_seed[s], row, baseline) for s in seeds}
   groups = sorted({g for m in gains.values() for g in m}, key=lambda g: (g != "overall", g))
   margin = {g: {m: _spread([gains[s].get(g, {}).get(m, np.nan) for s in seeds]) for m in SEED_METRICS}
             for g in groups}
-  return {"seeds": seeds, "rows": out_rows, "fusion_ft_minus_text_only": margin}
+  if margin and all(row in by_seed[s] and baseline in by_seed[s] for s in seeds):
+    # Pooled over the seeds: each query's margin averaged over them, its interval over the queries.
+    paired = _paired_values([by_seed[s][row] for s in seeds], [by_seed[s][baseline] for s in seeds])
+    if paired is not None:
+      for g in groups:
+        for m, ci in _interval(paired, g).items():
+          margin[g][m]["ci95"] = ci
+  return margin
 
 
 def seed_table(summary: dict) -> str:
@@ -507,14 +595,18 @@ def run_seeds(workdir: str, seeds, data_dir: str, config_path: str, rows=ROWS, s
   summary = seed_summary(per_seed)
   if jax.process_index() == 0:
     fmt = lambda sp: "-" if sp["mean"] is None else (  # noqa: E731
-        f"{sp['mean']:+.1f} ± {sp['std']:.1f} (" + ", ".join(f"{v:+.1f}" for v in sp["values"]) + ")")
+        f"{sp['mean']:+.1f} ± {sp['std']:.1f} (" + ", ".join(f"{v:+.1f}" for v in sp["values"]) + ")"
+        + (f" [{sp['ci95'][0]:+.1f}, {sp['ci95'][1]:+.1f}]" if "ci95" in sp else ""))
     md = ["# Ablation over seeds", "", f"Data: `{data_dir}`; config: `{config_path}`; seeds {seeds} (each in "
           "`seed_<s>/`, its own ablation.md); test split, exact search; mean ± standard deviation (min … max) "
           "over the seeds, in %.", "", seed_table(summary)]
-    margin = summary["fusion_ft_minus_text_only"]
-    if margin:
-      md += ["", "fusion_ft minus text_only (points; mean ± std, then each seed's):"]
-      md += [f"- {g}: R@100 {fmt(m['recall@100'])}; NDCG@10 {fmt(m['ndcg@10'])}" for g, m in margin.items()]
+    for row, baseline in SEED_MARGINS:
+      margin = summary[f"{row}_minus_{baseline}"]
+      if margin:
+        md += ["", f"{row} minus {baseline} (points; mean ± std, then each seed's; [low, high]: the "
+               f"{CI_LEVEL:.0%} paired bootstrap interval over the test queries of each query's margin averaged "
+               "over the seeds):"]
+        md += [f"- {g}: R@100 {fmt(m['recall@100'])}; NDCG@10 {fmt(m['ndcg@10'])}" for g, m in margin.items()]
     fileio.write_json(root / "ablation_seeds.json", summary)
     fileio.write_text(root / "ablation_seeds.md", "\n".join(md) + "\n")
   return summary

@@ -4,9 +4,10 @@ score the rankings beside BM25 keyword search and the hybrid of both.
   python -m mmr_jax.evaluate --workdir DIR [--data DATA_DIR] [--split test]
   python -m mmr_jax.evaluate --workdir DIR --products_only   # catalogue_embeddings.npy alone (any stage)
 
-Writes into the workdir: metrics.json, metrics.md (tables), recall_at_k.png, product_embeddings.npy and
-the ScaNN index (index/, ScaNN's own serialisation, reusable by export). The measures themselves live in
-`mmr_jax.evals` and work on any embedding functions; this module is the command around them.
+Writes into the workdir: metrics.json, metrics.md (tables), metrics_per_query.json (each query's Recall@100 and
+NDCG@10 per system, and the query groups: what the ablation's confidence intervals pair), recall_at_k.png,
+product_embeddings.npy and the ScaNN index (index/, ScaNN's own serialisation, reusable by export). The measures
+themselves live in `mmr_jax.evals` and work on any embedding functions; this module is the command around them.
 """
 
 from __future__ import annotations
@@ -85,9 +86,23 @@ def _evaluate_workdir(workdir, data_dir, splits, batch_size, scann_params, save_
       fileio.write_atomic(out / "product_embeddings.npy", lambda p: np.save(p, prod_emb))
     fileio.write_atomic(out / "recall_at_k.png", lambda p: report.plot_recall(results, p))
     fileio.write_text(out / f"{out_name}.md", report.markdown_report(results, f"Retrieval metrics: {out.name}"))
+    summary, per_query = retrieval.split_per_query(results)
+    fileio.write_json(out / f"{out_name}{PER_QUERY_SUFFIX}", per_query)
     # Last: metrics.json marks the evaluation done (sweeps and the ablation skip a point that has it).
-    fileio.write_json(out / f"{out_name}.json", results)
+    fileio.write_json(out / f"{out_name}.json", summary)
   return results
+
+
+PER_QUERY_SUFFIX = "_per_query.json"  # metrics_per_query.json: each query's metrics, beside metrics.json
+
+
+def load_results(workdir: str, out_name: str = "metrics") -> dict:
+  """Returns what `evaluate_workdir` returned for `workdir`: its metrics.json joined with metrics_per_query.json
+  (the per-query values; absent from workdirs evaluated before it was written, and then left out)."""
+  w = epath.Path(workdir)
+  results = json.loads((w / f"{out_name}.json").read_text())
+  pq = w / f"{out_name}{PER_QUERY_SUFFIX}"
+  return retrieval.join_per_query(results, json.loads(pq.read_text())) if pq.exists() else results
 
 
 def _embed_products(tm: embedding.Embedder, data_dir: str, batch_size: int, num_products: int) -> np.ndarray:

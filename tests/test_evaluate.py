@@ -39,6 +39,13 @@ def test_evaluate_embeddings_hand_built_case():
   assert r["by_sparsity"]["dense_products"]["num_queries"] == 1
   assert r["scann_recall_vs_exact"] == pytest.approx(1.0)  # small N: ScaNN is brute force
   assert res["sparse_words_threshold"] == pytest.approx(np.quantile(num_words, 0.25))
+  # Each query's values are kept, with the query groups, to pair two rankings of the same queries.
+  assert r["per_query_exact"]["recall@100"] == [1.0, 0.0] and r["per_query_exact"]["ndcg@10"][1] == 0.0
+  assert np.mean(r["per_query_exact"]["ndcg@10"]) == pytest.approx(r["exact"]["ndcg@10"], abs=1e-6)
+  assert r["query_groups"]["by_tag"] == {"textual": [1], "visual": [0]}
+  assert r["query_groups"]["by_sparsity"] == {"sparse_products": [0], "dense_products": [1]}
+  assert r["query_groups"]["fingerprint"] == retrieval.query_fingerprint(labels)
+  assert retrieval.query_fingerprint([{5: 1.0}, {200: 1.0}]) != retrieval.query_fingerprint(labels)
   md = report.markdown_report(res)
   assert "| test | exact | 50.0 |" in md
   assert "ScaNN searched by brute force (fewer than brute_force_below=2048 products)" in md
@@ -94,6 +101,17 @@ def test_evaluate_workdir_writes_reports(tiny_workdir, tiny_data):
       assert 0.0 <= split["overall"][k] <= 1.0
     assert 0.0 <= split["scann_recall_vs_exact"] <= 1.0
     assert split["by_tag"], "no per-tag breakdown"
+  # metrics.json is the summary; each query's values are in metrics_per_query.json, and load_results joins them.
+  assert "per_query_exact" not in saved["splits"]["test"] and "per_query" not in saved["splits"]["test"]["bm25"]
+  per_query = json.loads((wd / "metrics_per_query.json").read_text())
+  assert set(per_query) == set(saved["splits"])
+  assert set(per_query["test"]) == {"per_query_exact", "query_groups", "bm25_per_query", "hybrid_per_query"}
+  loaded = evaluate.load_results(tiny_workdir)["splits"]["test"]
+  assert np.nanmean(loaded["per_query_exact"]["ndcg@10"]) == pytest.approx(saved["splits"]["test"]["exact"]["ndcg@10"])
+  assert np.nanmean(loaded["bm25"]["per_query"]["recall@100"]) == pytest.approx(
+      saved["splits"]["test"]["bm25"]["overall"]["recall@100"])
+  assert json.dumps(retrieval.join_per_query(*retrieval.split_per_query(res)), sort_keys=True, default=float) == \
+      json.dumps(json.loads(json.dumps(res, default=float)), sort_keys=True, default=float)
   assert (wd / "metrics.md").read_text().startswith("# Retrieval metrics")
   assert (wd / "recall_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   emb = np.load(wd / "product_embeddings.npy")
@@ -200,6 +218,55 @@ def test_text_only_ft_is_the_stage_1_rows_without_an_image_and_the_margins_say_w
   ablation._write_reports(tmp_path, tiny_data, "demo", {"num_products": 300}, rows[1:], {})
   assert json.loads((tmp_path / "ablation_margins.json").read_text())["image_adds"] == {}
   assert "What the image adds" not in (tmp_path / "ablation.md").read_text()
+
+
+def test_margins_carry_a_paired_interval_over_the_queries_and_pool_it_over_seeds(tmp_path):
+  rng = np.random.default_rng(0)
+  centres = _unit(rng.normal(size=(30, 16)))
+  products = _unit(centres[rng.integers(30, size=1000)] + 0.3 * rng.normal(size=(1000, 16))).astype(np.float32)
+  targets = rng.integers(1000, size=200)
+  queries = _unit(products[targets] + 0.3 * rng.normal(size=(200, 16))).astype(np.float32)
+  split = {"emb": queries, "labels": [{int(t): 1.0} for t in targets],
+           "tags": [["visual"] if i % 2 else ["textual"] for i in range(200)]}
+  blurred = _unit(products + 0.6 * rng.normal(size=products.shape)).astype(np.float32)
+
+  def row(name, emb, q=split):
+    return ablation.row_summary(name, retrieval.evaluate_embeddings(emb, {"test": q}, np.arange(1000)))
+
+  good, worse = row("fusion_ft", products), row("text_only", blurred)
+  g = ablation.margins([worse, good])
+  for group in ("overall", "tag:visual", "tag:textual"):
+    for m in ("recall@100", "ndcg@10"):
+      low, high = g[group]["ci95"][m]
+      assert 0 < low <= g[group][m] <= high, (group, m)  # sharper embeddings win, and 200 queries say so
+  # The same ranking twice: margin 0, interval [0, 0].
+  assert ablation.margins([row("text_only", products), good])["overall"]["ci95"]["ndcg@10"] == [0.0, 0.0]
+  # Rows of other queries, or without per-query values (evaluated before they were kept), get no interval.
+  other = dict(split, labels=[{int(t) + 1: 1.0} for t in targets])
+  assert "ci95" not in ablation.margins([row("text_only", blurred, other), good])["overall"]
+  assert "ci95" not in ablation.margins([dict(worse, per_query=None), good])["overall"]
+  ablation._write_reports(tmp_path, "DATA", "demo", {"num_products": 1000}, [worse, good], {})
+  saved = json.loads((tmp_path / "ablation_margins.json").read_text())["fusion_ft_minus_text_only"]
+  assert saved["overall"]["ci95"]["ndcg@10"] == pytest.approx(g["overall"]["ci95"]["ndcg@10"])
+  o = g["overall"]
+  assert (f"overall: R@100 {o['recall@100']:+.1f} [{o['ci95']['recall@100'][0]:+.1f}, "
+          f"{o['ci95']['recall@100'][1]:+.1f}]") in (tmp_path / "ablation.md").read_text()
+  # Over seeds, each query's margin is averaged over the seeds first: two identical seeds give one seed's interval,
+  # and a seed with no margin halves it.
+  summary = ablation.seed_summary({0: [worse, good], 1: [worse, good]})
+  assert summary["fusion_ft_minus_text_only"]["overall"]["ndcg@10"]["ci95"] == pytest.approx(o["ci95"]["ndcg@10"])
+  level = ablation.seed_summary({0: [worse, good], 1: [dict(good, row="text_only"), good]})
+  assert level["fusion_ft_minus_text_only"]["overall"]["ndcg@10"]["ci95"] == pytest.approx(
+      [x / 2 for x in o["ci95"]["ndcg@10"]])
+  # fusion_ft - concat_ft (what the fusion network adds) is followed the same way, where the run has concat_ft.
+  assert level["fusion_ft_minus_concat_ft"] == {}
+  with_concat = ablation.seed_summary({s: [worse, good, dict(worse, row="concat_ft")] for s in (0, 1)})
+  assert with_concat["fusion_ft_minus_concat_ft"]["overall"]["ndcg@10"]["ci95"] == pytest.approx(o["ci95"]["ndcg@10"])
+  rows = [worse, good, dict(worse, row="concat_ft")]
+  ablation._write_reports(tmp_path, "DATA", "demo", {"num_products": 1000}, rows, {})
+  saved = json.loads((tmp_path / "ablation_margins.json").read_text())["fusion_ft_minus_concat_ft"]
+  assert saved["overall"]["ndcg@10"] == pytest.approx(ablation.margins(rows, "fusion_ft", "concat_ft")["overall"]["ndcg@10"])
+  assert "fusion_ft minus concat_ft (what the fusion network adds" in (tmp_path / "ablation.md").read_text()
 
 
 def test_evaluate_cli_help():

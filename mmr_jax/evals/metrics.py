@@ -12,7 +12,8 @@ Conventions shared with `index.py` and `evaluate.py`:
 
 Per-query values are returned alongside the averages (`per_query_metrics`) so that any
 breakdown (query tag, sparsity bin, novel products) is an exact average over its queries,
-not an average of averages.
+not an average of averages, and two systems on the same queries can be compared query by query
+(`paired_bootstrap`: the difference's confidence interval).
 
 Undefined per-query values are NaN and excluded from averages:
 - recall@k and MRR: queries with no relevant (E) product;
@@ -228,6 +229,32 @@ def breakdown(per_query: Mapping[str, np.ndarray],
     except ValueError as e:
       raise ValueError(f"breakdown group {name!r}: {e}") from e
   return out
+
+
+def paired_bootstrap(a, b, *, level: float = 0.95, num_resamples: int = 2000, seed: int = 0) -> dict:
+  """Returns how far apart two systems are on the same queries: mean(a - b) and its confidence interval.
+
+  `a`, `b` [Q]: per-query values of one metric (`per_query_metrics`) for two rankings of the same queries, in
+  the same order; queries where either is NaN (undefined) are left out. The interval is the percentile
+  bootstrap over queries (resampled with replacement, the same draw for both systems: paired), the usual
+  test in IR evaluation. A difference whose interval holds 0 is not told apart from which queries happened
+  to be sampled. Deterministic: the resamples come from `seed`.
+
+  Returns {"mean", "low", "high", "num_queries"} (the first three NaN when no query is defined in both).
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"paired_bootstrap needs two [Q] arrays of the same queries, got shapes {a.shape} and {b.shape}")
+  if not 0 < level < 1:
+    raise ValueError(f"level must lie in (0, 1), got {level}")
+  d = (a - b)[~(np.isnan(a) | np.isnan(b))]
+  if not d.size:
+    return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "num_queries": 0}
+  draws = np.random.default_rng(seed).integers(0, d.size, size=(int(num_resamples), d.size))
+  means = d[draws].mean(axis=1)
+  tail = 100 * (1 - level) / 2
+  low, high = np.percentile(means, [tail, 100 - tail])
+  return {"mean": float(d.mean()), "low": float(low), "high": float(high), "num_queries": int(d.size)}
 
 
 def labels_from_arrays(relevant_index: Sequence, relevant_grade: Sequence) -> list[dict[int, float]]:

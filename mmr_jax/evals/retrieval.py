@@ -9,6 +9,8 @@ text sparsity of the query's relevant products, and BM25 / hybrid rows beside th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from typing import Callable, Mapping, Sequence
@@ -63,12 +65,29 @@ def sparse_threshold(num_words: np.ndarray, quantile: float = 0.25) -> float:
   return float(np.quantile(num_words, quantile))
 
 
+# The headline metrics kept per query (the ablation's margins and their confidence intervals pair them by query).
+PER_QUERY_KEYS = ("recall@100", "ndcg@10")
+
+
 def score_ranking(ranked: np.ndarray, labels, tag_groups: Mapping[str, np.ndarray],
                   sparsity_groups: Mapping[str, np.ndarray], ks: Sequence[int], ndcg_k: int) -> dict:
-  """Returns {"overall", "by_tag", "by_sparsity"} metrics of one ranking [Q, K] (any search system)."""
+  """Returns {"overall", "by_tag", "by_sparsity", "per_query"} metrics of one ranking [Q, K] (any search system).
+
+  "per_query": {metric: [Q] list, NaN where undefined} for the `PER_QUERY_KEYS` the ranking is long enough for.
+  """
   per_q = metrics_lib.per_query_metrics(ranked, labels, ks=ks, ndcg_ks=(ndcg_k,))
   return {"overall": metrics_lib.aggregate(per_q), "by_tag": metrics_lib.breakdown(per_q, tag_groups),
-          "by_sparsity": metrics_lib.breakdown(per_q, sparsity_groups)}
+          "by_sparsity": metrics_lib.breakdown(per_q, sparsity_groups),
+          "per_query": {m: [round(float(v), 6) for v in per_q[m]] for m in PER_QUERY_KEYS if m in per_q}}
+
+
+def query_fingerprint(labels: Sequence[Mapping[int, float]]) -> str:
+  """Returns a short hash of a split's queries (their labelled products and gains, in order): two rankings' per-query
+  values pair up only when they score the same queries in the same order."""
+  h = hashlib.sha256()
+  for lab in labels:
+    h.update(json.dumps(sorted((int(p), float(g)) for p, g in lab.items())).encode() + b"\n")
+  return h.hexdigest()[:16]
 
 
 def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], product_num_words: np.ndarray,
@@ -79,7 +98,9 @@ def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], pr
 
   `index`: a prebuilt ScannIndex over product_emb (else one is built). Per split: "overall", "by_tag",
   "by_sparsity" (ScaNN ranking: what serving returns), "exact", "by_tag_exact", "by_sparsity_exact" (exact
-  ranking: the model's own quality) and "scann_recall_vs_exact" (recall@k of ScaNN's top k against exact top k).
+  ranking: the model's own quality), "scann_recall_vs_exact" (recall@k of ScaNN's top k against exact top k),
+  "per_query_exact" (the exact ranking's `PER_QUERY_KEYS` per query) and "query_groups" (the queries' fingerprint
+  and each tag's and sparsity bin's query indexes), so rows can be compared query by query.
   ScaNN trains its partitions and quantiser with randomness it does not let us seed: the same embeddings
   rank differently from one build to the next (on a few thousand products, a point or two of recall@100),
   so compare models by the exact ranking (the ablation does) and the index by its recall against it.
@@ -136,6 +157,10 @@ def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], pr
         "scann_recall_vs_exact": index_lib.recall_vs_exact(approx_idx, exact_idx, k_found),
         "search_s": {"scann": t_scann, "exact": t_exact},
         "recall_curve": _recall_curve(approx_idx, exact_idx, q["labels"], k_found),
+        "per_query_exact": exact["per_query"],
+        "query_groups": {"fingerprint": query_fingerprint(q["labels"]),
+                         "by_tag": {t: np.flatnonzero(m).tolist() for t, m in tags.items()},
+                         "by_sparsity": {t: np.flatnonzero(m).tolist() for t, m in bins.items()}},
     }
     if keyword_rankings is not None:
       kw_idx, kw_scores = keyword_rankings[split]
@@ -143,6 +168,39 @@ def evaluate_embeddings(product_emb: np.ndarray, queries: Mapping[str, dict], pr
       fused = keyword.fuse(exact_idx, exact_scores, kw_idx, kw_scores, weight=out["fusion"]["weight"],
                            method=out["fusion"]["method"], k=k)
       r["hybrid"] = score_ranking(fused, q["labels"], tags, bins, ks, ndcg_k)
+  return out
+
+
+PER_QUERY_FIELDS = ("per_query_exact", "query_groups")  # a split's per-query fields; bm25 / hybrid: "per_query"
+
+
+def split_per_query(results: dict) -> tuple[dict, dict]:
+  """Returns (`results` without its per-query fields, {split: those fields}): `evaluate` writes the first as
+  metrics.json (the summary sweeps and status read) and the second as per_query.json. `join_per_query` undoes it."""
+  summary = json.loads(json.dumps(results, default=float))  # a deep copy
+  per_query = {}
+  for split, r in summary.get("splits", {}).items():
+    pq = {f: r.pop(f) for f in PER_QUERY_FIELDS if f in r}
+    pq.update({f"{system}_per_query": r[system].pop("per_query") for system in ("bm25", "hybrid")
+               if "per_query" in r.get(system, {})})
+    if pq:
+      per_query[split] = pq
+  return summary, per_query
+
+
+def join_per_query(summary: dict, per_query: dict) -> dict:
+  """Returns `summary` (metrics.json) with per_query.json's fields put back where `evaluate_embeddings` had them."""
+  out = json.loads(json.dumps(summary, default=float))
+  for split, pq in per_query.items():
+    r = out.get("splits", {}).get(split)
+    if r is None:
+      continue
+    for f, v in pq.items():
+      system = f[:-len("_per_query")] if f.endswith("_per_query") else None
+      if system is None:
+        r[f] = v
+      elif system in r:
+        r[system]["per_query"] = v
   return out
 
 

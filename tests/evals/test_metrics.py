@@ -152,3 +152,31 @@ def test_padding_counts_as_miss():
   assert pq["recall@2"][0] == 0.0 and pq["recall@3"][0] == 1.0
   assert pq["mrr"][0] == pytest.approx(1 / 3)
   assert pq["ndcg@3"][0] == pytest.approx(0.5)
+
+
+def test_paired_bootstrap_interval_of_a_difference_between_two_systems():
+  rng = np.random.default_rng(0)
+  b = rng.uniform(size=400)
+  # The same system twice: no difference, and no interval around it.
+  same = metrics.paired_bootstrap(b, b)
+  assert (same["mean"], same["low"], same["high"], same["num_queries"]) == (0.0, 0.0, 0.0, 400)
+  # Better on every query by 0.1: pairing sees it however noisy the queries are.
+  assert metrics.paired_bootstrap(b + 0.1, b)["low"] == pytest.approx(0.1)
+  # Per-query differences of mean 0.05, spread 0.2: the interval holds the mean, about 1.96 standard errors each side.
+  d = 0.05 + 0.2 * rng.standard_normal(400)
+  ci = metrics.paired_bootstrap(b + d, b)
+  assert ci["mean"] == pytest.approx(d.mean()) and ci["low"] < d.mean() < ci["high"]
+  assert ci["high"] - ci["low"] == pytest.approx(2 * 1.96 * d.std() / np.sqrt(400), rel=0.15)
+  assert ci["low"] > 0  # at 400 queries this margin is told apart from 0 ...
+  few = metrics.paired_bootstrap((b + d)[:20], b[:20])
+  assert few["low"] < 0 < few["high"]  # ... at 20 it is not
+  assert metrics.paired_bootstrap(b + d, b) == ci  # seeded: the same interval every time
+  # Undefined queries (NaN in either system) are left out.
+  a = b.copy()
+  a[:3], b2 = np.nan, b.copy()
+  b2[5] = np.nan
+  assert metrics.paired_bootstrap(a, b2)["num_queries"] == 396
+  empty = metrics.paired_bootstrap([np.nan], [0.5])
+  assert empty["num_queries"] == 0 and math.isnan(empty["mean"])
+  with pytest.raises(ValueError, match="same queries"):
+    metrics.paired_bootstrap(b[:3], b[:4])
