@@ -15,9 +15,10 @@ above BM25's 63.7 / 56.4 (R@100 / NDCG@10) overall and on every tag: fusion_ft 8
 text_only 79.6 / 68.2, fusion_e2e 76.9 / 68.7; visual queries' NDCG@10 63.3 ... 66.1 against BM25's 50.8; the hybrid
 (fusion_ft + BM25) 87.8 / 73.0 (stage 1 250 steps, then 200 stage-2 steps; the other rows 450). fusion_ft - text_only
 is +10.1 / +4.5 (the paper's +5.1 / +3.9), level on textual queries' NDCG@10 (90.8 against 90.8); over seeds 0, 1, 2
-(`--seeds 0,1,2`) +11.6 / +4.0 (NDCG@10 +4.5, +4.0, +3.5), textual queries' NDCG@10 -0.0, -0.9, -1.7; fusion_ft above
-concat_ft's NDCG@10 at every seed (72.3 against 71.2). Against the same stage-1 text towers without an image (`--rows
-...,text_only_ft`: 79.1 / 66.7) the image adds +10.6 / +6.0. The image pays through its 8 most likely words in the
+(`--seeds 0,1,2`) +11.6 / +4.0 (NDCG@10 +4.5, +4.0, +3.5; 95 % interval over the test queries [+2.5, +5.4]),
+textual queries' NDCG@10 -0.0, -0.9, -1.7 ([-2.2, +0.6]: 45 queries cannot tell it from 0); fusion_ft above
+concat_ft's NDCG@10 at every seed (72.3 against 71.2, [+0.7, +1.7]). Against the same stage-1 text towers
+without an image (`--rows ...,text_only_ft`: 79.1 / 66.7) the image adds +10.6 / +6.0. The image pays through its 8 most likely words in the
 product's lexical segment (model.image_expansion_k), from a head that reads the pooled image, its colour histogram
 (model.image_words_color_bins=8: 512 bins) and its texture (model.image_words_texture_bins=8). The query's
 translation table (model.query_translation_k=3: the catalogue's words for the shoppers' words no product uses, from
@@ -26,7 +27,8 @@ the training pairs) is worth 9.3 NDCG@10 inside the trained fusion_ft. The lexic
 (loss.stage1_text=2), stage 1's image <-> title term on the image side only (loss.stage1_lock_text) and the stage-1
 text side at 3x the rate in stage 2 (optim.init_lr_mult) lift the stage-1 rows. With `--budget long` (5x the steps,
 about 20 minutes here for stage 1 and four rows) fusion_ft reaches 93.1 / 74.8, concat_ft 93.6 / 73.3 and text_only
-83.8 / 68.4: fusion_ft - text_only +9.2 / +6.4, textual queries' NDCG@10 93.0 against 94.9. `bash tools/demo.sh`
+83.8 / 68.4: fusion_ft - text_only +9.2 / +6.4, textual queries' NDCG@10 93.0 against 94.9 ([-3.8, -0.5]; concat_ft
+95.3). `bash tools/demo.sh`
 takes under 10 minutes on the 2-core machine (7 min 55 s from a warm venv, the catalogue generated on the way).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its

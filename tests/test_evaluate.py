@@ -265,7 +265,8 @@ def test_margins_carry_a_paired_interval_over_the_queries_and_pool_it_over_seeds
   rows = [worse, good, dict(worse, row="concat_ft")]
   ablation._write_reports(tmp_path, "DATA", "demo", {"num_products": 1000}, rows, {})
   saved = json.loads((tmp_path / "ablation_margins.json").read_text())["fusion_ft_minus_concat_ft"]
-  assert saved["overall"]["ndcg@10"] == pytest.approx(ablation.margins(rows, "fusion_ft", "concat_ft")["overall"]["ndcg@10"])
+  want = ablation.margins(rows, "fusion_ft", "concat_ft")["overall"]["ndcg@10"]
+  assert saved["overall"]["ndcg@10"] == pytest.approx(want)
   assert "fusion_ft minus concat_ft (what the fusion network adds" in (tmp_path / "ablation.md").read_text()
 
 
