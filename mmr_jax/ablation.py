@@ -17,8 +17,8 @@ Rows (same steps, batch and examples for every row; see README):
 
 Writes DIR/ablation.json (a list of rows), DIR/ablation.md, DIR/ablation_margins.json and DIR/ablation.png;
 each row's own workdir (DIR/<row>/) holds its checkpoints and metrics.json. Finished rows are skipped on re-run.
-The margins (fusion_ft - text_only, what the image adds, each row - bm25) come with a 95 % paired bootstrap
-interval over the test queries: whether another sample of queries could reverse them.
+The margins (fusion_ft - text_only, fusion_ft - concat_ft, what the image adds, each row - bm25) come with a 95 %
+paired bootstrap interval over the test queries: whether another sample of queries could reverse them.
 
 With `--seeds 0,1,2` the whole ablation runs once per seed (config `seed`: initialisation, data order,
 augmentation) in DIR/seed_<s>/, and DIR/ablation_seeds.json / .md give each row's mean, standard deviation and
@@ -60,6 +60,7 @@ log = logging.getLogger("mmr_jax.ablation")
 
 ROWS = ("text_only", "concat", "concat_ft", "fusion_ft", "fusion_e2e")  # the default; get_sweep may name more
 SEED_METRICS = ("recall@100", "ndcg@10")  # the margins' metrics (the paper's two)
+CI_LEVEL = 0.95  # the margins' intervals ("ci95")
 PAPER = {"text_only": (72.3, 41.2), "concat": (73.1, 41.8), "concat_ft": (75.6, 43.5), "fusion_ft": (77.4, 45.1)}
 
 
@@ -161,9 +162,6 @@ def table(rows: list[dict]) -> str:
     cells.append(f"{paper[0]} / {paper[1]}" if paper else "-")
     body.append(cells)
   return report.markdown_table(head, body)
-
-
-CI_LEVEL = 0.95
 
 
 def margins(rows: list[dict], row: str = "fusion_ft", baseline: str = "text_only") -> dict:

@@ -176,7 +176,8 @@ PER_QUERY_FIELDS = ("per_query_exact", "query_groups")  # a split's per-query fi
 
 def split_per_query(results: dict) -> tuple[dict, dict]:
   """Returns (`results` without its per-query fields, {split: those fields}): `evaluate` writes the first as
-  metrics.json (the summary sweeps and status read) and the second as per_query.json. `join_per_query` undoes it."""
+  metrics.json (the summary sweeps and status read) and the second as metrics_per_query.json. `join_per_query`
+  undoes it."""
   summary = json.loads(json.dumps(results, default=float))  # a deep copy
   per_query = {}
   for split, r in summary.get("splits", {}).items():
@@ -189,7 +190,8 @@ def split_per_query(results: dict) -> tuple[dict, dict]:
 
 
 def join_per_query(summary: dict, per_query: dict) -> dict:
-  """Returns `summary` (metrics.json) with per_query.json's fields put back where `evaluate_embeddings` had them."""
+  """Returns `summary` (metrics.json) with metrics_per_query.json's fields put back where `evaluate_embeddings` had
+  them."""
   out = json.loads(json.dumps(summary, default=float))
   for split, pq in per_query.items():
     r = out.get("splits", {}).get(split)
