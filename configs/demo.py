@@ -29,7 +29,8 @@ text side at 3x the rate in stage 2 (optim.init_lr_mult) lift the stage-1 rows. 
 about 20 minutes here for stage 1 and four rows) fusion_ft reaches 93.1 / 74.8, concat_ft 93.6 / 73.3 and text_only
 83.8 / 68.4: fusion_ft - text_only +9.2 / +6.4, textual queries' NDCG@10 93.0 against 94.9 ([-3.8, -0.5]; concat_ft
 95.3). `bash tools/demo.sh`
-takes under 10 minutes on the 2-core machine (7 min 55 s from a warm venv, the catalogue generated on the way).
+takes under 10 minutes on the 2-core machine (7 min 55 s and 9 min 31 s on two runs from a warm venv, the catalogue
+generated on the way).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
 width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
