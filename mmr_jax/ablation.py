@@ -492,10 +492,14 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
   fileio.write_atomic(root / "ablation.png", lambda p: plot_rows(out_rows, p))
 
 
+def _fmt_ci(ci) -> str:
+  """Returns " [+2.1, +5.9]" for an interval [low, high] in points, "" for None."""
+  return f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""
+
+
 def _fmt_margin(v: dict, metric: str) -> str:
   """Returns "+4.0" or, with its confidence interval, "+4.0 [+2.1, +5.9]" (points)."""
-  ci = v.get("ci95", {}).get(metric)
-  return f"{v[metric]:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+  return f"{v[metric]:+.1f}" + _fmt_ci(v.get("ci95", {}).get(metric))
 
 
 def _spread(values) -> dict:
@@ -594,7 +598,7 @@ def run_seeds(workdir: str, seeds, data_dir: str, config_path: str, rows=ROWS, s
   if jax.process_index() == 0:
     fmt = lambda sp: "-" if sp["mean"] is None else (  # noqa: E731
         f"{sp['mean']:+.1f} ± {sp['std']:.1f} (" + ", ".join(f"{v:+.1f}" for v in sp["values"]) + ")"
-        + (f" [{sp['ci95'][0]:+.1f}, {sp['ci95'][1]:+.1f}]" if "ci95" in sp else ""))
+        + _fmt_ci(sp.get("ci95")))
     md = ["# Ablation over seeds", "", f"Data: `{data_dir}`; config: `{config_path}`; seeds {seeds} (each in "
           "`seed_<s>/`, its own ablation.md); test split, exact search; mean ± standard deviation (min … max) "
           "over the seeds, in %.", "", seed_table(summary)]
