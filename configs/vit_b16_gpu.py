@@ -28,7 +28,7 @@ from mmr_jax import config as config_lib
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, stage=2, variant="fusion", loss="sigmoid", runlocal=False,
                            init="", ckpt="", tokenizer="",
-                           data="/shared/mmr/data", steps=0, batch=0, nodes=1)
+                           data="/shared/mmr/data", steps=0, batch=0, budget="default", nodes=1)
   c = config_lib.base_config()
   c.stage = a.stage
   c.data.dir = a.data

@@ -39,7 +39,7 @@ from mmr_jax import config as config_lib
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, stage=2, variant="fusion", loss="sigmoid", runlocal=False,
                            init="", ckpt="", tokenizer="",
-                           data="gs://BUCKET/mmr/data", steps=0, batch=0, slices=1)
+                           data="gs://BUCKET/mmr/data", steps=0, batch=0, budget="default", slices=1)
   c = config_lib.base_config()
   c.stage = a.stage
   c.data.dir = a.data

@@ -312,15 +312,13 @@ def _check_reuse(run_dir: epath.Path, cfg, what: str) -> None:
                      "as they are. Use another --workdir, or remove that folder to train it again.")
 
 
-BUDGETS = {"default": 1, "long": 5}  # multiplier of the config's (or --steps') step counts
-
-
 def run(workdir: str, data_dir: str, config_path: str, rows=ROWS, steps: int = 0, stage1_steps: int = 0,
         batch: int = 0, config_arg: str = "", overrides: dict | None = None, budget: str = "default") -> list[dict]:
   """Trains and evaluates every row (skipping finished ones); returns the ablation.json rows.
 
   Every row gets the same number of optimiser steps in total: a row without stage 1 trains stage 2 for
-  stage 1's steps longer. `budget` ("long": 5x) multiplies every step count.
+  stage 1's steps longer. `budget` ("long": 5x) multiplies every step count, and the config gets it as
+  budget= (config_lib.apply_budget) for the settings it changes with it.
   """
   # Checked before hours of training: every row is scored on the test queries.
   info = tfds_builder.catalog_info(data_dir)
@@ -340,12 +338,26 @@ STAGE1 = "stage1"  # the run that rows naming "{stage1}" (init.workdir) start fr
 
 def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, config_arg, overrides, budget):
   """Returns (points, {point name: ConfigDict}): the stage-1 run when a row needs it, then the rows."""
+  if budget not in config_lib.BUDGETS:
+    raise ValueError(f"budget {budget!r}; expected one of {sorted(config_lib.BUDGETS)}")
+  if any(item.split("=", 1)[0].strip() == "budget" for item in config_arg.split(",")):
+    raise ValueError(f"config argument {config_arg!r} names budget=: give it as --budget, which also scales "
+                     "--steps and --stage1_steps")
+  # The config gets the budget too: it multiplies the config's own step counts and may change other settings
+  # with it (config_lib.apply_budget). A config that does not take budget= runs at the default one only.
   extra = "," + config_arg if config_arg else ""
-  if budget not in BUDGETS:
-    raise ValueError(f"budget {budget!r}; expected one of {sorted(BUDGETS)}")
-  mult = BUDGETS[budget]
-  stage1_steps = (stage1_steps or mod.get_config(f"stage=1{extra}").train.steps) * mult
-  steps = (steps or mod.get_config(f"stage=2{extra}").train.steps) * mult
+  if budget != "default":
+    extra += f",budget={budget}"
+  mult = config_lib.BUDGETS[budget]
+  try:
+    own = [mod.get_config(f"stage={stage}{extra}").train.steps for stage in (1, 2)]
+  except KeyError as e:
+    if budget != "default" and "'budget'" in str(e):
+      raise ValueError(f"--budget {budget}: {config_path}'s get_config does not take budget= "
+                       "(see mmr_jax.config.apply_budget)") from e
+    raise
+  stage1_steps = stage1_steps * mult or own[0]
+  steps = steps * mult or own[1]
   # DATA_DIR is set on the config, not passed in the "k=v,..." argument, where a comma in the path would split it.
   base_arg = f"steps={steps},batch={batch}{extra}"
   sweep = [s for s in mod.get_sweep(config_arg) if s["name"] in rows]
@@ -625,8 +637,9 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=0, help="stage-2 steps per row (0: the config's)")
   p.add_argument("--stage1_steps", type=int, default=0, help="stage-1 steps (0: the config's)")
   p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
-  p.add_argument("--budget", choices=sorted(BUDGETS), default="default",
-                 help="long: 5x every step count (how far each row goes with more training)")
+  p.add_argument("--budget", choices=sorted(config_lib.BUDGETS), default="default",
+                 help="long: 5x every step count (how far each row goes with more training); the config gets "
+                 "budget=long too, for the settings it changes with it")
   p.add_argument("--seeds", default="", metavar="S,S,...",
                  help="run the whole ablation once per seed (WORKDIR/seed_<s>/) and write ablation_seeds.json / .md: "
                  "each row's mean, std and range over the seeds")

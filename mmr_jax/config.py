@@ -357,12 +357,22 @@ def shrink_for_cpu(c: ConfigDict) -> ConfigDict:
   return c
 
 
+# A budget's multiplier of a config's own step count (`budget=long`; the ablation's --budget). A config may
+# also change other settings with its budget (configs/demo.py: the fused branch's own term at the long one).
+BUDGETS = {"default": 1, "long": 5}
+
+
 def apply_budget(c: ConfigDict, arg: ConfigDict) -> ConfigDict:
-  """Applies the `runlocal`, `steps` and `batch` arguments every config family accepts; returns `c`."""
+  """Applies the `runlocal`, `budget`, `steps` and `batch` arguments every config family accepts; returns `c`.
+
+  `budget` multiplies the config's step count (BUDGETS); `steps` sets the count outright instead.
+  """
   if arg.runlocal:
     shrink_for_cpu(c)
-  if arg.steps:
-    c.train.steps = arg.steps
+  budget = arg.get("budget", "default")
+  if budget not in BUDGETS:
+    raise ValueError(f"config argument budget={budget!r}; expected one of {sorted(BUDGETS)}")
+  c.train.steps = arg.steps or c.train.steps * BUDGETS[budget]
   if arg.batch:
     c.data.batch_size = arg.batch
   return c

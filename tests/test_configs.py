@@ -43,6 +43,13 @@ def test_config_family(path):
       assert hasattr(jax.checkpoint_policies, t.remat_policy), (tower, t.remat_policy)
   with pytest.raises(KeyError, match="not_a_key"):
     mod.get_config("not_a_key=1")
+  # Every family takes the budgets: budget= multiplies its own step count, steps= sets the count outright.
+  for stage in (1, 2):
+    steps = mod.get_config(f"stage={stage}").train.steps
+    assert mod.get_config(f"stage={stage},budget=long").train.steps == steps * config_lib.BUDGETS["long"]
+    assert mod.get_config(f"stage={stage},budget=long,steps=7").train.steps == 7
+  with pytest.raises(ValueError, match="budget='longer'"):
+    mod.get_config("budget=longer")
   if hasattr(mod, "get_sweep"):
     base = mod.get_config("stage=2")
     for point in mod.get_sweep(""):
@@ -64,6 +71,15 @@ def test_demo_text_size_preset():
   assert big.model.text.max_len == small.model.text.max_len and small.model.text.width < 768
   with pytest.raises(ValueError, match="runlocal"):
     demo.get_config("stage=2,text=B,runlocal=True")
+
+
+def test_demo_long_budget_halves_the_fused_branchs_own_term():
+  demo = _load(ROOT / "configs" / "demo.py")
+  assert demo.get_config("stage=2").loss.aux_query_fused == 1.0
+  assert demo.get_config("stage=2,budget=long").loss.aux_query_fused == 0.5
+  # Stage 1 has no fused branch; the long budget changes only its steps there.
+  default, long = demo.get_config("stage=1").to_dict(), demo.get_config("stage=1,budget=long").to_dict()
+  assert long["train"].pop("steps") == 5 * default["train"].pop("steps") and long == default
 
 
 @pytest.mark.slow

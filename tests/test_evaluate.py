@@ -4,11 +4,13 @@ import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
 from mmr_jax import ablation
+from mmr_jax import config as config_lib
 from mmr_jax.evals import embedding
 from mmr_jax.evals import report
 from mmr_jax.evals import retrieval
@@ -191,6 +193,31 @@ def test_an_ablation_row_that_mines_with_stage_1_still_trains_stage_1s_steps(tin
   assert mined.data.hard_negatives == 1 and not mined.init.workdir
   # ... but starts from scratch, so it trains the steps text_only does, not fusion_ft's stage-2 share.
   assert mined.train.steps == configs["text_only"].train.steps == 10 and configs["fusion_ft"].train.steps == 6
+
+
+def test_the_ablations_budget_scales_every_rows_steps_and_reaches_the_config(tiny_data, tmp_path):
+  mod = sweep_runner.load_config_module(str(ROOT / "configs" / "demo.py"))
+  rows = ("text_only", "fusion_ft")
+  _, default = ablation._points(tmp_path, tiny_data, "demo", mod, rows, 6, 4, 16, "", {}, "default")
+  _, long = ablation._points(tmp_path, tiny_data, "demo", mod, rows, 6, 4, 16, "", {}, "long")
+  assert [long[n].train.steps for n in ("stage1", *rows)] == [20, 50, 30]
+  assert [default[n].train.steps for n in ("stage1", *rows)] == [4, 10, 6]
+  # The config's own setting for the long budget (configs/demo.py: the fused branch's term at half weight).
+  assert (default["fusion_ft"].loss.aux_query_fused, long["fusion_ft"].loss.aux_query_fused) == (1.0, 0.5)
+  # Without --steps the config's own counts, multiplied.
+  _, own = ablation._points(tmp_path, tiny_data, "demo", mod, ("fusion_ft",), 0, 0, 16, "", {}, "long")
+  assert own["fusion_ft"].train.steps == 5 * mod.get_config("stage=2").train.steps
+  with pytest.raises(ValueError, match="--budget"):
+    ablation._points(tmp_path, tiny_data, "demo", mod, rows, 6, 4, 16, "text=S, budget=long", {}, "default")
+  # A config that does not take budget= runs at the default budget, and says so at another.
+  plain = types.SimpleNamespace(
+      get_config=lambda arg=None: config_lib.apply_budget(
+          config_lib.base_config(), config_lib.parse_arg(arg, stage=2, runlocal=False, steps=0, batch=0)),
+      get_sweep=lambda arg=None: [{"name": "text_only", "model.variant": "text_only"}])
+  _, cfgs = ablation._points(tmp_path, tiny_data, "plain", plain, ("text_only",), 6, 4, 16, "", {}, "default")
+  assert cfgs["text_only"].train.steps == 6
+  with pytest.raises(ValueError, match="plain's get_config does not take budget="):
+    ablation._points(tmp_path, tiny_data, "plain", plain, ("text_only",), 0, 0, 16, "", {}, "long")
 
 
 def test_text_only_ft_is_the_stage_1_rows_without_an_image_and_the_margins_say_what_the_image_adds(tiny_data,
