@@ -25,15 +25,17 @@ translation table (model.query_translation_k=3: the catalogue's words for the sh
 the training pairs) is worth 9.3 NDCG@10 inside the trained fusion_ft. The lexical segment's own learning rate
 (optim.lr_mult.lexical=10) is what first lifted NDCG@10 above BM25's; stage 1's text term at twice the weight
 (loss.stage1_text=2), stage 1's image <-> title term on the image side only (loss.stage1_lock_text) and the stage-1
-text side at 3x the rate in stage 2 (optim.init_lr_mult) lift the stage-1 rows. With `--budget long` (5x the steps,
-about 20 minutes here for stage 1 and four rows) fusion_ft reaches 93.1 / 74.8, concat_ft 93.6 / 73.3 and text_only
-83.8 / 68.4: fusion_ft - text_only +9.2 / +6.4, textual queries' NDCG@10 93.0 against 94.9 ([-3.8, -0.5]; concat_ft
-95.3). `bash tools/demo.sh`
+text side at 3x the rate in stage 2 (optim.init_lr_mult) lift the stage-1 rows. With `--budget long` (budget=long:
+5x the steps and the query <-> fused term at half weight; about 18 minutes here for stage 1 and four rows) fusion_ft
+reaches 93.9 / 75.2, concat_ft 93.6 / 73.3 and text_only 83.8 / 68.4: fusion_ft - text_only +10.0 / +6.8, level on
+textual queries' NDCG@10 (95.5 against 94.9, [-0.1, +1.4]), fusion_ft - concat_ft NDCG@10 +1.9 ([+0.8, +3.0]); the
+hybrid 93.1 / 77.3. `bash tools/demo.sh`
 takes under 10 minutes on the 2-core machine (7 min 55 s and 9 min 31 s on two runs from a warm venv, the catalogue
 generated on the way).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
 width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
+`budget=long` is the ablation's `--budget long` for one run (5x the steps, and the settings above that differ there).
 `runlocal=True` shrinks everything further (a smoke test in seconds). The whole ablation
 (`python -m mmr_jax.ablation`) runs these as one sweep: see `get_sweep`.
 """
