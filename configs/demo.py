@@ -36,7 +36,8 @@ generated on the way).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
 width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
-`budget=long` is the ablation's `--budget long` for one run (5x the steps, and the settings above that differ there).
+`budget=long` gives one run the ablation's `--budget long` settings (5x the steps, and the settings above that
+differ there).
 `runlocal=True` shrinks everything further (a smoke test in seconds). The whole ablation
 (`python -m mmr_jax.ablation`) runs these as one sweep: see `get_sweep`.
 """
