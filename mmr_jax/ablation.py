@@ -285,8 +285,13 @@ def _plot_rows(fig, axes, rows: list[dict], groups: list[str], labels: list[str]
 def _config_differences(saved: dict, wanted) -> list[str]:
   """Returns "key: saved -> wanted" for settings that change what a row learns (not logging/checkpointing)."""
   # Through JSON, as config.json was written: tuples become lists on both sides.
-  want = metrics_lib.flatten(json.loads(json.dumps(train.resolve_config(wanted).to_dict(), default=str)), sep=".")
-  # A key added to the code since the run was saved takes its default, which keeps that run's behaviour.
+  wanted = train.resolve_config(wanted)
+  wanted.data.stream_offset = train.resolve_stream_offset(wanted)  # as config.json records it
+  want = metrics_lib.flatten(json.loads(json.dumps(wanted.to_dict(), default=str)), sep=".")
+  # A key added to the code since the run was saved takes its default, which keeps that run's behaviour; a run
+  # saved before data.stream_offset started its stream at the beginning.
+  saved = json.loads(json.dumps(saved))
+  saved.setdefault("data", {}).setdefault("stream_offset", 0)
   saved = config_lib.fill_defaults(config_lib.ConfigDict(saved)).to_dict()
   have = metrics_lib.flatten(json.loads(json.dumps(saved, default=str)), sep=".")
   norm = lambda k, v: str(ckpt_lib.absolute(v)) if k in ("data.dir", "init.workdir") and v else v  # noqa: E731

@@ -100,6 +100,34 @@ def _check_init_sources(init, workdir) -> None:
       raise FileNotFoundError(f"init.{key}={path!r} is not a file")
 
 
+def resolve_stream_offset(config) -> int:
+  """Returns where this run's training stream starts, in global batches (`config.data.stream_offset`).
+
+  -1 (auto): after init.workdir's checkpoint when that run read the same stream of training pairs (stage 2, or
+  stage 1 with data.stage1_source="pairs"; same seed, shuffle_seed and batch size), so the two runs together see
+  the batches one run of their combined steps would (its own offset included); else 0.
+  """
+  offset = int(config.data.get("stream_offset", 0))
+  if offset >= 0:
+    return offset
+  if offset != -1:
+    raise ValueError(f"config.data.stream_offset={offset}: expected a number of batches >= 0, or -1 (auto)")
+  init_dir = config.init.workdir
+  reads_pairs = lambda c: int(c["stage"]) == 2 or c["data"].get("stage1_source") == "pairs"  # noqa: E731
+  if not init_dir or not reads_pairs(config):
+    return 0
+  path = ckpt_lib.absolute(init_dir) / "config.json"
+  ckpts = ckpt_lib.absolute(init_dir) / "checkpoints"
+  if not path.exists() or not ckpts.is_dir():
+    return 0
+  other = json.loads(path.read_text())
+  same = lambda c: (int(c["seed"]), c["data"].get("shuffle_seed"), int(c["data"]["batch_size"]))  # noqa: E731
+  if not reads_pairs(other) or same(other) != same(config):
+    return 0
+  steps = max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0)
+  return max(int(other["data"].get("stream_offset", 0)), 0) + steps
+
+
 def _report_truncation(config, workdir) -> None:
   """Logs (a warning when any is cut) and writes product_truncation.json: how data.product_len cuts product text."""
   rep = pipeline.product_truncation(config.data.dir, config.data)
@@ -179,6 +207,7 @@ def train_and_evaluate(config, workdir: str, mesh=None, hooks=()) -> dict:
   if ckpt_lib.has_checkpoint(workdir):  # the restored state and iterator position refer to the recorded data
     ckpt_lib.check_data_dir(workdir, config.data.dir)
   _check_init_sources(config.init, workdir)
+  config.data.stream_offset = resolve_stream_offset(config)  # config.json records where the stream started
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:  # one lock per job: its processes write one workdir together
       stack.enter_context(fileio.WorkdirLock(workdir, "train"))  # creates the workdir (none left if refused)
@@ -197,8 +226,11 @@ def _train(config, workdir: epath.Path, mesh, hooks) -> dict:
   if jax.process_index() == 0:
     ckpt_lib.write_json(workdir / "compiled_memory.json", mem)
 
+  offset = int(config.data.stream_offset)
+  if offset:
+    log.info("the training stream starts at batch %d (data.stream_offset)", offset)
   train_iter = pipeline.make_train_iterator(config.data.dir, config.stage, config.data, seed=config.seed,
-                                            split="train")
+                                            split="train", offset=offset)
   eval_every, evaluators = _evaluators(config, trainer)
   keep_best, best_metric, best_mode = tcfg.keep_best, tcfg.best_metric, tcfg.best_mode
   if keep_best and eval_every:

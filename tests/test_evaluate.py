@@ -325,6 +325,9 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
   assert (tmp_path / "abl" / "stage1" / "DONE").exists()
   cfg = json.loads((tmp_path / "abl" / "fusion_ft" / "config.json").read_text())
   assert cfg["init"]["workdir"] == str(tmp_path / "abl" / "stage1")
+  # Stage 1 read stage 2's pairs: fusion_ft's stage 2 read them on from where stage 1 stopped, text_only from the start.
+  assert cfg["data"]["stream_offset"] == 4
+  assert json.loads((tmp_path / "abl" / "text_only" / "config.json").read_text())["data"]["stream_offset"] == 0
   assert "| fusion_ft |" in (tmp_path / "abl" / "ablation.md").read_text()
   assert (tmp_path / "abl" / "ablation.png").exists()
   # A re-run skips finished rows and reproduces the same table.
@@ -351,10 +354,19 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
   saved = tmp_path / "abl" / "text_only" / "config.json"
   older = json.loads(saved.read_text())
   del older["loss"]["image_words"]  # a stage-2 row runs with its default, 0
+  del older["data"]["stream_offset"]  # code before the key read every stream from its start, as text_only does
   saved.write_text(json.dumps(older))
   again = ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
                        rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
   assert json.dumps(again, default=float) == json.dumps(rows, default=float)
+  # ... which a stage-1 row saved then did not: it replayed stage 1's batches, so it is not reused.
+  saved = tmp_path / "abl" / "fusion_ft" / "config.json"
+  older = json.loads(saved.read_text())
+  del older["data"]["stream_offset"]
+  saved.write_text(json.dumps(older))
+  with pytest.raises(ValueError, match=r"row fusion_ft .*data.stream_offset: 0 -> 4"):
+    ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
+                 rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
 
 
 @pytest.mark.slow

@@ -412,6 +412,40 @@ def test_init_lr_mult_slows_only_the_towers_loaded_from_init():
                                                              vit_npz="v.npz"))) == ("image_tower", "heads")
 
 
+def test_a_run_from_a_stage1_over_its_pairs_starts_its_stream_after_stage1s_batches(tmp_path):
+  def run(stage, **data):
+    c = config_lib.base_config()
+    c.stage, c.seed = stage, 3
+    c.data.update(data)
+    return c
+  def saved(name, cfg, step):
+    (tmp_path / name / "checkpoints" / str(step)).mkdir(parents=True)
+    (tmp_path / name / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return str(tmp_path / name)
+  over_pairs = saved("s1_pairs", run(1, stage1_source="pairs"), 250)
+  over_products = saved("s1_products", run(1, stage1_source="products"), 250)
+  other_seed = run(1, stage1_source="pairs")
+  other_seed.seed = 4
+  other_seed = saved("s1_other_seed", other_seed, 250)
+  stage2 = run(2, stream_offset=250)
+  stage2.init.workdir = over_pairs
+  stage2.train.steps = 200
+  continued = saved("s2", stage2, 200)
+  def offset(init_workdir, stage=2, **data):
+    c = run(stage, **data)
+    c.init.workdir = init_workdir
+    return train.resolve_stream_offset(c)
+  assert offset(over_pairs) == 250  # stage 2 continues stage 1's stream
+  assert offset(continued) == 450  # ... and a run from that one continues after both
+  assert offset(over_products) == 0  # another stream: nothing replayed
+  assert offset(other_seed) == 0
+  assert offset(over_pairs, batch_size=32) == 0
+  assert offset("") == 0
+  assert offset(over_pairs, stream_offset=0) == 0 and offset(over_pairs, stream_offset=7) == 7  # as set
+  with pytest.raises(ValueError, match=r"data.stream_offset=-2"):
+    offset(over_pairs, stream_offset=-2)
+
+
 def test_validation_logs_retrieval_metrics_and_keeps_the_best(tiny_data, tmp_path):
   cfg = _quiet(tiny_config(tiny_data, variant="text_only"), steps=4, log_every=2, eval_every=2, ckpt_every=2,
                keep=1, keep_best=1)

@@ -27,6 +27,9 @@ tokenizer come from `sources.py`. Decisions the layout leaves open:
   resized crop and a horizontal flip, seeded by (seed, stream position).
 - `seed` drives everything; `config.data.shuffle_seed`, when not None,
   overrides the sampling order only (same augmentation noise, different order).
+- `stream_offset` global batches of the training stream are skipped (the
+  same stream, started later), so a run continuing another's training on it
+  does not replay that run's batches.
 
 `config` is `config.data` of `mmr_jax.config.base_config()` (every key read
 here is defined there). A state restores only into an iterator built with the
@@ -176,6 +179,7 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
                         process_index: int | None = None,
                         process_count: int | None = None,
                         split: str = "train", augment: bool | None = None,
+                        offset: int = 0,
                         ) -> grain.DatasetIterator:
   """Returns an infinite iterator of this host's training batches (numpy dicts).
 
@@ -192,6 +196,9 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
       products that are not held out, any other split the held-out ones.
     augment: False turns config.augment off (validation batches); None keeps
       the config.
+    offset: global batches of the stream to skip (train.py passes the
+      resolved `config.stream_offset`): batch b of this iterator is batch
+      offset + b of the stream.
 
   The iterator supports `get_state()` / `set_state()`; `num_workers` must be
   the same when restoring. Stage 1 rows: title_tokens, product_tokens, image,
@@ -269,6 +276,10 @@ def make_train_iterator(data_dir: str, stage: int, config: Any, *, seed: int,
   ds = grain.MapDataset.range(num_rows).shuffle(seed=order_seed)
   ds = ds.random_map(example, seed=seed)
   ds = ds[host::hosts].repeat(None)
+  if offset < 0:
+    raise ValueError(f"stream offset {offset}: expected a number of batches >= 0")
+  if offset:
+    ds = ds[offset * (per_host_batch // group):]  # positions keep their order, augmentation and pseudo-queries
   return _finish(ds, per_host_batch, config, train=True, group=group)
 
 

@@ -196,6 +196,20 @@ def test_order_depends_on_seed_and_shuffle_seed(data_dir):
   assert order(seed=0, shuffle_seed=7) == order(seed=1, shuffle_seed=7)
 
 
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_an_offset_stream_is_the_same_stream_started_later(data_dir, hosts):
+  cfg = _config(pseudo_queries=0.5, augment=dict(random_crop=True, crop_scale_min=0.3, flip=True))
+  for host in range(hosts):
+    make = lambda offset: pipeline.make_train_iterator(  # noqa: E731
+        data_dir, 2, cfg, seed=3, process_index=host, process_count=hosts, offset=offset)  # pylint: disable=cell-var-from-loop
+    whole = _take(make(0), 7)  # crosses epoch boundaries (12 pairs / 4 per batch)
+    # Batch b of the offset stream is batch 5 + b of the whole one: order, pseudo-queries and augmentation.
+    _assert_batches_equal(whole[5:], _take(make(5), 2))
+    assert any(x["query_tokens"].tobytes() != y["query_tokens"].tobytes() for x, y in zip(whole[:2], whole[5:]))
+  with pytest.raises(ValueError, match="stream offset -1"):
+    pipeline.make_train_iterator(data_dir, 2, cfg, seed=3, offset=-1)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_from_state_is_exact(data_dir, num_workers):
   cfg = _config(num_workers=num_workers,
