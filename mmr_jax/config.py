@@ -86,8 +86,9 @@ def base_config() -> ConfigDict:
       # Where the training stream starts, in global batches: N skips the first N, so a run that continues
       # another's training on the same stream sees the batches that run did not (stage 2 after a stage 1 over
       # its pairs, data.stage1_source="pairs": without it, stage 2 replays stage 1's first batches, pseudo-queries
-      # and augmentation noise included). -1: init.workdir's train.steps when that run read this pairs stream
-      # (stage 2, or stage 1 over pairs, with the same seed and batch size), else 0.
+      # and augmentation noise included). -1: after init.workdir's last checkpoint (its step plus that run's own
+      # offset) when that run read this pairs stream (stage 2, or stage 1 over pairs, with the same seed,
+      # shuffle_seed and batch size), else 0 (train.resolve_stream_offset).
       stream_offset=-1,
       positives_k=8,
       # Fraction of stage-2 training examples replaced by pseudo-queries sampled from a random product's own

@@ -8,8 +8,9 @@ SRC_DIR is the folder format `import_catalog` reads (README, Bring your own cata
 files, except that the products with an image pass their images round a seeded random cycle: none keeps its own,
 and the catalogue holds the same images as before. Text, queries and labels are untouched, so the images now say
 nothing about their product. The ablation on the copy shows what the image rows make of images that carry no
-information about the product: the text_only row is the same model either way, and an image row that falls below it
-there loses ranking quality to its image side, not to the images. Lines of products.jsonl that are not a JSON
+information about the product: the text_only row is the same model either way, so an image row that falls below it
+there loses to something other than what the images show; the text_only_ft row (the same text towers without an
+image) tells whether its text towers or its image side lose it. Lines of products.jsonl that are not a JSON
 object with a string "image" are copied as they are (the importer reports the malformed ones).
 
 OUT_DIR must not exist (nothing is overwritten). Prints one JSON line: {"products", "with_image", "swapped"}.
