@@ -47,8 +47,13 @@ from mmr_jax import config as config_lib
 # What the stage-1 rows take from stage 1: the image tower (image <-> title) and the text side (query <-> product
 # text): both text towers, their projection heads and the lexical segment where there is one; and the image ->
 # words head (stage 1's image -> title words term) that puts the image's words into the product's lexical segment.
+# And the learned temperature (`loss`: the logit scale) those towers were trained at: restarted at 1 / 0.07 while
+# the towers arrive at stage 1's ~18.7, the first stage-2 steps re-fit the towers to the colder logits, and the
+# stage-1 text towers ended 2.6 NDCG@10 behind text_only's on textual queries ([-4.2, -1.0], seeds 0, 1, 2). With
+# it loaded, text_only_ft is level with text_only there (+3.6 [+2.3, +4.8]) and fusion_ft gains R@100 +2.2
+# ([+1.5, +2.9]) and textual NDCG@10 +1.6 ([+0.8, +2.3]).
 FROM_STAGE1 = ("image_tower", "heads/image", "query_tower", "product_text_tower", "heads/query",
-               "heads/product_text", "lexical", "lexical_mix", "heads/image_words")
+               "heads/product_text", "lexical", "lexical_mix", "heads/image_words", "loss")
 
 
 def get_config(arg=None):

@@ -295,9 +295,11 @@ def _config_differences(saved: dict, wanted) -> list[str]:
   saved = config_lib.fill_defaults(config_lib.ConfigDict(saved)).to_dict()
   have = metrics_lib.flatten(json.loads(json.dumps(saved, default=str)), sep=".")
   norm = lambda k, v: str(ckpt_lib.absolute(v)) if k in ("data.dir", "init.workdir") and v else v  # noqa: E731
+  # init.load names what init.workdir gives; a row without one loads nothing (trainer.initialised_towers).
+  inert = {"init.load"} if not have.get("init.workdir") and not want.get("init.workdir") else set()
   out = []
   for k in sorted(set(want) | set(have)):
-    if k.startswith("train.") and k != "train.steps":
+    if (k.startswith("train.") and k != "train.steps") or k in inert:
       continue
     a, b = have.get(k), want.get(k)
     if norm(k, a) != norm(k, b):

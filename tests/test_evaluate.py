@@ -355,6 +355,7 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
   older = json.loads(saved.read_text())
   del older["loss"]["image_words"]  # a stage-2 row runs with its default, 0
   del older["data"]["stream_offset"]  # code before the key read every stream from its start, as text_only does
+  older["init"]["load"] = ["image_tower"]  # another init.load: inert in a row without init.workdir
   saved.write_text(json.dumps(older))
   again = ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
                        rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
@@ -362,6 +363,13 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
   # ... which a stage-1 row saved then did not: it replayed stage 1's batches, so it is not reused.
   saved = tmp_path / "abl" / "fusion_ft" / "config.json"
   older = json.loads(saved.read_text())
+  loads = older["init"]["load"]
+  older["init"]["load"] = loads[:-1]  # ... where init.load decides what the row starts from: refused
+  saved.write_text(json.dumps(older))
+  with pytest.raises(ValueError, match=r"row fusion_ft .*init.load: "):
+    ablation.run(str(tmp_path / "abl"), tiny_data, str(ROOT / "configs" / "demo.py"),
+                 rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
+  older["init"]["load"] = loads
   del older["data"]["stream_offset"]
   saved.write_text(json.dumps(older))
   with pytest.raises(ValueError, match=r"row fusion_ft .*data.stream_offset: 0 -> 4"):
