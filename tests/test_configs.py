@@ -6,6 +6,7 @@ import pathlib
 import re
 
 import jax
+import numpy as np
 import pytest
 
 from mmr_jax import config as config_lib
@@ -82,6 +83,13 @@ def test_demo_long_budget_halves_the_fused_branchs_own_term():
   assert long["train"].pop("steps") == 5 * default["train"].pop("steps") and long == default
 
 
+@pytest.mark.parametrize("name", ["vit_b16_pod", "vit_b16_gpu"])
+def test_scale_configs_train_the_fused_branch_on_its_own(name):
+  mod = _load(ROOT / "configs" / f"{name}.py")
+  assert mod.get_config("stage=2").loss.aux_query_fused == 0.5
+  assert mod.get_config("stage=1").loss.aux_query_fused == 0.0  # stage 1 has no fused branch
+
+
 @pytest.mark.slow
 def test_pod_config_runlocal_trains(tiny_data, tmp_path):
   from mmr_jax import train  # pylint: disable=g-import-not-at-top
@@ -89,6 +97,9 @@ def test_pod_config_runlocal_trains(tiny_data, tmp_path):
   cfg.train.progress = False
   out = train.train_and_evaluate(cfg, str(tmp_path / "pod"))
   assert out["loss"] > 0 and out["nonfinite_steps"] == 0
+  # Stage 2 trains the fused branch on its own too (loss.aux_query_fused): its term is logged.
+  rows = [json.loads(line) for line in (tmp_path / "pod" / "metrics.jsonl").read_text().splitlines()]
+  assert any(np.isfinite(r.get("q2f/loss", np.nan)) for r in rows)
 
 
 # Modules whose `config` is `config.data` (the pipelines take only that part).
