@@ -11,26 +11,26 @@ Hardware: one CPU host (written for a 2-core, 24 GiB machine).
       --workdir workdirs/demo/fusion_ft --config.init.workdir=workdirs/demo/stage1
 
 Expected (test split, exact search, the same on every run on one machine; README has the table): every learned row
-above BM25's 63.7 / 56.4 (R@100 / NDCG@10) overall and on every tag: fusion_ft 89.8 / 72.5, concat_ft 88.9 / 70.9,
-text_only 79.6 / 68.2, fusion_e2e 76.9 / 68.7; visual queries' NDCG@10 63.3 ... 66.3 against BM25's 50.8; the hybrid
-(fusion_ft + BM25) 88.2 / 73.2 (stage 1 250 steps, then 200 stage-2 steps on the batches after stage 1's; the other
-rows 450). fusion_ft - text_only is +10.2 / +4.3 (the paper's +5.1 / +3.9); over seeds 0, 1, 2 (`--seeds 0,1,2`)
-+10.9 / +4.8 (NDCG@10 +4.3, +5.1, +4.8; 95 % interval over the test queries [+3.2, +6.3]), but behind on textual
-queries' NDCG@10 at every seed (-1.7, -2.1, -0.9; [-3.3, +0.0]), which the stage-1 text towers lose; fusion_ft above
-concat_ft's NDCG@10 at every seed (73.1 against 71.3, [+1.1, +2.6]). Against the same stage-1 text towers
-without an image (`--rows ...,text_only_ft`: 78.3 / 67.7) the image adds +11.4 / +4.8. The image pays through its 8
-most likely words in the product's lexical segment (model.image_expansion_k), from a head that reads the pooled
-image, its colour histogram (model.image_words_color_bins=8: 512 bins) and its texture
+above BM25's 63.7 / 56.4 (R@100 / NDCG@10) overall and on every tag: fusion_ft 92.3 / 73.0, concat_ft 90.3 / 72.2,
+text_only 79.6 / 68.2, fusion_e2e 76.9 / 68.7; visual queries' NDCG@10 63.3 ... 65.6 against BM25's 50.8; the hybrid
+(fusion_ft + BM25) 91.6 / 73.6 (stage 1 250 steps, then 200 stage-2 steps on the batches after stage 1's, from its
+towers and its learned temperature; the other rows 450). fusion_ft - text_only is +12.7 / +4.7 (the paper's
++5.1 / +3.9); over seeds 0, 1, 2 (`--seeds 0,1,2`) +13.0 / +4.8 (NDCG@10 +4.7, +4.9, +4.8; 95 % interval over the
+test queries [+3.2, +6.3]), level on textual queries' NDCG@10 (+0.7, -0.4, -0.2; [-1.9, +1.9]); fusion_ft above
+concat_ft at every seed in both metrics (92.1 / 73.1 against 90.6 / 72.0; [+0.8, +2.3] / [+0.5, +1.8]). Against the
+same stage-1 text towers without an image (`--rows ...,text_only_ft`: 78.9 / 68.7) the image adds +13.4 / +4.3.
+The image pays through its 8 most likely words in the product's lexical segment (model.image_expansion_k), from a
+head that reads the pooled image, its colour histogram (model.image_words_color_bins=8: 512 bins) and its texture
 (model.image_words_texture_bins=8). The query's translation table (model.query_translation_k=3: the catalogue's
 words for the shoppers' words no product uses, from the training pairs) is worth 9.8 NDCG@10 inside the trained
-fusion_ft. The lexical segment's own learning rate
-(optim.lr_mult.lexical=10) is what first lifted NDCG@10 above BM25's; stage 1's text term at twice the weight
-(loss.stage1_text=2), stage 1's image <-> title term on the image side only (loss.stage1_lock_text) and the stage-1
-text side at 3x the rate in stage 2 (optim.init_lr_mult) lift the stage-1 rows. With `--budget long` (budget=long:
+fusion_ft. The lexical segment's own learning rate (optim.lr_mult.lexical=10) is what first lifted NDCG@10 above
+BM25's; stage 1's text term at twice the weight (loss.stage1_text=2), stage 1's image <-> title term on the image
+side only (loss.stage1_lock_text), the stage-1 text side at 3x the rate in stage 2 (optim.init_lr_mult) and stage 1's
+temperature loaded with its towers (FROM_STAGE1) lift the stage-1 rows. With `--budget long` (budget=long:
 5x the steps and the query <-> fused term at half weight; about 18 minutes here for stage 1 and four rows) fusion_ft
-reaches 93.6 / 76.1, concat_ft 93.2 / 74.4 and text_only 83.8 / 68.4: fusion_ft - text_only +9.8 / +7.7, level on
-textual queries' NDCG@10 (95.1 against 94.9, [-1.1, +1.2]), fusion_ft - concat_ft NDCG@10 +1.6 ([+0.5, +2.8]); the
-hybrid (from concat_ft, the best row on validation there) 92.4 / 76.8. `bash tools/demo.sh` takes under 10 minutes
+reaches 94.5 / 76.5, concat_ft 93.8 / 75.0 and text_only 83.8 / 68.4: fusion_ft - text_only +10.7 / +8.1, level on
+textual queries' NDCG@10 (95.3 against 94.9, [-0.4, +1.2]), fusion_ft - concat_ft NDCG@10 +1.5 ([+0.2, +2.8]); the
+hybrid (from fusion_ft) 94.4 / 77.6. `bash tools/demo.sh` takes under 10 minutes
 on the 2-core machine (7 min 55 s and 9 min 31 s on two runs from a warm venv, the catalogue generated on the way).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
