@@ -32,7 +32,7 @@ reaches 94.5 / 76.5, concat_ft 93.8 / 75.0 and text_only 83.8 / 68.4: fusion_ft 
 textual queries' NDCG@10 (95.3 against 94.9, [-0.4, +1.2]), fusion_ft - concat_ft NDCG@10 +1.5 ([+0.2, +2.8]); the
 hybrid (from fusion_ft) 94.4 / 77.6. `bash tools/demo.sh` takes under 10 minutes
 on the 2-core machine when it is quiet (7 min 55 s and 9 min 31 s on two runs from a warm venv, the catalogue
-generated on the way; 12 min 38 s at a busier moment, every row about 1.5x slower).
+generated on the way; 12 min 38 s and 12 min 40 s at a busier time, when the code of the first run was as slow).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
 width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
