@@ -48,13 +48,7 @@ def get_config(arg=None):
   c.train.eval_every = 1000
   c.train.ckpt_every = 1000
   if a.stage == 2:
-    c.optim.lr_mult.image_tower = 0.1
-    c.init.load = ("image_tower", "product_text_tower")
-    # The fused branch also learns on its own (query <-> fused term): it starts from nothing beside a text branch
-    # that arrives trained, and without the term the fusion gate shuts before it has learnt anything
-    # (configs/demo.py). Half weight, as the demo's long budget: at full weight over many steps the term pulls the
-    # query towards the image side and costs the queries the text answers. Measured on the demo, not at this scale.
-    c.loss.aux_query_fused = 0.5
+    config_lib.set_b16_stage2(c)
   c.mesh.shape.dcn = a.nodes
   c.mesh.shape.data = 1
   c.mesh.shape.fsdp = -1

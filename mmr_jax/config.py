@@ -299,6 +299,19 @@ def set_b16_model(c: ConfigDict, *, remat: bool = False, scan_layers: bool = Fal
   return c
 
 
+def set_b16_stage2(c: ConfigDict) -> ConfigDict:
+  """Sets the B/16 scale configs' stage 2: stage 1's image tower (at 0.1x the rate, keeping its domain alignment, as
+  in the paper's second stage) and product text tower, and the fused branch's own term at half weight."""
+  c.optim.lr_mult.image_tower = 0.1
+  c.init.load = ("image_tower", "product_text_tower")
+  # The fused branch also learns on its own (query <-> fused term): it starts from nothing beside a text branch
+  # that arrives trained, and without the term the fusion gate shuts before it has learnt anything
+  # (configs/demo.py). Half weight, as the demo's long budget: at full weight over many steps the term pulls the
+  # query towards the image side and costs the queries the text answers. Measured on the demo, not at this scale.
+  c.loss.aux_query_fused = 0.5
+  return c
+
+
 def set_text_tower(c: ConfigDict, size: str, *, max_len: int, **overrides) -> ConfigDict:
   """Sets the text towers to size preset `size` ("mu", "S", "B", ...); the fusion network follows their
   width and heads. The vocabulary size stays -1 (the trainer reads it from DATA_DIR's tokenizer)."""
