@@ -139,6 +139,9 @@ def get_config(arg=None):
     # queries +0.4 / +1.7 and +0.8 / +2.8 at seeds 0 and 1, textual queries +2.5 / +3.6 and +1.3 / +0.6 (seed 0's
     # 95.5 above text_only's 94.9); 0.25 is within the noise of 0.5 on the validation queries (-0.4, +0.4). At the
     # default budget 0.5 changes nothing overall (+0.0 over seeds 0, 1, 2) and costs textual queries 0.7.
+    # Without the term (seeds 0, 1, 2) fusion_ft loses 0.8 / 1.1 here, level with concat_ft; on images that say
+    # nothing about their product (README, "Images that say nothing") the term costs it 2.5 R@100 and leaving it
+    # out puts it level with text_only_ft: there, --set loss.aux_query_fused=0.
     c.loss.aux_query_fused = 0.5 if a.budget == "long" else 1.0
     # The product's lexical segment also holds the 8 words its image predicts most (heads/image_words, which
     # stage 1's image -> title words term trains): a photo of a red dress matches "red" where the text says
