@@ -7,13 +7,19 @@ Rows (same steps, batch and examples for every row; see README):
   concat      pooled text (+) image -> projection; image tower from the user's init, trained in stage 2 only
   concat_ft   concat after stage-1 domain alignment of the image tower
   fusion_ft   stage 1 + the cross-modal fusion network (the paper's full model)
-  fusion_e2e  fusion trained end to end without stage 1 (the paper says two stages win)
+  fusion_e2e  fusion trained end to end without stage 1 (the paper says two stages win); not run by default
   fusion_qw   stage 1 + query-conditioned modality weighting (still one inner product); not run by default:
               it trains far more slowly than the others at the demo budget (README), --rows ...,fusion_qw adds it
   text_only_mined  text_only with hard negatives mined by stage 1's model (data.hard_negative_embeddings);
               not run by default either
   text_only_ft  text_only from stage 1's text towers: the stage-1 rows without an image, so fusion_ft and
               concat_ft minus it is what the image adds (ablation_margins.json "image_adds"); not run by default
+
+A row the config names in CHOSEN_ON_VALIDATION ({row: (alternative rows of its get_sweep, ...)}) is trained
+each way and reported as the one whose validation queries rank best (the mean of R@100 and NDCG@10, exact
+search): configs/demo.py trains fusion_ft with and without its query <-> fused term, which helps where the
+photos say something about the product and costs recall where they do not. The row's "chosen" entry in
+ablation.json and a line of ablation.md say which run it is and what each scored on the validation queries.
 
 Writes DIR/ablation.json (a list of rows), DIR/ablation.md, DIR/ablation_margins.json and DIR/ablation.png;
 each row's own workdir (DIR/<row>/) holds its checkpoints and metrics.json. Finished rows are skipped on re-run.
@@ -58,7 +64,7 @@ from mmr_jax import train
 
 log = logging.getLogger("mmr_jax.ablation")
 
-ROWS = ("text_only", "concat", "concat_ft", "fusion_ft", "fusion_e2e")  # the default; get_sweep may name more
+ROWS = ("text_only", "concat", "concat_ft", "fusion_ft")  # the default; get_sweep may name more
 SEED_METRICS = ("recall@100", "ndcg@10")  # the margins' metrics (the paper's two)
 CI_LEVEL = 0.95  # the margins' intervals ("ci95")
 PAPER = {"text_only": (72.3, 41.2), "concat": (73.1, 41.8), "concat_ft": (75.6, 43.5), "fusion_ft": (77.4, 45.1)}
@@ -367,10 +373,14 @@ def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, 
   steps = steps * mult or own[1]
   # DATA_DIR is set on the config, not passed in the "k=v,..." argument, where a comma in the path would split it.
   base_arg = f"steps={steps},batch={batch}{extra}"
-  sweep = [s for s in mod.get_sweep(config_arg) if s["name"] in rows]
-  unknown = set(rows) - {s["name"] for s in mod.get_sweep(config_arg)}
+  names = {s["name"] for s in mod.get_sweep(config_arg)}
+  unknown = set(rows) - names
   if unknown:
     raise KeyError(f"rows {sorted(unknown)} are not in {config_path}'s get_sweep()")
+  # A row chosen on the validation queries brings its alternatives (`choose_on_validation`).
+  choices = chosen_on_validation(mod, config_path, names)
+  wanted = set(rows) | {alt for row in rows for alt in choices.get(row, ())}
+  sweep = [s for s in mod.get_sweep(config_arg) if s["name"] in wanted]
   uses_stage1 = lambda point: any("{" + STAGE1 + "}" in str(v) for v in point.values())  # noqa: E731
   # A row that starts from stage 1's weights; one that only reads a file of it (mined hard negatives) still
   # trains all its steps itself.
@@ -395,8 +405,72 @@ def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, 
       cfg.train.steps = steps + stage1_steps  # the optimiser steps stage 1 gives the other rows
     apply_overrides(cfg, point.overrides)
     configs[point.name] = apply_overrides(cfg, overrides or {})
+  # An alternative that --set made the same run as its row (e.g. --set loss.aux_query_fused=0) is not trained twice.
+  same = {alt for row, alts in choices.items() if row in configs for alt in alts
+          if alt in configs and alt not in rows and configs[alt].to_dict() == configs[row].to_dict()}
+  row_points = [p for p in row_points if p.name not in same]
+  configs = {k: v for k, v in configs.items() if k not in same}
   points = ([sweep_runner.Point(STAGE1, {})] if with_stage1 else []) + row_points
   return points, configs
+
+
+CHOICE_METRICS = ("recall@100", "ndcg@10")  # a chosen row's criterion: their mean on the validation queries
+
+
+def chosen_on_validation(mod, config_path: str, names) -> dict[str, tuple[str, ...]]:
+  """Returns the config module's CHOSEN_ON_VALIDATION ({row: (alternative row, ...)}; {} without one), each name
+  checked against its get_sweep() row `names`."""
+  choices = {row: tuple(alts) for row, alts in getattr(mod, "CHOSEN_ON_VALIDATION", {}).items()}
+  bad = sorted({n for row, alts in choices.items() for n in (row, *alts)} - set(names))
+  if bad:
+    raise KeyError(f"{config_path}'s CHOSEN_ON_VALIDATION names {bad}, which are not rows of its get_sweep()")
+  return choices
+
+
+def _validation_scores(results: dict) -> dict | None:
+  """Returns a row's exact-search CHOICE_METRICS on the validation queries and their mean ("score"); None without
+  validation queries."""
+  val = results["splits"].get(retrieval.FUSION_SPLIT, {}).get("exact")
+  if not val or not val.get("num_queries"):
+    return None
+  out = {m: float(val[m]) for m in CHOICE_METRICS}
+  return out | {"score": float(np.mean(list(out.values())))}
+
+
+def choose_on_validation(results: dict[str, dict], choices: dict, settings: dict | None = None):
+  """Returns (results, {row: its choice}): each row of `choices` whose results and at least one alternative's
+  are here is replaced by whichever of them scores best on the validation queries (`_validation_scores`; the row
+  itself on a tie or without validation queries), and its alternatives are dropped. The choice records the run
+  it took, every candidate's validation scores and `settings[row]` (the settings in which they differ)."""
+  out, chosen = dict(results), {}
+  for row, alts in choices.items():
+    runs = [n for n in (row, *alts) if n in results]
+    if row not in results or len(runs) < 2:
+      continue
+    scores = {n: _validation_scores(results[n]) for n in runs}
+    scored = [n for n in runs if scores[n] is not None]
+    best = max(scored, key=lambda n: scores[n]["score"]) if scored else row  # the first of equal scores: the row
+    out[row] = results[best]
+    for alt in alts:
+      out.pop(alt, None)
+    chosen[row] = {"run": best, "criterion": f"validation mean of {' and '.join(CHOICE_METRICS)}, exact search",
+                   "validation": scores, "settings": (settings or {}).get(row, {})}
+  return out, chosen
+
+
+def _setting_differences(configs: dict, choices: dict) -> dict:
+  """Returns {row: {key: {run: value}}}: the settings in which each chosen row's runs differ."""
+  flat = lambda c: metrics_lib.flatten(json.loads(json.dumps(c.to_dict(), default=str)), sep=".")  # noqa: E731
+  out = {}
+  for row, alts in choices.items():
+    runs = [n for n in (row, *alts) if n in configs]
+    if row not in configs or len(runs) < 2:
+      continue
+    values = {n: flat(configs[n]) for n in runs}
+    keys = sorted({k for v in values.values() for k in v})
+    out[row] = {k: {n: values[n].get(k) for n in runs} for k in keys
+                if len({json.dumps(values[n].get(k)) for n in runs}) > 1}
+  return out
 
 
 class _InProcess:
@@ -452,6 +526,14 @@ class _InProcess:
 def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides, budget):
   points, configs = _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, config_arg,
                             overrides, budget)
+  choices = chosen_on_validation(mod, config_path, [s["name"] for s in mod.get_sweep(config_arg)])
+  if not info["num_queries"].get(retrieval.FUSION_SPLIT):
+    # Nothing to choose on: the rows run as the config gives them, their alternatives not at all.
+    idle = {alt for row, alts in choices.items() for alt in alts if alt not in rows}
+    if idle & set(configs):
+      log.warning("%s has no validation queries: %s trained as configured, not chosen on them", data_dir,
+                  ", ".join(row for row in choices if row in configs))
+    points = [p for p in points if p.name not in idle]
   margins_path = root / "ablation_margins.json"
   # Rows reused from an earlier invocation keep the timings measured then.
   timings = json.loads(margins_path.read_text()).get("timings_s", {}) if margins_path.exists() else {}
@@ -459,7 +541,9 @@ def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batc
     if r.status == "ok":
       timings["stage1_s" if r.name == STAGE1 else r.name] = r.seconds
   results = {p.name: evaluate.load_results(str(root / p.name)) for p in points if p.name != STAGE1}
-  out_rows = [row_summary(name, res) for name, res in results.items()] + keyword_rows(results)
+  results, chosen = choose_on_validation(results, choices, _setting_differences(configs, choices))
+  out_rows = [row_summary(name, res) | ({"chosen": chosen[name]} if name in chosen else {})
+              for name, res in results.items()] + keyword_rows(results)
   _write_reports(root, data_dir, config_path, info, out_rows, timings)
   return out_rows
 
@@ -473,6 +557,11 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
   if info["num_products"] <= 100:
     md += ["", f"The catalogue has {info['num_products']} products, so R@100 ranks all of them (1.0 for every "
            "judged query by construction): compare the rows by NDCG@10 and the per-row metrics.json (recall@10)."]
+  chosen = [r for r in out_rows if r.get("chosen")]
+  if chosen:
+    md += ["", "Chosen on the validation queries (the run whose mean of R@100 and NDCG@10 there, exact search, is "
+           "highest; the table shows it under the row's name):"]
+    md += [f"- {r['row']}: {_fmt_choice(r['chosen'])}" for r in chosen]
   gains = margins(out_rows)
   fmt_gains = lambda g: "; ".join(  # noqa: E731
       f"{k}: R@100 {_fmt_margin(v, 'recall@100')}, NDCG@10 {_fmt_margin(v, 'ndcg@10')}" for k, v in g.items())
@@ -509,6 +598,19 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
                      "minus_bm25": vs_bm25, "image_adds": image_adds,
                      "timings_s": timings})
   fileio.write_atomic(root / "ablation.png", lambda p: plot_rows(out_rows, p))
+
+
+def _fmt_choice(choice: dict) -> str:
+  """Returns "fusion_ft_no_q2f (validation R@100 / NDCG@10 81.0 / 71.7; fusion_ft 80.0 / 71.7; they differ in
+  loss.aux_query_fused: fusion_ft 1.0, fusion_ft_no_q2f 0.0)"."""
+  scores = choice["validation"]
+  fmt = lambda v: "no validation queries" if v is None else " / ".join(  # noqa: E731
+      f"{100 * v[m]:.1f}" for m in CHOICE_METRICS)
+  others = "; ".join(f"{n} {fmt(v)}" for n, v in scores.items() if n != choice["run"])
+  settings = "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in by_run.items())
+                       for k, by_run in choice.get("settings", {}).items())
+  return (f"{choice['run']} (validation R@100 / NDCG@10 {fmt(scores[choice['run']])}; {others}"
+          + (f"; they differ in {settings}" if settings else "") + ")")
 
 
 def _fmt_ci(ci) -> str:
@@ -554,7 +656,10 @@ def seed_summary(per_seed: dict) -> dict:
         "overall": {m: _spread([by_seed[s][name]["overall"].get(m, np.nan) for s in seeds]) for m in SEED_METRICS},
         "by_tag": {t: {m: _spread([by_seed[s][name]["by_tag"].get(t, {}).get(m, np.nan) for s in seeds])
                        for m in SEED_METRICS} for t in tags}}
-  out = {"seeds": seeds, "rows": out_rows}
+  out = {"seeds": seeds, "rows": out_rows,
+         # Which run each row chosen on the validation queries took, per seed.
+         "chosen": {name: {str(s): by_seed[s][name]["chosen"]["run"] for s in seeds}
+                    for name in names if all(by_seed[s][name].get("chosen") for s in seeds)}}
   for row, baseline in SEED_MARGINS:
     out[f"{row}_minus_{baseline}"] = _seed_margin(per_seed, by_seed, row, baseline)
   return out
@@ -621,6 +726,9 @@ def run_seeds(workdir: str, seeds, data_dir: str, config_path: str, rows=ROWS, s
     md = ["# Ablation over seeds", "", f"Data: `{data_dir}`; config: `{config_path}`; seeds {seeds} (each in "
           "`seed_<s>/`, its own ablation.md); test split, exact search; mean ± standard deviation (min … max) "
           "over the seeds, in %.", "", seed_table(summary)]
+    for row, runs in summary["chosen"].items():
+      md += ["", f"{row} is the run its validation queries ranked best (see each seed's ablation.md): "
+             + ", ".join(f"seed {s} {run}" for s, run in runs.items()) + "."]
     for row, baseline in SEED_MARGINS:
       margin = summary[f"{row}_minus_{baseline}"]
       if margin:
@@ -692,7 +800,7 @@ def main(argv=None):
     p.error(str(e))
   print(table(rows))
   md = (epath.Path(args.workdir) / "ablation.md").read_text().splitlines()
-  print("\n".join(line for line in md if line.startswith(("fusion_ft minus", "- "))))
+  print("\n".join(line for line in md if line.startswith(("Chosen on", "fusion_ft minus", "- "))))
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def test_an_ablation_row_that_mines_with_stage_1_still_trains_stage_1s_steps(tin
   points, configs = ablation._points(tmp_path, tiny_data, "demo", mod, ("text_only", "text_only_mined", "fusion_ft"),
                                      6, 4, 16, "", {}, "default")
   by = {p.name: p for p in points}
-  assert [p.name for p in points] == ["stage1", "text_only", "fusion_ft", "text_only_mined"]
+  assert [p.name for p in points] == ["stage1", "text_only", "fusion_ft", "fusion_ft_no_q2f", "text_only_mined"]
   assert by["text_only_mined"].depends == ("stage1",)  # runs after stage 1, whose products it mines with
   mined = configs["text_only_mined"]
   assert mined.data.hard_negative_embeddings == str(tmp_path / "stage1" / evaluate.CATALOGUE_EMBEDDINGS)
@@ -245,6 +245,70 @@ def test_text_only_ft_is_the_stage_1_rows_without_an_image_and_the_margins_say_w
   ablation._write_reports(tmp_path, tiny_data, "demo", {"num_products": 300}, rows[1:], {})
   assert json.loads((tmp_path / "ablation_margins.json").read_text())["image_adds"] == {}
   assert "What the image adds" not in (tmp_path / "ablation.md").read_text()
+
+
+def test_a_row_chosen_on_validation_brings_its_alternative_unless_set_makes_them_the_same_run(tiny_data, tmp_path):
+  mod = sweep_runner.load_config_module(str(ROOT / "configs" / "demo.py"))
+  points, configs = ablation._points(tmp_path, tiny_data, "demo", mod, ("text_only", "fusion_ft"), 6, 4, 16, "", {},
+                                     "default")
+  by = {p.name: p for p in points}
+  assert [p.name for p in points] == ["stage1", "text_only", "fusion_ft", "fusion_ft_no_q2f"]
+  assert by["fusion_ft_no_q2f"].depends == ("stage1",)
+  row, alt = configs["fusion_ft"], configs["fusion_ft_no_q2f"]
+  assert (row.loss.aux_query_fused, alt.loss.aux_query_fused) == (1.0, 0.0)
+  # The same run otherwise: same stage 1, steps, stream and settings.
+  assert ablation._setting_differences(configs, {"fusion_ft": ("fusion_ft_no_q2f",)}) == {
+      "fusion_ft": {"loss.aux_query_fused": {"fusion_ft": 1.0, "fusion_ft_no_q2f": 0.0}}}
+  # --set that gives the row the alternative's setting leaves nothing to choose between: trained once.
+  points, configs = ablation._points(tmp_path, tiny_data, "demo", mod, ("fusion_ft",), 6, 4, 16, "",
+                                     {"loss.aux_query_fused": "0"}, "default")
+  assert [p.name for p in points] == ["stage1", "fusion_ft"] and "fusion_ft_no_q2f" not in configs
+  # A choice naming a row the sweep lacks is refused, naming it.
+  broken = types.SimpleNamespace(get_config=mod.get_config, get_sweep=mod.get_sweep,
+                                 CHOSEN_ON_VALIDATION={"fusion_ft": ("fusion_ft_nope",)})
+  with pytest.raises(KeyError, match="fusion_ft_nope"):
+    ablation._points(tmp_path, tiny_data, "broken", broken, ("fusion_ft",), 6, 4, 16, "", {}, "default")
+
+
+def test_choose_on_validation_takes_the_run_the_validation_queries_rank_best_and_says_so(tmp_path):
+  def results(val, test):
+    split = lambda m: {"exact": {"recall@100": m[0], "ndcg@10": m[1], "num_queries": 50}}  # noqa: E731
+    return {"splits": {"test": split(test)} | ({"validation": split(val)} if val else {})}
+  choices = {"fusion_ft": ("fusion_ft_no_q2f",)}
+  settings = {"fusion_ft": {"loss.aux_query_fused": {"fusion_ft": 1.0, "fusion_ft_no_q2f": 0.0}}}
+  base = {"text_only": results((0.7, 0.6), (0.7, 0.6))}
+  # The alternative ranks the validation queries better (R@100 +3, NDCG@10 -1): it is the row.
+  out, chosen = ablation.choose_on_validation(
+      base | {"fusion_ft": results((0.80, 0.70), (0.9, 0.5)), "fusion_ft_no_q2f": results((0.83, 0.69), (0.1, 0.1))},
+      choices, settings)
+  assert list(out) == ["text_only", "fusion_ft"] and out["fusion_ft"]["splits"]["test"]["exact"]["ndcg@10"] == 0.1
+  assert chosen["fusion_ft"]["run"] == "fusion_ft_no_q2f"
+  assert chosen["fusion_ft"]["validation"]["fusion_ft"]["score"] == pytest.approx(0.75)
+  # ... not by the test queries, and the row itself on a tie.
+  out, chosen = ablation.choose_on_validation(
+      base | {"fusion_ft": results((0.80, 0.70), (0.1, 0.1)), "fusion_ft_no_q2f": results((0.70, 0.80), (0.9, 0.9))},
+      choices)
+  assert chosen["fusion_ft"]["run"] == "fusion_ft" and out["fusion_ft"]["splits"]["test"]["exact"]["ndcg@10"] == 0.1
+  # Without validation queries there is nothing to choose on: the row as configured.
+  out, chosen = ablation.choose_on_validation(
+      base | {"fusion_ft": results(None, (0.1, 0.1)), "fusion_ft_no_q2f": results(None, (0.9, 0.9))}, choices)
+  assert chosen["fusion_ft"]["run"] == "fusion_ft" and chosen["fusion_ft"]["validation"]["fusion_ft"] is None
+  # A row run without its alternative (or an alternative without its row) is left as it is.
+  assert ablation.choose_on_validation(base | {"fusion_ft": results((0.8, 0.7), (0.1, 0.1))}, choices)[1] == {}
+  alone = base | {"fusion_ft_no_q2f": results((0.8, 0.7), (0.1, 0.1))}
+  assert ablation.choose_on_validation(alone, choices) == (alone, {})
+  # ablation.md says which run the row is, what each scored on the validation queries and how they differ.
+  out, chosen = ablation.choose_on_validation(
+      base | {"fusion_ft": results((0.80, 0.70), (0.9, 0.5)), "fusion_ft_no_q2f": results((0.83, 0.69), (0.1, 0.1))},
+      choices, settings)
+  m = {"recall@100": 0.5, "ndcg@10": 0.5}
+  rows = [{"row": n, "overall": m, "by_tag": {}, "by_sparsity": {}, "splits": {}, "scann_recall_vs_exact": 1.0}
+          | ({"chosen": chosen[n]} if n in chosen else {}) for n in out]
+  ablation._write_reports(tmp_path, "DATA", "demo", {"num_products": 300}, rows, {})
+  assert ("- fusion_ft: fusion_ft_no_q2f (validation R@100 / NDCG@10 83.0 / 69.0; fusion_ft 80.0 / 70.0; they differ "
+          "in loss.aux_query_fused: fusion_ft 1.0, fusion_ft_no_q2f 0.0)") in (tmp_path / "ablation.md").read_text()
+  saved = json.loads((tmp_path / "ablation.json").read_text())
+  assert saved[1]["chosen"]["run"] == "fusion_ft_no_q2f"
 
 
 def test_margins_carry_a_paired_interval_over_the_queries_and_pool_it_over_seeds(tmp_path):
@@ -327,6 +391,14 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
   assert cfg["init"]["workdir"] == str(tmp_path / "abl" / "stage1")
   # Stage 1 read stage 2's pairs: fusion_ft's stage 2 read them on from where stage 1 stopped, text_only from the start.
   assert cfg["data"]["stream_offset"] == 4
+  # fusion_ft was trained with and without the query <-> fused term; the row is the one validation ranked best.
+  choice = by["fusion_ft"]["chosen"]
+  assert set(choice["validation"]) == {"fusion_ft", "fusion_ft_no_q2f"}
+  scores = {n: v["score"] for n, v in choice["validation"].items()}
+  assert choice["run"] == max(scores, key=scores.get)
+  picked = evaluate.load_results(str(tmp_path / "abl" / choice["run"]))["splits"]["test"]["exact"]
+  assert by["fusion_ft"]["overall"]["ndcg@10"] == pytest.approx(picked["ndcg@10"])
+  assert "Chosen on the validation queries" in (tmp_path / "abl" / "ablation.md").read_text()
   assert json.loads((tmp_path / "abl" / "text_only" / "config.json").read_text())["data"]["stream_offset"] == 0
   assert "| fusion_ft |" in (tmp_path / "abl" / "ablation.md").read_text()
   assert (tmp_path / "abl" / "ablation.png").exists()
@@ -335,7 +407,7 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
                        rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
   assert json.dumps(again, default=float) == json.dumps(rows, default=float)
   timings = json.loads((tmp_path / "abl" / "ablation_margins.json").read_text())["timings_s"]
-  assert set(timings) == {"stage1_s", "text_only", "fusion_ft"}  # kept from the run that trained them
+  assert set(timings) == {"stage1_s", "text_only", "fusion_ft", "fusion_ft_no_q2f"}  # kept from the run that trained them
   # Other settings on the same workdir would silently reuse rows trained differently: refused, nothing lost.
   before = (tmp_path / "abl" / "ablation.json").read_text()
   with pytest.raises(ValueError, match=r"stage 1 in .* other settings .*train.steps: 4 -> 5"):
@@ -416,15 +488,16 @@ def test_learned_row_beats_keyword_search_where_it_should(tmp_path):
   assert fused["ndcg@10"] >= learned["ndcg@10"] - 0.03, (fused, learned)
 
 
-def _fake_rows(text_only, fusion_ft):
-  """Ablation rows with the given (recall@100, ndcg@10) overall and on a "visual" tag (half the values)."""
+def _fake_rows(text_only, fusion_ft, chosen="fusion_ft"):
+  """Ablation rows with the given (recall@100, ndcg@10) overall and on a "visual" tag (half the values); fusion_ft
+  chosen on validation as the run `chosen`."""
   row = lambda name, r, n: {"row": name, "overall": {"recall@100": r, "ndcg@10": n},  # noqa: E731
                             "by_tag": {"visual": {"recall@100": r / 2, "ndcg@10": n / 2}}}
-  return [row("text_only", *text_only), row("fusion_ft", *fusion_ft)]
+  return [row("text_only", *text_only), row("fusion_ft", *fusion_ft) | {"chosen": {"run": chosen}}]
 
 
 def test_ablation_over_seeds_reports_each_rows_spread_and_the_margin_per_seed(tmp_path, monkeypatch):
-  per_seed = {0: _fake_rows((0.80, 0.68), (0.88, 0.72)), 1: _fake_rows((0.78, 0.69), (0.86, 0.70)),
+  per_seed = {0: _fake_rows((0.80, 0.68), (0.88, 0.72)), 1: _fake_rows((0.78, 0.69), (0.86, 0.70), "fusion_ft_b"),
               2: _fake_rows((0.79, 0.68), (0.90, 0.71))}
   calls = []
 
@@ -452,6 +525,8 @@ def test_ablation_over_seeds_reports_each_rows_spread_and_the_margin_per_seed(tm
   md = (tmp_path / "w" / "ablation_seeds.md").read_text()
   assert "| fusion_ft | 88.0 ± 1.6 (86.0 … 90.0) | 71.0 ± 0.8 (70.0 … 72.0) |" in md
   assert "NDCG@10 +2.7 ± 1.2 (+4.0, +1.0, +3.0)" in md
+  assert saved["chosen"] == {"fusion_ft": {"0": "fusion_ft", "1": "fusion_ft_b", "2": "fusion_ft"}}
+  assert "seed 0 fusion_ft, seed 1 fusion_ft_b, seed 2 fusion_ft." in md
   # Seeds given twice, or a seed also in --set, are refused before anything runs.
   calls.clear()
   with pytest.raises(ValueError, match="distinct"):

@@ -409,7 +409,8 @@ def test_ablation_takes_any_data_dir_and_explains_small_catalogues(unseen, tmp_p
   _stub_training(monkeypatch, seen)
   rows = ablation.run(str(tmp_path / "abl"), str(data_dir), str(ROOT / "configs" / "demo.py"),
                       rows=("text_only", "fusion_ft"), steps=1, stage1_steps=1, batch=4)
-  assert seen == [(1, str(data_dir)), (2, str(data_dir)), (2, str(data_dir))]  # The comma did not split it.
+  # The comma did not split it. Stage 1, text_only, fusion_ft and the run fusion_ft is chosen against.
+  assert seen == [(1, str(data_dir))] + [(2, str(data_dir))] * 3
   assert all(r["overall"]["recall@100"] == 1.0 for r in rows)
   md = (tmp_path / "abl" / "ablation.md").read_text(encoding="utf-8")
   assert f"The catalogue has {len(IMAGES)} products, so R@100 ranks all of them" in md
@@ -426,6 +427,22 @@ def test_ablation_refuses_a_catalogue_without_test_queries_before_training(catal
   with pytest.raises(ValueError, match="no test queries"):
     ablation.run(str(tmp_path / "abl"), str(data_dir), str(ROOT / "configs" / "demo.py"), steps=1)
   assert not seen
+
+
+def test_ablation_without_validation_queries_trains_a_chosen_row_as_configured(catalog_writer, tmp_path, monkeypatch,
+                                                                                 caplog):
+  src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "Tisch"}, {"id": "p1", "title": "Stuhl"}],
+                       [{"id": "q0", "text": "tisch", "split": "train"}, {"id": "q1", "text": "stuhl", "split": "test"}],
+                       [("q0", "p0", "E"), ("q1", "p1", "E")])
+  data_dir = tmp_path / "data"
+  importer.import_catalog(src, data_dir, vocab_size=300, progress=False, verbose=False)
+  seen = []
+  _stub_training(monkeypatch, seen)
+  rows = ablation.run(str(tmp_path / "abl"), str(data_dir), str(ROOT / "configs" / "demo.py"), rows=("fusion_ft",),
+                      steps=1, stage1_steps=1, batch=4)
+  # Nothing to choose on: stage 1 and fusion_ft as configured, not the run it would be chosen against.
+  assert seen == [(1, str(data_dir)), (2, str(data_dir))] and not (tmp_path / "abl" / "fusion_ft_no_q2f").exists()
+  assert "chosen" not in rows[0] and "no validation queries" in caplog.text
 
 
 def test_evaluate_workdir_without_queries_fails_before_embedding(catalog_writer, tmp_path, monkeypatch):
