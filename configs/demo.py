@@ -72,7 +72,7 @@ def get_config(arg=None):
     raise ValueError("text= and runlocal=True: runlocal shrinks the towers to its smoke size; pick one")
   if a.text:
     config_lib.set_text_tower(c, a.text, max_len=c.model.text.max_len)
-  # Sized so the whole ablation (stage 1 + six rows, each evaluated) fits the README's ~10 minute budget
+  # Sized so the whole ablation (stage 1, four rows and fusion_ft's second run, each evaluated) fits the README's ~10 minute budget
   # on a 2-core CPU; more steps help every row (see README for the measured table).
   c.train.steps = 200 if a.stage == 2 else 250
   # Half the stage-2 examples are pseudo-queries from the catalogue's own text (data/pseudo_queries.py): the
@@ -164,7 +164,11 @@ CHOSEN_ON_VALIDATION = {"fusion_ft": ("fusion_ft_no_q2f",)}
 
 
 def get_sweep(arg=None):
-  """The ablation rows as override dicts (the stage-1 run is a dependency, see mmr_jax.ablation)."""
+  """The ablation rows as override dicts (the stage-1 run is a dependency, see mmr_jax.ablation).
+
+  fusion_ft_no_q2f is the run fusion_ft is chosen against (CHOSEN_ON_VALIDATION); `launch.sweep` trains it as a
+  point of its own, and `--rows ...,fusion_ft_no_q2f` makes it a row of its own in the ablation (no choice made).
+  """
   del arg
   return [
       {"name": "text_only", "model.variant": "text_only"},

@@ -424,6 +424,11 @@ def chosen_on_validation(mod, config_path: str, names) -> dict[str, tuple[str, .
   bad = sorted({n for row, alts in choices.items() for n in (row, *alts)} - set(names))
   if bad:
     raise KeyError(f"{config_path}'s CHOSEN_ON_VALIDATION names {bad}, which are not rows of its get_sweep()")
+  alts = [alt for a in choices.values() for alt in a]
+  twice = sorted({a for a in alts if alts.count(a) > 1 or a in choices})
+  if twice:
+    raise ValueError(f"{config_path}'s CHOSEN_ON_VALIDATION: {twice} must each be the alternative of one row only "
+                     "(not a row of its own there, nor its own alternative)")
   return choices
 
 
@@ -527,9 +532,11 @@ def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batc
   points, configs = _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, config_arg,
                             overrides, budget)
   choices = chosen_on_validation(mod, config_path, [s["name"] for s in mod.get_sweep(config_arg)])
+  # An alternative asked for by name is a row of its own: both are reported as trained, nothing is chosen.
+  choices = {row: alts for row, alts in choices.items() if not set(alts) & set(rows)}
   if not info["num_queries"].get(retrieval.FUSION_SPLIT):
     # Nothing to choose on: the rows run as the config gives them, their alternatives not at all.
-    idle = {alt for row, alts in choices.items() for alt in alts if alt not in rows}
+    idle = {alt for alts in choices.values() for alt in alts}
     if idle & set(configs):
       log.warning("%s has no validation queries: %s trained as configured, not chosen on them", data_dir,
                   ", ".join(row for row in choices if row in configs))
@@ -544,6 +551,9 @@ def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batc
   results, chosen = choose_on_validation(results, choices, _setting_differences(configs, choices))
   out_rows = [row_summary(name, res) | ({"chosen": chosen[name]} if name in chosen else {})
               for name, res in results.items()] + keyword_rows(results)
+  for r in out_rows:  # the hybrid's learned row may be a chosen one: which run (workdir) it fused
+    if r["row"] == "hybrid":
+      r["learned_run"] = chosen[r["learned_row"]]["run"] if r["learned_row"] in chosen else r["learned_row"]
   _write_reports(root, data_dir, config_path, info, out_rows, timings)
   return out_rows
 
@@ -587,7 +597,9 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
   hybrid = next((r for r in out_rows if r["row"] == "hybrid"), None)
   if vs_bm25:
     md += ["", "BM25: keyword search over title + description + attributes (no model; `mmr_jax/evals/keyword.py`). "
-           f"hybrid: {hybrid['learned_row']} (the learned row with the best validation NDCG@10) fused with BM25 per "
+           f"hybrid: {hybrid['learned_row']} (the learned row with the best validation NDCG@10"
+           + ("" if hybrid.get("learned_run", hybrid["learned_row"]) == hybrid["learned_row"]
+              else f"; run {hybrid['learned_run']}") + ") fused with BM25 per "
            f"query ({hybrid['fusion']['method']}, learned-ranking weight {hybrid['fusion']['weight']:g}, "
            + ("chosen on the validation queries)." if hybrid["fusion"].get("tuned_on") else
               "not tuned: the catalogue has no validation queries).") + "", "", "Minus bm25 (points):"]

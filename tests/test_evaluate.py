@@ -268,6 +268,11 @@ def test_a_row_chosen_on_validation_brings_its_alternative_unless_set_makes_them
                                  CHOSEN_ON_VALIDATION={"fusion_ft": ("fusion_ft_nope",)})
   with pytest.raises(KeyError, match="fusion_ft_nope"):
     ablation._points(tmp_path, tiny_data, "broken", broken, ("fusion_ft",), 6, 4, 16, "", {}, "default")
+  # ... as is a row among its own alternatives, or an alternative of two rows.
+  for bad in ({"fusion_ft": ("fusion_ft",)}, {"fusion_ft": ("text_only_ft",), "concat_ft": ("text_only_ft",)}):
+    broken.CHOSEN_ON_VALIDATION = bad
+    with pytest.raises(ValueError, match="alternative of one row only"):
+      ablation._points(tmp_path, tiny_data, "broken", broken, ("fusion_ft",), 6, 4, 16, "", {}, "default")
 
 
 def test_choose_on_validation_takes_the_run_the_validation_queries_rank_best_and_says_so(tmp_path):
@@ -284,6 +289,11 @@ def test_choose_on_validation_takes_the_run_the_validation_queries_rank_best_and
   assert list(out) == ["text_only", "fusion_ft"] and out["fusion_ft"]["splits"]["test"]["exact"]["ndcg@10"] == 0.1
   assert chosen["fusion_ft"]["run"] == "fusion_ft_no_q2f"
   assert chosen["fusion_ft"]["validation"]["fusion_ft"]["score"] == pytest.approx(0.75)
+  # By the mean of the two metrics, not by R@100 alone (+1 R@100, -5 NDCG@10: the row stays).
+  _, chosen = ablation.choose_on_validation(
+      base | {"fusion_ft": results((0.80, 0.75), (0.1, 0.1)), "fusion_ft_no_q2f": results((0.81, 0.70), (0.9, 0.9))},
+      choices)
+  assert chosen["fusion_ft"]["run"] == "fusion_ft"
   # ... not by the test queries, and the row itself on a tie.
   out, chosen = ablation.choose_on_validation(
       base | {"fusion_ft": results((0.80, 0.70), (0.1, 0.1)), "fusion_ft_no_q2f": results((0.70, 0.80), (0.9, 0.9))},
@@ -399,6 +409,8 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
   picked = evaluate.load_results(str(tmp_path / "abl" / choice["run"]))["splits"]["test"]["exact"]
   assert by["fusion_ft"]["overall"]["ndcg@10"] == pytest.approx(picked["ndcg@10"])
   assert "Chosen on the validation queries" in (tmp_path / "abl" / "ablation.md").read_text()
+  learned = by["hybrid"]["learned_row"]
+  assert by["hybrid"]["learned_run"] == (choice["run"] if learned == "fusion_ft" else learned)
   assert json.loads((tmp_path / "abl" / "text_only" / "config.json").read_text())["data"]["stream_offset"] == 0
   assert "| fusion_ft |" in (tmp_path / "abl" / "ablation.md").read_text()
   assert (tmp_path / "abl" / "ablation.png").exists()

@@ -417,6 +417,16 @@ def test_ablation_takes_any_data_dir_and_explains_small_catalogues(unseen, tmp_p
   assert "nan" not in md
 
 
+def test_an_alternative_asked_for_by_name_is_a_row_of_its_own(unseen, tmp_path, monkeypatch):
+  _, data_dir, _ = unseen
+  seen = []
+  _stub_training(monkeypatch, seen)
+  rows = ablation.run(str(tmp_path / "abl"), str(data_dir), str(ROOT / "configs" / "demo.py"),
+                      rows=("fusion_ft", "fusion_ft_no_q2f"), steps=1, stage1_steps=1, batch=4)
+  assert [r["row"] for r in rows] == ["fusion_ft", "fusion_ft_no_q2f"] and len(seen) == 3
+  assert not any("chosen" in r for r in rows)
+
+
 def test_ablation_refuses_a_catalogue_without_test_queries_before_training(catalog_writer, tmp_path, monkeypatch):
   src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "Tisch"}],
                        [{"id": "q0", "text": "tisch", "split": "train"}], [("q0", "p0", "E")])
