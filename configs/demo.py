@@ -72,8 +72,8 @@ def get_config(arg=None):
     raise ValueError("text= and runlocal=True: runlocal shrinks the towers to its smoke size; pick one")
   if a.text:
     config_lib.set_text_tower(c, a.text, max_len=c.model.text.max_len)
-  # Sized so the whole ablation (stage 1, four rows and fusion_ft's second run, each evaluated) fits the README's ~10 minute budget
-  # on a 2-core CPU; more steps help every row (see README for the measured table).
+  # Sized so the whole ablation (stage 1, four rows and fusion_ft's second run, each evaluated) fits the README's
+  # ~10 minute budget on a 2-core CPU; more steps help every row (see README for the measured table).
   c.train.steps = 200 if a.stage == 2 else 250
   # Half the stage-2 examples are pseudo-queries from the catalogue's own text (data/pseudo_queries.py): the
   # labelled pairs alone are too few to teach the text towers the catalogue's vocabulary.

@@ -288,18 +288,23 @@ def _plot_rows(fig, axes, rows: list[dict], groups: list[str], labels: list[str]
   fig.savefig(path, dpi=120)
 
 
+def _flat_config(config: dict) -> dict:
+  """Returns a config dict as {"dotted.key": value}, through JSON as config.json holds it (tuples as lists)."""
+  return metrics_lib.flatten(json.loads(json.dumps(config, default=str)), sep=".")
+
+
 def _config_differences(saved: dict, wanted) -> list[str]:
   """Returns "key: saved -> wanted" for settings that change what a row learns (not logging/checkpointing)."""
   # Through JSON, as config.json was written: tuples become lists on both sides.
   wanted = train.resolve_config(wanted)
   wanted.data.stream_offset = train.resolve_stream_offset(wanted)  # as config.json records it
-  want = metrics_lib.flatten(json.loads(json.dumps(wanted.to_dict(), default=str)), sep=".")
+  want = _flat_config(wanted.to_dict())
   # A key added to the code since the run was saved takes its default, which keeps that run's behaviour; a run
   # saved before data.stream_offset started its stream at the beginning.
   saved = json.loads(json.dumps(saved))
   saved.setdefault("data", {}).setdefault("stream_offset", 0)
   saved = config_lib.fill_defaults(config_lib.ConfigDict(saved)).to_dict()
-  have = metrics_lib.flatten(json.loads(json.dumps(saved, default=str)), sep=".")
+  have = _flat_config(saved)
   norm = lambda k, v: str(ckpt_lib.absolute(v)) if k in ("data.dir", "init.workdir") and v else v  # noqa: E731
   # init.load names what init.workdir gives; a row without one loads nothing (trainer.initialised_towers).
   inert = {"init.load"} if not have.get("init.workdir") and not want.get("init.workdir") else set()
@@ -378,7 +383,7 @@ def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, 
   if unknown:
     raise KeyError(f"rows {sorted(unknown)} are not in {config_path}'s get_sweep()")
   # A row chosen on the validation queries brings its alternatives (`choose_on_validation`).
-  choices = chosen_on_validation(mod, config_path, names)
+  choices = chosen_on_validation(mod, config_path, names, rows)
   wanted = set(rows) | {alt for row in rows for alt in choices.get(row, ())}
   sweep = [s for s in mod.get_sweep(config_arg) if s["name"] in wanted]
   uses_stage1 = lambda point: any("{" + STAGE1 + "}" in str(v) for v in point.values())  # noqa: E731
@@ -407,7 +412,7 @@ def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, 
     configs[point.name] = apply_overrides(cfg, overrides or {})
   # An alternative that --set made the same run as its row (e.g. --set loss.aux_query_fused=0) is not trained twice.
   same = {alt for row, alts in choices.items() if row in configs for alt in alts
-          if alt in configs and alt not in rows and configs[alt].to_dict() == configs[row].to_dict()}
+          if alt in configs and configs[alt].to_dict() == configs[row].to_dict()}
   row_points = [p for p in row_points if p.name not in same]
   configs = {k: v for k, v in configs.items() if k not in same}
   points = ([sweep_runner.Point(STAGE1, {})] if with_stage1 else []) + row_points
@@ -417,9 +422,10 @@ def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, 
 CHOICE_METRICS = ("recall@100", "ndcg@10")  # a chosen row's criterion: their mean on the validation queries
 
 
-def chosen_on_validation(mod, config_path: str, names) -> dict[str, tuple[str, ...]]:
+def chosen_on_validation(mod, config_path: str, names, rows) -> dict[str, tuple[str, ...]]:
   """Returns the config module's CHOSEN_ON_VALIDATION ({row: (alternative row, ...)}; {} without one), each name
-  checked against its get_sweep() row `names`."""
+  checked against its get_sweep() row `names`, without the rows one of whose alternatives is among the `rows`
+  asked for: an alternative asked for by name is a row of its own, reported as trained, nothing chosen."""
   choices = {row: tuple(alts) for row, alts in getattr(mod, "CHOSEN_ON_VALIDATION", {}).items()}
   bad = sorted({n for row, alts in choices.items() for n in (row, *alts)} - set(names))
   if bad:
@@ -429,7 +435,7 @@ def chosen_on_validation(mod, config_path: str, names) -> dict[str, tuple[str, .
   if twice:
     raise ValueError(f"{config_path}'s CHOSEN_ON_VALIDATION: {twice} must each be the alternative of one row only "
                      "(not a row of its own there, nor its own alternative)")
-  return choices
+  return {row: alts for row, alts in choices.items() if not set(alts) & set(rows)}
 
 
 def _validation_scores(results: dict) -> dict | None:
@@ -465,13 +471,12 @@ def choose_on_validation(results: dict[str, dict], choices: dict, settings: dict
 
 def _setting_differences(configs: dict, choices: dict) -> dict:
   """Returns {row: {key: {run: value}}}: the settings in which each chosen row's runs differ."""
-  flat = lambda c: metrics_lib.flatten(json.loads(json.dumps(c.to_dict(), default=str)), sep=".")  # noqa: E731
   out = {}
   for row, alts in choices.items():
     runs = [n for n in (row, *alts) if n in configs]
     if row not in configs or len(runs) < 2:
       continue
-    values = {n: flat(configs[n]) for n in runs}
+    values = {n: _flat_config(configs[n].to_dict()) for n in runs}
     keys = sorted({k for v in values.values() for k in v})
     out[row] = {k: {n: values[n].get(k) for n in runs} for k in keys
                 if len({json.dumps(values[n].get(k)) for n in runs}) > 1}
@@ -531,9 +536,7 @@ class _InProcess:
 def _run(root, data_dir, config_path, mod, info, rows, steps, stage1_steps, batch, config_arg, overrides, budget):
   points, configs = _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, config_arg,
                             overrides, budget)
-  choices = chosen_on_validation(mod, config_path, [s["name"] for s in mod.get_sweep(config_arg)])
-  # An alternative asked for by name is a row of its own: both are reported as trained, nothing is chosen.
-  choices = {row: alts for row, alts in choices.items() if not set(alts) & set(rows)}
+  choices = chosen_on_validation(mod, config_path, [s["name"] for s in mod.get_sweep(config_arg)], rows)
   if not info["num_queries"].get(retrieval.FUSION_SPLIT):
     # Nothing to choose on: the rows run as the config gives them, their alternatives not at all.
     idle = {alt for alts in choices.values() for alt in alts}

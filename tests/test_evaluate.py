@@ -419,7 +419,8 @@ def test_ablation_end_to_end(tiny_data, tmp_path):
                        rows=("text_only", "fusion_ft"), steps=6, stage1_steps=4, batch=16)
   assert json.dumps(again, default=float) == json.dumps(rows, default=float)
   timings = json.loads((tmp_path / "abl" / "ablation_margins.json").read_text())["timings_s"]
-  assert set(timings) == {"stage1_s", "text_only", "fusion_ft", "fusion_ft_no_q2f"}  # kept from the run that trained them
+  # Kept from the run that trained them.
+  assert set(timings) == {"stage1_s", "text_only", "fusion_ft", "fusion_ft_no_q2f"}
   # Other settings on the same workdir would silently reuse rows trained differently: refused, nothing lost.
   before = (tmp_path / "abl" / "ablation.json").read_text()
   with pytest.raises(ValueError, match=r"stage 1 in .* other settings .*train.steps: 4 -> 5"):

@@ -434,8 +434,8 @@ def test_ablation_refuses_a_catalogue_without_test_queries_before_training(catal
   assert not seen
 
 
-def test_ablation_without_validation_queries_trains_a_chosen_row_as_configured(catalog_writer, tmp_path, monkeypatch,
-                                                                                 caplog):
+def test_ablation_without_validation_queries_trains_a_chosen_row_as_configured(catalog_writer, tmp_path,
+                                                                                 monkeypatch, caplog):
   src = catalog_writer(tmp_path / "src", [{"id": "p0", "title": "Tisch"}, {"id": "p1", "title": "Stuhl"}],
                        [{"id": "q0", "text": "tisch", "split": "train"}, {"id": "q1", "text": "stuhl", "split": "test"}],
                        [("q0", "p0", "E"), ("q1", "p1", "E")])
