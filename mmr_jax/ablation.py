@@ -132,15 +132,16 @@ def keyword_rows(results: dict[str, dict], split: str = "test") -> list[dict]:
   """Returns the `bm25` and `hybrid` ablation rows from the rows' metrics.json ({row name: results}).
 
   BM25 needs no model, so every row's results hold the same BM25 ranking. The hybrid fuses BM25 with
-  the learned row that ranks best (NDCG@10) on the validation queries, where its fusion weight was
-  tuned too; without validation queries, with the last row.
+  the learned row that ranks best on the validation queries (`metrics.selection_score`: the mean of R@100 and
+  NDCG@10, exact search), where its fusion was tuned by the same measure; without validation queries, with the
+  last row.
   """
   scored = {n: r for n, r in results.items() if "bm25" in r["splits"].get(split, {})}
   if not scored:
     return []
-  val = lambda n: scored[n]["splits"].get(retrieval.FUSION_SPLIT, {}).get("exact", {}).get("ndcg@10", np.nan)  # noqa: E731
-  candidates = [n for n in scored if not np.isnan(val(n))]
-  best = max(candidates, key=val) if candidates else list(scored)[-1]
+  val = {n: _validation_scores(r) for n, r in scored.items()}
+  val = {n: v["score"] for n, v in val.items() if v is not None and not np.isnan(v["score"])}
+  best = max(val, key=val.get) if val else list(scored)[-1]
   source = scored[best]
   hybrid = dict(row_summary("hybrid", source, split, system="hybrid"), learned_row=best, fusion=source.get("fusion"))
   return [row_summary("bm25", source, split, system="bm25"), hybrid]
@@ -419,9 +420,6 @@ def _points(root, data_dir, config_path, mod, rows, steps, stage1_steps, batch, 
   return points, configs
 
 
-CHOICE_METRICS = ("recall@100", "ndcg@10")  # a chosen row's criterion: their mean on the validation queries
-
-
 def chosen_on_validation(mod, config_path: str, names, rows) -> dict[str, tuple[str, ...]]:
   """Returns the config module's CHOSEN_ON_VALIDATION ({row: (alternative row, ...)}; {} without one), each name
   checked against its get_sweep() row `names`, without the rows one of whose alternatives is among the `rows`
@@ -439,13 +437,13 @@ def chosen_on_validation(mod, config_path: str, names, rows) -> dict[str, tuple[
 
 
 def _validation_scores(results: dict) -> dict | None:
-  """Returns a row's exact-search CHOICE_METRICS on the validation queries and their mean ("score"); None without
-  validation queries."""
+  """Returns a row's exact-search SELECTION_METRICS (R@100, NDCG@10) on the validation queries and their mean
+  ("score", `metrics.selection_score`); None without validation queries."""
   val = results["splits"].get(retrieval.FUSION_SPLIT, {}).get("exact")
   if not val or not val.get("num_queries"):
     return None
-  out = {m: float(val[m]) for m in CHOICE_METRICS}
-  return out | {"score": float(np.mean(list(out.values())))}
+  out = {m: float(val[m]) for m in metrics_lib.SELECTION_METRICS}
+  return out | {"score": metrics_lib.selection_score(out)}
 
 
 def choose_on_validation(results: dict[str, dict], choices: dict, settings: dict | None = None):
@@ -464,7 +462,8 @@ def choose_on_validation(results: dict[str, dict], choices: dict, settings: dict
     out[row] = results[best]
     for alt in alts:
       out.pop(alt, None)
-    chosen[row] = {"run": best, "criterion": f"validation mean of {' and '.join(CHOICE_METRICS)}, exact search",
+    chosen[row] = {"run": best,
+                   "criterion": f"validation mean of {' and '.join(metrics_lib.SELECTION_METRICS)}, exact search",
                    "validation": scores, "settings": (settings or {}).get(row, {})}
   return out, chosen
 
@@ -600,7 +599,7 @@ def _write_reports(root, data_dir, config_path, info, out_rows, timings) -> None
   hybrid = next((r for r in out_rows if r["row"] == "hybrid"), None)
   if vs_bm25:
     md += ["", "BM25: keyword search over title + description + attributes (no model; `mmr_jax/evals/keyword.py`). "
-           f"hybrid: {hybrid['learned_row']} (the learned row with the best validation NDCG@10"
+           f"hybrid: {hybrid['learned_row']} (the learned row with the best validation R@100 and NDCG@10, their mean"
            + ("" if hybrid.get("learned_run", hybrid["learned_row"]) == hybrid["learned_row"]
               else f"; run {hybrid['learned_run']}") + ") fused with BM25 per "
            f"query ({hybrid['fusion']['method']}, learned-ranking weight {hybrid['fusion']['weight']:g}, "
@@ -620,7 +619,7 @@ def _fmt_choice(choice: dict) -> str:
   loss.aux_query_fused: fusion_ft 1.0, fusion_ft_no_q2f 0.0)"."""
   scores = choice["validation"]
   fmt = lambda v: "no validation queries" if v is None else " / ".join(  # noqa: E731
-      f"{100 * v[m]:.1f}" for m in CHOICE_METRICS)
+      f"{100 * v[m]:.1f}" for m in metrics_lib.SELECTION_METRICS)
   others = "; ".join(f"{n} {fmt(v)}" for n, v in scores.items() if n != choice["run"])
   settings = "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in by_run.items())
                        for k, by_run in choice.get("settings", {}).items())

@@ -275,6 +275,25 @@ def test_a_row_chosen_on_validation_brings_its_alternative_unless_set_makes_them
       ablation._points(tmp_path, tiny_data, "broken", broken, ("fusion_ft",), 6, 4, 16, "", {}, "default")
 
 
+def test_hybrid_fuses_the_row_with_the_best_validation_mean_of_recall_and_ndcg(monkeypatch):
+  monkeypatch.setattr(ablation, "row_summary", lambda name, results, split, system="exact": {"row": name,
+                                                                                            "from": results["name"]})
+  def results(name, val):
+    return {"name": name, "fusion": {"method": "zscore", "weight": 0.5},
+            "splits": {"test": {"bm25": {}}, "validation": {"exact": {"recall@100": val[0], "ndcg@10": val[1],
+                                                                      "num_queries": 50}}}}
+  # fusion_ft has the best validation NDCG@10, concat_ft the best mean of R@100 and NDCG@10: concat_ft is fused.
+  rows = {"text_only": results("text_only", (0.70, 0.60)), "concat_ft": results("concat_ft", (0.90, 0.70)),
+          "fusion_ft": results("fusion_ft", (0.80, 0.72))}
+  bm25, hybrid = ablation.keyword_rows(rows)
+  assert (bm25["row"], hybrid["row"], hybrid["learned_row"], hybrid["from"]) == ("bm25", "hybrid", "concat_ft",
+                                                                                 "concat_ft")
+  # Without validation queries: the last row.
+  for r in rows.values():
+    del r["splits"]["validation"]
+  assert ablation.keyword_rows(rows)[1]["learned_row"] == "fusion_ft"
+
+
 def test_choose_on_validation_takes_the_run_the_validation_queries_rank_best_and_says_so(tmp_path):
   def results(val, test):
     split = lambda m: {"exact": {"recall@100": m[0], "ndcg@10": m[1], "num_queries": 50}}  # noqa: E731

@@ -13,7 +13,9 @@ Scoring is Lucene's BM25 (k1=1.2, b=0.75) from `bm25s`, over title + description
 Fusion (`fuse`): per query, the union of both systems' top-k candidates; each system's scores are
 z-normalised over its own list (a candidate it did not return gets its list's lowest score), and
 `weight * z_learned + (1 - weight) * z_bm25` ranks the union. Reciprocal-rank fusion (`method="rrf"`)
-is the score-free alternative. `tune_fusion` picks the method and weight on validation queries.
+is the score-free alternative. `tune_fusion` picks the method and weight on validation queries, by the mean of
+their Recall@100 and NDCG@10 (`metrics.selection_score`, what the ablation's other choices on validation queries
+rank by too).
 """
 
 from __future__ import annotations
@@ -128,17 +130,21 @@ def fuse(a_idx: np.ndarray, a_scores: np.ndarray, b_idx: np.ndarray, b_scores: n
 
 def tune_fusion(a_idx, a_scores, b_idx, b_scores, labels: Sequence[Mapping[int, float]],
                 weights: Sequence[float] = FUSION_WEIGHTS) -> dict:
-  """Returns {"method", "weight", "ndcg@10"}: the fusion of `a` and `b` with the best mean NDCG@10 on `labels`.
+  """Returns {"method", "weight", "score", "recall@100", "ndcg@10"}: the fusion of `a` and `b` whose ranking of
+  `labels`' queries has the best `metrics.selection_score` (the mean of Recall@100 and NDCG@10).
 
   Ties go to the earlier grid point (z-score before RRF, lower weight first).
   """
+  depth = 100  # SELECTION_METRICS' recall@100
   best = None
   for method in ("zscore", "rrf"):
     for w in weights:
       ranked = fuse(a_idx, a_scores, b_idx, b_scores, weight=w, method=method)
-      ranked = np.pad(ranked, ((0, 0), (0, max(0, 10 - ranked.shape[1]))), constant_values=-1)  # short lists miss
-      ndcg = metrics_lib.compute_metrics(ranked, labels, ks=(10,), ndcg_ks=(10,))["ndcg@10"]
-      ndcg = -1.0 if np.isnan(ndcg) else float(ndcg)
-      if best is None or ndcg > best["ndcg@10"]:
-        best = {"method": method, "weight": float(w), "ndcg@10": ndcg}
+      ranked = np.pad(ranked, ((0, 0), (0, max(0, depth - ranked.shape[1]))), constant_values=-1)  # short lists miss
+      m = metrics_lib.compute_metrics(ranked, labels, ks=(depth,), ndcg_ks=(10,))
+      m = {k: float(m[k]) for k in metrics_lib.SELECTION_METRICS}
+      score = metrics_lib.selection_score(m)
+      score = -1.0 if np.isnan(score) else score
+      if best is None or score > best["score"]:
+        best = {"method": method, "weight": float(w), "score": score, **m}
   return best

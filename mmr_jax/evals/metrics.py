@@ -37,6 +37,11 @@ QueryLabels = Union[Mapping[int, float], Sequence[tuple[int, float]]]
 
 DEFAULT_KS = (10, 50, 100)
 DEFAULT_NDCG_KS = (10,)
+# What the ablation's choices on validation queries rank by (its chosen rows, the hybrid's learned row, the hybrid's
+# fusion method and weight): the mean of these. Either alone can pick badly: NDCG@10 a ranking that orders the top
+# ten well and finds fewer of the relevant products in the hundred a re-ranker or a shopper scrolls through,
+# Recall@100 one that finds them and orders the top badly.
+SELECTION_METRICS = ("recall@100", "ndcg@10")
 
 
 def _flatten_labels(labels: Sequence[QueryLabels], num_queries: int):
@@ -217,6 +222,11 @@ def compute_metrics(ranked,
   See `per_query_metrics` for definitions; use it plus `breakdown` for subsets.
   """
   return aggregate(per_query_metrics(ranked, labels, ks, ndcg_ks, relevant_gain))
+
+
+def selection_score(m: Mapping[str, float]) -> float:
+  """Returns the mean of `m`'s SELECTION_METRICS (NaN when one is undefined, e.g. no judged query)."""
+  return float(np.mean([m[k] for k in SELECTION_METRICS]))
 
 
 def breakdown(per_query: Mapping[str, np.ndarray],

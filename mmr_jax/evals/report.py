@@ -31,8 +31,8 @@ def markdown_report(results: dict, title: str = "Retrieval metrics") -> str:
   lines = [f"# {title}", "", f"{n} products; metrics in %; ScaNN recall vs exact at k={results['k']}.{note}", "",
            markdown_table(["split", "search", *cols, "queries", "ScaNN recall vs exact"], body).rstrip("\n")]
   if fusion:
-    tuned = (f"tuned on the {fusion['tuned_on']} queries by NDCG@10" if fusion.get("tuned_on") else
-             "not tuned (no validation queries)")
+    tuned = (f"tuned on the {fusion['tuned_on']} queries by the mean of their R@100 and NDCG@10"
+             if fusion.get("tuned_on") else "not tuned (no validation queries)")
     lines += ["", f"BM25: keyword search over title + description + attributes (`mmr_jax/evals/keyword.py`). Hybrid: "
               f"the learned ranking fused with BM25's per query, {tuned}."]
   for split, r in results["splits"].items():

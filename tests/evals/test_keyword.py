@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmr_jax.evals import keyword
+from mmr_jax.evals import metrics
 from mmr_jax.evals import report
 from mmr_jax.evals import retrieval
 
@@ -71,6 +72,30 @@ def test_tune_fusion_picks_the_weight_that_ranks_best():
   labels = [{1: 1.0}, {8: 1.0}, {2: 1.0}]
   best = keyword.tune_fusion(a_idx, scores, b_idx, scores, labels)
   assert best["weight"] < 0.5 and best["ndcg@10"] == pytest.approx(1.0)
+
+
+def test_tune_fusion_ranks_by_the_mean_of_recall_at_100_and_ndcg_at_10():
+  # Random rankings on which the fusion with the best NDCG@10 is not the one with the best mean of R@100 and
+  # NDCG@10 (metrics.selection_score): the mean decides, as in the ablation's other choices on validation queries.
+  rng = np.random.default_rng(0)
+  a_idx = np.stack([rng.permutation(300)[:100] for _ in range(6)])
+  b_idx = np.stack([rng.permutation(300)[:100] for _ in range(6)])
+  a_s = -np.sort(-rng.normal(size=(6, 100)), axis=1)
+  b_s = a_s[::-1].copy()
+  labels = [{int(p): 1.0 for p in rng.choice(300, 8, replace=False)} for _ in range(6)]
+  grid = {}
+  for method in ("zscore", "rrf"):
+    for w in keyword.FUSION_WEIGHTS:
+      m = metrics.compute_metrics(keyword.fuse(a_idx, a_s, b_idx, b_s, weight=w, method=method), labels,
+                                  ks=(100,), ndcg_ks=(10,))
+      grid[(method, w)] = (m["recall@100"], m["ndcg@10"])
+  by_ndcg = max(grid, key=lambda k: grid[k][1])
+  by_mean = max(grid, key=lambda k: np.mean(grid[k]))
+  assert by_ndcg != by_mean and grid[by_ndcg][1] > grid[by_mean][1]  # the two criteria disagree here
+  best = keyword.tune_fusion(a_idx, a_s, b_idx, b_s, labels)
+  assert (best["method"], best["weight"]) == by_mean
+  assert (best["recall@100"], best["ndcg@10"]) == pytest.approx(grid[by_mean])
+  assert best["score"] == pytest.approx(np.mean(grid[by_mean]))
 
 
 def test_evaluate_embeddings_scores_bm25_and_hybrid_on_the_same_queries():
