@@ -646,9 +646,11 @@ def _spread(values) -> dict:
           "values": [float(x) for x in v]}
 
 
-# The margins ablation_seeds.json follows over the seeds: the paper's headline, and what the fusion network adds
-# over naive concatenation of the same stage-1 towers.
-SEED_MARGINS = (("fusion_ft", "text_only"), ("fusion_ft", "concat_ft"))
+# The margins ablation_seeds.json follows over the seeds (those whose rows ran): the paper's headline; what the
+# fusion network adds over naive concatenation of the same stage-1 towers; with the text_only_ft row, what the image
+# adds to each image row against the same stage-1 text towers, and what those towers add over text_only's.
+SEED_MARGINS = (("fusion_ft", "text_only"), ("fusion_ft", "concat_ft"), ("fusion_ft", "text_only_ft"),
+                ("concat_ft", "text_only_ft"), ("text_only_ft", "text_only"))
 
 
 def seed_summary(per_seed: dict) -> dict:

@@ -559,6 +559,15 @@ def test_ablation_over_seeds_reports_each_rows_spread_and_the_margin_per_seed(tm
   assert "NDCG@10 +2.7 ± 1.2 (+4.0, +1.0, +3.0)" in md
   assert saved["chosen"] == {"fusion_ft": {"0": "fusion_ft", "1": "fusion_ft_b", "2": "fusion_ft"}}
   assert "seed 0 fusion_ft, seed 1 fusion_ft_b, seed 2 fusion_ft." in md
+  # Margins whose rows did not run are left out; with text_only_ft, what the image adds is followed too.
+  assert saved["fusion_ft_minus_text_only_ft"] == {} and "minus text_only_ft" not in md
+  with_ft = {s: rows + [dict(rows[0], row="text_only_ft", overall={"recall@100": 0.8, "ndcg@10": 0.7})]
+             for s, rows in per_seed.items()}
+  monkeypatch.setattr(ablation, "run", lambda *a, **k: with_ft[a[-2]["seed"]])
+  summary = ablation.run_seeds(str(tmp_path / "w1"), [0, 1, 2], "DATA", "configs/demo.py")
+  assert summary["fusion_ft_minus_text_only_ft"]["overall"]["ndcg@10"]["values"] == pytest.approx([2.0, 0.0, 1.0])
+  assert summary["text_only_ft_minus_text_only"]["overall"]["recall@100"]["values"] == pytest.approx([0.0, 2.0, 1.0])
+  assert "fusion_ft minus text_only_ft (points" in (tmp_path / "w1" / "ablation_seeds.md").read_text()
   # Seeds given twice, or a seed also in --set, are refused before anything runs.
   calls.clear()
   with pytest.raises(ValueError, match="distinct"):
