@@ -237,17 +237,20 @@ def drawable_labels(labels: list[str]) -> tuple[list[str], list[str]]:
   cmap = default.get_charmap()
   missing = {c for label in labels for c in label if not c.isspace() and ord(c) not in cmap}
   families = [default.family_name]
-  for entry in font_manager.fontManager.ttflist if missing else ():
-    if entry.name.startswith("Last Resort"):  # matplotlib's own: a block symbol for every character
+  # matplotlib draws a family with the one file it finds for it at the plot's style and weight, so a family's
+  # glyphs are that file's: a character only its bold or oblique file has is not drawn by naming the family.
+  names = dict.fromkeys(e.name for e in font_manager.fontManager.ttflist) if missing else {}
+  for name in names:
+    if name in families or name.startswith("Last Resort"):  # matplotlib's own: a block symbol for everything
       continue
     try:
-      covered = {c for c in missing if ord(c) in font_manager.get_font(entry.fname).get_charmap()}
-    except (OSError, RuntimeError):  # an unreadable font file
+      path = font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
+      covered = {c for c in missing if ord(c) in font_manager.get_font(path).get_charmap()}
+    except (OSError, RuntimeError, ValueError):  # an unreadable font file, or no file at the default style
       continue
     if covered:
       missing -= covered
-      if entry.name not in families:
-        families.append(entry.name)
+      families.append(name)
     if not missing:
       break
   if not missing:

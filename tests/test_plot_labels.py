@@ -26,20 +26,47 @@ def test_characters_no_font_has_become_escapes_with_a_warning(caplog):
   assert "no installed font can draw" in caplog.text and "x\\U0010fffdy" in caplog.text
 
 
-def test_another_installed_font_is_added_for_characters_the_default_lacks():
+def _family_cmap(name):
+  """The characters of the file matplotlib draws family `name` with (its default style and weight)."""
+  return font_manager.get_font(font_manager.findfont(font_manager.FontProperties(family=name),
+                                                     fallback_to_default=False)).get_charmap()
+
+
+def _extra_family():
+  """Returns (family, a character its file draws and the default font's does not), or skips."""
   default = _default_cmap()
-  for entry in font_manager.fontManager.ttflist:
-    if entry.name.startswith("Last Resort"):
+  default_family = font_manager.get_font(font_manager.findfont(font_manager.FontProperties())).family_name
+  for name in dict.fromkeys(e.name for e in font_manager.fontManager.ttflist):
+    if name.startswith("Last Resort") or name == default_family:
       continue
-    extra = [cp for cp in font_manager.get_font(entry.fname).get_charmap() if cp > 0x7F and cp not in default
-             and chr(cp).isprintable()]
+    extra = [cp for cp in _family_cmap(name) if cp > 0x7F and cp not in default and chr(cp).isprintable()]
     if extra:
-      break
-  else:
-    pytest.skip("no installed font has a character the default font lacks")
-  label = "tag " + chr(extra[0])
+      return name, chr(extra[0])
+  pytest.skip("no installed font family has a character the default font lacks")
+
+
+def test_another_installed_font_is_added_for_characters_the_default_lacks():
+  name, char = _extra_family()
+  label = "tag " + char
   labels, families = ablation.drawable_labels([label])
   assert labels == [label] and len(families) >= 2
+  assert any(ord(char) in _family_cmap(f) for f in families[1:])
+
+
+def test_a_character_only_another_style_of_a_family_has_is_not_counted_as_drawn(monkeypatch, caplog):
+  # A font file of the default family (say its bold) holding a character the regular file lacks: naming the
+  # family draws the regular file, so that file must not count as drawing the character.
+  name, char = _extra_family()
+  default_family = font_manager.get_font(font_manager.findfont(font_manager.FontProperties())).family_name
+  path = font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
+  assert ord(char) in font_manager.get_font(path).get_charmap()
+  bold = font_manager.FontEntry(fname=path, name=default_family, style="normal", weight=700)
+  monkeypatch.setattr(font_manager.fontManager, "ttflist", [bold] + [
+      e for e in font_manager.fontManager.ttflist if e.name == default_family])
+  with caplog.at_level(logging.WARNING, logger="mmr_jax.ablation"):
+    labels, families = ablation.drawable_labels(["tag " + char])
+  assert families == [default_family] and labels == ["tag " + char.encode("unicode_escape").decode("ascii")]
+  assert "no installed font can draw" in caplog.text
 
 
 def test_plot_with_unseen_scripts_draws_every_label(tmp_path):
