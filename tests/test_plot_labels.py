@@ -9,8 +9,12 @@ from matplotlib import font_manager
 from mmr_jax import ablation
 
 
+def _default_font():
+  return font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+
+
 def _default_cmap():
-  return font_manager.get_font(font_manager.findfont(font_manager.FontProperties())).get_charmap()
+  return _default_font().get_charmap()
 
 
 def test_labels_the_default_font_draws_are_kept():
@@ -26,16 +30,19 @@ def test_characters_no_font_has_become_escapes_with_a_warning(caplog):
   assert "no installed font can draw" in caplog.text and "x\\U0010fffdy" in caplog.text
 
 
+def _family_file(name):
+  """The file matplotlib draws family `name` with (its default style and weight)."""
+  return font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
+
+
 def _family_cmap(name):
-  """The characters of the file matplotlib draws family `name` with (its default style and weight)."""
-  return font_manager.get_font(font_manager.findfont(font_manager.FontProperties(family=name),
-                                                     fallback_to_default=False)).get_charmap()
+  return font_manager.get_font(_family_file(name)).get_charmap()
 
 
 def _extra_family():
   """Returns (family, a character its file draws and the default font's does not), or skips."""
   default = _default_cmap()
-  default_family = font_manager.get_font(font_manager.findfont(font_manager.FontProperties())).family_name
+  default_family = _default_font().family_name
   for name in dict.fromkeys(e.name for e in font_manager.fontManager.ttflist):
     if name.startswith("Last Resort") or name == default_family:
       continue
@@ -57,9 +64,9 @@ def test_a_character_only_another_style_of_a_family_has_is_not_counted_as_drawn(
   # A font file of the default family (say its bold) holding a character the regular file lacks: naming the
   # family draws the regular file, so that file must not count as drawing the character.
   name, char = _extra_family()
-  default_family = font_manager.get_font(font_manager.findfont(font_manager.FontProperties())).family_name
-  path = font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
-  assert ord(char) in font_manager.get_font(path).get_charmap()
+  default_family = _default_font().family_name
+  path = _family_file(name)
+  assert ord(char) in _family_cmap(name)
   bold = font_manager.FontEntry(fname=path, name=default_family, style="normal", weight=700)
   monkeypatch.setattr(font_manager.fontManager, "ttflist", [bold] + [
       e for e in font_manager.fontManager.ttflist if e.name == default_family])
