@@ -177,7 +177,8 @@ def base_config() -> ConfigDict:
                               fusion=1.0, heads=1.0, loss=1.0, lexical=1.0, lexical_mix=1.0,
                               query_translation=0.0)),
       # Extra multiplier, per top-level parameter name (like lr_mult), for a tower this run initialises from
-      # init.workdir (init.load) or init.vit_npz (image_tower): weights that already learnt can move slowly while
+      # init.workdir (init.load), init.vit_npz (image_tower) or init.two_tower_npz (the image and text towers, loss):
+      # weights that already learnt can move slowly while
       # the same tower trained from scratch in another run gets the full rate. Unlisted: 1.
       init_lr_mult=ConfigDict(dict(image_tower=1.0)),
   ))
@@ -301,8 +302,9 @@ def set_b16_model(c: ConfigDict, *, remat: bool = False, scan_layers: bool = Fal
 
 def set_b16_stage2(c: ConfigDict) -> ConfigDict:
   """Sets the B/16 scale configs' stage 2: stage 1's image tower (at 0.1x the rate, keeping its domain alignment, as
-  in the paper's second stage) and product text tower, and the fused branch's own term at half weight."""
-  c.optim.lr_mult.image_tower = 0.1
+  in the paper's second stage; a tower this run does not load trains at the full rate) and product text tower, and
+  the fused branch's own term at half weight."""
+  c.optim.init_lr_mult.image_tower = 0.1
   c.init.load = ("image_tower", "product_text_tower")
   # The fused branch also learns on its own (query <-> fused term): it starts from nothing beside a text branch
   # that arrives trained, and without the term the fusion gate shuts before it has learnt anything

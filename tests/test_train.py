@@ -407,9 +407,17 @@ def test_init_lr_mult_slows_only_the_towers_loaded_from_init():
     updates, _ = tx.update(grads, tx.init(params), params)
     u = jax.device_get(updates)
     np.testing.assert_allclose(u["image_tower"]["w"], ratio * u["heads"]["w"], rtol=1e-6)
-  assert trainer_lib.initialised_towers(config_lib.ConfigDict(dict(workdir="", load=("image_tower",), vit_npz=""))) == ()
-  assert trainer_lib.initialised_towers(config_lib.ConfigDict(dict(workdir="s1", load=("image_tower", "heads"),
-                                                             vit_npz="v.npz"))) == ("image_tower", "heads")
+  def init(**kw):
+    return config_lib.ConfigDict(dict(dict(workdir="", load=("image_tower",), vit_npz="", two_tower_npz=""), **kw))
+  assert trainer_lib.initialised_towers(init()) == ()
+  assert trainer_lib.initialised_towers(init(workdir="s1", load=("image_tower", "heads"), vit_npz="v.npz")) == (
+      "image_tower", "heads")
+  # A SigLIP / LiT checkpoint fills the image tower, every text tower and the temperature.
+  assert set(trainer_lib.initialised_towers(init(two_tower_npz="siglip.npz"))) == {
+      "image_tower", "text_tower", "query_tower", "product_text_tower", "loss"}
+  # The B/16 stage 2 slows the image tower it takes from stage 1, not one it trains from scratch.
+  b16 = config_lib.set_b16_stage2(config_lib.base_config())
+  assert b16.optim.lr_mult.image_tower == 1.0 and b16.optim.init_lr_mult.image_tower == 0.1
 
 
 def test_a_run_from_a_stage1_over_its_pairs_starts_its_stream_after_stage1s_batches(tmp_path):

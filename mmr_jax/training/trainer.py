@@ -100,9 +100,17 @@ def _at_path(tree, path: str):
 
 
 def initialised_towers(init) -> tuple[str, ...]:
-  """Returns the top-level parameter names a run takes from init.workdir / init.vit_npz."""
-  names = tuple(dict.fromkeys(n.split("/")[0] for n in init.load)) if init.workdir else ()
-  return names + (("image_tower",) if init.vit_npz and "image_tower" not in names else ())
+  """Returns the top-level parameter names a run takes from init.two_tower_npz / init.workdir / init.vit_npz
+  (a two-tower checkpoint fills the image tower, whichever text towers the model has, and the loss's
+  temperature / bias)."""
+  names = []
+  if init.get("two_tower_npz"):
+    names += ["image_tower", *pretrained.TWO_TOWER_TEXT_TOWERS, "loss"]
+  if init.workdir:
+    names += [n.split("/")[0] for n in init.load]
+  if init.vit_npz:
+    names.append("image_tower")
+  return tuple(dict.fromkeys(names))
 
 
 class Trainer:
