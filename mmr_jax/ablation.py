@@ -65,7 +65,7 @@ from mmr_jax import train
 log = logging.getLogger("mmr_jax.ablation")
 
 ROWS = ("text_only", "concat", "concat_ft", "fusion_ft")  # the default; get_sweep may name more
-SEED_METRICS = ("recall@100", "ndcg@10")  # the margins' metrics (the paper's two)
+PAPER_METRICS = ("recall@100", "ndcg@10")  # the paper's two: the plot's and the margins' metrics
 CI_LEVEL = 0.95  # the margins' intervals ("ci95")
 PAPER = {"text_only": (72.3, 41.2), "concat": (73.1, 41.8), "concat_ft": (75.6, 43.5), "fusion_ft": (77.4, 45.1)}
 
@@ -186,7 +186,7 @@ def margins(rows: list[dict], row: str = "fusion_ft", baseline: str = "text_only
   for group in ["overall"] + [f"tag:{t}" for t in by[row]["by_tag"]]:
     get = (lambda r: r["overall"]) if group == "overall" else (lambda r, t=group[4:]: r["by_tag"].get(t, {}))
     a, b = get(by[row]), get(by[baseline])
-    out[group] = {m: 100 * (a.get(m, np.nan) - b.get(m, np.nan)) for m in SEED_METRICS}
+    out[group] = {m: 100 * (a.get(m, np.nan) - b.get(m, np.nan)) for m in PAPER_METRICS}
     if paired is not None:
       out[group]["ci95"] = _interval(paired, group)
   return out
@@ -202,7 +202,7 @@ def _paired_values(rows_a: list[dict], rows_b: list[dict]):
                   sorted({r["row"] for r in rows_a + rows_b}))
     return None
   diffs = {}
-  for m in SEED_METRICS:
+  for m in PAPER_METRICS:
     if not all(m in pq["values"] for pq in pqs):
       continue
     diffs[m] = np.stack([np.asarray(a["per_query"]["values"][m], np.float64)
@@ -263,33 +263,58 @@ def drawable_labels(labels: list[str]) -> tuple[list[str], list[str]]:
 
 
 def plot_rows(rows: list[dict], path: str) -> None:
+  """Writes the ablation plot to `path`: each row's R@100 and NDCG@10 overall and per tag, and where a `bm25` row
+  is among them, a second line of panels with every other row minus bm25 (points)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   groups = ["overall"] + sorted({t for r in rows for t in r["by_tag"]})
   labels, families = drawable_labels(groups)
   with matplotlib.rc_context({"font.family": families}):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = draw_rows(rows, groups, labels)
     try:
-      _plot_rows(fig, axes, rows, groups, labels, path)
+      fig.savefig(path, dpi=120)
     finally:
       plt.close(fig)
 
 
-def _plot_rows(fig, axes, rows: list[dict], groups: list[str], labels: list[str], path: str) -> None:
-  width = 0.8 / max(len(rows), 1)
-  for ax, metric in zip(axes, ("recall@100", "ndcg@10")):
-    for i, r in enumerate(rows):
-      vals = [100 * (r["overall"] if g == "overall" else r["by_tag"].get(g, {})).get(metric, np.nan) for g in groups]
-      ax.bar(np.arange(len(groups)) + i * width, vals, width, label=r["row"])
-    ax.set_xticks(np.arange(len(groups)) + width * (len(rows) - 1) / 2)
+def _percent(row: dict, group: str, metric: str) -> float:
+  """Returns a row's `metric` overall or on tag `group`, in % (NaN where the row has no such tag)."""
+  return 100 * (row["overall"] if group == "overall" else row["by_tag"].get(group, {})).get(metric, np.nan)
+
+
+def draw_rows(rows: list[dict], groups: list[str], labels: list[str]):
+  """Returns the figure plot_rows saves: axes [R@100, NDCG@10] of every row, then (with a bm25 row) the same
+  metrics of every other row minus bm25's, one bar per row and group."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  bm25 = next((r for r in rows if r["row"] == "bm25"), None)
+  others = [r for r in rows if r is not bm25]
+  panels = [(metric, rows, None) for metric in PAPER_METRICS]
+  if bm25 is not None and others:
+    panels += [(metric, others, bm25) for metric in PAPER_METRICS]
+  fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(11, 4 * (len(panels) // 2)), squeeze=False)
+  x = np.arange(len(groups))
+  colours = {r["row"]: f"C{i}" for i, r in enumerate(rows)}
+  for ax, (metric, drawn, base) in zip(axes.flat, panels):
+    width = 0.8 / max(len(drawn), 1)
+    for i, r in enumerate(drawn):
+      vals = np.array([_percent(r, g, metric) for g in groups])
+      if base is not None:
+        vals = vals - np.array([_percent(base, g, metric) for g in groups])
+      ax.bar(x + i * width, vals, width, label=r["row"], color=colours[r["row"]])
+    ax.set_xticks(x + width * (len(drawn) - 1) / 2)
     ax.set_xticklabels(labels, rotation=20, parse_math=False)  # a tag "$5 gifts$" is text, not maths
-    ax.set_title(metric)
-    ax.set_ylabel("%")
+    if base is None:
+      ax.set_title(metric)
+      ax.set_ylabel("%")
+    else:
+      ax.set_title(f"{metric} minus bm25")
+      ax.set_ylabel("points")
+      ax.axhline(0, color="black", linewidth=0.8)
     ax.grid(axis="y", alpha=0.3)
-  axes[0].legend(fontsize=7)
+  axes.flat[0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  return fig
 
 
 def _flat_config(config: dict) -> dict:
@@ -672,9 +697,9 @@ def seed_summary(per_seed: dict) -> dict:
   for name in names:
     tags = sorted({t for s in seeds for t in by_seed[s][name]["by_tag"]})
     out_rows[name] = {
-        "overall": {m: _spread([by_seed[s][name]["overall"].get(m, np.nan) for s in seeds]) for m in SEED_METRICS},
+        "overall": {m: _spread([by_seed[s][name]["overall"].get(m, np.nan) for s in seeds]) for m in PAPER_METRICS},
         "by_tag": {t: {m: _spread([by_seed[s][name]["by_tag"].get(t, {}).get(m, np.nan) for s in seeds])
-                       for m in SEED_METRICS} for t in tags}}
+                       for m in PAPER_METRICS} for t in tags}}
   out = {"seeds": seeds, "rows": out_rows,
          # Which run each row chosen on the validation queries took, per seed.
          "chosen": {name: {str(s): by_seed[s][name]["chosen"]["run"] for s in seeds}
@@ -689,7 +714,7 @@ def _seed_margin(per_seed: dict, by_seed: dict, row: str, baseline: str) -> dict
   seeds = list(per_seed)
   gains = {s: margins(per_seed[s], row, baseline) for s in seeds}
   groups = sorted({g for m in gains.values() for g in m}, key=lambda g: (g != "overall", g))
-  margin = {g: {m: _spread([gains[s].get(g, {}).get(m, np.nan) for s in seeds]) for m in SEED_METRICS}
+  margin = {g: {m: _spread([gains[s].get(g, {}).get(m, np.nan) for s in seeds]) for m in PAPER_METRICS}
             for g in groups}
   if margin and all(row in by_seed[s] and baseline in by_seed[s] for s in seeds):
     # Pooled over the seeds: each query's margin averaged over them, its interval over the queries.
