@@ -458,16 +458,42 @@ def test_validation_logs_retrieval_metrics_and_keeps_the_best(tiny_data, tmp_pat
   cfg = _quiet(tiny_config(tiny_data, variant="text_only"), steps=4, log_every=2, eval_every=2, ckpt_every=2,
                keep=1, keep_best=1)
   train.train_and_evaluate(cfg, str(tmp_path / "r"))
+  # A run starting from step 0 writes how product_len cuts the catalogue's text.
+  assert json.loads((tmp_path / "r" / "product_truncation.json").read_text())["product_len"] == cfg.data.product_len
   rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
   val = [r for r in rows if "val/ndcg@10" in r]
   assert [r["step"] for r in val] == [2, 4]
   for r in val:
     assert 0.0 <= r["val/ndcg@10"] <= 1.0 and 0.0 <= r["val/recall@10"] <= r["val/recall@100"] <= 1.0
+  # keep=1 keeps the latest checkpoint, keep_best=1 the one with the best val/ndcg@10 (the default best_metric).
+  best = max(val, key=lambda r: r["val/ndcg@10"])["step"]
+  kept = {int(p.name) for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit()}
+  assert kept == {4, best}
   # The catalogue's validation queries over the whole catalogue: the same numbers evaluate computes.
   from mmr_jax import evaluate  # pylint: disable=g-import-not-at-top
   res = evaluate.evaluate_workdir(str(tmp_path / "r"), splits=("validation",), keyword_search=False,
                                   save_index=False, out_name="val_metrics")
   assert res["splits"]["validation"]["exact"]["ndcg@10"] == pytest.approx(val[-1]["val/ndcg@10"], abs=1e-5)
+
+
+def test_training_reports_how_product_len_cuts_the_product_text(tiny_data, tmp_path, caplog):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(tiny_data, variant="text_only")
+  for product_len, cut in ((4, True), (512, False)):
+    cfg.data.product_len = product_len
+    out = tmp_path / str(product_len)
+    out.mkdir()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mmr_jax.train"):
+      train._report_truncation(cfg, epath.Path(out))  # pylint: disable=protected-access
+    rep = json.loads((out / "product_truncation.json").read_text())
+    assert rep == json.loads(json.dumps(pipeline.product_truncation(tiny_data, cfg.data)))
+    assert (rep["truncated"] > 0) == cut and (rep["by_field"]["attributes"] > 0) == cut
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if cut:
+      assert len(warned) == 1 and "data.product_len=4 cuts the text of" in warned[0] and "attributes" in warned[0]
+    else:
+      assert not warned and "product text fits data.product_len=512" in caplog.text
 
 
 @pytest.mark.parametrize("key,value", [("nan_policy", "Stop"), ("best_mode", "maximum")])
