@@ -33,9 +33,9 @@ temperature loaded with its towers (FROM_STAGE1) lift the stage-1 rows. With `--
 fusion_ft's second run, which the validation queries do not choose) fusion_ft reaches 95.0 / 76.8, concat_ft
 93.4 / 75.4 and text_only 82.9 / 68.4: fusion_ft - text_only +12.1 / +8.4, level on textual queries' NDCG@10 (95.4
 against 95.4, [-2.2, +2.0]), fusion_ft - concat_ft NDCG@10 +1.5 ([+0.2, +2.5]); the hybrid (from fusion_ft)
-95.0 / 77.8. `bash tools/demo.sh` takes about 9 to 12 minutes on the 2-core machine, with its load (9 min 1 s from
-a warm venv on a quiet day, the catalogue generated on the way; the README says how much the shared machine's load
-moves that).
+95.0 / 77.8. `bash tools/demo.sh` takes about 8 to 10 minutes on the quiet 2-core machine from a warm venv (9 min 31 s
+with the catalogue generated on the way, 8 min 14 s with it already there), more when the shared machine is loaded
+(11 min 33 s with a test run beside it).
 
 `text=S` or `text=B` swaps in a text-tower size preset (both towers; the fusion network follows its
 width), e.g. to benchmark serving latency at a production-size query tower (README, Benchmarks).
