@@ -72,8 +72,9 @@ def base_config() -> ConfigDict:
       batch_size=64,  # global batch (all hosts).
       image_size=32,
       query_len=16,
-      # Title | description | attributes, cut from the end: attributes (material, care, size) are lost first.
-      # Training logs how many products this cuts, by field (product_truncation.json in the workdir).
+      # Title | description | attributes; a longer text is cut per field, the longest first, so a long description
+      # does not push out the attributes (material, care, size): Tokenizer.encode_fields. Training logs how many
+      # products this cuts, by field (product_truncation.json in the workdir).
       product_len=96,
       title_len=16,
       num_workers=0,  # grain worker processes per host (0: in-process).

@@ -331,28 +331,27 @@ def product_truncation(data_dir: str, config: Any, sample: int = 2000,
 
   `config` is `config.data` (its tokenizer and product_len).
   {"product_len", "sampled", "truncated" (fraction of products cut), "by_field": {field: fraction
-  of products that lose part of that field}, "tokens": {"p50", "p95", "max"}}. Fields are cut from
-  the end, so attributes go first: what textual queries (material, care, size) ask for.
+  of products that lose part of that field}, "tokens": {"p50", "p95", "max"}}. A text is cut per field
+  (Tokenizer.encode_fields): the longest field loses ids first, so a long description does not push out the
+  attributes, what textual queries (material, care, size) ask for.
   """
   products = sources.open_source(data_dir, "products", "all")
   tok = sources.load_tokenizer(data_dir, config)
   product_len = int(config.product_len)
   n = len(products)
   rows = _sample_rows(n, sample, seed)
-  cut = {"title": 0, "description": 0, "attributes": 0}
+  names = ("title", "description", "attributes")
+  cut = dict.fromkeys(names, 0)
   totals = []
-  count = tok.num_tokens
   for i in rows:
     row = products[int(i)]
-    title, desc, attrs = (sources.row_text(row, k) for k in ("title", "description", "attributes"))
-    total = count(sources.row_text(row, "text"))
+    total = tok.num_tokens(sources.row_text(row, "text"))
     totals.append(total)
     if total <= product_len:
       continue
-    before_attrs = count(catalog.product_text(title, desc, ""))
-    cut["attributes"] += bool(attrs)  # the last field: any cut reaches it
-    cut["description"] += bool(desc) and before_attrs > product_len
-    cut["title"] += count(catalog.product_text(title, "", "")) > product_len
+    fields = catalog.product_fields(*(sources.row_text(row, k) for k in names))
+    for name, (have, kept) in zip(names, tok.fields_kept(fields, product_len)):
+      cut[name] += kept < have
   totals = np.asarray(totals or [0])
   m = max(len(rows), 1)
   return {"product_len": int(product_len), "sampled": int(len(rows)),
@@ -364,7 +363,7 @@ def product_truncation(data_dir: str, config: Any, sample: int = 2000,
 
 def product_token_set(tok: Any, row: Any, config: Any) -> np.ndarray:
   """Returns the distinct token ids (no padding) of a products-source `row`'s text, tokenised as training sees it."""
-  ids = tok.encode([sources.row_text(row, "text")], int(config.product_len))[0]
+  ids = transforms.product_tokens(row, tok, int(config.product_len))
   return np.unique(ids[ids != tok.conventions.pad_id])
 
 

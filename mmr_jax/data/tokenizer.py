@@ -27,6 +27,8 @@ from etils import epath
 import numpy as np
 import sentencepiece as spm
 
+from mmr_jax.data.catalog.schema import FIELD_SEPARATOR
+
 PAD_ID = 0
 UNK_ID = 1
 BOS_ID = 2
@@ -223,6 +225,21 @@ def _ids_to_array(ids: Sequence[Sequence[int]], max_len: int, pad_id: int = PAD_
   return out
 
 
+def field_budgets(lengths: Sequence[int], available: int) -> list[int]:
+  """Returns how many of each field's ids to keep so that they sum to at most `available`.
+
+  Water-filling: a field shorter than an equal share of what is left keeps all of its ids, and the fields
+  longer than that share it equally, so a long field (a description) is cut before a short one (the
+  attributes) loses anything. Ties are cut in field order, a later field keeping the odd id.
+  """
+  order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # stable: field order among equals
+  left, out = int(available), [0] * len(lengths)
+  for k, i in enumerate(order):
+    out[i] = min(int(lengths[i]), left // (len(lengths) - k))
+    left -= out[i]
+  return out
+
+
 class Tokenizer:
   """Numpy-side SentencePiece encoder (picklable, for grain worker processes)."""
 
@@ -311,11 +328,73 @@ class Tokenizer:
       ids = self._sp.encode(texts, **kw)
     return _ids_to_array(ids, max_len, c.pad_id, self.eos_id if c.eos == "sticky" else None)
 
-  def num_tokens(self, text: str) -> int:
-    """Returns how many ids `text` encodes to under `self.conventions`, before any truncation."""
+  def encode_fields(self, fields: Sequence[str], max_len: int, separator: str = FIELD_SEPARATOR) -> np.ndarray:
+    """Returns int32 [max_len]: the non-empty `fields` joined by `separator`, encoded as `encode` does, except
+    that a text longer than `max_len` is cut per field rather than at its end (`field_budgets`).
+
+    Each field is then encoded on its own (the separator's ids between the kept ones, bos / a sticky eos as
+    the conventions say); where `max_len` cannot hold one id of every field, the text is cut at its end.
+    `fields` are whitespace-normalised (catalog.product_fields). `tf_encode(...).encode_fields` is the TF twin.
+    """
+    c = self.conventions
+    whole, ids, sep, budgets = self._field_plan(fields, max_len, separator)
+    sticky = self.eos_id if c.eos == "sticky" else None
+    if budgets is None:
+      return _ids_to_array([whole], max_len, c.pad_id, sticky)[0]
+    seq = [self.bos_id] if c.bos else []
+    for i, b in zip(ids, budgets):
+      if b:
+        seq += (sep if len(seq) > int(c.bos) else []) + i[:b]
+    out = _ids_to_array([seq], max_len, c.pad_id)[0]
+    if sticky is not None:
+      out[-1] = sticky
+    return out
+
+  def fields_kept(self, fields: Sequence[str], max_len: int,
+                  separator: str = FIELD_SEPARATOR) -> list[tuple[int, int]]:
+    """Returns (ids, ids kept) per field as `encode_fields` encodes them (separators and bos / eos not counted;
+    where the text is cut at its end, what of each field comes before `max_len`)."""
+    c = self.conventions
+    whole, ids, sep, budgets = self._field_plan(fields, max_len, separator, each_field=True)
+    if budgets is None:
+      pos, budgets = int(c.bos), []
+      for i in ids:
+        pos += len(sep) if i and pos > int(c.bos) else 0
+        budgets.append(min(len(i), max(max_len - pos, 0)) if len(whole) > max_len else len(i))
+        pos += len(i)
+    return [(len(i), b) for i, b in zip(ids, budgets)]
+
+  def _field_plan(self, fields: Sequence[str], max_len: int, separator: str, each_field: bool = False):
+    """Returns (the joined text's ids, each field's ids, the separator's ids, each field's budget or None where
+    the joined text's ids are used: they fit, or max_len cannot hold one id of every field). Where they fit,
+    the fields' and separator's ids are None unless `each_field`."""
+    if max_len <= 0:
+      raise ValueError(f"max_len={max_len} must be positive")
+    c = self.conventions
+    fields = [f.decode("utf-8") if isinstance(f, bytes) else f for f in fields]
+    whole = self._ids(separator.join(f for f in fields if f))
+    if len(whole) <= max_len and not each_field:  # the common case: one encode
+      return whole, None, None, None
+    ids = [self._ids(f, special=False) if f else [] for f in fields]
+    sep = self._ids(separator.strip(), special=False)
+    if len(whole) <= max_len:
+      return whole, ids, sep, None
+    n = sum(bool(i) for i in ids)
+    available = max_len - int(c.bos) - int(c.eos == "sticky") - len(sep) * (n - 1)
+    if available < n:
+      return whole, ids, sep, None
+    return whole, ids, sep, field_budgets([len(i) for i in ids], available)
+
+  def _ids(self, text: str, special: bool = True) -> list[int]:
+    """Returns the ids of one text as `encode` makes them before truncation (lowercased as the conventions say;
+    with their bos / eos if `special`)."""
     c = self.conventions
     text = lower_ascii(text) if c.lower else text
-    return len(self._sp.encode(text, out_type=int, add_bos=c.bos, add_eos=c.eos != "none")) if text else 0
+    return self._sp.encode(text, out_type=int, add_bos=special and c.bos, add_eos=special and c.eos != "none")
+
+  def num_tokens(self, text: str) -> int:
+    """Returns how many ids `text` encodes to under `self.conventions`, before any truncation."""
+    return len(self._ids(text)) if text else 0
 
   def decode(self, ids: np.ndarray) -> list[str]:
     """Returns the texts for int ids [B, L] (pads dropped), for debugging."""
@@ -327,7 +406,8 @@ class Tokenizer:
     return self._sp.id_to_piece(int(i))
 
 
-def tf_encode(model_proto: Any, max_len: int, conventions: Conventions | None = None):
+def tf_encode(model_proto: Any, max_len: int, conventions: Conventions | None = None, num_fields: int = 3,
+              separator: str = FIELD_SEPARATOR):
   """Returns a tf.Module `f` with `f(strings [B] tf.string) -> int32 [B, max_len]`.
 
   Same ids as `Tokenizer.encode` with the same `conventions`. `f.__call__` is a `tf.function` with a
@@ -335,6 +415,7 @@ def tf_encode(model_proto: Any, max_len: int, conventions: Conventions | None = 
   `[0, max_len]`), and `f` tracks the tokenizer resource, so it can be attached
   to a module and saved with `tf.saved_model.save`. `model_proto` may be bytes
   or a scalar tf.string tensor (e.g. `tf.io.read_file` of an asset path).
+  `f.encode_fields(fields [B, num_fields] tf.string)` is `Tokenizer.encode_fields` (with `separator`) per row.
   """
   # Imported here so the training input pipeline never loads TensorFlow.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -349,6 +430,12 @@ def tf_encode(model_proto: Any, max_len: int, conventions: Conventions | None = 
     if proto is None:
       raise ValueError("tf_encode: eos='sticky' needs the model proto as bytes (to read its eos id)")
     eos_id = Tokenizer(model_proto=proto, conventions=c).eos_id
+  bos_id = sep_ids = None
+  host_bos = host_eos = -1
+  if isinstance(model_proto, bytes):
+    host = Tokenizer(model_proto=model_proto, conventions=c)
+    bos_id, sep_ids = host.bos_id, host._ids(separator.strip(), special=False)  # pylint: disable=protected-access
+    host_bos, host_eos = host.bos_id, host.eos_id
 
   class TFEncoder(tf.Module):
     """SentencePiece ids padded/truncated to a fixed length, in TF ops."""
@@ -361,6 +448,10 @@ def tf_encode(model_proto: Any, max_len: int, conventions: Conventions | None = 
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def __call__(self, texts):
+      return self._encode(texts)[0]
+
+    def _encode(self, texts):
+      """Returns (ids [B, max_len], untruncated lengths [B])."""
       if c.lower:
         texts = tf.strings.lower(texts)  # ASCII only, as lower_ascii
       ragged = self.tokenizer.tokenize(texts)  # [B, (n)]
@@ -368,10 +459,53 @@ def tf_encode(model_proto: Any, max_len: int, conventions: Conventions | None = 
       ids = ragged.to_tensor(default_value=c.pad_id,
                              shape=[None, self.max_len])  # [B, max_len]
       if eos_id is None:
-        return ids
+        return ids, ragged.row_lengths()
       cut = ragged.row_lengths() > self.max_len  # [B]
       last = tf.where(cut, tf.constant(eos_id, tf.int32), ids[:, -1])
-      return tf.concat([ids[:, :-1], last[:, None]], axis=1)
+      return tf.concat([ids[:, :-1], last[:, None]], axis=1), ragged.row_lengths()
+
+    @tf.function(input_signature=[tf.TensorSpec([None, num_fields], tf.string)])
+    def encode_fields(self, fields):
+      if sep_ids is None:
+        raise ValueError("tf_encode: encode_fields needs the model proto as bytes (to read the separator's ids)")
+      kept = tf.ragged.boolean_mask(fields, tf.strings.length(fields) > 0)
+      whole, whole_len = self._encode(tf.strings.reduce_join(kept, axis=1, separator=separator))
+      batch = tf.shape(fields)[0]
+      flat = tf.reshape(tf.strings.lower(fields) if c.lower else fields, [-1])  # [B * F]
+      # The bos / eos the conventions add are dropped (text never encodes to those control ids): a second
+      # tokenizer op without them would share the first one's resource and settings.
+      ids = self.tokenizer.tokenize(flat)  # [B * F, (n)]
+      ids = tf.ragged.boolean_mask(ids, tf.logical_and(tf.not_equal(ids, host_bos), tf.not_equal(ids, host_eos)))
+      lengths = tf.reshape(tf.cast(ids.row_lengths(), tf.int32), [batch, num_fields])
+      n = tf.reduce_sum(tf.cast(lengths > 0, tf.int32), axis=1)  # [B]
+      available = (self.max_len - int(c.bos) - int(c.eos == "sticky")
+                   - len(sep_ids) * tf.maximum(n - 1, 0))  # [B]
+      # field_budgets, row by row: the fields in order of length, each keeping at most an equal share of what
+      # the shorter ones left.
+      order = tf.argsort(lengths, axis=1, stable=True)
+      left, parts = available, []
+      for k in range(num_fields):
+        b = tf.minimum(tf.gather(lengths, order[:, k], batch_dims=1), left // (num_fields - k))
+        parts.append(b)
+        left -= b
+      budget = tf.gather(tf.stack(parts, axis=1), tf.argsort(order, axis=1, stable=True), batch_dims=1)
+      budget = tf.reshape(budget, [-1])  # [B * F]
+      starts = tf.cast(ids.row_starts(), tf.int32)
+      kept_ids = tf.gather(ids.values, tf.ragged.range(starts, starts + budget))  # [B * F, (b)]
+      # The separator goes before a kept field that follows another kept one of the same row.
+      has = tf.reshape(budget > 0, [batch, num_fields])
+      before = tf.reshape(tf.logical_and(has, tf.cumsum(tf.cast(has, tf.int32), axis=1, exclusive=True) > 0), [-1])
+      seps = tf.gather(tf.constant(sep_ids, tf.int32),
+                       tf.ragged.range(tf.where(before, len(sep_ids), 0)))  # [B * F, (0 or len(sep))]
+      rows = tf.RaggedTensor.from_uniform_row_length(tf.concat([seps, kept_ids], axis=1), num_fields)
+      seq = rows.merge_dims(1, 2)  # [B, (n)]
+      if c.bos:
+        seq = tf.concat([tf.fill([batch, 1], tf.constant(bos_id, tf.int32)), seq], axis=1)
+      out = seq.to_tensor(default_value=c.pad_id, shape=[None, self.max_len])
+      if eos_id is not None:
+        out = tf.concat([out[:, :-1], tf.fill([batch, 1], tf.constant(eos_id, tf.int32))], axis=1)
+      use_fields = tf.logical_and(whole_len > self.max_len, available >= n)
+      return tf.where(use_fields[:, None], out, whole)
 
   return TFEncoder()
 

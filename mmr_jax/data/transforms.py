@@ -98,6 +98,13 @@ def decode_image(data: bytes, size: int, *, augment: Augment | None = None,
   return np.ascontiguousarray(out), True
 
 
+def product_tokens(product: Mapping[str, Any], tok: Tokenizer, product_len: int) -> np.ndarray:
+  """Returns int32 [product_len]: a products row's text as the product towers read it (title | description |
+  attributes; a text over product_len cut per field, Tokenizer.encode_fields)."""
+  fields = catalog.product_fields(*(row_text(product, k) for k in ("title", "description", "attributes")))
+  return tok.encode_fields(fields, product_len)
+
+
 def _product_features(product: Mapping[str, Any], tok: Tokenizer, lens: batch_spec.Lens,
                       augment: Augment | None, rng: np.random.Generator | None,
                       with_title: bool) -> dict[str, np.ndarray]:
@@ -106,8 +113,7 @@ def _product_features(product: Mapping[str, Any], tok: Tokenizer, lens: batch_sp
   image, ok = decode_image(row_bytes(product, "image") if has_image else b"",
                            lens.image_size, augment=augment, rng=rng)
   out = {
-      "product_tokens": tok.encode([row_text(product, "text")],
-                                   lens.product_len)[0],  # [Lp]
+      "product_tokens": product_tokens(product, tok, lens.product_len),  # [Lp]
       "image": image,  # [H, W, 3]
       "has_image": np.bool_(has_image and ok),
   }

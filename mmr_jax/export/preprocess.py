@@ -13,7 +13,8 @@ like the JAX model embeds the same catalogue row:
   input (all-padding tokens).
 * Product text: `title`, `description`, `attributes` are combined the way `catalog.product_text` does
   (whitespace runs collapsed per field, Python `str.split()` whitespace, empty fields dropped, " | "
-  between fields). `attributes` is the RENDERED string "key: value; key: value" with keys sorted, as
+  between fields), and a text longer than `product_len` is cut per field as `Tokenizer.encode_fields` cuts it
+  (`tf_encode(...).encode_fields`). `attributes` is the RENDERED string "key: value; key: value" with keys sorted, as
   stored in the products table; render a mapping with `mmr_jax.data.catalog.render_attributes(dict)`.
 * Images: encoded bytes (JPEG, PNG, GIF, BMP, WebP). The graph reproduces `transforms.decode_image`
   (Pillow) bit for bit: libjpeg DCT-domain downscaling as in Pillow's `draft()` (decode_jpeg `ratio`,
@@ -44,6 +45,7 @@ import PIL
 from PIL import Image
 import tensorflow as tf
 
+from mmr_jax.data import catalog
 from mmr_jax.data import tfds_builder
 from mmr_jax.data import tokenizer as tok_lib
 
@@ -81,14 +83,19 @@ def tf_sanitize_utf8(texts):
   return tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
 
 
-def tf_product_text(title, description, attributes):
-  """Returns tf.string [B]: `catalog.product_text(title, description, attributes)` in TF ops."""
+def tf_product_fields(title, description, attributes):
+  """Returns tf.string [B, 3]: `catalog.product_fields(title, description, attributes)` in TF ops."""
   ws = _ws_class()
   parts = tf.stack([title, description, attributes], axis=1)  # [B, 3]
   parts = tf.strings.regex_replace(parts, f"^{ws}+|{ws}+$", "")
-  parts = tf.strings.regex_replace(parts, f"{ws}+", " ")
+  return tf.strings.regex_replace(parts, f"{ws}+", " ")
+
+
+def tf_product_text(title, description, attributes):
+  """Returns tf.string [B]: `catalog.product_text(title, description, attributes)` in TF ops."""
+  parts = tf_product_fields(title, description, attributes)
   kept = tf.ragged.boolean_mask(parts, tf.strings.length(parts) > 0)  # [B, (<=3)]
-  return tf.strings.reduce_join(kept, axis=1, separator=" | ")
+  return tf.strings.reduce_join(kept, axis=1, separator=catalog.FIELD_SEPARATOR)
 
 
 def _pil_coefficients(in_size, out_size: int):

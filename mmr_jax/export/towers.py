@@ -178,8 +178,8 @@ def make_product_tower(tm, tokenizer_path: str, platforms: Sequence[str],
     def _preprocess(self, title, description, attributes, image):
       with tf.control_dependencies(_check_same_batch(title=title, description=description,
                                                      attributes=attributes, image=image)):
-        text = prep.tf_product_text(*(prep.tf_sanitize_utf8(t) for t in (title, description, attributes)))
-        tokens = self.tokenizer(text)
+        fields = prep.tf_product_fields(*(prep.tf_sanitize_utf8(t) for t in (title, description, attributes)))
+        tokens = self.tokenizer.encode_fields(fields)  # a text over product_len is cut per field
         pixels, has_image = prep.tf_decode_images(image, size, v_first)
       return tokens, pixels, has_image
 

@@ -11,6 +11,7 @@ from PIL import Image
 from conftest import suggested_overrides
 from mmr_jax import batch_spec
 from mmr_jax import config as config_lib
+from mmr_jax.data import catalog
 from mmr_jax.data import pipeline
 from mmr_jax.data import sources
 from mmr_jax.data import tfds_builder
@@ -126,8 +127,8 @@ def test_stage1_batches(data_dir):
     p = products[int(idx)]
     np.testing.assert_array_equal(
         b["title_tokens"][row], tok.encode([p["title"].decode()], 8)[0])
-    np.testing.assert_array_equal(
-        b["product_tokens"][row], tok.encode([p["text"].decode()], 16)[0])
+    fields = catalog.product_fields(*(p[k].decode() for k in ("title", "description", "attributes")))
+    np.testing.assert_array_equal(b["product_tokens"][row], tok.encode_fields(fields, 16))
   for b in batches:
     missing = b["product_index"] == NO_IMAGE
     assert np.all(b["has_image"] == ~missing)
@@ -473,10 +474,16 @@ def test_product_truncation_names_the_fields_cut(data_dir):
   full = pipeline.product_truncation(data_dir, _config(product_len=max(lengths)))
   assert full["truncated"] == 0 and full["tokens"]["max"] == max(lengths)
   assert full["sampled"] == len(products)
-  short = pipeline.product_truncation(data_dir, _config(product_len=4))
-  assert short["truncated"] == pytest.approx(np.mean(np.asarray(lengths) > 4))
-  # Titles ("<word> item <i>") fit 4 tokens or not; attributes are last, so every cut product loses them.
-  assert short["by_field"]["attributes"] == pytest.approx(short["truncated"])
+  names = ("title", "description", "attributes")
+  for product_len in (4, 16):
+    short = pipeline.product_truncation(data_dir, _config(product_len=product_len))
+    assert short["truncated"] == pytest.approx(np.mean(np.asarray(lengths) > product_len))
+    # A field counts as cut where the product's tokens keep less of it than it has.
+    for j, name in enumerate(names):
+      lose = [tok.fields_kept(catalog.product_fields(*(products[i][k].decode() for k in names)), product_len)[j]
+              for i in range(len(products))]
+      assert short["by_field"][name] == pytest.approx(np.mean([kept < have for have, kept in lose])), name
+    assert 0 < short["by_field"]["description"] and short["by_field"]["title"] <= short["truncated"]
 
 
 def test_token_idf_is_bm25s_idf_over_the_trainable_products(data_dir):
@@ -484,7 +491,8 @@ def test_token_idf_is_bm25s_idf_over_the_trainable_products(data_dir):
   tok = sources.load_tokenizer(data_dir)
   products = tfds_builder.load_source(data_dir, "products", "all")
   rows = [products[i] for i in range(len(products))]
-  kept = [set(tok.encode([r["text"].decode()], 32)[0].tolist()) - {0} for r in rows if not r["heldout"]]
+  fields = lambda r: catalog.product_fields(*(r[k].decode() for k in ("title", "description", "attributes")))  # noqa: E731
+  kept = [set(tok.encode_fields(fields(r), 32).tolist()) - {0} for r in rows if not r["heldout"]]
   idf = pipeline.token_idf(data_dir, cfg, tok.vocab_size)
   assert idf.shape == (tok.vocab_size,) and idf.dtype == np.float32
   n = len(kept)

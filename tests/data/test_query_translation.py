@@ -9,6 +9,7 @@ from mmr_jax import config as config_lib
 from mmr_jax.data import import_catalog
 from mmr_jax.data import query_translation
 from mmr_jax.data import sources
+from mmr_jax.data import transforms
 
 COLOURS = ("grey", "blue", "red", "green")
 ITEMS = ("lamp", "sofa", "mug", "chair", "table", "rug")
@@ -51,7 +52,7 @@ def _pieces(data_dir):
   products = sources.open_source(data_dir, "products", "all")
   used = set()
   for i in range(len(products)):
-    used.update(tok.encode([sources.row_text(products[i], "text")], 24)[0].tolist())
+    used.update(transforms.product_tokens(products[i], tok, 24).tolist())  # as training reads them
   return tok, lambda word: [int(t) for t in tok.encode([word], 8)[0] if t], used
 
 

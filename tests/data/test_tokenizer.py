@@ -93,6 +93,52 @@ def test_numpy_tf_parity(tok):
   assert encode([]).numpy().shape == (0, MAX_LEN)
 
 
+def test_field_budgets_keep_short_fields_whole_and_share_the_rest():
+  assert tokenizer_lib.field_budgets([5, 100, 8], 30) == [5, 17, 8]
+  assert tokenizer_lib.field_budgets([0, 50, 3], 10) == [0, 7, 3]  # an empty field takes nothing
+  assert tokenizer_lib.field_budgets([20, 20, 20], 10) == [3, 3, 4]  # ties: the later field keeps the odd id
+  assert tokenizer_lib.field_budgets([4, 6], 100) == [4, 6]
+
+
+def test_encode_fields_cuts_a_long_description_not_the_attributes(tok):
+  title, attrs = "red cotton t-shirt", "material: cotton; care: machine wash"
+  fields = [title, "wireless " * 100, attrs]
+  # Room for three times the longer short field: both stay whole, the description takes the rest.
+  max_len = 3 * max(tok.num_tokens(title), tok.num_tokens(attrs)) + 2 * tok.num_tokens("|") + 6
+  ids = tok.encode_fields(fields, max_len)
+  text = tok.decode(ids[None])[0]
+  assert text.startswith(title + " | wireless") and text.endswith(" | " + attrs)
+  assert 0 not in ids  # the room is used
+  # Cut at its end, the same text loses the attributes entirely.
+  assert "material" not in tok.decode(tok.encode([" | ".join(fields)], max_len))[0]
+  kept = tok.fields_kept(fields, max_len)
+  assert kept[0] == (tok.num_tokens(title),) * 2 and kept[2] == (tok.num_tokens(attrs),) * 2
+  assert kept[1][1] < kept[1][0] == tok.num_tokens(fields[1])
+  # A text that fits is encoded as the joined text; empty fields are left out with their separator.
+  short = [title, "", attrs]
+  np.testing.assert_array_equal(tok.encode_fields(short, max_len), tok.encode([title + " | " + attrs], max_len)[0])
+  assert [k for _, k in tok.fields_kept(short, max_len)] == [tok.num_tokens(title), 0, tok.num_tokens(attrs)]
+
+
+@pytest.mark.parametrize("conventions", [dict(), dict(eos="sticky", pad_id=3, lower=True), dict(eos="yes", bos=True),
+                                         dict(bos=True, eos="sticky")])
+def test_encode_fields_numpy_tf_parity(model_path, conventions):
+  conv = tokenizer_lib.Conventions(**conventions)
+  tok = tokenizer_lib.Tokenizer(model_path, conventions=conv)
+  rng = np.random.default_rng(0)
+  words = " ".join(CORPUS[:8]).replace(",", "").split() + ["日本語", "Привет", "🎉"]
+  field = lambda k: " ".join(rng.choice(words, k)) if k else ""  # noqa: E731
+  rows = [[field(rng.integers(1, 12)), field(rng.choice([0, 3, 30, 60])), field(rng.choice([0, 2, 10, 25]))]
+          for _ in range(60)] + [["", "", ""], ["a", "", ""], ["", "", "wireless " * 50]]
+  for max_len in (3, 5, 8, 16, 40):
+    encode = tokenizer_lib.tf_encode(tok.model_proto, max_len, conv)
+    want = np.stack([tok.encode_fields(r, max_len) for r in rows])
+    np.testing.assert_array_equal(encode.encode_fields(rows).numpy(), want, err_msg=f"max_len={max_len}")
+    if max_len >= 16:  # rows cut per field are among them
+      assert any(tok.fields_kept(r, max_len)[2][1] == tok.fields_kept(r, max_len)[2][0] and
+                 tok.fields_kept(r, max_len)[1][1] < tok.fields_kept(r, max_len)[1][0] for r in rows)
+
+
 def test_tf_encoder_saves_and_reloads(tok, tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   encode = tokenizer_lib.tf_encode(tok.model_proto, MAX_LEN)

@@ -127,17 +127,28 @@ def render_attributes(attributes: Mapping[str, Any] | None) -> str:
   return "; ".join(parts)
 
 
+FIELD_SEPARATOR = " | "
+
+
+def product_fields(title: str, description: str = "",
+                   attributes: Mapping[str, Any] | str | None = None) -> list[str]:
+  """Returns [title, description, attributes] as the towers read them: whitespace runs collapsed, "" where empty.
+
+  `attributes` may be the raw mapping or an already rendered string (as stored in the products table).
+  """
+  attrs = attributes if isinstance(attributes, str) else render_attributes(attributes)
+  return [" ".join(p.split()) for p in (title, description or "", attrs)]
+
+
 def product_text(title: str, description: str = "",
                  attributes: Mapping[str, Any] | str | None = None) -> str:
   """Returns the product text every tower reads: title | description | attributes (non-empty parts).
 
-  `attributes` may be the raw mapping or an already rendered string (as stored in the products table).
   The " | " separator gives the tokenizer a stable field boundary without relying on punctuation
-  the catalogue may or may not have.
+  the catalogue may or may not have. A text longer than the towers' `data.product_len` is cut per field
+  (`Tokenizer.encode_fields` over `product_fields`), not at its end.
   """
-  attrs = attributes if isinstance(attributes, str) else render_attributes(attributes)
-  parts = [" ".join(p.split()) for p in (title, description or "", attrs)]
-  return " | ".join(p for p in parts if p)
+  return FIELD_SEPARATOR.join(p for p in product_fields(title, description, attributes) if p)
 
 
 # Scripts written without spaces between words: each character counts as a word (Han ideographs, kana,
