@@ -357,10 +357,12 @@ class Tokenizer:
     c = self.conventions
     whole, ids, sep, budgets = self._field_plan(fields, max_len, separator, each_field=True)
     if budgets is None:
+      # Cut at its end (or not at all): a sticky eos takes the last position of a cut text.
+      room = max_len - int(c.eos == "sticky" and len(whole) > max_len)
       pos, budgets = int(c.bos), []
       for i in ids:
         pos += len(sep) if i and pos > int(c.bos) else 0
-        budgets.append(min(len(i), max(max_len - pos, 0)) if len(whole) > max_len else len(i))
+        budgets.append(min(len(i), max(room - pos, 0)))
         pos += len(i)
     return [(len(i), b) for i, b in zip(ids, budgets)]
 

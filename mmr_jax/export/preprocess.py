@@ -45,7 +45,6 @@ import PIL
 from PIL import Image
 import tensorflow as tf
 
-from mmr_jax.data import catalog
 from mmr_jax.data import tfds_builder
 from mmr_jax.data import tokenizer as tok_lib
 
@@ -89,13 +88,6 @@ def tf_product_fields(title, description, attributes):
   parts = tf.stack([title, description, attributes], axis=1)  # [B, 3]
   parts = tf.strings.regex_replace(parts, f"^{ws}+|{ws}+$", "")
   return tf.strings.regex_replace(parts, f"{ws}+", " ")
-
-
-def tf_product_text(title, description, attributes):
-  """Returns tf.string [B]: `catalog.product_text(title, description, attributes)` in TF ops."""
-  parts = tf_product_fields(title, description, attributes)
-  kept = tf.ragged.boolean_mask(parts, tf.strings.length(parts) > 0)  # [B, (<=3)]
-  return tf.strings.reduce_join(kept, axis=1, separator=catalog.FIELD_SEPARATOR)
 
 
 def _pil_coefficients(in_size, out_size: int):

@@ -120,6 +120,21 @@ def test_encode_fields_cuts_a_long_description_not_the_attributes(tok):
   assert [k for _, k in tok.fields_kept(short, max_len)] == [tok.num_tokens(title), 0, tok.num_tokens(attrs)]
 
 
+def test_fields_kept_where_the_room_is_too_small_to_cut_per_field(model_path):
+  fields = ["red cotton t-shirt", "soft", "size m"]
+  plain = tokenizer_lib.Tokenizer(model_path)
+  lengths = [plain.num_tokens(f) for f in fields]
+  assert lengths[0] > 3
+  for conventions, max_len in ((dict(), 2), (dict(eos="sticky"), 3), (dict(eos="sticky", bos=True), 2)):
+    tok = tokenizer_lib.Tokenizer(model_path, conventions=tokenizer_lib.Conventions(**conventions))
+    ids = tok.encode_fields(fields, max_len)  # no room for one id of each field: the joined text cut at its end
+    title_ids = max_len - int(tok.conventions.bos) - int(tok.conventions.eos == "sticky")
+    if title_ids:
+      np.testing.assert_array_equal(ids[int(tok.conventions.bos):][:title_ids],
+                                    plain.encode([fields[0]], title_ids)[0])
+    assert tok.fields_kept(fields, max_len) == [(lengths[0], title_ids), (lengths[1], 0), (lengths[2], 0)]
+
+
 @pytest.mark.parametrize("conventions", [dict(), dict(eos="sticky", pad_id=3, lower=True), dict(eos="yes", bos=True),
                                          dict(bos=True, eos="sticky")])
 def test_encode_fields_numpy_tf_parity(model_path, conventions):

@@ -152,14 +152,13 @@ def test_product_tower_bytes_end_to_end_matches_pipeline(models, trained, tok, t
   np.testing.assert_array_equal(out["has_image"].numpy(), ref_has)
 
 
-def test_product_text_matches_catalog_product_text():
+def test_product_fields_match_catalog_product_fields():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mmr_jax.data import catalog  # pylint: disable=g-import-not-at-top
   cases = [("Red  dress", "", "color: red; size: m"), ("", "", ""), ("  only title\t", "", ""),
            ("a\u3000b\u00a0c", "line1\nline2\u2028x", ""), ("", "desc only", "k: v"),
            ("x\x1cy", "   ", "\u200bzero width stays"), ("日本 語", "Ünï", "größe: 42")]
-  out = preprocess.tf_product_text(*(tf.constant([c[i] for c in cases]) for i in range(3))).numpy()
-  assert [o.decode() for o in out] == [catalog.product_text(*c) for c in cases]
+  out = preprocess.tf_product_fields(*(tf.constant([c[i] for c in cases]) for i in range(3))).numpy()
+  assert [[f.decode() for f in row] for row in out] == [catalog.product_fields(*c) for c in cases]
 
 
 def _encode(arr, fmt, **kw):
