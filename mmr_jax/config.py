@@ -179,8 +179,8 @@ def base_config() -> ConfigDict:
                               query_translation=0.0)),
       # Extra multiplier, per top-level parameter name (like lr_mult), for a tower this run initialises from
       # init.workdir (init.load), init.vit_npz (image_tower) or init.two_tower_npz (the image and text towers, loss):
-      # weights that already learnt can move slowly while
-      # the same tower trained from scratch in another run gets the full rate. Unlisted: 1.
+      # weights that already learnt can move slowly while the same tower trained from scratch in another run gets
+      # the full rate. Unlisted: 1.
       init_lr_mult=ConfigDict(dict(image_tower=1.0)),
   ))
 

@@ -426,18 +426,14 @@ def tf_encode(model_proto: Any, max_len: int, conventions: Conventions | None = 
   if max_len <= 0:
     raise ValueError(f"max_len={max_len} must be positive")
   c = conventions or Conventions()
-  eos_id = None
-  if c.eos == "sticky":
-    proto = model_proto if isinstance(model_proto, bytes) else None
-    if proto is None:
-      raise ValueError("tf_encode: eos='sticky' needs the model proto as bytes (to read its eos id)")
-    eos_id = Tokenizer(model_proto=proto, conventions=c).eos_id
-  bos_id = sep_ids = None
-  host_bos = host_eos = -1
-  if isinstance(model_proto, bytes):
-    host = Tokenizer(model_proto=model_proto, conventions=c)
-    bos_id, sep_ids = host.bos_id, host._ids(separator.strip(), special=False)  # pylint: disable=protected-access
-    host_bos, host_eos = host.bos_id, host.eos_id
+  # The special and separator ids, read from the proto where it is given as bytes (a tensor proto: plain encode
+  # only, no sticky eos and no encode_fields).
+  host = Tokenizer(model_proto=model_proto, conventions=c) if isinstance(model_proto, bytes) else None
+  if c.eos == "sticky" and host is None:
+    raise ValueError("tf_encode: eos='sticky' needs the model proto as bytes (to read its eos id)")
+  eos_id = host.eos_id if c.eos == "sticky" else None
+  bos_id, all_eos = (host.bos_id, host.eos_id) if host else (-1, -1)
+  sep_ids = host._ids(separator.strip(), special=False) if host else None  # pylint: disable=protected-access
 
   class TFEncoder(tf.Module):
     """SentencePiece ids padded/truncated to a fixed length, in TF ops."""
@@ -477,7 +473,7 @@ def tf_encode(model_proto: Any, max_len: int, conventions: Conventions | None = 
       # The bos / eos the conventions add are dropped (text never encodes to those control ids): a second
       # tokenizer op without them would share the first one's resource and settings.
       ids = self.tokenizer.tokenize(flat)  # [B * F, (n)]
-      ids = tf.ragged.boolean_mask(ids, tf.logical_and(tf.not_equal(ids, host_bos), tf.not_equal(ids, host_eos)))
+      ids = tf.ragged.boolean_mask(ids, tf.logical_and(tf.not_equal(ids, bos_id), tf.not_equal(ids, all_eos)))
       lengths = tf.reshape(tf.cast(ids.row_lengths(), tf.int32), [batch, num_fields])
       n = tf.reduce_sum(tf.cast(lengths > 0, tf.int32), axis=1)  # [B]
       available = (self.max_len - int(c.bos) - int(c.eos == "sticky")

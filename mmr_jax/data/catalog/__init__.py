@@ -38,12 +38,12 @@ from mmr_jax.data.catalog.schema import (
     FIELD_SEPARATOR, product_fields, product_text, render_attributes)
 
 __all__ = [
-    "CatalogError", "CatalogPlan", "DEFAULT_LANGUAGE", "FIELD_SEPARATOR", "DERIVED_QUERY_SPLITS", "DUPLICATE_PRODUCT_ID",
-    "DUPLICATE_QREL", "DUPLICATE_QUERY_ID", "EMPTY_TEXT", "GRADE_GAIN", "IMAGE_CORRUPT", "IMAGE_MISSING",
-    "IMAGE_PATH_REFUSED", "INVALID_FIELD", "INVALID_GRADE", "MALFORMED_JSON", "MALFORMED_QREL", "MISSING_FIELD",
-    "NON_UTF8", "PAIR_SPLITS", "PRODUCT_SPLIT", "PRODUCTS_FILE", "Product", "ProductChunk", "QRELS_FILE",
-    "QUERIES_FILE", "QUERY_SPLITS", "Query", "QueryRow", "REQUIRED_FILES", "SOURCE_QUERY_SPLITS", "SkipLog",
-    "UNKNOWN_PRODUCT", "UNKNOWN_QUERY", "UNSPACED", "check_folder", "count_words", "iter_chunk_products",
-    "load_image", "normalize_query", "parse_grade", "parse_product", "parse_query", "product_fields", "product_text",
-    "render_attributes", "resolve_image_path", "scan_catalog", "to_rgb",
+    "CatalogError", "CatalogPlan", "DEFAULT_LANGUAGE", "DERIVED_QUERY_SPLITS", "DUPLICATE_PRODUCT_ID",
+    "DUPLICATE_QREL", "DUPLICATE_QUERY_ID", "EMPTY_TEXT", "FIELD_SEPARATOR", "GRADE_GAIN", "IMAGE_CORRUPT",
+    "IMAGE_MISSING", "IMAGE_PATH_REFUSED", "INVALID_FIELD", "INVALID_GRADE", "MALFORMED_JSON", "MALFORMED_QREL",
+    "MISSING_FIELD", "NON_UTF8", "PAIR_SPLITS", "PRODUCT_SPLIT", "PRODUCTS_FILE", "Product", "ProductChunk",
+    "QRELS_FILE", "QUERIES_FILE", "QUERY_SPLITS", "Query", "QueryRow", "REQUIRED_FILES", "SOURCE_QUERY_SPLITS",
+    "SkipLog", "UNKNOWN_PRODUCT", "UNKNOWN_QUERY", "UNSPACED", "check_folder", "count_words", "iter_chunk_products",
+    "load_image", "normalize_query", "parse_grade", "parse_product", "parse_query", "product_fields",
+    "product_text", "render_attributes", "resolve_image_path", "scan_catalog", "to_rgb",
 ]
